@@ -1,0 +1,1 @@
+"""Targets (ONNX Runtime execution providers), registered through the graphopt.backends entry points."""

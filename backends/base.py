@@ -1,0 +1,62 @@
+"""The Backend interface: a target profile (providers, default pipeline, lowering choices).
+
+A backend chooses passes and their options; it never implements a rewrite itself.
+Backends are built from phase functions, the same shape for every target (TVM's
+``relax/backend/<target>/pipeline.py``): ``cleanup_passes``, ``fusion_passes``,
+``quantize_passes``, ``finalize_passes``; ``default_pipeline`` strings them together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+__all__ = ["Backend"]
+
+
+class Backend:
+    """Base of every target. Subclasses set ``name`` and ``providers`` and override phases."""
+
+    name: ClassVar[str] = ""
+    providers: ClassVar[tuple[str, ...]] = ("CPUExecutionProvider",)
+    #: True when the target can run com.microsoft contrib ops (ONNX Runtime CPU/CUDA).
+    allows_contrib_ops: ClassVar[bool] = False
+
+    def cleanup_passes(self, level: int) -> list[str]:
+        return ["cleanup"] if level > 0 else []
+
+    def fusion_passes(self, level: int) -> list[str]:
+        return []
+
+    def quantize_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
+        return []
+
+    def finalize_passes(self, level: int) -> list[str]:
+        return []
+
+    def default_pipeline(self, level: int = 2) -> str:
+        """Pipeline text for an optimization level (0: nothing, 1: cleanup, 2+: everything)."""
+        steps = [*self.cleanup_passes(level), *self.fusion_passes(level), *self.finalize_passes(level)]
+        return ",".join(steps)
+
+    def provider_options(self) -> list[dict[str, Any]]:
+        return [{} for _ in self.providers]
+
+    def session_options(self) -> dict[str, Any]:
+        return {}
+
+    def session(self, model: ir.Model) -> Any:
+        """An onnxruntime.InferenceSession configured for this target (CPU fallback if absent)."""
+        import onnxruntime as ort
+
+        from graphopt.ir import to_bytes
+
+        so = ort.SessionOptions()
+        for key, value in self.session_options().items():
+            setattr(so, key, value)
+        available = set(ort.get_available_providers())
+        providers = [(p, o) for p, o in zip(self.providers, self.provider_options()) if p in available]
+        if not providers:
+            providers = [("CPUExecutionProvider", {})]
+        return ort.InferenceSession(to_bytes(model), so, providers=providers)

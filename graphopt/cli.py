@@ -1,0 +1,309 @@
+"""The ``graphopt`` command: optimize, inspect, verify, passes.
+
+Exit codes: 0 done; 1 verification failed; 2 bad input or usage (one line on stderr, nothing
+written); 3 internal error (a bug: rerun with GRAPHOPT_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError, VerificationError
+
+__all__ = ["main", "inspect_model"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"graphopt: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _dims(values: Sequence[str] | None) -> dict[str, int] | None:
+    if not values:
+        return None
+    out = {}
+    for item in values:
+        name, sep, val = item.partition("=")
+        if not sep or not val.strip().lstrip("-").isdigit():
+            raise GraphoptError(f"--dim expects NAME=INT, got '{item}'")
+        out[name.strip()] = int(val)
+    return out
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="graphopt", description="Optimize ONNX models for ONNX Runtime targets, verified.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub.required = True
+
+    o = sub.add_parser("optimize", help="optimize a model and write the result")
+    o.add_argument("input", help="input .onnx file")
+    o.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    o.add_argument("--target", default="ort-cpu", help="ort-cpu (default) | ort-cuda | tensorrt")
+    o.add_argument("--pipeline", help="pipeline spec text, or a .json/.yaml/.txt file with one")
+    o.add_argument("--level", type=int, default=2, help="optimization level of the target's default pipeline")
+    o.add_argument("--report", help="write the JSON report here")
+    o.add_argument("--verify", action="store_true", help="compare outputs with the original (exit 1 on mismatch)")
+    o.add_argument("--verify-each", action="store_true", help="ONNX checker after every pass")
+    o.add_argument("--numeric-each", action="store_true", help="numeric check after every pass (slow)")
+    o.add_argument("--inputs", help=".npz of inputs for verification (default: generated)")
+    o.add_argument("--dim", action="append", help="value of a symbolic dimension for generated inputs, NAME=INT")
+    o.add_argument("--rtol", type=float, default=1e-3)
+    o.add_argument("--atol", type=float, default=1e-4)
+    o.add_argument("--dump-dir", help="save the model after every pass into this folder")
+    o.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
+    o.add_argument("--allow-custom-domains", action="store_true",
+                   help="accept ops of unknown custom domains (left untouched; verification impossible)")
+    o.add_argument("--quantize", help="quantization mode (not available yet)")
+    o.add_argument("--prune", help="pruning (not available yet)")
+    o.add_argument("--calibration", help="calibration data (not available yet)")
+
+    i = sub.add_parser("inspect", help="summarise a model: ops, parameters, sparsity, I/O")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("--allow-custom-domains", action="store_true")
+
+    v = sub.add_parser("verify", help="compare two models' outputs on ONNX Runtime CPU")
+    v.add_argument("reference")
+    v.add_argument("candidate")
+    v.add_argument("--inputs", help=".npz of inputs (default: generated from the reference)")
+    v.add_argument("--dim", action="append", help="value of a symbolic dimension, NAME=INT")
+    v.add_argument("--rtol", type=float, default=1e-3)
+    v.add_argument("--atol", type=float, default=1e-4)
+    v.add_argument("--json", action="store_true")
+
+    ps = sub.add_parser("passes", help="list every registered pass with its options")
+    ps.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0:
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+    try:
+        return {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "passes": _passes}[
+            args.command
+        ](args)
+    except VerificationError as e:
+        sys.stderr.write(f"graphopt: verification failed: {e}\n")
+        return 1
+    except GraphoptError as e:
+        msg = " ".join(str(e).split())
+        sys.stderr.write(f"graphopt: error: {msg}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("graphopt: interrupted\n")
+        return 130
+    except Exception as e:  # a bug in graphopt, not bad input
+        if os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        sys.stderr.write(
+            f"graphopt: internal error: {type(e).__name__}: {first} "
+            "(this is a bug; rerun with GRAPHOPT_DEBUG=1 for the traceback)\n"
+        )
+        return 3
+
+
+def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {"rtol": args.rtol, "atol": args.atol}
+    dims = _dims(args.dim)
+    if dims:
+        opts["dims"] = dims
+    if args.inputs:
+        from graphopt.verify import load_inputs
+
+        opts["inputs"] = load_inputs(args.inputs)
+    return opts
+
+
+def _check_output_dir(path: str, what: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise GraphoptError(f"{path}: folder for the {what} does not exist; create it first")
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    import graphopt
+    from graphopt.ir import _check_output_path, _atomic_write, load
+
+    for flag in ("quantize", "prune", "calibration"):
+        if getattr(args, flag):
+            raise GraphoptError(f"--{flag} is not available yet in this version of graphopt; remove it")
+    _check_output_dir(args.output, "output model")
+    _check_output_path(args.output, "output model")
+    if args.report:
+        _check_output_dir(args.report, "report")
+    if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.output, args.input):
+        raise GraphoptError(f"{args.output}: output is the input file; write to another file")
+    vopts = _verify_options(args)
+    model = load(args.input, allow_custom_domains=args.allow_custom_domains)
+    try:
+        result = graphopt.optimize(
+            model,
+            target=args.target,
+            pipeline=args.pipeline,
+            level=args.level,
+            verify=args.verify,
+            verify_each=args.verify_each,
+            numeric_each=args.numeric_each,
+            verify_options=vopts,
+            dump_dir=args.dump_dir,
+        )
+    except VerificationError as e:
+        if args.report and e.result is not None:
+            payload = json.dumps({"verification": e.result.to_dict()}, indent=2)  # type: ignore[attr-defined]
+            _atomic_write(args.report, lambda f: f.write(payload.encode()))
+        raise
+    graphopt.save(result.model, args.output, external_data=True if args.external_data else None)
+    if args.report:
+        payload = result.report.to_json()
+        _atomic_write(args.report, lambda f: f.write(payload.encode()))
+    print(result.report.table())
+    if result.report.verification is not None:
+        print()
+        print(result.report.verification.table())
+    print(f"\nwrote {args.output} (target {args.target}; pipeline {result.report.pipeline})")
+    return 0
+
+
+def inspect_model(model: ir.Model) -> dict[str, Any]:
+    """Ops histogram, parameters and bytes by dtype, sparsity, quantized fraction, opsets, I/O."""
+    from graphopt.ir import _tensor_nbytes
+
+    ops: collections.Counter[str] = collections.Counter()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        ops[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    for f in model.functions.values():
+        for node in ir.traversal.RecursiveGraphIterator(f):
+            ops[f"{node.domain}::{node.op_type}" if node.domain else node.op_type] += 1
+    by_dtype: dict[str, dict[str, int]] = {}
+    zeros = 0
+    float_params = 0
+    quantized = 0
+    total = 0
+    quant_types = {"INT8", "UINT8", "INT4", "UINT4", "INT16", "UINT16", "FLOAT8E4M3FN", "FLOAT8E5M2", "INT2", "UINT2"}
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if t is None:
+                continue
+            n = int(np.prod(t.shape.numpy())) if t.shape is not None else 0
+            d = by_dtype.setdefault(t.dtype.name, {"tensors": 0, "parameters": 0, "bytes": 0})
+            d["tensors"] += 1
+            d["parameters"] += n
+            d["bytes"] += _tensor_nbytes(t)
+            total += n
+            if t.dtype.name in quant_types:
+                quantized += n
+            if t.dtype.is_floating_point() and n >= 16:
+                arr = t.numpy()
+                zeros += int(n - np.count_nonzero(arr))
+                float_params += n
+    quant_nodes = sum(c for k, c in ops.items() if k.split("::")[-1] in (
+        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
+        "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QGemm"))
+
+    def io(values: Sequence[ir.Value]) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            shape = None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
+            out.append({"name": v.name, "type": str(v.type) if v.type is not None else None, "shape": shape})
+        return out
+
+    init_names = {v.name for v in model.graph.initializers.values()}
+    return {
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        "opsets": dict(sorted(model.opset_imports.items())),
+        "nodes": sum(ops.values()),
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "parameters": total,
+        "parameters_by_dtype": dict(sorted(by_dtype.items())),
+        "weight_bytes": sum(d["bytes"] for d in by_dtype.values()),
+        "sparsity": (zeros / float_params) if float_params else 0.0,
+        "quantized_fraction": (quantized / total) if total else 0.0,
+        "quantization_nodes": quant_nodes,
+        "inputs": io([v for v in model.graph.inputs if v.name not in init_names]),
+        "outputs": io(list(model.graph.outputs)),
+        "functions": len(model.functions),
+        "metadata": dict(sorted(model.metadata_props.items())),
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from graphopt.ir import load
+
+    info = inspect_model(load(args.input, allow_custom_domains=args.allow_custom_domains))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{args.input}: ir_version {info['ir_version']}, opsets "
+          + ", ".join(f"{k or 'ai.onnx'}={v}" for k, v in info["opsets"].items())
+          + (f", producer {info['producer']}" if info["producer"] else ""))
+    print(f"nodes {info['nodes']}, parameters {info['parameters']:,} ({info['weight_bytes'] / 1e6:.2f} MB), "
+          f"sparsity {info['sparsity']:.1%}, quantized {info['quantized_fraction']:.1%}")
+    for name, d in info["parameters_by_dtype"].items():
+        print(f"  {name:<10} {d['tensors']:>6} tensors {d['parameters']:>14,} params {d['bytes'] / 1e6:>10.2f} MB")
+    print("ops:")
+    for op, c in info["ops"].items():
+        print(f"  {op:<32} {c}")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for v in info[kind]:
+            print(f"  {v['name']}: {v['type']} {v['shape']}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from graphopt.verify import verify
+
+    opts = _verify_options(args)
+    result = verify(args.reference, args.candidate, **opts)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table())
+    if not result.passed:
+        sys.stderr.write(f"graphopt: verification failed: {result.failure_summary()}\n")
+        return 1
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from graphopt import list_passes
+
+    infos = list_passes()
+    if args.json:
+        print(json.dumps([
+            {"name": i.name, "summary": i.summary, "source": i.source,
+             "options": [{"name": o.name, "type": o.type, "default": o.default} for o in i.options]}
+            for i in infos], indent=2, default=str))
+        return 0
+    width = max(len(i.name) for i in infos)
+    for i in infos:
+        print(f"{i.name:<{width}}  {i.summary}")
+        if i.options:
+            opts = ", ".join(f"{o.name}: {o.type} = {o.default!r}" for o in i.options)
+            print(f"{'':<{width}}  options: {opts}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

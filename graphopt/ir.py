@@ -1,0 +1,532 @@
+"""Model I/O over onnx_ir: load, save and serialise safely.
+
+Why not just ``onnx_ir.load``/``onnx_ir.save``: they trust external-data ``location`` fields
+(absolute paths, ``..``, links: the CVE-2022-25882 / CVE-2024-27318 / CVE-2026-27489 class of
+hole), write the model file non-atomically and can overwrite the data file the input model
+reads from. This module adds those checks and atomic, deterministic writes, and keeps onnx_ir's
+lazy, memory-mapped external tensors so weights are never copied into Python objects on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import ntpath
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import IO
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from graphopt.errors import (
+    ModelLoadError,
+    OutputError,
+    UnsafeExternalDataError,
+    UnsupportedModelError,
+)
+
+__all__ = [
+    "ModelSource",
+    "load",
+    "save",
+    "to_bytes",
+    "to_proto",
+    "external_tensors",
+    "KNOWN_DOMAINS",
+    "PROTOBUF_LIMIT",
+]
+
+logger = logging.getLogger("graphopt.ir")
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
+
+#: Protobuf refuses to serialise messages of 2 GiB or more; stay clear of it.
+PROTOBUF_LIMIT = 2**31 - 1
+#: Above this many bytes of tensor data, ``save`` writes external data automatically.
+AUTO_EXTERNAL_BYTES = 1_800_000_000
+#: Tensors at least this large go to the external data file when one is written.
+EXTERNAL_SIZE_THRESHOLD = 1024
+
+#: Operator domains ONNX Runtime implements. A node in any other domain (and not a model-local
+#: function) is an op nobody here can run, fold or verify.
+KNOWN_DOMAINS = frozenset(
+    {
+        "",
+        "ai.onnx",
+        "ai.onnx.ml",
+        "ai.onnx.training",
+        "ai.onnx.preview",
+        "ai.onnx.preview.training",
+        "com.microsoft",
+        "com.microsoft.nchwc",
+        "com.microsoft.experimental",
+        "com.ms.internal.nhwc",
+    }
+)
+
+#: Key under which a loaded model remembers the file it came from (never serialised).
+SOURCE_KEY = "graphopt.source_path"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(
+    src: ModelSource,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    allow_custom_domains: bool = False,
+) -> ir.Model:
+    """Load a model from a path, bytes, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+
+    External data stays on disk (memory-mapped when first read). Every external reference is
+    checked before anything reads it. ``base_dir`` resolves external data for bytes/proto
+    input; for a path it is the file's folder. An ``ir.Model`` is returned as is.
+    """
+    if isinstance(src, ir.Model):
+        return src
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        proto = _parse_bytes(bytes(src), "<bytes>")
+        where = "<bytes>"
+        folder = None if base_dir is None else os.fspath(base_dir)
+        source_path = None
+    elif isinstance(src, onnx.ModelProto):
+        proto = src
+        where = "<ModelProto>"
+        folder = None if base_dir is None else os.fspath(base_dir)
+        source_path = None
+    elif isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        where = path
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{path}: no such file; check the path")
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{path}: is a folder; give the path of an .onnx file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
+        proto = _parse_bytes(data, path)
+        folder = os.path.dirname(os.path.abspath(path)) if base_dir is None else os.fspath(base_dir)
+        source_path = os.path.realpath(path)
+    else:
+        raise ModelLoadError(
+            f"cannot load a model from {type(src).__name__}; give a path, bytes, "
+            "an onnx.ModelProto or an onnx_ir.Model"
+        )
+
+    check_supported(proto, where, allow_custom_domains=allow_custom_domains)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx_ir raises plain exceptions on malformed protos
+        raise ModelLoadError(f"{where}: malformed ONNX model ({_one_line(e)})") from None
+
+    tensors = list(external_tensors(model))
+    if tensors:
+        if folder is None:
+            raise ModelLoadError(
+                f"{where}: the model keeps weights in external data files; load it from its "
+                "path or pass base_dir= the folder that holds the data files"
+            )
+        for tensor in tensors:
+            tensor.base_dir = folder
+            check_external_tensor(tensor, folder, where)
+    if source_path is not None:
+        model.meta[SOURCE_KEY] = source_path
+    return model
+
+
+def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelLoadError(f"{where}: file is empty; give an .onnx model file")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(
+            f"{where}: not a valid ONNX model (truncated or not ONNX: {_one_line(e)}); "
+            "check that the file is complete"
+        ) from None
+    # Protobuf happily parses some non-ONNX bytes into a mostly-empty message.
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise ModelLoadError(
+            f"{where}: not an ONNX model (no ir_version or graph); check that the file is an .onnx model"
+        )
+    return proto
+
+
+def check_supported(
+    proto: onnx.ModelProto, where: str = "<model>", *, allow_custom_domains: bool = False
+) -> None:
+    """Refuse models whose opset or operator domains graphopt cannot handle safely."""
+    if proto.ir_version > onnx.IR_VERSION:
+        raise UnsupportedModelError(
+            f"{where}: IR version {proto.ir_version} is newer than this onnx package supports "
+            f"({onnx.IR_VERSION}); upgrade onnx or re-export with an older IR version"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise UnsupportedModelError(
+                f"{where}: opset {opset.version} is newer than this onnx package supports "
+                f"({newest}); upgrade onnx or export with opset <= {newest}"
+            )
+    if allow_custom_domains:
+        return
+    local = {f.domain for f in proto.functions}
+    for domain, op_type in _node_domains(proto):
+        if domain not in KNOWN_DOMAINS and domain not in local:
+            raise UnsupportedModelError(
+                f"{where}: operator {domain}::{op_type} is in an unknown custom domain "
+                f"'{domain}' that ONNX Runtime cannot run, so graphopt cannot optimize or verify "
+                "it; remove the custom op or pass allow_custom_domains=True "
+                "(--allow-custom-domains) to leave those nodes untouched"
+            )
+
+
+def _node_domains(proto: onnx.ModelProto) -> Iterator[tuple[str, str]]:
+    stack: list[onnx.GraphProto] = [proto.graph]
+    nodes: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
+    while stack:
+        g = stack.pop()
+        nodes.extend(g.node)
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+    seen = set()
+    for n in nodes:
+        if n.domain not in seen:
+            seen.add(n.domain)
+            yield n.domain, n.op_type
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every external tensor of the model: initializers and tensor attributes, subgraphs too."""
+    seen: set[int] = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            t = value.const_value
+            if isinstance(t, ir.ExternalTensor) and id(t) not in seen:
+                seen.add(id(t))
+                yield t
+    roots: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for root in roots:
+        for node in ir.traversal.RecursiveGraphIterator(root):
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                values = []
+                if attr.type == ir.AttributeType.TENSOR:
+                    values = [attr.value]
+                elif attr.type == ir.AttributeType.TENSORS:
+                    values = list(attr.value)
+                for t in values:
+                    if isinstance(t, ir.ExternalTensor) and id(t) not in seen:
+                        seen.add(id(t))
+                        yield t
+
+
+def _is_absolute(location: str) -> bool:
+    return (
+        os.path.isabs(location)
+        or ntpath.isabs(location)
+        or bool(ntpath.splitdrive(location)[0])
+        or location.startswith(("\\", "/"))
+    )
+
+
+def _safe_relative(location: str, folder: str, where: str, what: str) -> str:
+    """Resolve ``location`` inside ``folder``; refuse absolute paths, escapes and symlinks."""
+    if not location or "\x00" in location:
+        raise UnsafeExternalDataError(f"{where}: {what} has an empty or invalid location")
+    if _is_absolute(location):
+        raise UnsafeExternalDataError(
+            f"{where}: {what} location '{location}' is an absolute path; external data must "
+            "be a relative path inside the model's folder"
+        )
+    parts = location.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise UnsafeExternalDataError(
+            f"{where}: {what} location '{location}' contains '..' and may leave the model's "
+            "folder; move the data file next to the model"
+        )
+    root = os.path.realpath(folder)
+    current = root
+    for part in parts:
+        if part in ("", "."):
+            continue
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise UnsafeExternalDataError(
+                f"{where}: {what} location '{location}' goes through a symbolic link; "
+                "copy the data file next to the model instead"
+            )
+    resolved = os.path.realpath(current)
+    if os.path.commonpath([resolved, root]) != root:
+        raise UnsafeExternalDataError(
+            f"{where}: {what} location '{location}' resolves outside the model's folder"
+        )
+    return resolved
+
+
+def _expected_nbytes(tensor: ir.ExternalTensor) -> int:
+    count = math.prod(tensor.shape.numpy())
+    return math.ceil(count * tensor.dtype.bitwidth / 8)
+
+
+def check_external_tensor(tensor: ir.ExternalTensor, folder: str, where: str) -> None:
+    """Refuse an external reference that escapes, links, is missing or lies past the file's end."""
+    what = f"external data of tensor '{tensor.name}'"
+    path = _safe_relative(os.fspath(tensor.location), folder, where, what)
+    if not os.path.exists(path):
+        raise ModelLoadError(
+            f"{where}: {what} is missing: file '{tensor.location}' not found next to the model; "
+            "copy the data file into the model's folder"
+        )
+    st = os.stat(path)
+    if not os.path.isfile(path):
+        raise UnsafeExternalDataError(f"{where}: {what} '{tensor.location}' is not a regular file")
+    if st.st_nlink > 1:
+        raise UnsafeExternalDataError(
+            f"{where}: {what} '{tensor.location}' is a hard-linked file; copy it to a plain "
+            "file next to the model"
+        )
+    offset = tensor.offset or 0
+    expected = _expected_nbytes(tensor)
+    length = tensor.length if tensor.length is not None else expected
+    if offset < 0 or length < 0:
+        raise UnsafeExternalDataError(f"{where}: {what} has a negative offset or length")
+    if length < expected:
+        raise UnsafeExternalDataError(
+            f"{where}: {what} has length {length} but its shape and dtype need {expected} bytes"
+        )
+    if offset + length > st.st_size:
+        raise UnsafeExternalDataError(
+            f"{where}: {what} reads bytes {offset}..{offset + length} of '{tensor.location}', "
+            f"which has only {st.st_size} bytes; the data file is truncated or does not belong "
+            "to this model"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _tensor_nbytes(tensor: ir.TensorProtocol) -> int:
+    if isinstance(tensor, ir.ExternalTensor):
+        return _expected_nbytes(tensor)
+    try:
+        return int(tensor.nbytes)
+    except Exception:  # string tensors and the like
+        return 0
+
+
+def _initializer_values(model: ir.Model) -> list[ir.Value]:
+    return [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+
+
+def total_tensor_bytes(model: ir.Model) -> int:
+    """Bytes of initializer data, counting external data without reading it."""
+    return sum(_tensor_nbytes(v.const_value) for v in _initializer_values(model))  # type: ignore[arg-type]
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialise to a ModelProto; external tensors keep their references (no data read)."""
+    return ir.serde.serialize_model(model)
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """Serialise with every weight inline. Refuses models that do not fit protobuf's 2 GB limit."""
+    size = total_tensor_bytes(model)
+    if size >= PROTOBUF_LIMIT:
+        raise OutputError(
+            f"model has {size / 2**30:.2f} GiB of weights, over protobuf's 2 GB limit for one "
+            "message; save it to a file with external data instead (graphopt.save)"
+        )
+    with _all_inline(model):
+        proto = ir.serde.serialize_model(model)
+    return proto.SerializeToString(deterministic=True)
+
+
+@contextlib.contextmanager
+def _all_inline(model: ir.Model) -> Iterator[None]:
+    """Temporarily replace external tensors by in-memory copies (for bytes serialisation)."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for v in _initializer_values(model):
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                swapped.append((v, t))
+                v.const_value = ir.Tensor(t.numpy(), name=t.name, doc_string=t.doc_string)
+        yield
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
+def _referenced_files(model: ir.Model) -> set[str]:
+    files = set()
+    for t in external_tensors(model):
+        with contextlib.suppress(OSError):
+            files.add(os.path.realpath(t.path))
+    return files
+
+
+def _check_output_path(path: str, what: str) -> None:
+    if os.path.islink(path):
+        raise OutputError(f"{path}: {what} is a symbolic link; refusing to write through it")
+    if os.path.isdir(path):
+        raise OutputError(f"{path}: {what} is a folder; give a file path")
+    if os.path.exists(path) and os.stat(path).st_nlink > 1:
+        raise OutputError(
+            f"{path}: {what} is a hard-linked file; refusing to replace it, choose another name"
+        )
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | str | None = None,
+    size_threshold: int = EXTERNAL_SIZE_THRESHOLD,
+) -> None:
+    """Write the model atomically; weights go to external data when asked or when needed.
+
+    ``external_data``: ``None`` = automatic (external when the weights approach protobuf's 2 GB
+    limit), ``True`` = external into ``<name>.data``, a string = external into that relative file
+    name, ``False`` = inline (fails over 2 GB). Files appear complete or not at all (temporary
+    file in the same folder, fsync, rename). The input model's files are never overwritten.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"{path}: folder '{folder}' does not exist; create it first")
+    _check_output_path(path, "output model")
+    inputs = _referenced_files(model)
+    source = model.meta.get(SOURCE_KEY)
+    if source:
+        inputs.add(source)
+    if os.path.realpath(path) in inputs:
+        raise OutputError(
+            f"{path}: this is the input model (or its data); write the output to another file"
+        )
+
+    size = total_tensor_bytes(model)
+    if external_data is None:
+        external_data = size >= AUTO_EXTERNAL_BYTES or bool(inputs - ({source} if source else set()))
+    if external_data is False and size >= PROTOBUF_LIMIT:
+        raise OutputError(
+            f"{path}: {size / 2**30:.2f} GiB of weights do not fit in one protobuf file; "
+            "save with external data"
+        )
+
+    if external_data:
+        location = (
+            os.path.basename(path) + ".data" if external_data is True else os.fspath(external_data)
+        )
+        data_path = _safe_relative(location, folder, path, "output external data")
+        _check_output_path(data_path, "external data file")
+        if os.path.realpath(data_path) in inputs:
+            raise OutputError(
+                f"{path}: external data file '{location}' is read by the input model; "
+                "choose another output name so the input's weights are not overwritten"
+            )
+        _save_external(model, path, folder, location, data_path, size_threshold)
+    else:
+        with _all_inline(model):
+            proto = ir.serde.serialize_model(model)
+        data = proto.SerializeToString(deterministic=True)
+        _atomic_write(path, lambda f: f.write(data))
+
+
+def _save_external(
+    model: ir.Model,
+    path: str,
+    folder: str,
+    location: str,
+    data_path: str,
+    size_threshold: int,
+) -> None:
+    """Write the data file (one tensor at a time, so memory stays flat), then the model file."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        new_refs: list[tuple[ir.Value, ir.ExternalTensor]] = []
+
+        def write_data(f: IO[bytes]) -> None:
+            offset = 0
+            for v in _initializer_values(model):
+                t = v.const_value
+                assert t is not None
+                if _tensor_nbytes(t) < size_threshold or t.dtype == ir.DataType.STRING:
+                    continue
+                # Align large tensors to 64 KiB so they can be memory-mapped efficiently.
+                nbytes = _tensor_nbytes(t)
+                if nbytes > 1 << 20:
+                    pad = (-offset) % 65536
+                    f.write(b"\0" * pad)
+                    offset += pad
+                data = t.tobytes()
+                f.write(data)
+                new_refs.append(
+                    (
+                        v,
+                        ir.ExternalTensor(
+                            location,
+                            offset,
+                            len(data),
+                            t.dtype,
+                            shape=ir.Shape(t.shape),
+                            name=t.name or v.name or "",
+                            doc_string=t.doc_string,
+                            base_dir=folder,
+                        ),
+                    )
+                )
+                offset += len(data)
+                del data
+
+        _atomic_write(data_path, write_data)
+        for v, ext in new_refs:
+            swapped.append((v, v.const_value))  # type: ignore[arg-type]
+            v.const_value = ext
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+    blob = proto.SerializeToString(deterministic=True)
+    _atomic_write(path, lambda f: f.write(blob))
+
+
+def _atomic_write(path: str, write: object) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)  # type: ignore[operator]
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,1 @@
+"""Optimization passes, registered by name through the graphopt.passes entry points."""
