@@ -219,6 +219,9 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
             return False  # only standard ops have a trustworthy reference implementation
         if any(v is not None and v.is_graph_input() for v in node.inputs):
             return False
+        if _may_overflow(node):
+            self.owner.count("skipped_int_overflow")
+            return False
         n = estimate_output_elements(node)
         if n is not None:
             itemsize = _itemsize(node.outputs[0]) if node.outputs else _ITEMSIZE_GUESS
@@ -276,6 +279,56 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
         if tensor is not None:
             self.owner.count("folded")
         return tensor
+
+
+_INT_ARITH = {"Add", "Sub", "Mul", "Neg", "Abs", "Pow", "Div", "ReduceSum", "ReduceProd", "CumSum",
+              "MatMul", "Gemm", "Sum", "ReduceSumSquare", "Einsum"}
+
+
+def _may_overflow(node: ir.Node) -> bool:
+    """True if integer arithmetic on these constants might overflow its type.
+
+    numpy wraps around on overflow while ONNX Runtime kernels may saturate or wrap differently
+    (ReduceProd on int64 saturates), so folding such a node could change the result.
+    """
+    if node.op_type not in _INT_ARITH or not node.outputs:
+        return False
+    arrays = [_const(v) for v in node.inputs if v is not None]
+    if any(a is None for a in arrays):
+        return False
+    ints = [a for a in arrays if a is not None and a.dtype.kind in "iu"]
+    if not ints:
+        return False
+    dtype = np.result_type(*ints)
+    info = np.iinfo(dtype)
+    mags = [np.abs(a.astype(np.float64)) for a in arrays if a is not None]
+    if not all(m.size for m in mags):
+        return False
+    op = node.op_type
+    with np.errstate(all="ignore"):
+        if op in ("Add", "Sub", "Sum"):
+            bound = float(sum(m.max() for m in mags))
+        elif op in ("Mul", "Pow", "ReduceProd", "MatMul", "Gemm", "Einsum", "ReduceSumSquare"):
+            if op == "Pow" and len(mags) == 2:
+                bound = float(mags[0].max() ** arrays[1].astype(np.float64).max())  # type: ignore[union-attr]
+            elif op in ("MatMul", "Gemm", "Einsum"):
+                bound = float(np.prod([m.max() for m in mags])) * max(m.size for m in mags)
+            elif op == "ReduceSumSquare":
+                bound = float((mags[0] ** 2).sum())
+            else:
+                bound = float(np.prod([np.prod(m) if op == "ReduceProd" else m.max() for m in mags]))
+        elif op in ("ReduceSum", "CumSum"):
+            bound = float(mags[0].sum())
+        else:  # Neg, Abs, Div: only the most negative value overflows
+            bound = float(max(m.max() for m in mags))
+            if dtype.kind == "i" and bound >= -float(info.min):
+                return True
+            return dtype.kind == "u" and op == "Neg"
+    if dtype.kind == "u" and op == "Sub":
+        a, b = arrays[0], arrays[1]
+        if a is None or b is None or bool(np.any(a.astype(np.float64) < b.astype(np.float64))):
+            return True
+    return not np.isfinite(bound) or bound >= float(info.max)
 
 
 def _itemsize(value: ir.Value) -> int:
@@ -376,7 +429,6 @@ class RemoveNoOpsPass(Pass):
         if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
             return None
         x = node.inputs[0]
-        out = node.outputs[0]
         op = node.op_type
         if op == "Identity" and o.identity:
             # Identity on sequences/optionals is fine too: same value.
@@ -389,8 +441,6 @@ class RemoveNoOpsPass(Pass):
                     return None
             if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
                 return None  # the mask is used
-            if node.attributes.get("is_test") is not None or node.attributes.get("seed") is not None:
-                pass
             return x
         if op == "Cast" and o.cast:
             to = node.attributes.get("to")
@@ -504,7 +554,6 @@ class NormalizeLegacyInputsPass(Pass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if model.ir_version >= 4:
             return ir.passes.PassResult(model, False)
-        modified = False
         for graph in model.graphs():
             inits = set(graph.initializers.values())
             kept = [v for v in graph.inputs if v not in inits]
@@ -512,7 +561,6 @@ class NormalizeLegacyInputsPass(Pass):
                 self.count("inputs_made_constant", len(graph.inputs) - len(kept))
                 graph.inputs.clear()
                 graph.inputs.extend(kept)
-                modified = True
         model.ir_version = 4
         return ir.passes.PassResult(model, True)
 
@@ -620,9 +668,11 @@ class CleanupPass(CompositePass):
         inner += ["remove-noops", "remove-unused"]
         if o.cse:
             inner.append("cse")
+        # Weights are lifted and shared before the fixpoint so CSE sees equal weights as equal;
+        # folding can create new duplicates, hence the second dedup/CSE round.
         text = (
-            "normalize-legacy-inputs,shape-inference,"
+            "normalize-legacy-inputs,shape-inference,lift-constants,dedup-initializers,"
             f"fixpoint(max_iterations={o.max_iterations})[{','.join(inner)}],"
-            "lift-constants,dedup-initializers,remove-unused,topological-sort"
+            "dedup-initializers," + ("cse," if o.cse else "") + "remove-unused,topological-sort"
         )
         return Pipeline.parse(text)
