@@ -381,6 +381,26 @@ class NoOpOptions:
     reshape: bool = True
     expand: bool = True
     transpose: bool = True
+    arithmetic: bool = True
+
+
+def _neutral_operand_input(node: ir.Node) -> ir.Value | None:
+    """x for x+0, 0+x, x-0, x*1, 1*x, x/1 when the constant cannot broadcast x to a new shape."""
+    neutral = 0 if node.op_type in ("Add", "Sub") else 1
+    sides = [(0, 1), (1, 0)] if node.op_type in ("Add", "Mul") else [(0, 1)]
+    for xi, ci in sides:
+        x, c = node.inputs[xi], node.inputs[ci]
+        if x is None or c is None or x.shape is None or x.dtype is None:
+            continue
+        arr = _const(c)
+        if arr is None or arr.size == 0 or c.dtype != x.dtype:
+            continue
+        if arr.ndim > len(x.shape) or any(d != 1 for d in arr.shape):
+            continue  # could broadcast x to a larger shape
+        if not np.all(arr == neutral):
+            continue
+        return x
+    return None
 
 
 def _perm(node: ir.Node, rank: int | None) -> list[int] | None:
@@ -401,7 +421,7 @@ def _input_rank(value: ir.Value | None) -> int | None:
 class RemoveNoOpsPass(Pass):
     """Remove nodes that return their input unchanged: Identity, inference Dropout, Cast to the
     same type, Reshape/Expand to the same static shape, identity Transpose and inverse
-    Transpose pairs.
+    Transpose pairs, x+0 / x-0 / x*1 / x/1 with a constant that cannot broadcast.
 
     Safe because each rule needs proof (known dtypes, fully static shapes, constant shape
     operands), and a node whose output is a graph output is kept when its input cannot take
@@ -479,6 +499,8 @@ class RemoveNoOpsPass(Pass):
                 return None
             b = _broadcast(src, [int(d) for d in target.reshape(-1)])
             return x if b is not None and b == src else None
+        if op in ("Add", "Sub", "Mul", "Div") and o.arithmetic and len(node.inputs) == 2:
+            return _neutral_operand_input(node)
         if op == "Transpose" and o.transpose:
             rank = _input_rank(x)
             perm = _perm(node, rank)
@@ -493,6 +515,42 @@ class RemoveNoOpsPass(Pass):
                         return prev.inputs[0]
             return None
         return None
+
+
+class SimplifyPass(Pass):
+    """Apply onnxscript's shape-chain simplifications: collapse no-op Slices, merge
+    Reshape/Reshape and Unsqueeze/Unsqueeze chains, materialise Reshape shapes known from
+    inference, drop no-op ScatterND, fold Cast of ConstantOfShape.
+
+    Safe because each onnxscript rule checks constants and static shapes before it fires.
+    Rules that are not exact are left out on purpose: Cast∘Cast (double rounding) and
+    x+0/x*1 (they ignore broadcasting, which can change the output shape).
+    """
+
+    name = "simplify"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.rewriter import pattern
+        from onnxscript.rewriter.rules import common as rules
+
+        ruleset = pattern.RewriteRuleSet(
+            [
+                rules.collapse_slice_rule,
+                rules.collapse_slice2_rule,
+                rules.materialize_reshape_shape_rule,
+                rules.reshape_reshape_rule,
+                rules.unsqueeze_unsqueeze_rule,
+                rules.squeeze_reshape_1d_rule,
+                rules.no_op_dynamic_scatter_nd_rule,
+                rules.no_op_static_scatter_nd_rule,
+                rules.cast_constant_of_shape_rule,
+                rules.cast_constant_of_shape_without_value_rule,
+            ]
+        )
+        count = ruleset.apply_to_model(model)
+        if count:
+            self.count("rewrites", count)
+        return ir.passes.PassResult(model, bool(count))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,25 +624,41 @@ class NormalizeLegacyInputsPass(Pass):
 
 
 class DeduplicateInitializersPass(Pass):
-    """Share initializers with identical dtype, shape and bytes (hash-compared, then verified).
+    """Share initializers with identical dtype, shape and bytes (hashed, then compared).
 
-    Safe because initializers that are also graph inputs or outputs are left alone.
+    Safe because initializers that are also graph inputs or outputs are left alone and sharing
+    happens only within one graph (subgraph initializers are scoped). Own implementation because
+    onnx_ir's hashed dedup fails on non-contiguous arrays (e.g. a folded Transpose).
     """
 
     name = "dedup-initializers"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = sum(len(g.initializers) for g in model.graphs())
-        # onnx_ir logs a warning per skipped graph-input initializer; that is expected here.
-        noisy = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
-        level = noisy.level
-        noisy.setLevel(logging.ERROR)
-        try:
-            result = common.DeduplicateHashedInitializersPass()(model)
-        finally:
-            noisy.setLevel(level)
-        self.count("merged", before - sum(len(g.initializers) for g in model.graphs()))
-        return ir.passes.PassResult(model, result.modified)
+        import hashlib
+
+        modified = False
+        for graph in model.graphs():
+            seen: dict[tuple[Any, ...], ir.Value] = {}
+            for value in list(graph.initializers.values()):
+                t = value.const_value
+                if t is None or value.is_graph_input() or value.is_graph_output():
+                    continue
+                if t.dtype == ir.DataType.STRING:
+                    continue
+                data = t.tobytes()
+                key = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
+                first = seen.get(key)
+                if first is None:
+                    seen[key] = value
+                    continue
+                if first.const_value is None or first.const_value.tobytes() != data:
+                    continue  # hash collision: keep both
+                value.replace_all_uses_with(first)
+                assert value.name is not None
+                graph.initializers.pop(value.name)
+                self.count("merged")
+                modified = True
+        return ir.passes.PassResult(model, modified)
 
 
 class TopologicalSortPass(Pass):
@@ -665,7 +739,7 @@ class CleanupPass(CompositePass):
     def pipeline(self) -> Pipeline:
         o = self.options
         inner = ["fold-constants"] if o.fold else []
-        inner += ["remove-noops", "remove-unused"]
+        inner += ["remove-noops", "simplify", "remove-unused"]
         if o.cse:
             inner.append("cse")
         # Weights are lifted and shared before the fixpoint so CSE sees equal weights as equal;
@@ -673,6 +747,6 @@ class CleanupPass(CompositePass):
         text = (
             "normalize-legacy-inputs,shape-inference,lift-constants,dedup-initializers,"
             f"fixpoint(max_iterations={o.max_iterations})[{','.join(inner)}],"
-            "dedup-initializers," + ("cse," if o.cse else "") + "remove-unused,topological-sort"
+            "lift-constants,dedup-initializers," + ("cse," if o.cse else "") + "remove-unused,topological-sort"
         )
         return Pipeline.parse(text)

@@ -95,6 +95,23 @@ def test_reshape_expand_transpose_noops_removed_but_real_ones_kept() -> None:
     assert ops(m) == ["Transpose", "Relu"]
 
 
+def test_neutral_arithmetic_removed_only_when_it_cannot_broadcast() -> None:
+    m = optimize_and_compare(parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x) => (float[N, 3] y, float[1, N, 3] z, float[N, 3] w)
+        <float zero = {0.}, float[1, 1] one = {1.}, float[1, 1, 1] one3 = {1.}, float[3] twos = {2., 2., 2.}>
+        {
+            a = Add (x, zero)
+            b = Mul (one, a)
+            c = Div (b, one)
+            y = Sub (c, zero)
+            z = Mul (x, one3)
+            w = Mul (x, twos)
+        }"""), X)
+    # The last Sub stays: removing it would make graph output y the graph input x.
+    assert ops(m) == ["Sub", "Mul", "Mul"]
+
+
 def test_reshape_to_a_different_shape_is_kept() -> None:
     m = optimize_and_compare(parse("""
         <ir_version: 8, opset_import: ["" : 17]>
