@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-import onnx_ir as ir
+import onnx_ir as _onnx_ir
 
 from graphopt.errors import GraphoptError, VerificationError
 from graphopt.export import export
@@ -49,7 +49,7 @@ VERSION_KEY = "graphopt.version"
 class OptimizeResult:
     """The optimized model and the report of what each pass did."""
 
-    model: ir.Model
+    model: _onnx_ir.Model
     report: Report
 
 
@@ -94,6 +94,8 @@ def optimize(
     else:
         pipe = Pipeline.coerce(pipeline, registry=reg)
     vopts = dict(verify_options or {})
+    # The clone shares tensor objects with the input (no weight copies); tensors are never
+    # changed in place by passes, so the input model stays as it was.
     result_model, report = pipe.run(
         work,
         registry=reg,
