@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError, OutputError, VerificationError
 
 __all__ = ["main", "inspect_model"]
 
@@ -90,7 +91,10 @@ def _build_parser() -> _Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (one line already printed) or --help: return, not raise
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose == 0:
@@ -107,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         sys.stderr.write(f"graphopt: error: {msg}\n")
         return e.exit_code
+    except BrokenPipeError:
+        # `graphopt passes | head`: the reader went away; that is not an error.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write("graphopt: interrupted\n")
         return 130
@@ -136,12 +145,12 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
 def _check_output_dir(path: str, what: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise GraphoptError(f"{path}: folder for the {what} does not exist; create it first")
+        raise OutputError(f"{path}: folder for the {what} does not exist; create it first")
 
 
 def _optimize(args: argparse.Namespace) -> int:
     import graphopt
-    from graphopt.ir import _check_output_path, _atomic_write, load
+    from graphopt.ir import _atomic_write, _check_output_path, _referenced_files, load
 
     for flag in ("quantize", "prune", "calibration"):
         if getattr(args, flag):
@@ -150,10 +159,19 @@ def _optimize(args: argparse.Namespace) -> int:
     _check_output_path(args.output, "output model")
     if args.report:
         _check_output_dir(args.report, "report")
+        _check_output_path(args.report, "report")
     if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.output, args.input):
-        raise GraphoptError(f"{args.output}: output is the input file; write to another file")
+        raise OutputError(f"{args.output}: output is the input file; write to another file")
     vopts = _verify_options(args)
     model = load(args.input, allow_custom_domains=args.allow_custom_domains)
+    if args.report:
+        # The report must not replace the input model, its weights, or the output model.
+        taken = {os.path.realpath(p) for p in (args.input, args.output, args.output + ".data")}
+        taken |= _referenced_files(model)
+        if os.path.realpath(args.report) in taken:
+            raise OutputError(
+                f"{args.report}: the report would overwrite a model file; give the report another name"
+            )
     try:
         result = graphopt.optimize(
             model,

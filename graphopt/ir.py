@@ -356,20 +356,52 @@ def to_bytes(model: ir.Model) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if isinstance(tensor, ir.ExternalTensor):
+        return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
+    return tensor
+
+
+def _external_attributes(model: ir.Model) -> list[tuple[ir.Node, str, ir.Attr]]:
+    """(node, name, attribute) of every tensor attribute holding external data."""
+    found = []
+    roots: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for root in roots:
+        for node in ir.traversal.RecursiveGraphIterator(root):
+            for name, attr in node.attributes.items():
+                if attr.is_ref() or attr.type not in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                    continue
+                values = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
+                if any(isinstance(t, ir.ExternalTensor) for t in values):
+                    found.append((node, name, attr))
+    return found
+
+
 @contextlib.contextmanager
-def _all_inline(model: ir.Model) -> Iterator[None]:
-    """Temporarily replace external tensors by in-memory copies (for bytes serialisation)."""
+def _all_inline(model: ir.Model, values: list[ir.Value] | None = None) -> Iterator[None]:
+    """Temporarily replace external tensors by in-memory copies: those of ``values`` (default:
+    every initializer) and of every tensor attribute. The model is restored afterwards."""
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    swapped_attrs: list[tuple[ir.Node, str, ir.Attr]] = []
     try:
-        for v in _initializer_values(model):
+        for v in _initializer_values(model) if values is None else values:
             t = v.const_value
             if isinstance(t, ir.ExternalTensor):
                 swapped.append((v, t))
-                v.const_value = ir.Tensor(t.numpy(), name=t.name, doc_string=t.doc_string)
+                v.const_value = _in_memory(t)
+        for node, name, attr in _external_attributes(model):
+            if attr.type == ir.AttributeType.TENSOR:
+                value: object = _in_memory(attr.value)
+            else:
+                value = [_in_memory(t) for t in attr.value]
+            swapped_attrs.append((node, name, attr))
+            node.attributes[name] = ir.Attr(name, attr.type, value, doc_string=attr.doc_string)
         yield
     finally:
         for v, t in swapped:
             v.const_value = t
+        for node, name, attr in swapped_attrs:
+            node.attributes[name] = attr
 
 
 def _referenced_files(model: ir.Model) -> set[str]:
@@ -432,19 +464,31 @@ def save(
         location = (
             os.path.basename(path) + ".data" if external_data is True else os.fspath(external_data)
         )
-        data_path = _safe_relative(location, folder, path, "output external data")
+        _check_output_path(os.path.join(folder, location), "external data file")
+        try:
+            data_path = _safe_relative(location, folder, path, "output external data")
+        except UnsafeExternalDataError as e:
+            raise OutputError(str(e)) from None
         _check_output_path(data_path, "external data file")
         if os.path.realpath(data_path) in inputs:
             raise OutputError(
                 f"{path}: external data file '{location}' is read by the input model; "
                 "choose another output name so the input's weights are not overwritten"
             )
-        _save_external(model, path, folder, location, data_path, size_threshold)
-    else:
-        with _all_inline(model):
-            proto = ir.serde.serialize_model(model)
-        data = proto.SerializeToString(deterministic=True)
-        _atomic_write(path, lambda f: f.write(data))
+    try:
+        if external_data:
+            _save_external(model, path, folder, location, data_path, size_threshold)
+        else:
+            with _all_inline(model):
+                proto = ir.serde.serialize_model(model)
+            data = proto.SerializeToString(deterministic=True)
+            _atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise OutputError(
+            f"{path}: writing failed ({e.strerror or e}{where}); "
+            "check free space and permissions of the output folder"
+        ) from e
 
 
 def _save_external(
@@ -455,57 +499,81 @@ def _save_external(
     data_path: str,
     size_threshold: int,
 ) -> None:
-    """Write the data file (one tensor at a time, so memory stays flat), then the model file."""
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    try:
-        new_refs: list[tuple[ir.Value, ir.ExternalTensor]] = []
+    """Write the data file (one tensor at a time, so memory stays flat) and the model file.
 
-        def write_data(f: IO[bytes]) -> None:
-            offset = 0
-            for v in _initializer_values(model):
-                t = v.const_value
-                assert t is not None
-                if _tensor_nbytes(t) < size_threshold or t.dtype == ir.DataType.STRING:
-                    continue
-                # Align large tensors to 64 KiB so they can be memory-mapped efficiently.
-                nbytes = _tensor_nbytes(t)
-                if nbytes > 1 << 20:
-                    pad = (-offset) % 65536
-                    f.write(b"\0" * pad)
-                    offset += pad
-                data = t.tobytes()
-                f.write(data)
-                new_refs.append(
-                    (
-                        v,
-                        ir.ExternalTensor(
-                            location,
-                            offset,
-                            len(data),
-                            t.dtype,
-                            shape=ir.Shape(t.shape),
-                            name=t.name or v.name or "",
-                            doc_string=t.doc_string,
-                            base_dir=folder,
-                        ),
-                    )
+    Both are written to temporary files first and renamed only when both are complete, so a
+    failure leaves an earlier output (model and data) as it was. Tensors below the threshold and
+    tensor attributes are stored inline, so the output never points at the input's data files.
+    """
+    values = _initializer_values(model)
+    large = [
+        v for v in values
+        if _tensor_nbytes(v.const_value) >= size_threshold  # type: ignore[arg-type]
+        and v.const_value.dtype != ir.DataType.STRING  # type: ignore[union-attr]
+    ]
+    large_ids = {id(v) for v in large}
+    small = [v for v in values if id(v) not in large_ids]
+    new_refs: list[tuple[ir.Value, ir.ExternalTensor]] = []
+
+    def write_data(f: IO[bytes]) -> None:
+        offset = 0
+        for v in large:
+            t = v.const_value
+            assert t is not None
+            # Align large tensors to 64 KiB so they can be memory-mapped efficiently.
+            if _tensor_nbytes(t) > 1 << 20:
+                pad = (-offset) % 65536
+                f.write(b"\0" * pad)
+                offset += pad
+            data = t.tobytes()
+            f.write(data)
+            new_refs.append(
+                (
+                    v,
+                    ir.ExternalTensor(
+                        location,
+                        offset,
+                        len(data),
+                        t.dtype,
+                        shape=ir.Shape(t.shape),
+                        name=t.name or v.name or "",
+                        doc_string=t.doc_string,
+                        base_dir=folder,
+                    ),
                 )
-                offset += len(data)
-                del data
+            )
+            offset += len(data)
+            del data
 
-        _atomic_write(data_path, write_data)
-        for v, ext in new_refs:
-            swapped.append((v, v.const_value))  # type: ignore[arg-type]
-            v.const_value = ext
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for v, t in swapped:
-            v.const_value = t
-    blob = proto.SerializeToString(deterministic=True)
-    _atomic_write(path, lambda f: f.write(blob))
+    data_tmp = _write_temp(data_path, write_data)
+    model_tmp = None
+    try:
+        swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+        with _all_inline(model, small):
+            try:
+                for v, ext in new_refs:
+                    swapped.append((v, v.const_value))  # type: ignore[arg-type]
+                    v.const_value = ext
+                proto = ir.serde.serialize_model(model)
+            finally:
+                for v, t in swapped:
+                    v.const_value = t
+        blob = proto.SerializeToString(deterministic=True)
+        del proto
+        model_tmp = _write_temp(path, lambda f: f.write(blob))
+        os.replace(data_tmp, data_path)
+        os.replace(model_tmp, path)
+    except BaseException:
+        for tmp in (data_tmp, model_tmp):
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
 
 
-def _atomic_write(path: str, write: object) -> None:
+def _write_temp(path: str, write: object) -> str:
+    """Write a complete, fsynced temporary file next to ``path``; return its name."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
@@ -514,17 +582,32 @@ def _atomic_write(path: str, write: object) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+def _fsync_dir(folder: str) -> None:
     with contextlib.suppress(OSError):
         dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _atomic_write(path: str, write: object) -> None:
+    """Write ``path`` so that it appears complete or not at all (temp file, fsync, rename)."""
+    tmp = _write_temp(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _one_line(e: BaseException) -> str:

@@ -107,7 +107,7 @@ class Registry:
     def info(self, name: str) -> PassInfo:
         cls = self.pass_class(name)
         doc = inspect.getdoc(cls) or ""
-        summary = doc.strip().splitlines()[0] if doc.strip() else "(no description)"
+        summary = _summary(doc)
         opts: list[OptionInfo] = []
         opts_cls = getattr(cls, "Options", None)
         if dataclasses.is_dataclass(opts_cls):
@@ -148,6 +148,15 @@ class Registry:
 def default_registry() -> Registry:
     """The registry of installed entry points (read once per process; never mutated)."""
     return Registry.from_entry_points()
+
+
+def _summary(doc: str) -> str:
+    """First sentence of a docstring's first paragraph (docstrings wrap mid-sentence)."""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    if not para:
+        return "(no description)"
+    end = para.find(". ")
+    return para[: end + 1] if end >= 0 else para
 
 
 def _type_name(t: Any) -> str:
