@@ -1,11 +1,13 @@
 """Numeric verification: run reference and candidate on ONNX Runtime CPU, compare every output.
 
-ONNX Runtime's own graph optimizations are disabled by default so that the comparison checks
-graphopt's rewrites, not ORT's (which could hide a bug or add differences of their own).
+This is how graphopt proves that an optimization preserved a model's meaning. ONNX Runtime's
+own graph optimizations are disabled by default so that the comparison checks graphopt's
+rewrites, not ORT's (which could hide a bug or add differences of their own).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -29,15 +31,30 @@ __all__ = [
 
 logger = logging.getLogger("graphopt.verify")
 
-_FLOAT_TYPES = {
-    ir.DataType.FLOAT,
-    ir.DataType.FLOAT16,
-    ir.DataType.BFLOAT16,
-    ir.DataType.DOUBLE,
-}
+#: Float types random normal feeds are generated for (4-bit types are packed; ORT's Python
+#: binding cannot take them from numpy, so those inputs must be given explicitly).
+_FLOAT_TYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ,
+        ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT8E5M2FNUZ,
+    }
+)
+#: Types numpy has no native dtype for (ml_dtypes provides them; ORT's binding cannot convert them).
+_NON_NUMPY = _FLOAT_TYPES - {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
+#: Ops whose input ``idx`` holds indices into input 0.
 _INDEX_OPS = {"Gather": 1, "GatherElements": 1, "GatherND": 1}
-_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+#: Ops that pass indices through unchanged in value (input 0 → output 0).
+_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"})
 _DEFAULT_DIM = 8
+_DEFAULT_INT_HIGH = 8
+_MAX_CHAIN = 16
+_GIVE_INPUTS = "give inputs explicitly (an .npz of named arrays, e.g. --inputs DATA.npz)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,50 +62,98 @@ _DEFAULT_DIM = 8
 
 
 def _real_inputs(model: ir.Model) -> list[ir.Value]:
-    inits = set(model.graph.initializers.values())
-    return [v for v in model.graph.inputs if v not in inits]
+    """Graph inputs that are not initializers (those with initializers are weights, not feeds)."""
+    inits = {id(v) for v in model.graph.initializers.values()}
+    init_names = set(model.graph.initializers)
+    return [v for v in model.graph.inputs if id(v) not in inits and v.name not in init_names]
+
+
+def _constant_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """Shape of ``value`` if it is an initializer or a Constant's output, else None."""
+    if value.const_value is not None:
+        return tuple(int(d) for d in value.const_value.shape)
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = node.attributes.get("value")
+        if attr is not None and not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
+            return tuple(int(d) for d in attr.value.shape)
+        for name in ("value_ints", "value_floats", "value_strings"):
+            attr = node.attributes.get(name)
+            if attr is not None and not attr.is_ref():
+                return (len(attr.value),)
+    return None
+
+
+def _data_dims(data: ir.Value) -> tuple[int | None, ...] | None:
+    """Static dims of a Gather's data: exact for constants, from shape info otherwise."""
+    shape = _constant_shape(data)
+    if shape is not None:
+        return shape
+    if data.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in data.shape)
+
+
+def _gather_bound(node: ir.Node) -> int | None:
+    """Exclusive upper bound for indices fed to a Gather-style ``node`` (None when unknown)."""
+    data = node.inputs[0] if node.inputs else None
+    if data is None:
+        return None
+    dims = _data_dims(data)
+    if not dims:
+        return None
+    rank = len(dims)
+    if node.op_type == "GatherND":
+        attr = node.attributes.get("batch_dims")
+        batch = attr.as_int() if attr is not None and not attr.is_ref() else 0
+        indices = node.inputs[1]
+        k = None
+        if indices is not None and indices.shape is not None and len(indices.shape) > 0:
+            last = indices.shape[len(indices.shape) - 1]
+            k = last if isinstance(last, int) else None
+        span = dims[batch : batch + k] if k is not None else dims[batch:]
+        if not span or any(d is None for d in span):
+            return None
+        return min(span)  # type: ignore[type-var]
+    attr = node.attributes.get("axis")
+    axis = attr.as_int() if attr is not None and not attr.is_ref() else 0
+    if axis < 0:
+        axis += rank
+    if not 0 <= axis < rank:
+        return None
+    return dims[axis]
 
 
 def _index_bound(value: ir.Value, depth: int = 0) -> int | None:
-    """Smallest table size among Gather-style ops that use ``value`` as indices (or None)."""
-    if depth > 8:
+    """Smallest table size among Gather-style ops that use ``value`` (through value-preserving
+    ops) as indices, or None when it is not used as indices anywhere."""
+    if depth > _MAX_CHAIN:
         return None
     bound: int | None = None
-    for use in value.uses():
-        node, idx = use.node, use.idx
-        candidate = None
-        if node.op_type in _INDEX_OPS and idx == _INDEX_OPS[node.op_type] and node.domain in ("", "ai.onnx"):
-            data = node.inputs[0]
-            if data is not None and data.shape is not None:
-                axis_attr = node.attributes.get("axis")
-                axis = axis_attr.as_int() if axis_attr is not None else 0
-                try:
-                    dim = data.shape[axis]
-                except IndexError:
-                    dim = None
-                if isinstance(dim, int) and dim > 0:
-                    candidate = dim
-        elif node.op_type in _PASS_THROUGH and idx == 0 and node.outputs:
-            candidate = _index_bound(node.outputs[0], depth + 1)
-        if candidate is not None:
-            bound = candidate if bound is None else min(bound, candidate)
+    for node, idx in value.uses():
+        found = None
+        if node.domain in ("", "ai.onnx") and _INDEX_OPS.get(node.op_type) == idx:
+            found = _gather_bound(node)
+        elif node.domain in ("", "ai.onnx") and node.op_type in _PASS_THROUGH and idx == 0 and node.outputs:
+            found = _index_bound(node.outputs[0], depth + 1)
+        if found is not None and found > 0:
+            bound = found if bound is None else min(bound, found)
     return bound
 
 
 def _concrete_shape(value: ir.Value, dims: dict[str, int]) -> list[int]:
+    """Fill symbolic dims from ``dims`` (else 1 for batch-like names, else 8) and unknown dims with 8."""
     if value.shape is None:
-        raise GraphoptError(
-            f"input '{value.name}' has no declared shape; give inputs explicitly (--inputs DATA.npz)"
-        )
+        raise GraphoptError(f"input '{value.name}' has no declared shape (unknown rank); {_GIVE_INPUTS}")
     out = []
     for d in value.shape:
         if isinstance(d, int):
             out.append(d)
             continue
-        name = getattr(d, "value", None)
-        if isinstance(name, str) and name in dims:
+        name = d.value if isinstance(d, ir.SymbolicDim) else None
+        if name is not None and name in dims:
             out.append(int(dims[name]))
-        elif isinstance(name, str) and "batch" in name.lower():
+        elif name is not None and "batch" in name.lower():
             out.append(1)
         else:
             out.append(_DEFAULT_DIM)
@@ -96,11 +161,12 @@ def _concrete_shape(value: ir.Value, dims: dict[str, int]) -> list[int]:
 
 
 def generate_inputs(model: Any, *, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Seeded feeds for every real graph input, from declared types and shapes.
+    """Seeded feeds for every real graph input, made from its declared type and shape.
 
-    Floats are standard normal; token-id-like integers stay inside the table they index;
-    masks are ones, positions ``arange``. Symbolic dims come from ``dims`` (default: 1 for
-    names containing "batch", else 8).
+    Floats are standard normal. Integers must stay valid: indices into a Gather-style table stay
+    below the table size, names with "mask" get ones, names with "position" an ``arange`` along
+    the last axis, other integers ``[0, 8)``. Symbolic dims come from ``dims`` (default: 1 for
+    names containing "batch", else 8). Non-tensor inputs cannot be made up and raise.
     """
     from graphopt.ir import load
 
@@ -109,65 +175,147 @@ def generate_inputs(model: Any, *, dims: dict[str, int] | None = None, seed: int
     rng = np.random.default_rng(seed)
     feeds: dict[str, Any] = {}
     for value in _real_inputs(model):
-        assert value.name is not None
+        name = value.name or ""
         if not isinstance(value.type, ir.TensorType):
+            kind = "no declared type" if value.type is None else f"type {value.type}"
             raise GraphoptError(
-                f"input '{value.name}' is of type {value.type}, which cannot be generated; "
-                "give inputs explicitly (--inputs DATA.npz)"
+                f"input '{name}' has {kind}; only tensor inputs can be generated, so {_GIVE_INPUTS}"
             )
-        dtype = value.dtype
-        assert dtype is not None
+        dtype = value.type.dtype
         shape = _concrete_shape(value, dims)
-        lname = value.name.lower()
+        lname = name.lower()
         if dtype in _FLOAT_TYPES:
             arr = rng.standard_normal(shape).astype(dtype.numpy())
         elif dtype == ir.DataType.BOOL:
             arr = rng.integers(0, 2, shape).astype(bool)
         elif dtype == ir.DataType.STRING:
             arr = np.full(shape, "a", dtype=object)
-        elif dtype.is_integer():
+        elif dtype.is_integer() and dtype.itemsize >= 1:
             np_dtype = dtype.numpy()
+            bound = _index_bound(value)
             if "mask" in lname:
-                arr = np.ones(shape, dtype=np_dtype)
+                arr = np.full(shape, 1 if bound is None or bound > 1 else 0, dtype=np_dtype)
             elif "position" in lname and shape:
-                arr = np.broadcast_to(np.arange(shape[-1]), shape).astype(np_dtype).copy()
+                pos = np.arange(shape[-1])
+                if bound is not None:
+                    pos = pos % bound
+                arr = np.broadcast_to(pos, shape).astype(np_dtype)
             else:
-                high = _index_bound(value) or 8
+                high = bound if bound is not None else _DEFAULT_INT_HIGH
+                if dtype.is_signed() is False:
+                    high = min(high, int(np.iinfo(np_dtype).max) + 1)
                 arr = rng.integers(0, high, shape).astype(np_dtype)
         else:
-            raise GraphoptError(
-                f"input '{value.name}' has dtype {dtype.name}, which cannot be generated; "
-                "give inputs explicitly (--inputs DATA.npz)"
-            )
-        feeds[value.name] = arr
+            raise GraphoptError(f"input '{name}' has dtype {dtype.name}, which cannot be generated; {_GIVE_INPUTS}")
+        feeds[name] = np.ascontiguousarray(arr)
+        logger.debug("generated input %s: %s %s", name, arr.dtype, arr.shape)
     return feeds
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read feeds from an .npz file. Never unpickles (``allow_pickle=False``)."""
+    """Read feeds from an .npz file of named arrays.
+
+    Never unpickles (``allow_pickle=False``): a pickled object array in an untrusted file could
+    run code, so such files are refused.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise GraphoptError(f"{path}: no such input file; give an .npz of named arrays")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise GraphoptError(
+                f"{path}: not an .npz file (it holds pickled data, which is never loaded); "
+                "save the inputs with numpy.savez"
+            ) from None
+        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...
+        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise GraphoptError(f"{path}: holds a single array, not named arrays; save the inputs with numpy.savez")
+    try:
+        with data:
             return {k: data[k] for k in data.files}
     except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
+        if "object" in str(e).lower() or "pickle" in str(e).lower():
             raise GraphoptError(
-                f"{path}: contains object arrays, which are not allowed (they would need unpickling); "
-                "save plain numeric arrays"
+                f"{path}: object arrays are not allowed (loading them would need unpickling); "
+                "save plain numeric, bool or fixed-width string arrays"
             ) from None
-        raise GraphoptError(f"{path}: not a readable .npz file ({e})") from None
-    except (OSError, EOFError) as e:
-        raise GraphoptError(f"{path}: not a readable .npz file ({e})") from None
+        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    except Exception as e:
+        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
 # Running
 
 
+def _ir_dtype_of_ort_type(type_str: str) -> ir.DataType | None:
+    """``tensor(bfloat16)`` → DataType.BFLOAT16 for types numpy lacks natively, else None."""
+    if not (type_str.startswith("tensor(") and type_str.endswith(")")):
+        return None
+    dt = ir.DataType.__members__.get(type_str[len("tensor(") : -1].upper())
+    return dt if dt in _NON_NUMPY else None
+
+
+def _to_feed(value: Any) -> Any:
+    """numpy arrays of ml_dtypes types (bfloat16, float8) become OrtValues: ORT's binding
+    cannot convert them itself."""
+    import onnxruntime as ort
+
+    if isinstance(value, np.ndarray) and value.dtype.kind == "V":
+        try:
+            dt = ir.DataType.from_numpy(value.dtype)
+        except Exception:
+            return value
+        if dt in _NON_NUMPY:
+            raw = np.ascontiguousarray(value).view(np.uint8 if dt.itemsize == 1 else np.uint16)
+            return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_element_type=int(dt))
+    return value
+
+
+def _ortvalue_to_numpy(value: Any, dt: ir.DataType) -> np.ndarray:
+    """Copy a CPU OrtValue of a type numpy lacks (bfloat16, float8) into an ml_dtypes array."""
+    nbytes = value.tensor_size_in_bytes()
+    raw = bytes((ctypes.c_char * nbytes).from_address(value.data_ptr())) if nbytes else b""
+    bits = np.uint8 if dt.itemsize == 1 else np.uint16
+    return np.frombuffer(raw, dtype=bits).view(dt.numpy()).reshape(value.shape()).copy()
+
+
+def _run_session(session: Any, feeds: dict[str, Any]) -> list[tuple[str, Any]]:
+    import onnxruntime as ort
+
+    wanted = [i.name for i in session.get_inputs()]
+    ignored = sorted(set(feeds) - set(wanted))
+    if ignored:
+        logger.debug("ignoring feeds the model does not take: %s", ", ".join(ignored))
+    feeds = {k: _to_feed(v) for k, v in feeds.items() if k in wanted}
+    outs = session.get_outputs()
+    special = {o.name: dt for o in outs if (dt := _ir_dtype_of_ort_type(o.type)) is not None}
+    plain = [o.name for o in outs if o.name not in special]
+    values: dict[str, Any] = {}
+    if plain:
+        values.update(zip(plain, session.run(plain, feeds)))
+    if special:
+        ort_feeds = {
+            k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+            for k, v in feeds.items()
+        }
+        names = list(special)
+        for name, v in zip(names, session.run_with_ort_values(names, ort_feeds)):
+            values[name] = _ortvalue_to_numpy(v, special[name])
+    return [(o.name, values[o.name]) for o in outs]
+
+
 def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> list[tuple[str, Any]]:
-    """Run on ONNX Runtime CPU and return (name, value) per graph output, in order."""
+    """Run ``model`` on ONNX Runtime CPU and return ``(name, value)`` per graph output, in order.
+
+    ORT's graph optimizations are off unless ``optimize`` (so they neither hide nor cause
+    differences). Models near protobuf's 2 GB limit are run from a temporary file with external
+    data. Feeds the model does not take are ignored.
+    """
     import onnxruntime as ort
 
     from graphopt.ir import AUTO_EXTERNAL_BYTES, load, save, to_bytes, total_tensor_bytes
@@ -175,28 +323,38 @@ def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> l
     model = load(model)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.use_deterministic_compute = True
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     providers = ["CPUExecutionProvider"]
     if total_tensor_bytes(model) >= AUTO_EXTERNAL_BYTES:
         with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
             path = os.path.join(tmp, "model.onnx")
             save(model, path, external_data=True)
+            logger.debug("running %s with external data", path)
             session = ort.InferenceSession(path, so, providers=providers)
-            outputs = session.run(None, feeds)
-    else:
-        session = ort.InferenceSession(to_bytes(model), so, providers=providers)
-        outputs = session.run(None, feeds)
-    names = [o.name for o in session.get_outputs()]
-    return list(zip(names, outputs))
+            return _run_session(session, feeds)
+    session = ort.InferenceSession(to_bytes(model), so, providers=providers)
+    return _run_session(session, feeds)
 
 
 # ---------------------------------------------------------------------------------------------
-# Comparison
+# Results
+
+
+def _json_float(v: float | None) -> float | str | None:
+    """inf/nan as strings, so ``json.dumps(..., allow_nan=False)`` accepts the result."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
 
 
 @dataclasses.dataclass
 class OutputComparison:
+    """How one output of the candidate compares with the reference's."""
+
     name: str
     dtype: str
     shape: tuple[int, ...] | None
@@ -209,13 +367,18 @@ class OutputComparison:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["shape"] = list(self.shape) if self.shape is not None else None
-        for k in ("max_abs", "max_rel", "cosine", "sqnr_db"):
-            v = d[k]
-            if isinstance(v, float) and not math.isfinite(v):
-                d[k] = str(v)
-        return d
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "passed": self.passed,
+            "max_abs": _json_float(self.max_abs),
+            "max_rel": _json_float(self.max_rel),
+            "cosine": _json_float(self.cosine),
+            "sqnr_db": _json_float(self.sqnr_db),
+            "mismatches": self.mismatches,
+            "note": self.note,
+        }
 
 
 @dataclasses.dataclass
@@ -230,44 +393,58 @@ class VerificationResult:
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def failure_summary(self) -> str:
+        """One line: the error, or the first failing outputs with their worst differences."""
         if self.error:
             return self.error
         bad = [o for o in self.outputs if not o.passed]
         if not bad:
-            return "all outputs match"
+            return f"all {len(self.outputs)} outputs match (rtol={self.rtol:g}, atol={self.atol:g})"
         parts = []
         for o in bad[:3]:
+            text = f"'{o.name}'"
             if o.max_abs is not None:
-                parts.append(f"'{o.name}' max_abs={o.max_abs:.3g} max_rel={o.max_rel or 0:.3g}"
-                             + (f" ({o.note})" if o.note else ""))
-            else:
-                parts.append(f"'{o.name}' {o.note or 'differs'}")
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        return f"{len(bad)} of {len(self.outputs)} outputs differ (rtol={self.rtol:g}, atol={self.atol:g}): " + (
-            "; ".join(parts) + more
+                text += f" max_abs={_fmt(o.max_abs)}"
+            if o.max_rel is not None:
+                text += f" max_rel={_fmt(o.max_rel)}"
+            if o.note:
+                text += f" ({o.note})"
+            parts.append(text)
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return (
+            f"{len(bad)} of {len(self.outputs)} outputs differ (rtol={self.rtol:g}, atol={self.atol:g}): "
+            + "; ".join(parts)
+            + more
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (no inputs; non-finite floats as strings)."""
         return {
             "passed": self.passed,
-            "rtol": self.rtol,
-            "atol": self.atol,
+            "rtol": _json_float(self.rtol),
+            "atol": _json_float(self.atol),
             "error": self.error,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
     def table(self) -> str:
+        """Compact aligned table: output, shape, max_abs, max_rel, cosine, SQNR dB, ok/FAIL."""
         rows = [("output", "shape", "max_abs", "max_rel", "cosine", "SQNR dB", "ok")]
         for o in self.outputs:
-            rows.append((
-                o.name,
-                "x".join(map(str, o.shape)) if o.shape else ("-" if o.shape is None else "scalar"),
-                _fmt(o.max_abs),
-                _fmt(o.max_rel),
-                _fmt(o.cosine, 6),
-                _fmt(o.sqnr_db, 1),
-                "ok" if o.passed else "FAIL" + (f" ({o.note})" if o.note else ""),
-            ))
+            if o.shape is None:
+                shape = "-"
+            else:
+                shape = "x".join(map(str, o.shape)) if o.shape else "scalar"
+            rows.append(
+                (
+                    o.name,
+                    shape,
+                    _fmt(o.max_abs),
+                    _fmt(o.max_rel),
+                    _fmt(o.cosine, 6),
+                    _fmt(o.sqnr_db, fixed=True),
+                    "ok" if o.passed else "FAIL" + (f" ({o.note})" if o.note else ""),
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         if self.error:
@@ -278,30 +455,93 @@ class VerificationResult:
         return self.table()
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
+def _fmt(v: float | None, digits: int = 3, *, fixed: bool = False) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return f"{v:.{digits}g}" if digits != 1 else f"{v:.1f}"
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    return f"{v:.1f}" if fixed else f"{v:.{digits}g}"
 
 
-def _is_float(arr: np.ndarray) -> bool:
-    return arr.dtype.kind in "fc" or arr.dtype.name in ("bfloat16", "float16")
+# ---------------------------------------------------------------------------------------------
+# Comparison
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    if dtype.kind in "fc":
+        return True
+    return dtype.kind == "V" and dtype.name.startswith(("bfloat", "float"))
+
+
+def _float_metrics(
+    name: str, dtype: str, shape: tuple[int, ...], ref: np.ndarray, got: np.ndarray, rtol: float, atol: float
+) -> OutputComparison:
+    """NaNs and infinities must match exactly; finite values within ``atol + rtol * |ref|``."""
+    wide = np.complex128 if ref.dtype.kind == "c" else np.float64
+    r = ref.astype(wide).ravel()
+    g = got.astype(wide).ravel()
+    notes = []
+    ok = True
+    nan_r, nan_g = np.isnan(r), np.isnan(g)
+    if not np.array_equal(nan_r, nan_g):
+        ok = False
+        notes.append(f"NaN at {int(np.count_nonzero(nan_r != nan_g))} positions differ")
+    inf_r, inf_g = np.isinf(r), np.isinf(g)
+    inf_bad = (inf_r | inf_g) & ~(nan_r | nan_g) & ~((inf_r & inf_g) & (r == g))
+    if np.any(inf_bad):
+        ok = False
+        notes.append(f"infinities at {int(np.count_nonzero(inf_bad))} positions differ")
+    finite = np.isfinite(r) & np.isfinite(g)
+    rf, gf = r[finite], g[finite]
+    err = np.abs(gf - rf)
+    mag = np.abs(rf)
+    out_of_tol = err > atol + rtol * mag
+    n_bad = int(np.count_nonzero(out_of_tol))
+    if n_bad:
+        ok = False
+        notes.append(f"{n_bad} of {r.size} elements out of tolerance")
+    max_abs = float(err.max()) if err.size else 0.0
+    max_rel = float((err / np.maximum(mag, 1e-12)).max()) if err.size else 0.0
+    nr, ng = float(np.linalg.norm(rf)), float(np.linalg.norm(gf))
+    if nr == 0 and ng == 0:
+        cosine = 1.0
+    elif nr == 0 or ng == 0:
+        cosine = 0.0
+    else:
+        cosine = float(np.real(np.vdot(rf, gf)) / (nr * ng))
+    noise = float(np.sum(err**2))
+    signal = nr**2
+    if noise == 0:
+        sqnr = math.inf
+    elif signal == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10 * math.log10(signal / noise)
+    mismatches = n_bad + int(np.count_nonzero((nan_r != nan_g) | inf_bad))
+    return OutputComparison(name, dtype, shape, ok, max_abs, max_rel, cosine, sqnr, mismatches, "; ".join(notes))
 
 
 def _compare(name: str, ref: Any, got: Any, rtol: float, atol: float) -> OutputComparison:
+    """Compare one output value (tensor, sequence, map or optional) of candidate vs reference."""
     if ref is None or got is None:
         ok = ref is None and got is None
-        return OutputComparison(name, "optional", None, ok, note="" if ok else "one side is None")
-    if isinstance(ref, list) or isinstance(got, list):
-        if not (isinstance(ref, list) and isinstance(got, list)) or len(ref) != len(got):
-            return OutputComparison(name, "sequence", None, False, note="sequence length differs")
+        note = "" if ok else ("candidate is None, reference is not" if got is None else "reference is None")
+        return OutputComparison(name, "optional", None, ok, note=note)
+    if isinstance(ref, dict) or isinstance(got, dict):
+        if not (isinstance(ref, dict) and isinstance(got, dict)) or set(ref) != set(got):
+            return OutputComparison(name, "map", None, False, note="map keys differ")
+        parts = [_compare(f"{name}[{k!r}]", ref[k], got[k], rtol, atol) for k in ref]
+        return _merge(name, "map", (len(ref),), parts)
+    if isinstance(ref, (list, tuple)) or isinstance(got, (list, tuple)):
+        if not (isinstance(ref, (list, tuple)) and isinstance(got, (list, tuple))):
+            return OutputComparison(name, "sequence", None, False, note="one side is not a sequence")
+        if len(ref) != len(got):
+            return OutputComparison(
+                name, "sequence", (len(ref),), False, note=f"sequence length {len(got)} != {len(ref)}"
+            )
         parts = [_compare(f"{name}[{i}]", r, g, rtol, atol) for i, (r, g) in enumerate(zip(ref, got))]
-        bad = [p for p in parts if not p.passed]
-        max_abs = max((p.max_abs for p in parts if p.max_abs is not None), default=None)
-        return OutputComparison(name, "sequence", (len(ref),), not bad, max_abs=max_abs,
-                                note=bad[0].note if bad else "")
+        return _merge(name, "sequence", (len(ref),), parts)
+
     ref = np.asarray(ref)
     got = np.asarray(got)
     dtype = str(ref.dtype)
@@ -311,46 +551,43 @@ def _compare(name: str, ref: Any, got: Any, rtol: float, atol: float) -> OutputC
     if got.dtype != ref.dtype:
         return OutputComparison(name, dtype, shape, False, note=f"dtype {got.dtype} != {ref.dtype}")
     if ref.size == 0:
-        return OutputComparison(name, dtype, shape, True, 0.0, 0.0, 1.0, math.inf, 0)
-    if not _is_float(ref):
-        if ref.dtype.kind in "iub":
-            diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-            mism = int(np.count_nonzero(ref != got))
-            return OutputComparison(name, dtype, shape, mism == 0, float(diff.max()), None, None, None, mism,
-                                    "" if mism == 0 else f"{mism} elements differ")
-        mism = int(np.count_nonzero(ref != got))
-        return OutputComparison(name, dtype, shape, mism == 0, mismatches=mism,
-                                note="" if mism == 0 else f"{mism} elements differ")
-    r = ref.astype(np.float64)
-    g = got.astype(np.float64)
-    note = ""
-    nan_r, nan_g = np.isnan(r), np.isnan(g)
-    ok = True
-    if not np.array_equal(nan_r, nan_g):
-        ok, note = False, "NaN positions differ"
-    inf_r, inf_g = np.isinf(r), np.isinf(g)
-    if not np.array_equal(np.where(inf_r, r, 0), np.where(inf_g, g, 0)):
-        ok, note = False, note or "infinities differ"
-    finite = np.isfinite(r) & np.isfinite(g)
-    rf, gf = r[finite], g[finite]
-    err = np.abs(gf - rf)
-    max_abs = float(err.max()) if err.size else 0.0
-    max_rel = float((err / np.maximum(np.abs(rf), 1e-12)).max()) if err.size else 0.0
-    if err.size and not np.all(err <= atol + rtol * np.abs(rf)):
-        ok = False
-        note = note or f"{int(np.count_nonzero(err > atol + rtol * np.abs(rf)))} elements out of tolerance"
-    nr, ng = float(np.linalg.norm(rf)), float(np.linalg.norm(gf))
-    if nr == 0 and ng == 0:
-        cosine = 1.0
-    elif nr == 0 or ng == 0:
-        cosine = 0.0
-    else:
-        cosine = float(np.dot(rf.ravel(), gf.ravel()) / (nr * ng))
-    noise = float(np.sum(err**2))
-    signal = float(np.sum(rf**2))
-    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    mism = int(np.count_nonzero(err > atol + rtol * np.abs(rf)))
-    return OutputComparison(name, dtype, shape, ok, max_abs, max_rel, cosine, sqnr, mism, note)
+        return OutputComparison(name, dtype, shape, True, mismatches=0, note="empty")
+    if _is_float(ref.dtype):
+        return _float_metrics(name, dtype, shape, ref, got, rtol, atol)
+    diff_mask = ref != got
+    mismatches = int(np.count_nonzero(diff_mask))
+    max_abs = None
+    if ref.dtype.kind in "iub":
+        max_abs = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64))))
+    note = "" if mismatches == 0 else f"{mismatches} of {ref.size} elements differ"
+    return OutputComparison(name, dtype, shape, mismatches == 0, max_abs=max_abs, mismatches=mismatches, note=note)
+
+
+def _merge(name: str, kind: str, shape: tuple[int, ...], parts: list[OutputComparison]) -> OutputComparison:
+    """One row for a sequence/map: the worst metric over its elements."""
+
+    def pick(attr: str, fn: Any) -> Any:
+        vals = [getattr(p, attr) for p in parts if getattr(p, attr) is not None]
+        return fn(vals) if vals else None
+
+    bad = [p for p in parts if not p.passed]
+    note = f"{bad[0].name}: {bad[0].note}" if bad else ""
+    return OutputComparison(
+        name,
+        kind,
+        shape,
+        not bad,
+        max_abs=pick("max_abs", max),
+        max_rel=pick("max_rel", max),
+        cosine=pick("cosine", min),
+        sqnr_db=pick("sqnr_db", min),
+        mismatches=pick("mismatches", sum),
+        note=note,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
 
 
 def verify(
@@ -363,9 +600,11 @@ def verify(
     dims: dict[str, int] | None = None,
     seed: int = 0,
 ) -> VerificationResult:
-    """Compare ``candidate`` with ``reference`` on the same inputs; never raises on a mismatch.
+    """Run both models on the same inputs and compare every output by position.
 
-    Raises :class:`GraphoptError` only when the reference itself cannot run (bad input).
+    ``inputs``: None (generated from the reference), a dict of arrays, or an .npz path. A
+    candidate that fails or differs gives ``passed=False`` (never an exception); only a reference
+    that cannot run raises :class:`GraphoptError`, because then nothing can be checked.
     """
     from graphopt.ir import load
 
@@ -377,6 +616,7 @@ def verify(
         feeds = load_inputs(inputs)
     else:
         feeds = dict(inputs)
+
     try:
         expected = run_model(ref_model, feeds)
     except GraphoptError:
@@ -386,27 +626,33 @@ def verify(
     try:
         got = run_model(cand_model, feeds)
     except Exception as e:
-        return VerificationResult([], False, rtol, atol, f"candidate model cannot run on ONNX Runtime: "
-                                  f"{_first_line(e)}", feeds)
-    if len(got) != len(expected):
-        return VerificationResult([], False, rtol, atol,
-                                  f"candidate has {len(got)} outputs, reference has {len(expected)}", feeds)
+        msg = f"candidate model cannot run on ONNX Runtime: {_first_line(e)}"
+        logger.warning("%s", msg)
+        return VerificationResult([], False, rtol, atol, msg, feeds)
+
     outputs = []
     for (rname, rv), (gname, gv) in zip(expected, got):
         cmp = _compare(rname, rv, gv, rtol, atol)
         if rname != gname:
             cmp.passed = False
-            cmp.note = f"output name '{gname}' != '{rname}'"
+            cmp.note = f"candidate output is named '{gname}'" + (f"; {cmp.note}" if cmp.note else "")
         outputs.append(cmp)
-    return VerificationResult(outputs, all(o.passed for o in outputs), rtol, atol, None, feeds)
+    for rname, _ in expected[len(got) :]:
+        outputs.append(OutputComparison(rname, "-", None, False, note="missing from the candidate"))
+    for gname, _ in got[len(expected) :]:
+        outputs.append(OutputComparison(gname, "-", None, False, note="not an output of the reference"))
+
+    result = VerificationResult(outputs, all(o.passed for o in outputs), rtol, atol, None, feeds)
+    if result.passed:
+        logger.info("verification passed: %d outputs", len(outputs))
+    else:
+        logger.info("verification failed: %s", result.failure_summary())
+    return result
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
+    for line in str(e).splitlines():
         line = line.strip()
         if line:
             return line[:300]
     return type(e).__name__
-
-
