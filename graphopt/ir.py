@@ -525,15 +525,24 @@ def _save_external(
                 pad = (-offset) % 65536
                 f.write(b"\0" * pad)
                 offset += pad
-            data = t.tobytes()
-            f.write(data)
+            if isinstance(t, ir.ExternalTensor):
+                # Stream from the source file (copy_file_range on Linux): no copy in memory.
+                f.flush()
+                t.tofile(f)
+                f.seek(0, os.SEEK_END)
+                length = f.tell() - offset
+            else:
+                data = t.tobytes()
+                f.write(data)
+                length = len(data)
+                del data
             new_refs.append(
                 (
                     v,
                     ir.ExternalTensor(
                         location,
                         offset,
-                        len(data),
+                        length,
                         t.dtype,
                         shape=ir.Shape(t.shape),
                         name=t.name or v.name or "",
@@ -542,8 +551,7 @@ def _save_external(
                     ),
                 )
             )
-            offset += len(data)
-            del data
+            offset += length
 
     data_tmp = _write_temp(data_path, write_data)
     model_tmp = None

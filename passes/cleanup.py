@@ -638,27 +638,43 @@ class DeduplicateInitializersPass(Pass):
 
         modified = False
         for graph in model.graphs():
-            seen: dict[tuple[Any, ...], ir.Value] = {}
-            for value in list(graph.initializers.values()):
+            # Only tensors that share dtype and shape can be equal: hash those alone, in place
+            # (memory-mapped weights are hashed without copying them into memory).
+            groups: dict[tuple[Any, ...], list[ir.Value]] = {}
+            for value in graph.initializers.values():
                 t = value.const_value
                 if t is None or value.is_graph_input() or value.is_graph_output():
                     continue
                 if t.dtype == ir.DataType.STRING:
                     continue
-                data = t.tobytes()
-                key = (t.dtype, tuple(t.shape), hashlib.sha256(data).digest())
-                first = seen.get(key)
-                if first is None:
-                    seen[key] = value
+                groups.setdefault((t.dtype, tuple(t.shape)), []).append(value)
+            for candidates in groups.values():
+                if len(candidates) < 2:
                     continue
-                if first.const_value is None or first.const_value.tobytes() != data:
-                    continue  # hash collision: keep both
-                value.replace_all_uses_with(first)
-                assert value.name is not None
-                graph.initializers.pop(value.name)
-                self.count("merged")
-                modified = True
+                seen: dict[bytes, ir.Value] = {}
+                for value in candidates:
+                    arr = _contiguous(value.const_value)  # type: ignore[arg-type]
+                    digest = hashlib.sha256(memoryview(arr).cast("B")).digest()
+                    first = seen.get(digest)
+                    if first is None:
+                        seen[digest] = value
+                        continue
+                    if not np.array_equal(_contiguous(first.const_value), arr):  # type: ignore[arg-type]
+                        continue  # hash collision: keep both
+                    value.replace_all_uses_with(first)
+                    assert value.name is not None
+                    graph.initializers.pop(value.name)
+                    self.count("merged")
+                    modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _contiguous(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array, without a copy when already contiguous."""
+    arr = tensor.numpy()
+    if arr.dtype.kind not in "biufc":  # ml_dtypes (bf16, fp8, int4): compare the raw bytes
+        return np.frombuffer(tensor.tobytes(), dtype=np.uint8)
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
 
 
 class TopologicalSortPass(Pass):

@@ -1,0 +1,189 @@
+"""Model builders shared by the export tests and the benchmarks (random weights, no downloads).
+
+Tests import this as ``from models import ...`` (pytest puts ``tests/`` on ``sys.path``, see
+``pythonpath`` in pyproject.toml); the benchmarks add ``tests/`` to ``sys.path`` themselves.
+torch and transformers are imported inside the functions so that importing this module is cheap.
+
+Weights are random (seeded); biases and norm parameters get seeded noise too (see
+:func:`_perturb_vectors`). Each ``build_*`` returns a :class:`Exportable`: the module in eval
+mode plus the example arguments and dynamic shapes that ``graphopt.export`` needs, and a
+``feeds`` function that makes valid ONNX Runtime inputs (token ids inside the vocabulary,
+attention masks with padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SIZES",
+    "Exportable",
+    "build",
+    "build_bert",
+    "build_cnn",
+    "build_gpt2",
+]
+
+#: Model kinds ``build`` knows, per size: "tiny" (unit tests), "mini" (benchmark --quick),
+#: "base" (BERT-base / GPT-2 small, the real benchmark and slow tests).
+SIZES = ("tiny", "mini", "base")
+
+_BERT = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 vocab_size=100, max_position_embeddings=64),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                  vocab_size=1000, max_position_embeddings=128),
+    "base": {},  # BertConfig() defaults are bert-base-uncased: 12 layers, 768 hidden, 30522 vocab
+}
+_GPT2 = {
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=100),
+    "mini": dict(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=1000),
+    "base": {},  # GPT2Config() defaults are GPT-2 small: 12 layers, 768 hidden, 50257 vocab
+}
+
+
+@dataclasses.dataclass
+class Exportable:
+    """A torch module with what ``graphopt.export`` needs and a matching input generator."""
+
+    name: str
+    module: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    dynamic_shapes: Any
+    #: ``feeds(batch, seq_or_size, seed)`` → ONNX Runtime feeds (numpy) for the exported model.
+    feeds: Callable[..., dict[str, np.ndarray]]
+    config: Any = None
+
+    def export(self) -> Any:
+        """Export with ``graphopt.export`` (dynamo exporter) and return the ``onnx_ir.Model``."""
+        import graphopt
+
+        return graphopt.export(self.module, self.args, kwargs=self.kwargs, dynamic_shapes=self.dynamic_shapes)
+
+
+def _token_feeds(vocab: int, with_mask: bool = True) -> Callable[..., dict[str, np.ndarray]]:
+    def feeds(batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {"input_ids": rng.integers(0, vocab, (batch, seq), dtype=np.int64)}
+        if with_mask:
+            mask = np.ones((batch, seq), dtype=np.int64)
+            # Right padding on every row but the first, so the mask path is exercised while
+            # every query still sees at least one key (no fully masked softmax rows).
+            for b in range(1, batch):
+                mask[b, max(1, seq - 3 * b):] = 0
+            out["attention_mask"] = mask
+        return out
+
+    return feeds
+
+
+def _perturb_vectors(module: Any, std: float = 0.02) -> None:
+    """Add seeded noise to every 1-D parameter (biases, norm scales and shifts).
+
+    Fresh transformers models have zero biases and unit LayerNorm scales; that hides bias
+    bugs in tests and lets a tool delete ``x + 0`` nodes that no trained checkpoint allows,
+    which would flatter node counts in the benchmark.
+    """
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * std)
+
+
+def _seq_dims(max_seq: int) -> tuple[Any, Any]:
+    import torch
+
+    return torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=max_seq)
+
+
+def build_bert(size: str = "tiny", seed: int = 0) -> Exportable:
+    """transformers ``BertModel`` from a config; inputs ``input_ids`` + ``attention_mask``."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(**_BERT[size])
+    module = BertModel(config).eval()
+    _perturb_vectors(module)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    batch, seq = _seq_dims(config.max_position_embeddings)
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    return Exportable(f"bert-{size}", module, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                      dyn, _token_feeds(config.vocab_size), config)
+
+
+def build_gpt2(size: str = "tiny", lm_head: bool = False, seed: int = 0) -> Exportable:
+    """transformers ``GPT2Model`` (or ``GPT2LMHeadModel``) without KV cache; ids + mask inputs."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    torch.manual_seed(seed)
+    extra = {} if size == "base" else {"bos_token_id": 0, "eos_token_id": 0}
+    config = GPT2Config(**_GPT2[size], **extra)
+    module = (GPT2LMHeadModel if lm_head else GPT2Model)(config).eval()
+    _perturb_vectors(module)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    batch, seq = _seq_dims(config.n_positions)
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "use_cache": None}
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    name = f"gpt2{'-lm' if lm_head else ''}-{size}"
+    return Exportable(name, module, (), kwargs, dyn, _token_feeds(config.vocab_size), config)
+
+
+def build_cnn(seed: int = 0) -> Exportable:
+    """Two conv+batchnorm+relu blocks, global average pool and a linear head; dynamic batch and
+    (square) image size."""
+    import torch
+
+    torch.manual_seed(seed)
+
+    class TinyCNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn1 = torch.nn.BatchNorm2d(8)
+            self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
+            self.bn2 = torch.nn.BatchNorm2d(16)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = torch.relu(self.bn2(self.conv2(x)))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    module = TinyCNN()
+    _perturb_vectors(module, std=0.1)
+    # Non-trivial running statistics, so batch norm is not an identity in eval mode.
+    with torch.no_grad():
+        for bn in (module.bn1, module.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    module.eval()
+
+    def feeds(batch: int = 2, size: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {"x": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
+
+    side = torch.export.Dim("side", min=4, max=256)
+    dyn = ({0: torch.export.Dim("batch", max=64), 2: side, 3: side},)
+    return Exportable("cnn", module, (torch.randn(2, 3, 16, 16),), {}, dyn, feeds)
+
+
+def build(kind: str, size: str = "tiny", seed: int = 0) -> Exportable:
+    """``kind`` is "bert", "gpt2", "gpt2-lm" or "cnn"."""
+    if kind == "bert":
+        return build_bert(size, seed)
+    if kind == "gpt2":
+        return build_gpt2(size, seed=seed)
+    if kind == "gpt2-lm":
+        return build_gpt2(size, lm_head=True, seed=seed)
+    if kind == "cnn":
+        return build_cnn(seed)
+    raise ValueError(f"unknown model kind {kind!r}; use bert, gpt2, gpt2-lm or cnn")
