@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check graphopt passes backends tests benchmarks
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_corpus.py
 	$(BIN)/python benchmarks/bench_cleanup.py
 	$(BIN)/python benchmarks/bench_large_model.py
 
