@@ -136,7 +136,10 @@ class Registry:
         try:
             obj = self._backends[name]
         except KeyError:
-            known = ", ".join(self.backend_names()) or "none installed"
+            known = ", ".join(self.backend_names()) or (
+                "none installed (graphopt's own targets come from its entry points: install it with "
+                "`pip install -e .`)"
+            )
             raise PipelineError(f"unknown target '{name}'; available targets: {known}") from None
         if hasattr(obj, "load") and not isinstance(obj, type):
             obj = obj.load()
