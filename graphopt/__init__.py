@@ -15,7 +15,7 @@ import onnx_ir as _onnx_ir
 
 from graphopt.errors import GraphoptError, VerificationError
 from graphopt.export import export
-from graphopt.ir import SOURCE_KEY, load, save, to_bytes
+from graphopt.ir import SOURCE_KEY, detach_tensors, load, save, to_bytes
 from graphopt.pipeline import Pipeline, Report
 from graphopt.registry import PassInfo, Registry, default_registry
 from graphopt.verify import VerificationResult, verify
@@ -86,6 +86,7 @@ def optimize(
     backend = reg.backend(target)
     original = load(model)
     work = original.clone()
+    detach_tensors(work)
     if SOURCE_KEY in original.meta:
         work.meta[SOURCE_KEY] = original.meta[SOURCE_KEY]
     if pipeline is None:
@@ -94,8 +95,8 @@ def optimize(
     else:
         pipe = Pipeline.coerce(pipeline, registry=reg)
     vopts = dict(verify_options or {})
-    # The clone shares tensor objects with the input (no weight copies); tensors are never
-    # changed in place by passes, so the input model stays as it was.
+    # The clone shares weight data with the input (no copies) through its own tensor objects;
+    # passes never change tensor data in place, so the input model stays as it was.
     result_model, report = pipe.run(
         work,
         registry=reg,

@@ -36,6 +36,7 @@ __all__ = [
     "to_bytes",
     "to_proto",
     "external_tensors",
+    "detach_tensors",
     "KNOWN_DOMAINS",
     "PROTOBUF_LIMIT",
 ]
@@ -621,3 +622,54 @@ def _atomic_write(path: str, write: object) -> None:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def detach_tensors(model: ir.Model) -> int:
+    """Give every initializer of ``model`` its own tensor object, sharing the data where possible.
+
+    ``Model.clone()`` shares tensor objects with the original, and onnx_ir's serializer writes the
+    value's name into its tensor (``value.const_value.name = value.name``), and for a tensor read
+    from a ``ModelProto`` that name lands in the caller's proto. After a pass renames an
+    initializer, saving the optimized clone would rename the user's input model. Fresh wrappers
+    (same array, same file region) keep the input untouched without copying weights, except for
+    protobuf-backed tensors, whose wrapper owns the proto and so needs a copy of it.
+    """
+    count = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            fresh = _fresh_tensor(value.const_value)
+            if fresh is not None:
+                value.const_value = fresh
+                count += 1
+    # Constant nodes' tensors too: lifting a Constant makes its attribute tensor an initializer.
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for f in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
+    for node in nodes:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                fresh = _fresh_tensor(attr.value)
+                if fresh is not None:
+                    node.attributes[attr.name] = ir.AttrTensor(attr.name, fresh, doc_string=attr.doc_string)
+                    count += 1
+    return count
+
+
+def _fresh_tensor(t: ir.TensorProtocol | None) -> ir.TensorProtocol | None:
+    """A new tensor object over the same data as ``t`` (None when ``t`` needs none)."""
+    if t is None:
+        return None
+    fresh: ir.TensorProtocol
+    if isinstance(t, ir.ExternalTensor):
+        fresh = ir.ExternalTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                                  doc_string=t.doc_string, base_dir=t.base_dir)
+    elif isinstance(t, ir.serde.TensorProtoTensor):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(t.raw)
+        fresh = ir.serde.TensorProtoTensor(proto)
+    elif type(t) is ir.Tensor:
+        fresh = ir.Tensor(t.raw, dtype=t.dtype, shape=t.shape, name=t.name, doc_string=t.doc_string)
+    else:
+        return None  # other tensor kinds (strings, lazy): the serializer sets their own name only
+    fresh.metadata_props.update(t.metadata_props)
+    return fresh

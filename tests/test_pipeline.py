@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
@@ -180,9 +181,39 @@ def test_optimize_does_not_modify_its_input_and_stamps_pipeline() -> None:
     graphopt.to_bytes(result.model)
     assert [(n.op_type, [v.name for v in n.inputs]) for n in model.graph] == ops_before
     assert graphopt.verify(mlp(), model).passed
-    assert result.model.metadata_props["graphopt.pipeline"] == "cleanup"
+    assert result.model.metadata_props["graphopt.pipeline"] == default_registry().backend("ort-cpu").default_pipeline()
     assert result.report.verification.passed
     assert result.report.after.nodes < result.report.before.nodes
+
+
+@pytest.mark.parametrize("as_proto", [True, False])
+def test_optimize_and_save_leave_the_input_bytes_unchanged(as_proto: bool) -> None:
+    """onnx_ir's serializer renames tensors after their values; with tensors shared between the
+    input and the working copy, saving a result whose passes renamed initializers (dedup, folding,
+    lifting) once renamed the caller's tensors too."""
+    import onnx
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 3] x) => (float[2, 4] y) {
+            a = MatMul(x, w1)
+            b = MatMul(x, w2)
+            c = Constant <value = float[1] {2.0}> ()
+            s = Add(a, b)
+            y = Mul(s, c)
+        }
+    """
+    proto = onnx.parser.parse_model(text)
+    for name in ("w1", "w2"):  # identical weights: dedup renames one of them
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(w, name))
+    source = proto if as_proto else graphopt.load(proto)
+    before = proto.SerializeToString() if as_proto else graphopt.to_bytes(source)
+    result = graphopt.optimize(source, target="ort-cpu")
+    graphopt.to_bytes(result.model)
+    assert sorted(result.model.graph.initializers) != ["w1", "w2"]  # dedup and lifting did rename
+    after = proto.SerializeToString() if as_proto else graphopt.to_bytes(source)
+    assert after == before
 
 
 @pytest.mark.parametrize("kwargs", [{"quantize": "dynamic"}, {"prune": 0.5}, {"calibration": "x.npz"}])
