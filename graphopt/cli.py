@@ -311,7 +311,8 @@ def _passes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([
             {"name": i.name, "summary": i.summary, "source": i.source,
-             "options": [{"name": o.name, "type": o.type, "default": o.default} for o in i.options]}
+             "options": [{"name": o.name, "type": o.type, "default": o.default} for o in i.options],
+             "rules": [{"name": r.name, "summary": r.summary, "domain": r.domain} for r in i.rules]}
             for i in infos], indent=2, default=str))
         return 0
     width = max(len(i.name) for i in infos)
@@ -320,6 +321,10 @@ def _passes(args: argparse.Namespace) -> int:
         if i.options:
             opts = ", ".join(f"{o.name}: {o.type} = {o.default!r}" for o in i.options)
             print(f"{'':<{width}}  options: {opts}")
+        if i.rules:
+            rw = max(len(r.name) for r in i.rules)
+            for r in i.rules:
+                print(f"{'':<{width}}    {r.name:<{rw}}  [{r.domain}] {r.summary}")
     return 0
 
 

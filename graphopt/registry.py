@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PipelineError
 
-__all__ = ["Registry", "PassInfo", "default_registry", "coerce_options"]
+__all__ = ["Registry", "PassInfo", "RuleInfo", "default_registry", "coerce_options"]
 
 PASS_GROUP = "graphopt.passes"
 BACKEND_GROUP = "graphopt.backends"
@@ -33,6 +33,15 @@ class OptionInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class RuleInfo:
+    """One rewrite rule of a rule-based pass (fusions): name, one line, the domain it emits."""
+
+    name: str
+    summary: str
+    domain: str
+
+
+@dataclasses.dataclass(frozen=True)
 class PassInfo:
     """What `graphopt passes` shows for one pass."""
 
@@ -40,6 +49,7 @@ class PassInfo:
     summary: str
     options: tuple[OptionInfo, ...]
     source: str
+    rules: tuple[RuleInfo, ...] = ()
 
 
 class Registry:
@@ -123,7 +133,13 @@ class Registry:
                     continue
                 default = None if p.default is inspect.Parameter.empty else p.default
                 opts.append(OptionInfo(p.name, _type_name(p.annotation), default))
-        return PassInfo(name, summary, tuple(opts), f"{cls.__module__}.{cls.__qualname__}")
+        # Rule-based passes (fusions) expose ``rule_list()``; duck-typed so the core never
+        # imports the passes package.
+        rules = tuple(
+            RuleInfo(r.name, r.summary, getattr(r, "domain", ""))
+            for r in (cls.rule_list() if hasattr(cls, "rule_list") else ())
+        )
+        return PassInfo(name, summary, tuple(opts), f"{cls.__module__}.{cls.__qualname__}", rules)
 
     # --- backends -------------------------------------------------------------------------
     def register_backend(self, name: str, factory: Any) -> None:

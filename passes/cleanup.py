@@ -365,8 +365,15 @@ class FoldConstantsPass(Pass):
     Options = FoldOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _type_annotations(model)
         result = _GuardedFolder(self)(model)
-        return ir.passes.PassResult(model, result.modified)
+        # onnxscript's folder also annotates value types/shapes (subgraphs included) without
+        # saying "modified"; the output then differs, so we say so.
+        return ir.passes.PassResult(model, result.modified or _type_annotations(model) != before)
+
+
+def _type_annotations(model: ir.Model) -> list[tuple[str, str]]:
+    return [(repr(v.type), repr(v.shape)) for n in _nodes(model) for v in n.outputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +537,7 @@ class SimplifyPass(Pass):
     name = "simplify"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from graphopt.passes.fusion.shapes import safe_reshape_reshape_rule
         from onnxscript.rewriter import pattern
         from onnxscript.rewriter.rules import common as rules
 
@@ -538,7 +546,9 @@ class SimplifyPass(Pass):
                 rules.collapse_slice_rule,
                 rules.collapse_slice2_rule,
                 rules.materialize_reshape_shape_rule,
-                rules.reshape_reshape_rule,
+                # onnxscript's reshape_reshape_rule names its new shape "<output>/shape" and the
+                # rewriter overwrites an initializer of that name; ours names it freshly.
+                safe_reshape_reshape_rule(),
                 rules.unsqueeze_unsqueeze_rule,
                 rules.squeeze_reshape_1d_rule,
                 rules.no_op_dynamic_scatter_nd_rule,
@@ -547,10 +557,19 @@ class SimplifyPass(Pass):
                 rules.cast_constant_of_shape_without_value_rule,
             ]
         )
+        def shape() -> tuple[int, int, int]:
+            nodes = list(_nodes(model))
+            inits = sum(len(g.initializers) for g in model.graphs())
+            return len(nodes), sum(len(n.inputs) for n in nodes), inits
+
+        before = shape()
         count = ruleset.apply_to_model(model)
         if count:
             self.count("rewrites", count)
-        return ir.passes.PassResult(model, bool(count))
+        # The rewriter also drops nodes and initializers left dead by earlier passes and trailing
+        # empty optional inputs (Clip(x, "", "") → Clip(x)), even with no match.
+        removed = before != shape()
+        return ir.passes.PassResult(model, bool(count) or removed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,11 +731,19 @@ class ShapeInferencePass(Pass):
             if node.graph is not model.graph:
                 for v in node.outputs:
                     saved.append((v, v.type, v.shape))
+        # onnx_ir's pass takes large initializers out and puts them back at the end, which
+        # reorders graph.initializers (different output bytes although nothing changed).
+        orders = [(g, list(g.initializers.values())) for g in model.graphs()]
         try:
             result = common.ShapeInferencePass(strict_mode=False)(model)
         except Exception as e:
             logger.info("shape inference failed, model left unchanged: %s", e)
             return ir.passes.PassResult(model, False)
+        for graph, values in orders:
+            if list(graph.initializers.values()) != values and set(graph.initializers.values()) == set(values):
+                graph.initializers.clear()
+                for v in values:
+                    graph.initializers[v.name] = v
         for v, t, shape in saved:
             v.type = t
             v.shape = shape

@@ -423,3 +423,27 @@ def test_cleanup_is_idempotent() -> None:
 def test_pipeline_without_fold_keeps_constants() -> None:
     _, report = Pipeline.parse("cleanup(fold=false)").run(graphopt.load(parse(IF_INIT)))
     assert not any(r.name.endswith("fold-constants") for r in report.passes)
+
+
+def test_reshape_reshape_merge_keeps_an_initializer_named_like_its_new_shape() -> None:
+    """onnxscript's Reshape∘Reshape rule names its new shape ``<output>/shape``, and its rewriter
+    overwrites an initializer of that name: here the model's own ``y/shape`` (used by ``z``)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(a, dtype=np.int64), n)
+             for n, a in [("s1", [6, 4]), ("s2", [24]), ("y/shape", [7, 8, 9])]]
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s1"], ["t"]),
+         helper.make_node("Reshape", ["t", "s2"], ["y"]),
+         helper.make_node("Add", ["n", "y/shape"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [24]),
+         helper.make_tensor_value_info("z", TensorProto.INT64, [3])],
+        initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    feeds = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "n": np.array([1, 2, 3], dtype=np.int64)}
+    m = optimize_and_compare(proto, feeds)
+    assert ops(m).count("Reshape") == 1

@@ -1,0 +1,161 @@
+"""Fusion infrastructure: a rule is a named rewrite with a one-line summary and the domain it
+emits; a :class:`FusionPass` applies its rules in a declared order and reports matches per rule.
+
+Rules are usually onnxscript ``RewriteRule`` sets (pattern, check, replacement; the check raises
+``MatchFailureError`` with the reason); :func:`from_onnxscript` wraps them. Each node a rule
+creates is stamped with ``graphopt.rule`` in its metadata, so the output model says which rule made
+what (provenance), and the report row of the pass counts matches per rule.
+
+Ordering lives in code, not in comments: a pass lists its rules in the order they must run, and
+backends list passes in the order they must run (see ``backends/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from graphopt.pipeline import Pass
+
+logger = logging.getLogger("graphopt.passes.fusion")
+
+__all__ = ["FusionRule", "FusionPass", "from_onnxscript", "model_opset", "RULE_KEY", "STANDARD", "CONTRIB"]
+
+#: Metadata key stamped on every node a fusion rule creates.
+RULE_KEY = "graphopt.rule"
+#: Domains a rule can emit: standard ONNX ops (every backend) or com.microsoft contrib ops
+#: (ONNX Runtime CPU/CUDA only, never TensorRT).
+STANDARD = "standard"
+CONTRIB = "contrib"
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionRule:
+    """One named rewrite. ``apply(model) -> number of matches rewritten``."""
+
+    name: str
+    summary: str
+    apply: Callable[[ir.Model], int]
+    domain: str = STANDARD
+    #: Lowest default-domain opset the replacement needs (e.g. 17 for LayerNormalization).
+    min_opset: int = 1
+
+
+def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[ir.Model], int]:
+    """Adapt an onnxscript ``RewriteRule``/``RewriteRuleSet`` (or a ``fuse_*`` function) to
+    ``apply(model) -> count``."""
+    from onnxscript.rewriter import pattern
+
+    if callable(rules) and not isinstance(rules, (pattern.RewriteRule, pattern.RewriteRuleSet)):
+        fn = rules
+
+        def apply_fn(model: ir.Model) -> int:
+            return int(fn(model, apply_shape_inference=shape_inference) if shape_inference else fn(model))
+
+        return apply_fn
+    if isinstance(rules, pattern.RewriteRule):
+        rules = pattern.RewriteRuleSet([rules])
+    elif isinstance(rules, (list, tuple)):
+        rules = pattern.RewriteRuleSet(list(rules))
+
+    def apply(model: ir.Model) -> int:
+        count = int(rules.apply_to_model(model))
+        if count and shape_inference:
+            import onnx_ir.passes.common as common
+
+            common.ShapeInferencePass()(model)
+        return count
+
+    return apply
+
+
+def model_opset(model: ir.Model) -> int:
+    """The model's default-domain opset version (0 when it imports none)."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0)
+
+
+def _all_nodes(model: ir.Model) -> list[ir.Node]:
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for f in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
+    return nodes
+
+
+@dataclasses.dataclass
+class FusionOptions:
+    rules: list[str] | None = dataclasses.field(
+        default=None, metadata={"doc": "only these rules (default: all the pass has)"})
+    exclude: list[str] = dataclasses.field(default_factory=list, metadata={"doc": "rules to skip"})
+    domains: list[str] = dataclasses.field(
+        default_factory=lambda: [STANDARD, CONTRIB],
+        metadata={"doc": "domains rules may emit: standard, contrib"})
+
+
+class FusionPass(Pass):
+    """Base of the fusion passes; subclasses set ``name`` and ``RULES`` (in order)."""
+
+    Options = FusionOptions
+    #: The rules, in the order they are applied.
+    RULES: ClassVar[Sequence[FusionRule]] = ()
+
+    @classmethod
+    def rule_list(cls) -> list[FusionRule]:
+        """The rules in application order (what ``graphopt passes`` lists)."""
+        return list(cls.RULES)
+
+    @classmethod
+    def rule_names(cls) -> list[str]:
+        return [r.name for r in cls.rule_list()]
+
+    def selected_rules(self, model: ir.Model) -> list[FusionRule]:
+        opts = self.options
+        known = set(self.rule_names())
+        for n in [*(opts.rules or []), *opts.exclude]:
+            if n not in known:
+                from graphopt.errors import PipelineError
+
+                raise PipelineError(f"pass '{self.name}' has no rule '{n}' (rules: {sorted(known)})")
+        out = []
+        opset = model_opset(model)
+        for r in self.rule_list():
+            if opts.rules is not None and r.name not in opts.rules:
+                continue
+            if r.name in opts.exclude or r.domain not in opts.domains:
+                continue
+            if opset < r.min_opset:
+                logger.debug("%s/%s: skipped, the model's opset %d < %d", self.name, r.name, opset, r.min_opset)
+                continue
+            out.append(r)
+        return out
+
+    def prepare(self, model: ir.Model) -> bool:
+        """Hook run once before the rules (e.g. shape inference the patterns rely on); returns
+        whether it changed the model."""
+        return False
+
+    def finish(self, model: ir.Model, modified: bool) -> bool:
+        """Hook run once after the rules; returns whether it changed the model."""
+        return False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rules = self.selected_rules(model)
+        if not rules:
+            return ir.passes.PassResult(model, False)
+        modified = self.prepare(model)
+        for rule in rules:
+            before = {id(n) for n in _all_nodes(model)}
+            n = rule.apply(model)
+            if not n:
+                continue
+            modified = True
+            self.count(rule.name, n)
+            for node in _all_nodes(model):
+                if id(node) not in before:
+                    node.metadata_props[RULE_KEY] = f"{self.name}/{rule.name}"
+            logger.debug("%s/%s: %d match(es)", self.name, rule.name, n)
+        modified |= self.finish(model, modified)
+        return ir.passes.PassResult(model, modified)

@@ -1,0 +1,441 @@
+"""Decomposed activations → standard ONNX ops: GELU (erf and tanh forms) → ``Gelu`` (opset 20),
+HardSwish/HardSigmoid, Relu/Clip chains, and x·Sigmoid(x) → ``Swish`` (opset 24).
+
+GELU is own code: onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the
+``com.microsoft`` ops and match one association each, while exporters write the same formula in
+several (GPT-2's ``NewGELUActivation`` gives ``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
+BERT-style code ``x · 0.5 · (1 + erf(x/√2))`` or ``x·(1+erf(x·0.7071))·0.5``). Matching starts at
+the ``Erf``/``Tanh`` node and walks out to the product of x, ½ and (1 + f) in any of the
+associations below; constants match within 1e-5 relative, ``x³`` is ``Pow(x, 3)`` or ``x·x·x``.
+
+HardSwish and Relu/Clip chains are onnxscript's rules (``rules.common``) with guards they lack:
+
+* ``FuseSuccessiveClip``/``ClipRelu``/``ReluClip`` intersect the ranges without checking that the
+  intersection is non-empty: ``Relu(Clip(x, -5, -1))`` is 0 everywhere, the merged
+  ``Clip(x, 0, -1)`` is -1 (ONNX Clip returns ``max`` when ``min > max``). They also read Clip's
+  bounds from inputs only, so an opset < 11 Clip (bounds as attributes) counts as unbounded;
+  the rule is limited to opset ≥ 11.
+* the HardSwish/HardSigmoid rules accept single-element constants of any rank, and
+  ``x + [[[3]]]`` broadcasts a rank-1 x to rank 3; and ONNX Runtime has no double HardSigmoid or
+  HardSwish kernel, so the rule is limited to float and float16 (the decomposition runs in double).
+
+SiLU: the standard ``Swish`` op exists only from opset 24 (checked in ``onnx.defs``; opset 24 is
+its first version), so ``x·Sigmoid(x)`` stays as it is below that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
+
+from ..cleanup import replace_value
+from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
+
+__all__ = ["FuseActivationsPass"]
+
+_GELU_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
+_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers over onnx_ir nodes
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+        return None if tensor is None else tensor.numpy()
+    except Exception:
+        return None
+
+
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type != op_type:
+        return None
+    if len(node.inputs) != (1 if op_type in ("Erf", "Tanh", "Sigmoid") else 2) or None in node.inputs:
+        return None
+    return node
+
+
+def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The single consumer of ``value`` if it is an ``op_type`` node (and value is no graph output)."""
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    node = uses[0].node
+    if node.domain not in ("", "ai.onnx") or node.op_type != op_type or None in node.inputs:
+        return None
+    return node
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= _RTOL * abs(b)
+
+
+class _Site:
+    """The nodes of one match: x, the nodes to replace, checks on their constants."""
+
+    def __init__(self, x: ir.Value) -> None:
+        self.x = x
+        self.nodes: list[ir.Node] = []
+
+    def const(self, value: ir.Value | None, expected: float, exact: bool = False) -> bool:
+        """``value`` is a single-element constant ≈ expected that cannot broadcast x to a new shape."""
+        arr = _constant(value)
+        if arr is None or arr.size != 1 or arr.dtype.kind != "f":
+            return False
+        rank = None if self.x.shape is None else len(self.x.shape)
+        if arr.ndim > (0 if rank is None else rank):
+            return False
+        v = float(arr.astype(np.float64).reshape(-1)[0])
+        return v == expected if exact else _close(v, expected)
+
+    def other(self, node: ir.Node, value: ir.Value) -> ir.Value | None:
+        """The operand of binary ``node`` that is not ``value`` (None if value is not an operand)."""
+        a, b = node.inputs
+        return b if a is value else a if b is value else None
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU
+
+
+def _erf_argument(site_input: ir.Value) -> tuple[ir.Value, ir.Node] | None:
+    """x and the node for x/√2 (Div by √2 or Mul by 1/√2, either order)."""
+    div = _producer(site_input, "Div")
+    if div is not None:
+        x, c = div.inputs
+        probe = _Site(x)  # type: ignore[arg-type]
+        if probe.const(c, math.sqrt(2.0)):
+            return x, div  # type: ignore[return-value]
+    mul = _producer(site_input, "Mul")
+    if mul is not None:
+        for x, c in (mul.inputs, mul.inputs[::-1]):
+            if _constant(x) is None and _Site(x).const(c, 1.0 / math.sqrt(2.0)):  # type: ignore[arg-type]
+                return x, mul  # type: ignore[return-value]
+    return None
+
+
+def _is_cube(value: ir.Value, x: ir.Value, nodes: list[ir.Node]) -> bool:
+    """value = Pow(x, 3) or x·x·x in either association (intermediates used once)."""
+    pw = _producer(value, "Pow")
+    if pw is not None:
+        if pw.inputs[0] is x and _Site(x).const(pw.inputs[1], 3.0, exact=True):
+            nodes.append(pw)
+            return True
+        return False
+    m = _producer(value, "Mul")
+    if m is None:
+        return False
+    a, b = m.inputs
+    for sq_value, lone in ((a, b), (b, a)):
+        if lone is not x or sq_value is None:
+            continue
+        sq = _producer(sq_value, "Mul")
+        if sq is not None and sq.inputs[0] is x and sq.inputs[1] is x and len(sq_value.uses()) == 1 \
+                and not sq_value.is_graph_output():
+            nodes.extend([m, sq])
+            return True
+    return False
+
+
+def _tanh_argument(site_input: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
+    """x and the nodes of √(2/π)·(x + 0.044715·x³) (constants on either side)."""
+    outer = _producer(site_input, "Mul")
+    if outer is None:
+        return None
+    for inner_value, c in (outer.inputs, outer.inputs[::-1]):
+        add = _producer(inner_value, "Add")
+        if add is None or not _single(inner_value):
+            continue
+        for x, term in (add.inputs, add.inputs[::-1]):
+            scaled = _producer(term, "Mul")
+            if x is None or scaled is None or not _single(term) or _constant(x) is not None:
+                continue
+            site = _Site(x)
+            if not site.const(c, math.sqrt(2.0 / math.pi)):
+                continue
+            for cube, c3 in (scaled.inputs, scaled.inputs[::-1]):
+                nodes: list[ir.Node] = []
+                if site.const(c3, 0.044715) and cube is not None and _single(cube) and _is_cube(cube, x, nodes):
+                    return x, [outer, add, scaled, *nodes]
+    return None
+
+
+def _single(value: ir.Value | None) -> bool:
+    return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
+
+
+@dataclasses.dataclass
+class _GeluMatch:
+    x: ir.Value
+    nodes: list[ir.Node]  # every node that the Gelu replaces
+    final: ir.Node  # the node whose output the Gelu output replaces
+
+
+def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
+    """Match ``½ · x · (1 + f(arg(x)))`` around the Erf/Tanh node ``f_node``."""
+    f_in = f_node.inputs[0]
+    if f_in is None or not _single(f_in):
+        return None
+    if approximate == "none":
+        found = _erf_argument(f_in)
+        if found is None:
+            return None
+        x, arg_node = found
+        arg_nodes = [arg_node]
+    else:
+        found_t = _tanh_argument(f_in)
+        if found_t is None:
+            return None
+        x, arg_nodes = found_t
+    if x.dtype not in _GELU_TYPES:
+        return None
+    site = _Site(x)
+    f_out = f_node.outputs[0]
+    add = _only_use(f_out, "Add")
+    if add is None or not site.const(site.other(add, f_out), 1.0):
+        return None
+    one_plus = add.outputs[0]
+    nodes = [*arg_nodes, f_node, add]
+    m1 = _only_use(one_plus, "Mul")
+    if m1 is None:
+        d = _only_use(one_plus, "Div")  # (1 + f) / 2 · x
+        if d is None or d.inputs[0] is not one_plus or not site.const(d.inputs[1], 2.0):
+            return None
+        m2 = _only_use(d.outputs[0], "Mul")
+        if m2 is None or site.other(m2, d.outputs[0]) is not x:
+            return None
+        return _GeluMatch(x, [*nodes, d, m2], m2)
+    o = site.other(m1, one_plus)
+    if o is x:  # (x · (1 + f)) · ½   or   (x · (1 + f)) / 2
+        m1_out = m1.outputs[0]
+        m2 = _only_use(m1_out, "Mul")
+        if m2 is not None and site.const(site.other(m2, m1_out), 0.5):
+            return _GeluMatch(x, [*nodes, m1, m2], m2)
+        d2 = _only_use(m1_out, "Div")
+        if d2 is not None and d2.inputs[0] is m1_out and site.const(d2.inputs[1], 2.0):
+            return _GeluMatch(x, [*nodes, m1, d2], d2)
+        return None
+    if site.const(o, 0.5):  # x · (½ · (1 + f))
+        m1_out = m1.outputs[0]
+        m2 = _only_use(m1_out, "Mul")
+        if m2 is None or site.other(m2, m1_out) is not x:
+            return None
+        return _GeluMatch(x, [*nodes, m1, m2], m2)
+    half = _producer(o, "Mul")  # (½ · x) · (1 + f)
+    if half is not None and _single(o) and site.other(half, x) is not None and site.const(site.other(half, x), 0.5):
+        return _GeluMatch(x, [*nodes, half, m1], m1)
+    return None
+
+
+def _fuse_gelu(model: ir.Model, op_type: str, approximate: str) -> int:
+    count = 0
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for f in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
+    for node in nodes:
+        if node.graph is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            continue
+        match = _match_gelu(node, approximate)
+        if match is None or any(n.graph is not node.graph for n in match.nodes):
+            continue
+        graph = node.graph
+        final_out = match.final.outputs[0]
+        gelu = ir.node("Gelu", [match.x], {"approximate": approximate}, name=match.final.name)
+        gelu.outputs[0].type = final_out.type
+        gelu.outputs[0].shape = final_out.shape
+        graph.insert_before(match.final, gelu)
+        if not replace_value(match.final, final_out, gelu.outputs[0]):
+            graph.remove(gelu, safe=True)
+            continue
+        graph.remove([n for n in match.nodes if n is not match.final], safe=True)
+        count += 1
+    return count
+
+
+def _gelu_erf(model: ir.Model) -> int:
+    return _fuse_gelu(model, "Erf", "none")
+
+
+def _gelu_tanh(model: ir.Model) -> int:
+    return _fuse_gelu(model, "Tanh", "tanh")
+
+
+# ---------------------------------------------------------------------------------------------
+# HardSwish / HardSigmoid (onnxscript's rules, guarded)
+
+_HARD_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+
+
+def _hard_guard(result: pattern.MatchResult, x: ir.Value, *consts: ir.Value) -> pattern.MatchResult:
+    if not result:
+        return result
+    if x.dtype not in _HARD_TYPES:
+        return result.fail(f"dtype {x.dtype} has no HardSigmoid/HardSwish kernel in ONNX Runtime", x)
+    rank = None if x.shape is None else len(x.shape)
+    for c in consts:
+        arr = _constant(c)
+        if arr is None or arr.ndim > (0 if rank is None else rank):
+            return result.fail("constant would broadcast x to a larger rank", c)
+    return result
+
+
+class _HardSwish(_fuse_hardswish.HardSwishFusion):
+    def check(self, op, x, clip_min, clip_max, bias, divisor):  # type: ignore[override]
+        return _hard_guard(super().check(op, x, clip_min, clip_max, bias, divisor), x, bias, divisor)
+
+
+class _HardSigmoid(_fuse_hardswish.HardSigmoidFusion):
+    def check(self, op, x, clip_min, clip_max, bias, divisor):  # type: ignore[override]
+        return _hard_guard(super().check(op, x, clip_min, clip_max, bias, divisor), x, bias, divisor)
+
+
+class _HardSwishFromHardSigmoid(_fuse_hardswish.HardSwishFusionFromHardSigmoid):
+    def check(self, op, x, hardsigmoid_out):  # type: ignore[override]
+        return _hard_guard(super().check(op, x, hardsigmoid_out), x)
+
+
+def _hard_swish_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet(
+        [_HardSwish().rule(), _HardSigmoid().rule(), _HardSwishFromHardSigmoid().rule()], commute=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relu / Clip chains (onnxscript's rules, guarded)
+
+
+_RELU_BOUNDS = (0.0, math.inf)
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(min, max) of an opset-11+ Clip with constant scalar bounds and min <= max; else None."""
+    lo, hi = -math.inf, math.inf
+    for i in (1, 2):
+        v = node.inputs[i] if len(node.inputs) > i else None
+        if v is None:
+            continue
+        arr = _constant(v)
+        if arr is None or arr.size != 1:
+            return None
+        val = float(arr.astype(np.float64).reshape(-1)[0])
+        if math.isnan(val):
+            return None
+        if i == 1:
+            lo = val
+        else:
+            hi = val
+    if lo > hi:
+        return None  # a degenerate Clip (every output = max): leave it alone
+    return lo, hi
+
+
+def _clip_guard(result: pattern.MatchResult, x: ir.Value,
+                b1: tuple[float, float] | None, b2: tuple[float, float] | None) -> pattern.MatchResult:
+    if not result:
+        return result
+    if x.dtype is None:
+        return result.fail("input dtype unknown", x)
+    if b1 is None or b2 is None:
+        return result.fail("Clip bounds not constant scalars with min <= max")
+    if max(b1[0], b2[0]) > min(b1[1], b2[1]):
+        return result.fail("the two ranges do not intersect: the merged Clip would return its max")
+    return result
+
+
+class _ConstantBounds:
+    """Emit the merged bounds as Constant nodes. onnxscript's rewrite names its new initializers
+    ``{x}_min``/``{x}_max``; a second chain on the same x collides with the first, and the
+    rewriter then leaves the new Clip reading a value that no initializer defines (invalid model)."""
+
+    def rewrite(self, op, x, **kw):
+        first = kw["out_first_clip"].producer()
+        second = kw["out_second_clip"].producer() if kw.get("out_second_clip") is not None else None
+        lo, hi = self.compute_clip_min_max(first, second)  # type: ignore[attr-defined]
+        args = [x, None if lo is None else op.Constant(value=lo), None if hi is None else op.Constant(value=hi)]
+        while args[-1] is None:
+            args.pop()
+        return op.Clip(*args)
+
+
+class _SuccessiveClip(_ConstantBounds, _fuse_relus_clips.FuseSuccessiveClip):  # Clip(Clip(x))
+    def check(self, context, **kw):  # type: ignore[override]
+        first, second = kw["out_first_clip"].producer(), kw["out_second_clip"].producer()
+        return _clip_guard(super().check(context, **kw), kw["x"], _clip_bounds(first), _clip_bounds(second))
+
+
+class _SuccessiveClipRelu(_ConstantBounds, _fuse_relus_clips.FuseSuccessiveClipRelu):  # Clip(Relu(x))
+    def check(self, context, **kw):  # type: ignore[override]
+        clip = _clip_bounds(kw["out_first_clip"].producer())
+        return _clip_guard(super().check(context, **kw), kw["x"], _RELU_BOUNDS, clip)
+
+
+class _SuccessiveReluClip(_ConstantBounds, _fuse_relus_clips.FuseSuccessiveReluClip):  # Relu(Clip(x))
+    def check(self, context, **kw):  # type: ignore[override]
+        clip = _clip_bounds(kw["out_first_clip"].producer())
+        return _clip_guard(super().check(context, **kw), kw["x"], clip, _RELU_BOUNDS)
+
+
+def _clip_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([_SuccessiveClipRelu().rule(), _SuccessiveReluClip().rule(),
+                                   _SuccessiveClip().rule()])
+
+
+# ---------------------------------------------------------------------------------------------
+# SiLU → Swish (opset 24)
+
+
+class _SiLU(pattern.RewriteRuleClassBase):
+    """x · Sigmoid(x) → Swish(x) (alpha = 1)."""
+
+    def pattern(self, op, x):
+        return op.Mul(x, op.Sigmoid(x))
+
+    def check(self, context, x, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in _GELU_TYPES:
+            return result.fail(f"dtype {x.dtype} is not a Swish type", x)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.Swish(x)
+
+
+class FuseActivationsPass(FusionPass):
+    """Fuse decomposed activations into standard ONNX ops: Gelu (opset 20), HardSwish (14),
+    merged Relu/Clip chains (Clip bounds as inputs: 11), Swish (24).
+
+    Safe because each rule emits an op only at opsets that define it, matches constants within
+    1e-5 relative and only as single elements that cannot broadcast x, needs every
+    intermediate to be used only inside the pattern, and keeps graph output names.
+    """
+
+    name = "fuse-activations"
+    RULES: ClassVar = (
+        FusionRule("gelu-erf", "½·x·(1+erf(x/√2)) in any association → Gelu(approximate=none)",
+                   _gelu_erf, STANDARD, min_opset=20),
+        FusionRule("gelu-tanh", "½·x·(1+tanh(√(2/π)·(x+0.044715·x³))) → Gelu(approximate=tanh)",
+                   _gelu_tanh, STANDARD, min_opset=20),
+        FusionRule("hard-swish", "x·Clip(x+3,0,6)/6 → HardSwish; Clip(x+3,0,6)/6 → HardSigmoid",
+                   from_onnxscript(_hard_swish_rules()), STANDARD, min_opset=14),
+        FusionRule("relu-relu", "Relu(Relu(x)) → Relu(x)",
+                   from_onnxscript(_fuse_relus_clips.successive_relu_rule), STANDARD),
+        FusionRule("clip-chains", "Clip(Clip(x)), Clip(Relu(x)), Relu(Clip(x)) → one Clip",
+                   from_onnxscript(_clip_rules()), STANDARD, min_opset=11),
+        FusionRule("silu", "x·Sigmoid(x) → Swish(x)",
+                   from_onnxscript(pattern.RewriteRuleSet([_SiLU.rule()], commute=True)), STANDARD, min_opset=24),
+    )
+
+    def prepare(self, model: ir.Model) -> bool:
+        from ..cleanup import ShapeInferencePass
+
+        return ShapeInferencePass()(model).modified  # constants are checked against the rank of x
