@@ -20,12 +20,16 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "KINDS",
     "SIZES",
     "Exportable",
     "build",
     "build_bert",
     "build_cnn",
     "build_gpt2",
+    "build_llama",
+    "build_resnet",
+    "build_vit",
 ]
 
 #: Model kinds ``build`` knows, per size: "tiny" (unit tests), "mini" (benchmark --quick),
@@ -43,6 +47,30 @@ _GPT2 = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=100),
     "mini": dict(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=1000),
     "base": {},  # GPT2Config() defaults are GPT-2 small: 12 layers, 768 hidden, 50257 vocab
+}
+# Llama-style decoder: grouped-query attention (fewer KV heads than query heads), rotary
+# embeddings, RMSNorm, SiLU-gated MLP. "base" is 8 layers of 1024 hidden with 16 query and 4 KV
+# heads (~140M parameters): the shape of a small Llama, sized so that a 2-core machine exports and
+# benchmarks it in minutes.
+_LLAMA = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100, max_position_embeddings=128),
+    "mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256),
+    "base": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+}
+_VIT = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 image_size=32, patch_size=8),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                 image_size=224, patch_size=16),
+    "base": {},  # ViTConfig() defaults are ViT-base/16 at 224x224: 12 layers, 768 hidden
+}
+_RESNET = {
+    "tiny": dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]),
+    "mini": dict(embedding_size=32, hidden_sizes=[64, 128, 256, 512], depths=[1, 1, 2, 1]),
+    "base": {},  # ResNetConfig() defaults are ResNet-50: bottleneck layers [3, 4, 6, 3]
 }
 
 
@@ -176,14 +204,86 @@ def build_cnn(seed: int = 0) -> Exportable:
     return Exportable("cnn", module, (torch.randn(2, 3, 16, 16),), {}, dyn, feeds)
 
 
+def build_llama(size: str = "tiny", seed: int = 0) -> Exportable:
+    """transformers ``LlamaModel`` (grouped-query attention, rotary embeddings, RMSNorm), without
+    KV cache; inputs ``input_ids`` + ``attention_mask``."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**_LLAMA[size], bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    module = LlamaModel(config).eval()
+    _perturb_vectors(module)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    batch, seq = _seq_dims(config.max_position_embeddings)
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "use_cache": None}
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    return Exportable(f"llama-{size}", module, (), kwargs, dyn, _token_feeds(config.vocab_size), config)
+
+
+def _image_feeds(size: int) -> Callable[..., dict[str, np.ndarray]]:
+    def feeds(batch: int = 2, image: int = size, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {"pixel_values": rng.standard_normal((batch, 3, image, image)).astype(np.float32)}
+
+    return feeds
+
+
+def build_vit(size: str = "tiny", seed: int = 0) -> Exportable:
+    """transformers ``ViTModel`` (no pooler); input ``pixel_values`` at the config's image size,
+    dynamic batch."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(**_VIT[size])
+    module = ViTModel(config, add_pooling_layer=False).eval()
+    _perturb_vectors(module)
+    x = torch.randn(2, 3, config.image_size, config.image_size)
+    dyn = {"pixel_values": {0: torch.export.Dim("batch", max=64)}}
+    return Exportable(f"vit-{size}", module, (), {"pixel_values": x}, dyn, _image_feeds(config.image_size), config)
+
+
+def build_resnet(size: str = "tiny", seed: int = 0) -> Exportable:
+    """transformers ``ResNetModel`` (ResNet-50 at "base") with non-trivial batch-norm statistics;
+    input ``pixel_values`` 224x224 (64x64 for "tiny"), dynamic batch."""
+    import torch
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(**_RESNET[size])
+    module = ResNetModel(config)
+    _perturb_vectors(module, std=0.1)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    module.eval()
+    image = 64 if size == "tiny" else 224
+    x = torch.randn(2, 3, image, image)
+    dyn = {"pixel_values": {0: torch.export.Dim("batch", max=64)}}
+    return Exportable(f"resnet-{size}", module, (), {"pixel_values": x}, dyn, _image_feeds(image), config)
+
+
+#: Every kind ``build`` knows.
+KINDS = ("bert", "gpt2", "gpt2-lm", "llama", "vit", "resnet", "cnn")
+
+
 def build(kind: str, size: str = "tiny", seed: int = 0) -> Exportable:
-    """``kind`` is "bert", "gpt2", "gpt2-lm" or "cnn"."""
+    """``kind`` is one of :data:`KINDS` ("cnn" has one size only)."""
     if kind == "bert":
         return build_bert(size, seed)
     if kind == "gpt2":
         return build_gpt2(size, seed=seed)
     if kind == "gpt2-lm":
         return build_gpt2(size, lm_head=True, seed=seed)
+    if kind == "llama":
+        return build_llama(size, seed)
+    if kind == "vit":
+        return build_vit(size, seed)
+    if kind == "resnet":
+        return build_resnet(size, seed)
     if kind == "cnn":
         return build_cnn(seed)
-    raise ValueError(f"unknown model kind {kind!r}; use bert, gpt2, gpt2-lm or cnn")
+    raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
