@@ -26,21 +26,14 @@ class Backend:
     def cleanup_passes(self, level: int) -> list[str]:
         return ["cleanup"] if level > 0 else []
 
-    #: Fusion passes in the order they run. Standard-ONNX rule sets first where contrib rules
-    #: consume their output (LayerNormalization before SkipLayerNormalization), the contrib pass
-    #: (targets that allow it) before the standard activation rules, so that ONNX Runtime gets
-    #: its FastGelu/BiasGelu rather than a standard Gelu it runs slower.
-    FUSIONS: ClassVar[tuple[str, ...]] = ("fuse-batchnorm", "fuse-gemm", "fuse-normalization")
-    CONTRIB_FUSIONS: ClassVar[tuple[str, ...]] = ("fuse-ort",)
-    #: After the contrib pass: the activations it did not take, folded constant chains, and the
-    #: Transpose/Reshape pairs attention fusion leaves behind.
-    LATE_FUSIONS: ClassVar[tuple[str, ...]] = ("fuse-activations", "fuse-constant-chains", "fuse-shape-chains")
-
     def fusion_passes(self, level: int) -> list[str]:
+        """The fusion rule sets in dependency order (one list, shared with the ``fuse`` pass);
+        com.microsoft contrib fusions only for targets that run them."""
         if level < 2:
             return []
-        contrib = list(self.CONTRIB_FUSIONS) if self.allows_contrib_ops else []
-        return [*self.FUSIONS, *contrib, *self.LATE_FUSIONS]
+        from graphopt.passes.fusion.composite import fusion_steps
+
+        return fusion_steps(["standard", "contrib"] if self.allows_contrib_ops else ["standard"])
 
     def quantize_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
         return []

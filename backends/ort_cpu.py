@@ -15,10 +15,6 @@ class OrtCpuBackend(Backend):
     name = "ort-cpu"
     providers = ("CPUExecutionProvider",)
     allows_contrib_ops = True
-    #: No fuse-gemm: ORT fuses MatMul+Add itself, and fuse-ort's attention patterns expect MatMul
-    #: projections (it turns Gemm back into MatMul+Add). No standard RMS-norm: fuse-ort's
-    #: skip-rms-norm consumes its own SimplifiedLayerNormalization, not RMSNormalization.
-    FUSIONS = ("fuse-batchnorm", "fuse-normalization(exclude=[rms-norm])")
 
     def session_options(self) -> dict[str, Any]:
         # The graph arrives optimized; ORT's own level-ALL rewrites still add layout work.

@@ -123,7 +123,12 @@ class Registry:
         if dataclasses.is_dataclass(opts_cls):
             hints = typing.get_type_hints(opts_cls)
             for f in dataclasses.fields(opts_cls):
-                default = f.default if f.default is not dataclasses.MISSING else None
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:
+                    default = None
                 opts.append(
                     OptionInfo(f.name, _type_name(hints.get(f.name)), default, f.metadata.get("doc", ""))
                 )

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import pytest
+from conftest import mlp_proto
 
 import graphopt
 
@@ -103,9 +104,7 @@ def test_report_counts_matches_per_rule(exported: tuple[str, Any, ir.Model]) -> 
 def test_standard_only_emits_no_contrib_op(exported: tuple[str, Any, ir.Model]) -> None:
     """What the TensorRT target asks for: standard rewrites only."""
     kind, built, model = exported
-    pipeline = ("cleanup,fuse-batchnorm,fuse-normalization,fuse-ort(domains=[standard]),fuse-activations,"
-                "fuse-constant-chains,fuse-shape-chains,fuse-gemm,cleanup")
-    result = graphopt.optimize(model, "ort-cpu", pipeline=pipeline)
+    result = graphopt.optimize(model, "ort-cpu", pipeline="cleanup,fuse(domains=[standard]),cleanup")
     counts = _counts(result.model)
     assert not [k for k in counts if k[0] not in ("",)], counts
     if kind in ("bert", "vit", "gpt2"):
@@ -113,3 +112,19 @@ def test_standard_only_emits_no_contrib_op(exported: tuple[str, Any, ir.Model]) 
     if kind == "resnet":
         assert counts[("", "BatchNormalization")] == 0
     _check_outputs(model, result.model, _feeds(kind, built))
+
+
+def test_fuse_pass_and_the_ort_cpu_default_run_the_same_fusions() -> None:
+    """One ordered list of fusion sets (passes.fusion.composite) serves both."""
+    from graphopt.passes.fusion.composite import FusePass
+
+    default = graphopt.default_registry().backend("ort-cpu").default_pipeline()
+    inner = str(FusePass().pipeline())
+    assert f"cleanup,{inner},cleanup" == default
+    assert "fuse-ort" not in str(FusePass(domains=["standard"]).pipeline())
+
+
+@pytest.mark.parametrize("domains", ["[contrib]", "[standard,tensorrt]"])
+def test_fuse_rejects_unknown_domains(domains: str) -> None:
+    with pytest.raises(graphopt.GraphoptError, match="domains must include 'standard'"):
+        graphopt.optimize(mlp_proto(), "ort-cpu", pipeline=f"fuse(domains={domains})")
