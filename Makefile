@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_corpus.py
 	$(BIN)/python benchmarks/bench_cleanup.py
 	$(BIN)/python benchmarks/bench_large_model.py
+	$(BIN)/python benchmarks/bench_fusion.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench_cleanup.py --quick
+	$(BIN)/python benchmarks/bench_fusion.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info benchmarks/results/tmp
