@@ -73,6 +73,21 @@ def _check_outputs(original: ir.Model, optimized: ir.Model, feeds: dict[str, np.
 
 def test_ort_cpu_fuses_every_layer(exported: tuple[str, Any, ir.Model]) -> None:
     kind, built, model = exported
+    _check_every_layer(kind, built, model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama", "vit", "resnet"])
+def test_ort_cpu_fuses_every_layer_full_size(kind: str) -> None:
+    """BERT-base, GPT-2 small, an 8-layer 1024-wide Llama, ViT-base, ResNet-50."""
+    pytest.importorskip("transformers")
+    from models import build
+
+    built = build(kind, "base")
+    _check_every_layer(kind, built, built.export())
+
+
+def _check_every_layer(kind: str, built: Any, model: ir.Model) -> None:
     result = graphopt.optimize(model, "ort-cpu")
     counts = _counts(result.model)
     L = _layers(kind, built.config)
