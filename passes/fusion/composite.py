@@ -28,9 +28,10 @@ def fusion_steps(domains: list[str]) -> list[str]:
         # No fuse-gemm: ONNX Runtime fuses MatMul+Add itself and fuse-ort's attention patterns
         # expect MatMul projections. No standard RMSNormalization: fuse-ort's skip-rms-norm
         # consumes its own SimplifiedLayerNormalization instead.
-        early = ["fuse-batchnorm", "fuse-normalization(exclude=[rms-norm])", "fuse-ort"]
+        # fuse-attention (standard Attention, opset ≥ 23 models only) takes what fuse-ort left.
+        early = ["fuse-batchnorm", "fuse-normalization(exclude=[rms-norm])", "fuse-ort", "fuse-attention"]
     else:
-        early = ["fuse-batchnorm", "fuse-gemm", "fuse-normalization"]
+        early = ["fuse-batchnorm", "fuse-gemm", "fuse-normalization", "fuse-attention"]
     return [*early, "fuse-activations", "fuse-constant-chains", "fuse-shape-chains"]
 
 
