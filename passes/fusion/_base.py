@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.pipeline import Pass
@@ -71,6 +72,17 @@ def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[i
         return count
 
     return apply
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """Constant content of an initializer or Constant output; never a graph input's (overridable)."""
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+        return None if tensor is None else tensor.numpy()
+    except Exception:  # malformed Constant, unreadable external data
+        return None
 
 
 def model_opset(model: ir.Model) -> int:

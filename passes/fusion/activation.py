@@ -36,6 +36,7 @@ from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
 
 from ..cleanup import replace_value
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
+from ._base import constant_array as _constant
 
 __all__ = ["FuseActivationsPass"]
 
@@ -45,16 +46,6 @@ _RTOL = 1e-5
 
 # ---------------------------------------------------------------------------------------------
 # Helpers over onnx_ir nodes
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:
-        return None
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:

@@ -28,6 +28,7 @@ import onnx_ir.passes.common as common
 
 from ..cleanup import replace_value
 from ._base import STANDARD, FusionPass, FusionRule
+from ._base import constant_array as _constant
 
 __all__ = ["FuseConstantChainsPass"]
 
@@ -61,17 +62,6 @@ _ADD_TABLE: dict[tuple[str, str], tuple[str, str]] = {
 }
 _ONNX_OP = {"*": "Mul", "/": "Div", "+": "Add", "-": "Sub"}
 _NP_OP = {"*": np.multiply, "/": np.divide, "+": np.add, "-": np.subtract}
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant content (initializer or Constant node output), never a graph input's."""
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:  # malformed Constant, unreadable external data
-        return None
 
 
 def _dtype(arr: np.ndarray) -> ir.DataType | None:

@@ -32,22 +32,11 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _fuse_batchnorm as osbn
 
-from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript, model_opset
+from ._base import STANDARD, FusionPass, FusionRule, constant_array, from_onnxscript, model_opset
 
 __all__ = ["FuseBatchNormPass", "BATCHNORM_RULES"]
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """Constant content of an initializer or Constant output; never a graph input's (overridable)."""
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:  # malformed Constant, unreadable external data
-        return None
 
 
 def infer_shapes(model: ir.Model) -> bool:

@@ -39,6 +39,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
 
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
+from ._base import constant_array as _constant
 
 __all__ = ["FuseNormalizationPass"]
 
@@ -47,16 +48,6 @@ _COMPUTE_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE})
 
 # ---------------------------------------------------------------------------------------------
 # Checks shared by both rules
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:
-        return None
 
 
 def _reduce_axes(node: ir.Node, rank: int) -> list[int] | None:

@@ -37,6 +37,7 @@ import onnx_ir as ir
 
 from ..cleanup import replace_value
 from ._base import CONTRIB, FusionRule, model_opset
+from ._base import constant_array as constant
 
 __all__ = ["EARLY_RULES", "GELU_RULES", "LATE_RULES"]
 
@@ -77,17 +78,6 @@ def only_consumer(value: ir.Value, *op_types: str) -> ir.Node | None:
         return None
     node = value.uses()[0].node
     return node if is_op(node, *op_types) and None not in node.inputs else None
-
-
-def constant(value: ir.Value | None) -> np.ndarray | None:
-    """Content of an initializer or Constant output (never of a graph input)."""
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:
-        return None
 
 
 def rank(value: ir.Value) -> int | None:
