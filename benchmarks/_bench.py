@@ -37,6 +37,27 @@ def tests_on_path() -> None:
         sys.path.insert(0, path)
 
 
+def export_model(kind: str, size: str, folder: Path) -> tuple[Any, Path, float]:
+    """Build a test model (random weights, seeded), export it with graphopt and save it to
+    ``folder/model.onnx`` with external data; returns (built model, path, export seconds)."""
+    import torch
+
+    import graphopt
+
+    tests_on_path()
+    from models import build
+
+    torch.set_num_threads(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    built = build(kind, size)
+    model = built.export()
+    export_s = time.perf_counter() - t0
+    path = folder / "model.onnx"
+    graphopt.save(model, path, external_data=True)
+    return built, path, export_s
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +70,8 @@ def _run_ort(path: Path, feeds: dict[str, Any]) -> dict[str, Any]:
 def prepare(kind: str, size: str, folder: Path) -> dict[str, Any]:
     """Export once: model.onnx (+ .data), feeds.npz, reference.npz (ORT outputs of the export)."""
     import numpy as np
-    import torch
 
-    import graphopt
-
-    _bench.tests_on_path()
-    from models import build
-
-    torch.set_num_threads(2)
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    built = build(kind, size)
-    model = built.export()
-    export_s = time.perf_counter() - t0
-    path = folder / "model.onnx"
-    graphopt.save(model, path, external_data=True)
+    built, path, export_s = _bench.export_model(kind, size, folder)
     feeds = built.feeds(CHECK_BATCH, CHECK_SEQ, seed=0)
     np.savez(folder / "feeds.npz", **feeds)
     np.savez(folder / "reference.npz", **_run_ort(path, feeds))

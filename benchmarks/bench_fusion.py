@@ -140,21 +140,8 @@ def _heads_hidden(config: Any) -> tuple[int, int] | None:
 def prepare(kind: str, size: str, folder: Path) -> dict[str, Any]:
     """Export once: model.onnx (+ .data), feeds.npz (latency input), check.npz (padded batch 2)."""
     import numpy as np
-    import torch
 
-    import graphopt
-
-    _bench.tests_on_path()
-    from models import build
-
-    torch.set_num_threads(2)
-    folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    built = build(kind, size)
-    model = built.export()
-    export_s = time.perf_counter() - t0
-    path = folder / "model.onnx"
-    graphopt.save(model, path, external_data=True)
+    built, path, export_s = _bench.export_model(kind, size, folder)
     image = kind in ("vit", "resnet")
     np.savez(folder / "feeds.npz", **built.feeds(1, IMAGE if image else TEXT_SEQ, seed=0))
     np.savez(folder / "check.npz", **built.feeds(CHECK_BATCH, IMAGE if image else CHECK_SEQ, seed=1))
