@@ -123,6 +123,21 @@ def _param_ok(param: ir.Value | None, x: ir.Value, axis: int, dtype: ir.DataType
 # LayerNormalization
 
 
+def _check_operands(rule: Any, result: pattern.MatchResult, x: ir.Value, epsilon: ir.Value, two: ir.Value | None,
+                    scale: ir.Value, axis: int) -> pattern.MatchResult:
+    """Checks both norms share: constant epsilon, exponent exactly 2, scale of the normalized shape;
+    records the axis on the rule for its rewrite."""
+    if not _scalar_ok(epsilon, x):
+        return result.fail("epsilon is not a finite single-element constant of rank <= rank(x)", epsilon)
+    if two is not None and not _scalar_ok(two, x, exact=2.0):
+        return result.fail("Pow exponent is not exactly 2", two)
+    if not _param_ok(scale, x, axis, x.dtype):
+        return result.fail(f"scale {scale.shape} {scale.dtype} is not of the normalized shape/type of x {x.shape}",
+                           scale)
+    rule._axis = axis
+    return result
+
+
 class _LayerNorm(_layer_norm.LayerNormFusion):
     """Mean/variance decomposition, normalized · scale → LayerNormalization(x, scale)."""
 
@@ -152,14 +167,7 @@ class _LayerNorm(_layer_norm.LayerNormFusion):
         axis = _trailing_axis(x, mean, variance, result=result)
         if axis is None:
             return result
-        if not _scalar_ok(epsilon, x):
-            return result.fail("epsilon is not a finite single-element constant of rank <= rank(x)", epsilon)
-        if two is not None and not _scalar_ok(two, x, exact=2.0):
-            return result.fail("Pow exponent is not exactly 2", two)
-        if not _param_ok(scale, x, axis, x.dtype):
-            return result.fail(f"scale shape {scale.shape} is not the normalized shape of {x.shape}", scale)
-        self._axis = axis
-        return result
+        return _check_operands(self, result, x, epsilon, two, scale, axis)
 
     def rewrite(self, op, x, scale, epsilon, **_):  # type: ignore[override]
         return op.LayerNormalization(x, scale, axis=self._axis, epsilon=self._epsilon, stash_type=self._stash_type)
@@ -232,14 +240,7 @@ class _RmsNorm(_rms_normalization.RmsNormFusion):
         axis = _trailing_axis(x, mean_square, result=result)
         if axis is None:
             return result
-        if not _scalar_ok(epsilon, x):
-            return result.fail("epsilon is not a finite single-element constant of rank <= rank(x)", epsilon)
-        if two is not None and not _scalar_ok(two, x, exact=2.0):
-            return result.fail("Pow exponent is not exactly 2", two)
-        if not _param_ok(scale, x, axis, x.dtype):
-            return result.fail(f"scale shape/type {scale.shape} {scale.dtype} is not the normalized one of x", scale)
-        self._axis = axis
-        return result
+        return _check_operands(self, result, x, epsilon, two, scale, axis)
 
     def rewrite(self, op, x, scale, epsilon, **_):  # type: ignore[override]
         return op.RMSNormalization(x, scale, axis=self._axis, epsilon=float(_constant(epsilon).reshape(-1)[0]),
