@@ -66,9 +66,10 @@ def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[i
     def apply(model: ir.Model) -> int:
         count = int(rules.apply_to_model(model))
         if count and shape_inference:
-            import onnx_ir.passes.common as common
+            # graphopt's wrapper: keeps subgraph types and the initializer order.
+            from graphopt.passes.cleanup import ShapeInferencePass
 
-            common.ShapeInferencePass()(model)
+            ShapeInferencePass()(model)
         return count
 
     return apply
