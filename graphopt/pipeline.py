@@ -57,12 +57,18 @@ class Pass(ir.passes.InPlacePass):
 
         self.options = self.Options(**coerce_options(self.name or type(self).__name__, self.Options, options))
         self.stats: dict[str, int] = {}
+        #: Structured per-run details for the report (e.g. which nodes were quantized and why not).
+        self.details: dict[str, Any] = {}
+        #: Run-time inputs that are not pipeline text (calibration data given as Python objects);
+        #: set by the pipeline runner from ``Pipeline.run(context=...)``.
+        self.context: dict[str, Any] = {}
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
     def __call__(self, model: ir.Model) -> ir.passes.PassResult:
         self.stats = {}
+        self.details = {}
         return super().__call__(model)
 
     def __repr__(self) -> str:
@@ -76,7 +82,7 @@ class CompositePass(Pass):
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        model, report = self.pipeline().run(model)
+        model, report = self.pipeline().run(model, context=self.context)
         return ir.passes.PassResult(model, any(r.modified for r in report.passes))
 
 
@@ -117,10 +123,14 @@ class PassRecord:
     after: ModelStats
     iteration: int | None = None
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: JSON-safe structured details a pass reports (lists of nodes, per-layer numbers).
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["wall_s"] = round(self.wall_s, 6)
+        if not self.details:
+            d.pop("details")
         return d
 
 
@@ -227,8 +237,10 @@ class _Runner:
         dump_dir: str | None,
         instruments: Sequence[Any],
         check_modified: bool,
+        context: dict[str, Any] | None = None,
     ) -> None:
         self.registry = registry
+        self.context = dict(context or {})
         self.verify_each = verify_each
         self.numeric_each = numeric_each
         self.reference = reference
@@ -253,6 +265,8 @@ class _Runner:
                     logger.info("fixpoint group reached max_iterations=%d", step.max_iterations)
             else:
                 p = step if isinstance(step, ir.passes.PassBase) else self.registry.create_pass(step.name, step.options)
+                if isinstance(p, Pass):
+                    p.context = self.context
                 name = prefix + (step.name if isinstance(step, _spec.PassSpec) else getattr(p, "name", type(p).__name__))
                 modified |= self.run_pass(model, p, name, iteration)
         return modified
@@ -287,7 +301,7 @@ class _Runner:
         if fp is not None and not result.modified and _fingerprint(model) != fp:
             raise PassFailedError(f"pass '{name}' reported no change but changed the model{self._after()}")
         record = PassRecord(name, wall, bool(result.modified), before, model_stats(model), iteration,
-                            dict(getattr(p, "stats", {}) or {}))
+                            dict(getattr(p, "stats", {}) or {}), dict(getattr(p, "details", {}) or {}))
         self.records.append(record)
         self.history.append(name)
         if result.modified:
@@ -451,6 +465,7 @@ class Pipeline:
         dump_dir: str | os.PathLike | None = None,
         instruments: Sequence[Any] = (),
         check_modified: bool | None = None,
+        context: dict[str, Any] | None = None,
     ) -> tuple[ir.Model, Report]:
         """Run in place on ``model`` and return it with the report.
 
@@ -458,6 +473,8 @@ class Pipeline:
         ``numeric_each`` also compares outputs with ``reference`` (default: a copy of the input)
         on ONNX Runtime, so a broken model names the pass that broke it. ``check_modified``
         (default: ``GRAPHOPT_DEBUG`` set) fails a pass that says "unchanged" but changed the model.
+        ``context`` hands passes run-time inputs that pipeline text cannot hold (e.g.
+        ``{"calibration": iterable_of_feeds}``); passes read it as ``self.context``.
         """
         if check_modified is None:
             check_modified = bool(os.environ.get("GRAPHOPT_DEBUG"))
@@ -472,6 +489,7 @@ class Pipeline:
             dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
             instruments=instruments,
             check_modified=check_modified,
+            context=context,
         )
         before = model_stats(model)
         t0 = time.perf_counter()
