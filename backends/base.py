@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from graphopt.spec import PassSpec, format_text
+
 __all__ = ["Backend"]
 
 
@@ -26,26 +28,56 @@ class Backend:
     def cleanup_passes(self, level: int) -> list[str]:
         return ["cleanup"] if level > 0 else []
 
-    def fusion_passes(self, level: int) -> list[str]:
+    def prune_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
+        """Pruning runs on the cleaned, unfused graph, where its units (channels, FFN neurons,
+        heads) are plain Conv/MatMul/Gemm weights that the later fusions and quantization keep."""
+        return [format_text([PassSpec("prune", dict(options))])] if options else []
+
+    def fusion_domains(self, quantize: dict[str, Any] | None) -> list[str]:
+        """Op domains the fusions may emit before quantization.
+
+        Static (QDQ) quantization needs the standard ops it places Q/DQ around: contrib fusions
+        such as FusedConv would hide Conv from ONNX Runtime's QDQ kernels, so they are left out.
+        """
+        if not self.allows_contrib_ops or (quantize and quantize.get("mode") == "static"):
+            return ["standard"]
+        return ["standard", "contrib"]
+
+    def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
         """The fusion rule sets in dependency order (one list, shared with the ``fuse`` pass);
         com.microsoft contrib fusions only for targets that run them."""
         if level < 2:
             return []
         from graphopt.passes.fusion.composite import fusion_steps
 
-        return fusion_steps(["standard", "contrib"] if self.allows_contrib_ops else ["standard"])
+        return fusion_steps(self.fusion_domains(quantize))
+
+    def quantize_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The target's lowering choices for a quantization request (user options win)."""
+        return dict(options)
 
     def quantize_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
-        return []
+        return [format_text([PassSpec("quantize", self.quantize_options(options))])] if options else []
 
     def finalize_passes(self, level: int) -> list[str]:
         # Fusions leave dead shape arithmetic and duplicate constants behind.
         return ["cleanup"] if level >= 2 else []
 
-    def default_pipeline(self, level: int = 2) -> str:
-        """Pipeline text for an optimization level (0: nothing, 1: cleanup, 2+: everything)."""
-        steps = [*self.cleanup_passes(level), *self.fusion_passes(level), *self.finalize_passes(level)]
-        return ",".join(steps)
+    def default_pipeline(
+        self, level: int = 2, *, quantize: dict[str, Any] | None = None, prune: dict[str, Any] | None = None
+    ) -> str:
+        """Pipeline text for an optimization level (0: nothing, 1: cleanup, 2+: everything), with
+        pruning and quantization when asked (they run at any level: the user asked for them)."""
+        steps = [
+            *self.cleanup_passes(level),
+            *self.prune_passes(level, prune),
+            *self.fusion_passes(level, quantize),
+            *self.quantize_passes(level, quantize),
+        ]
+        final = self.finalize_passes(level)
+        if not final and (quantize or prune) and level > 0:
+            final = ["cleanup"]
+        return ",".join([*steps, *final])
 
     def provider_options(self) -> list[dict[str, Any]]:
         return [{} for _ in self.providers]

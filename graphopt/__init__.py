@@ -53,11 +53,52 @@ class OptimizeResult:
     report: Report
 
 
+QUANTIZE_MODES = ("dynamic", "static", "int4", "int8-weight")
+PRUNE_MODES = ("unstructured", "2:4", "structured")
+#: The default fidelity criterion of ``verify=True`` for quantized/pruned models (cosine per output).
+DEFAULT_MIN_COSINE = 0.99
+
+
+def _quantize_request(quantize: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if quantize is None:
+        return None
+    if isinstance(quantize, str):
+        quantize = {"mode": quantize}
+    if not isinstance(quantize, dict):
+        raise GraphoptError(f"quantize= must be a mode name or a dict of options, got {type(quantize).__name__}")
+    opts = dict(quantize)
+    mode = opts.get("mode")
+    if mode not in QUANTIZE_MODES:
+        raise GraphoptError(f"quantize mode {mode!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}")
+    return opts
+
+
+def _prune_request(prune: float | dict[str, Any] | None) -> dict[str, Any] | None:
+    if prune is None:
+        return None
+    if isinstance(prune, bool) or not isinstance(prune, (int, float, dict)):
+        raise GraphoptError(f"prune= must be a sparsity (0 to 1) or a dict of options, got {prune!r}")
+    opts = {"sparsity": float(prune), "mode": "unstructured"} if isinstance(prune, (int, float)) else dict(prune)
+    sparsity = opts.get("sparsity")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise GraphoptError(f"prune sparsity must be a number in [0, 1), got {sparsity!r}")
+    opts["sparsity"] = float(sparsity)
+    mode = str(opts.setdefault("mode", "unstructured"))
+    if mode not in PRUNE_MODES and not _is_nm(mode):
+        raise GraphoptError(f"prune mode {mode!r} is unknown; use one of {', '.join(PRUNE_MODES)} or N:M")
+    return opts
+
+
+def _is_nm(mode: str) -> bool:
+    n, _, m = mode.partition(":")
+    return n.isdigit() and m.isdigit() and 0 < int(n) < int(m)
+
+
 def optimize(
     model: Any,
     target: str = "ort-cpu",
     *,
-    quantize: str | None = None,
+    quantize: str | dict[str, Any] | None = None,
     prune: float | dict[str, Any] | None = None,
     calibration: str | os.PathLike | Iterable[dict[str, Any]] | None = None,
     pipeline: str | Pipeline | list[Any] | None = None,
@@ -72,16 +113,29 @@ def optimize(
     """Optimize ``model`` (path, bytes, ModelProto or onnx_ir.Model) for ``target``.
 
     The input is never modified: passes run on a copy. ``pipeline`` overrides the target's
-    default. ``verify=True`` compares outputs with the original on ONNX Runtime and raises
-    :class:`VerificationError` on a mismatch; ``verify_each`` runs the ONNX checker after every
-    pass and ``numeric_each`` the numeric check too, naming the pass that broke the model.
+    default. ``quantize`` is a mode (``"dynamic"``, ``"static"``, ``"int4"``, ``"int8-weight"``) or
+    a dict of the ``quantize`` pass's options with ``"mode"``; ``prune`` a sparsity (unstructured)
+    or a dict of the ``prune`` pass's options; ``calibration`` an .npz file, a folder, or an
+    iterable of feed dicts (static quantization needs it; data-aware int4 and activation-based
+    pruning use it). ``verify=True`` compares outputs with the original on ONNX Runtime and raises
+    :class:`VerificationError` on a mismatch (for quantized or pruned models: cosine per output
+    ≥ ``verify_options["min_cosine"]``, default 0.99); ``verify_each`` runs the ONNX checker after
+    every pass and ``numeric_each`` the numeric check too, naming the pass that broke the model.
     """
-    for name, value in (("quantize", quantize), ("prune", prune), ("calibration", calibration)):
-        if value is not None:
-            raise GraphoptError(
-                f"{name}= is not available yet in this version of graphopt; "
-                f"remove it (only the cleanup pipeline is implemented so far)"
-            )
+    qopts = _quantize_request(quantize)
+    popts = _prune_request(prune)
+    if pipeline is not None and (qopts or popts):
+        raise GraphoptError(
+            "give either pipeline= or quantize=/prune=, not both: with a pipeline, add the "
+            "quantize(...) / prune(...) steps to it"
+        )
+    if qopts and qopts["mode"] == "static" and calibration is None and not qopts.get("calibration"):
+        raise GraphoptError(
+            "static quantization needs calibration data: pass calibration= (.npz file, folder of "
+            ".npy/.npz, or a list of feed dicts) or --calibration on the command line"
+        )
+    if calibration is not None and pipeline is None and not (qopts or popts):
+        raise GraphoptError("calibration data was given but nothing uses it; add quantize= (or prune=)")
     reg = registry or default_registry()
     backend = reg.backend(target)
     original = load(model)
@@ -90,11 +144,18 @@ def optimize(
     if SOURCE_KEY in original.meta:
         work.meta[SOURCE_KEY] = original.meta[SOURCE_KEY]
     if pipeline is None:
-        text = backend.default_pipeline(level)
+        text = backend.default_pipeline(level, quantize=qopts, prune=popts)
         pipe = Pipeline.parse(text, registry=reg) if text else Pipeline([], registry=reg, validate=False)
     else:
         pipe = Pipeline.coerce(pipeline, registry=reg)
     vopts = dict(verify_options or {})
+    if (qopts or popts) and "min_cosine" not in vopts:
+        vopts["min_cosine"] = DEFAULT_MIN_COSINE
+    context: dict[str, Any] = {}
+    if calibration is not None:
+        from graphopt.calibration import CalibrationData
+
+        context["calibration"] = CalibrationData.from_any(calibration)
     # The clone shares weight data with the input (no copies) through its own tensor objects;
     # passes never change tensor data in place, so the input model stays as it was.
     result_model, report = pipe.run(
@@ -105,6 +166,7 @@ def optimize(
         reference=original if numeric_each else None,
         verify_options=vopts,
         dump_dir=dump_dir,
+        context=context,
     )
     report.target = target
     result_model.metadata_props[PIPELINE_KEY] = str(pipe)

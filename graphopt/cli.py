@@ -66,9 +66,26 @@ def _build_parser() -> _Parser:
     o.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
     o.add_argument("--allow-custom-domains", action="store_true",
                    help="accept ops of unknown custom domains (left untouched; verification impossible)")
-    o.add_argument("--quantize", help="quantization mode (not available yet)")
-    o.add_argument("--prune", help="pruning (not available yet)")
-    o.add_argument("--calibration", help="calibration data (not available yet)")
+    q = o.add_argument_group("quantization")
+    q.add_argument("--quantize", choices=["dynamic", "static", "int4", "int8-weight"], help="quantization mode")
+    q.add_argument("--calibration", help="calibration data: .npz file or folder of .npy/.npz (static needs it)")
+    q.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="activation range calibrator (static)")
+    q.add_argument("--min-cosine", type=float,
+                   help="fidelity target: keep the most sensitive layers in float until outputs reach it")
+    q.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="node name, fnmatch pattern or op type to leave in float (repeatable)")
+    q.add_argument("--quantize-option", action="append", metavar="KEY=VALUE",
+                   help="any other option of the quantize pass (`graphopt passes`), e.g. block_size=64")
+    q.add_argument("--sensitivity", action="store_true", help="measure and print per-layer sensitivity")
+    q.add_argument("--sensitivity-plot", metavar="PNG", help="also plot per-layer sensitivity to this PNG")
+    pr = o.add_argument_group("pruning")
+    pr.add_argument("--prune", type=float, metavar="SPARSITY", help="fraction of weights/units to remove (0-1)")
+    pr.add_argument("--prune-mode", help="unstructured (default) | 2:4 (or N:M) | structured")
+    pr.add_argument("--prune-option", action="append", metavar="KEY=VALUE",
+                    help="any other option of the prune pass, e.g. scope=global")
+    o.add_argument("--verify-min-cosine", type=float,
+                   help="with --verify on a quantized/pruned model: cosine each output must reach (default 0.99)")
 
     i = sub.add_parser("inspect", help="summarise a model: ops, parameters, sparsity, I/O")
     i.add_argument("input")
@@ -152,9 +169,7 @@ def _optimize(args: argparse.Namespace) -> int:
     import graphopt
     from graphopt.ir import _atomic_write, _check_output_path, _referenced_files, load
 
-    for flag in ("quantize", "prune", "calibration"):
-        if getattr(args, flag):
-            raise GraphoptError(f"--{flag} is not available yet in this version of graphopt; remove it")
+    quantize, prune = _quantize_and_prune(args)
     _check_output_dir(args.output, "output model")
     _check_output_path(args.output, "output model")
     if args.report:
@@ -162,7 +177,16 @@ def _optimize(args: argparse.Namespace) -> int:
         _check_output_path(args.report, "report")
     if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.output, args.input):
         raise OutputError(f"{args.output}: output is the input file; write to another file")
+    if args.sensitivity_plot:
+        _check_output_dir(args.sensitivity_plot, "sensitivity plot")
+        _check_output_path(args.sensitivity_plot, "sensitivity plot")
     vopts = _verify_options(args)
+    if args.verify_min_cosine is not None:
+        vopts["min_cosine"] = args.verify_min_cosine
+    if args.calibration:
+        from graphopt.calibration import CalibrationData
+
+        CalibrationData.from_any(args.calibration)  # a clear error now, before any work
     model = load(args.input, allow_custom_domains=args.allow_custom_domains)
     if args.report:
         # The report must not replace the input model, its weights, or the output model.
@@ -177,6 +201,9 @@ def _optimize(args: argparse.Namespace) -> int:
             model,
             target=args.target,
             pipeline=args.pipeline,
+            quantize=quantize,
+            prune=prune,
+            calibration=args.calibration,
             level=args.level,
             verify=args.verify,
             verify_each=args.verify_each,
@@ -194,11 +221,100 @@ def _optimize(args: argparse.Namespace) -> int:
         payload = result.report.to_json()
         _atomic_write(args.report, lambda f: f.write(payload.encode()))
     print(result.report.table())
+    rows = next((p.details["sensitivity"] for p in result.report.passes if "sensitivity" in p.details), None)
+    if rows and (args.sensitivity or args.min_cosine is not None):
+        print("\nper-layer sensitivity (each layer quantized alone; worst first):")
+        print(_sensitivity_table(rows[:30]))
+        if len(rows) > 30:
+            print(f"... and {len(rows) - 30} more layers (all in the JSON report)")
+    if rows and args.sensitivity_plot:
+        _plot_sensitivity(rows, args.sensitivity_plot)
     if result.report.verification is not None:
         print()
         print(result.report.verification.table())
     print(f"\nwrote {args.output} (target {args.target}; pipeline {result.report.pipeline})")
     return 0
+
+
+def _options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """KEY=VALUE items parsed with the pipeline grammar (numbers, true/false, [lists], strings)."""
+    from graphopt.spec import parse_text
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise GraphoptError(f"{flag} expects KEY=VALUE, got '{item}'")
+        (step,) = parse_text(f"x({item})")
+        out.update(step.options)  # type: ignore[union-attr]
+    return out
+
+
+def _quantize_and_prune(args: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    quantize: dict[str, Any] | None = None
+    if args.quantize:
+        quantize = {"mode": args.quantize, **_options(args.quantize_option, "--quantize-option")}
+        if args.calibrator:
+            quantize["calibrator"] = args.calibrator
+        if args.min_cosine is not None:
+            quantize["min_cosine"] = args.min_cosine
+        if args.exclude:
+            quantize["exclude"] = list(args.exclude)
+        if args.sensitivity or args.sensitivity_plot:
+            quantize["sensitivity"] = True
+    else:
+        given = [f for f, v in (("--calibrator", args.calibrator), ("--min-cosine", args.min_cosine),
+                                ("--exclude", args.exclude), ("--quantize-option", args.quantize_option),
+                                ("--sensitivity", args.sensitivity or args.sensitivity_plot)) if v]
+        if given:
+            raise GraphoptError(f"{', '.join(given)} only apply with --quantize MODE; add it or remove them")
+    prune: dict[str, Any] | None = None
+    if args.prune is not None:
+        prune = {"sparsity": args.prune, "mode": args.prune_mode or "unstructured",
+                 **_options(args.prune_option, "--prune-option")}
+    elif args.prune_mode or args.prune_option:
+        raise GraphoptError("--prune-mode/--prune-option only apply with --prune SPARSITY; add it or remove them")
+    if args.pipeline and (quantize or prune):
+        raise GraphoptError("give either --pipeline or --quantize/--prune: add quantize(...)/prune(...) to the pipeline")
+    return quantize, prune
+
+
+def _sensitivity_table(rows: list[dict[str, Any]]) -> str:
+    out = [("layer", "op", "min cosine", "SQNR dB")]
+    for r in rows:
+        cos, sq = r.get("min_cosine"), r.get("sqnr_db")
+        out.append((str(r.get("node")), str(r.get("op_type")),
+                    f"{cos:.6f}" if isinstance(cos, float) else str(cos),
+                    f"{sq:.1f}" if isinstance(sq, float) else str(sq)))
+    widths = [max(len(row[i]) for row in out) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in out)
+
+
+def _plot_sensitivity(rows: list[dict[str, Any]], path: str) -> None:
+    """Bar chart of 1 - cosine per layer (log scale), worst first; written atomically."""
+    import io
+
+    from graphopt.ir import _atomic_write
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise GraphoptError("--sensitivity-plot needs matplotlib: pip install matplotlib") from None
+    names = [str(r["node"]) for r in rows]
+    loss = [max(1.0 - float(r["min_cosine"]), 1e-9) if isinstance(r["min_cosine"], float) else 1.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
+    ax.bar(range(len(rows)), loss, color="tab:red")
+    ax.set_yscale("log")
+    ax.set_ylabel("1 - min cosine (layer quantized alone)")
+    ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
+    ax.set_title("per-layer quantization sensitivity")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def inspect_model(model: ir.Model) -> dict[str, Any]:

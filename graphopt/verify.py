@@ -599,8 +599,13 @@ def verify(
     atol: float = 1e-4,
     dims: dict[str, int] | None = None,
     seed: int = 0,
+    min_cosine: float | None = None,
 ) -> VerificationResult:
     """Run both models on the same inputs and compare every output by position.
+
+    ``min_cosine`` switches float outputs from element-wise closeness to a fidelity criterion
+    (cosine to the reference at least this high): the right check for quantized or pruned models,
+    which are meant to differ element-wise.
 
     ``inputs``: None (generated from the reference), a dict of arrays, or an .npz path. A
     candidate that fails or differs gives ``passed=False`` (never an exception); only a reference
@@ -636,6 +641,15 @@ def verify(
         if rname != gname:
             cmp.passed = False
             cmp.note = f"candidate output is named '{gname}'" + (f"; {cmp.note}" if cmp.note else "")
+        if min_cosine is not None and cmp.cosine is not None and rname == gname and not cmp.note.startswith(
+            ("shape", "dtype")
+        ):
+            special = "NaN" in cmp.note or "infinities" in cmp.note  # never acceptable
+            cmp.passed = bool(not special and np.isfinite(cmp.cosine) and cmp.cosine >= min_cosine)
+            cmp.note = "; ".join(
+                [n for n in cmp.note.split("; ") if n and "out of tolerance" not in n]
+                + [f"cosine {'≥' if cmp.passed else '<'} {min_cosine:g} required"]
+            )
         outputs.append(cmp)
     for rname, _ in expected[len(got) :]:
         outputs.append(OutputComparison(rname, "-", None, False, note="missing from the candidate"))

@@ -226,13 +226,27 @@ BAD_INPUTS = {
     "pipeline-bad-json": _bad_pipeline_file(".json", "{not json"),
     "pipeline-unknown-pass-in-file": _bad_pipeline_file(".json", '{"pipeline": ["cleanup", "nope"]}'),
     "unknown-target": _with_args("--target", "no-such-target"),
-    "quantize": _with_args("--quantize", "dynamic"),
-    "prune": _with_args("--prune", "0.5"),
-    "calibration": _with_args("--calibration", "data.npz"),
+    "quantize-unknown-mode": _with_args("--quantize", "int3"),
+    "quantize-static-without-calibration": _with_args("--quantize", "static"),
+    "calibration-missing-file": _with_args("--quantize", "static", "--calibration", "/nonexistent/data.npz"),
+    "calibration-unused": lambda src_dir: _calibration_file(src_dir),
+    "calibrator-without-quantize": _with_args("--calibrator", "entropy"),
+    "quantize-option-not-for-mode": _with_args("--quantize", "dynamic", "--quantize-option", "block_size=32"),
+    "quantize-with-pipeline": _with_args("--quantize", "dynamic", "--pipeline", "cleanup"),
+    "prune-out-of-range": _with_args("--prune", "1.5"),
+    "prune-unknown-mode": _with_args("--prune", "0.5", "--prune-mode", "diagonal"),
     "bad-dim": _with_args("--verify", "--dim", "N"),
     "inputs-missing-file": _with_args("--verify", "--inputs", "/nonexistent/inputs.npz"),
     "inputs-object-npz-not-unpickled": _object_npz,
 }
+
+
+def _calibration_file(src_dir: Path) -> list:
+    """Calibration data without --quantize or --prune: nothing would use it."""
+    path = src_dir / "model.onnx"
+    path.write_bytes(VALID)
+    np.savez(src_dir / "calib.npz", x=np.zeros((4, 4), np.float32))
+    return [path, "--calibration", src_dir / "calib.npz"]
 
 
 def _offset_past_end(src_dir: Path) -> list:

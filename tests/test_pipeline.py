@@ -216,10 +216,49 @@ def test_optimize_and_save_leave_the_input_bytes_unchanged(as_proto: bool) -> No
     assert after == before
 
 
-@pytest.mark.parametrize("kwargs", [{"quantize": "dynamic"}, {"prune": 0.5}, {"calibration": "x.npz"}])
-def test_options_of_later_issues_raise_instead_of_doing_nothing(kwargs) -> None:
-    with pytest.raises(GraphoptError, match="not available yet"):
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"quantize": "int3"}, "quantize mode 'int3' is unknown"),
+    ({"quantize": {"block_size": 32}}, "quantize mode None is unknown"),
+    ({"quantize": "static"}, "static quantization needs calibration data"),
+    ({"calibration": [{"x": np.zeros((1, 4), np.float32)}]}, "nothing uses it"),
+    ({"prune": 1.0}, r"prune sparsity must be a number in \[0, 1\)"),
+    ({"prune": {"sparsity": 0.5, "mode": "diagonal"}}, "prune mode 'diagonal' is unknown"),
+    ({"quantize": "dynamic", "pipeline": "cleanup"}, "either pipeline= or quantize="),
+])
+def test_bad_quantize_and_prune_requests_are_clear_errors(kwargs, message) -> None:
+    with pytest.raises(GraphoptError, match=message):
         graphopt.optimize(mlp(), **kwargs)
+
+
+def test_pipeline_context_reaches_passes_and_details_reach_the_report() -> None:
+    seen = {}
+
+    class Probe(Pass):
+        """Test pass: records the context it was given."""
+
+        name = "probe"
+
+        def call(self, model):
+            seen.update(self.context)
+            self.details["nodes"] = [{"node": "n", "quantized": False}]
+            return ir.passes.PassResult(model, False)
+
+    reg = default_registry().copy()
+    reg.register_pass("probe", Probe)
+    _, report = Pipeline.parse("probe", registry=reg).run(mlp(), registry=reg, context={"calibration": "data"})
+    assert seen == {"calibration": "data"}
+    assert report.passes[0].details == {"nodes": [{"node": "n", "quantized": False}]}
+    assert report.to_dict()["passes"][0]["details"]["nodes"][0]["node"] == "n"
+
+
+def test_default_pipeline_places_prune_and_quantize() -> None:
+    backend = default_registry().backend("ort-cpu")
+    dyn = backend.default_pipeline(2, quantize={"mode": "dynamic"}, prune={"sparsity": 0.5, "mode": "2:4"})
+    assert dyn.startswith('cleanup,prune(mode="2:4",sparsity=0.5),fuse-batchnorm')
+    assert "fuse-ort" in dyn and dyn.endswith("quantize(mode=dynamic),cleanup")
+    static = backend.default_pipeline(2, quantize={"mode": "static"})
+    assert "fuse-ort" not in static and "fuse-gemm" in static  # QDQ needs the standard ops
+    assert backend.default_pipeline(0, quantize={"mode": "int4"}) == "quantize(mode=int4)"
 
 
 def test_unknown_target_is_a_clear_error() -> None:

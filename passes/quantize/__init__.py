@@ -1,1 +1,248 @@
-"""Quantization passes: dynamic int8, static int8 (QDQ), int4/int8 weight-only; see base.py."""
+"""Quantization passes: dynamic int8, static int8 (QDQ), int4/int8 weight-only.
+
+``quantize(mode=…)`` is the one name pipelines and ``optimize(quantize=…)`` use: it runs the mode's
+pass (``quantize-dynamic``, ``quantize-static``, ``quantize-weight-only``) with the options that
+apply to it, and adds accuracy control on top (``sensitivity=true`` measures every layer alone;
+``min_cosine=X`` keeps the most sensitive layers in float until the outputs reach cosine X).
+Its options are the union of the mode passes' options, so ``graphopt passes`` documents them all;
+an option that does not apply to the chosen mode is an error, not ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import typing
+from typing import Any, ClassVar, Literal
+
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError, PipelineError
+from graphopt.pipeline import Pass
+from graphopt.registry import coerce_options
+
+from .accuracy import Fidelity, fidelity, greedy_keep_float
+
+__all__ = ["MODES", "QuantizePass", "mode_pass"]
+
+logger = logging.getLogger("graphopt.passes.quantize")
+
+#: mode → (module, class, fixed options). The weight-only pass serves two modes by bit width.
+MODES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "dynamic": ("graphopt.passes.quantize.dynamic", "QuantizeDynamicPass", {}),
+    "static": ("graphopt.passes.quantize.static", "QuantizeStaticPass", {}),
+    "int4": ("graphopt.passes.quantize.weight_only", "QuantizeWeightOnlyPass", {"bits": 4}),
+    "int8-weight": ("graphopt.passes.quantize.weight_only", "QuantizeWeightOnlyPass", {"bits": 8}),
+}
+
+Mode = Literal["dynamic", "static", "int4", "int8-weight"]
+
+
+def mode_pass(mode: str) -> type[Pass]:
+    """The pass class that implements ``mode``."""
+    if mode not in MODES:
+        raise PipelineError(f"unknown quantization mode '{mode}'; use one of {list(MODES)}")
+    module, cls, _ = MODES[mode]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _mode_classes() -> dict[str, type]:
+    out = {}
+    for mode in MODES:
+        try:
+            out[mode] = mode_pass(mode)
+        except ImportError:  # a mode module missing from a partial install: its mode errors when used
+            continue
+    return out
+
+
+@dataclasses.dataclass
+class _ControlOptions:
+    mode: Mode = dataclasses.field(
+        default="dynamic", metadata={"doc": "dynamic | static (needs calibration) | int4 | int8-weight"})
+    min_cosine: float | None = dataclasses.field(
+        default=None, metadata={"doc": "fidelity target: keep the most sensitive layers in float until the "
+                                       "outputs' worst per-row cosine to the float model reaches it"})
+    sensitivity: bool = dataclasses.field(
+        default=False, metadata={"doc": "measure every layer quantized alone (report details 'sensitivity')"})
+    max_float: int | None = dataclasses.field(
+        default=None, metadata={"doc": "at most this many layers kept in float by min_cosine"})
+    eval_batches: int = dataclasses.field(
+        default=4, metadata={"doc": "calibration batches used to measure fidelity (else generated inputs)"})
+
+
+def _union_options() -> type:
+    """``_ControlOptions`` plus every mode pass's options, each defaulting to None (= the mode's default)."""
+    fields: list[tuple[str, Any, Any]] = []
+    seen: dict[str, Any] = {}
+    for cls in _mode_classes().values():
+        opts = cls.Options
+        hints = typing.get_type_hints(opts)
+        for f in dataclasses.fields(opts):
+            if f.name in _CONTROL_FIELDS or f.name == "bits" and cls.__name__ == "QuantizeWeightOnlyPass":
+                continue
+            t = hints[f.name]
+            if f.name in seen:
+                if seen[f.name] != t:  # same name, different types across modes: check in the mode pass
+                    seen[f.name] = Any
+                continue
+            seen[f.name] = t
+            fields.append((f.name, f.metadata))
+    result = []
+    for name, meta in fields:
+        t = seen[name]
+        result.append((name, t if t is Any else t | None,
+                       dataclasses.field(default=None, metadata=meta)))
+    return dataclasses.make_dataclass("QuantizeOptions", result, bases=(_ControlOptions,))
+
+
+_CONTROL_FIELDS = {f.name for f in dataclasses.fields(_ControlOptions)}
+
+
+class QuantizePass(Pass):
+    """Quantize with one mode (dynamic, static, int4, int8-weight), with optional accuracy control.
+
+    Safe as the chosen mode pass is (each skips what it cannot prove and says why); the accuracy
+    control only ever leaves more layers in float. Sensitivity and ``min_cosine`` run ONNX Runtime
+    on copies of the model: with calibration data on its first ``eval_batches`` batches, else on
+    generated inputs.
+    """
+
+    name = "quantize"
+    Options: ClassVar[type] = _union_options()
+
+    # --- options -----------------------------------------------------------------------------
+    def mode_options(self, **extra: Any) -> dict[str, Any]:
+        """The options given for the mode pass (None = not given), checked against that pass."""
+        mode = self.options.mode
+        cls = mode_pass(mode)
+        own = {f.name for f in dataclasses.fields(cls.Options)}
+        given = {
+            f.name: getattr(self.options, f.name)
+            for f in dataclasses.fields(self.options)
+            if f.name not in _CONTROL_FIELDS and getattr(self.options, f.name) is not None
+        }
+        wrong = sorted(k for k in given if k not in own)
+        if wrong:
+            raise PipelineError(
+                f"quantize: option(s) {wrong} do not apply to mode={mode} "
+                f"(its options: {sorted(own - {'bits'} if MODES[mode][2] else own)})"
+            )
+        given.update(MODES[mode][2])
+        for key, value in extra.items():
+            if key == "exclude":  # accuracy control adds to the user's exclusions
+                value = [*(given.get(key) or []), *value]
+            given[key] = value  # include (one layer for sensitivity) replaces the user's
+        return coerce_options(f"quantize-{mode}", cls.Options, given)
+
+    def make_mode_pass(self, **extra: Any) -> Pass:
+        p = mode_pass(self.options.mode)(**self.mode_options(**extra))
+        p.context = self.context
+        return p
+
+    # --- running ---------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        if opts.min_cosine is not None and not (0.0 < opts.min_cosine <= 1.0):
+            raise PipelineError(f"quantize: min_cosine must be in (0, 1], got {opts.min_cosine}")
+        if opts.min_cosine is None and not opts.sensitivity:
+            return self._run(model, self.make_mode_pass())
+        return self._controlled(model)
+
+    def _run(self, model: ir.Model, p: Pass) -> ir.passes.PassResult:
+        result = p(model)
+        for k, v in p.stats.items():
+            self.count(k, v)
+        self.details.update(p.details)
+        return result
+
+    def _controlled(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        feeds = self._eval_feeds(model)
+        reference = _outputs(model, feeds)
+
+        def quantized_copy(**extra: Any) -> tuple[ir.Model, Pass]:
+            work = model.clone()
+            p = self.make_mode_pass(**extra)
+            p(work)
+            return work, p
+
+        def measure(candidate: ir.Model) -> Fidelity:
+            return fidelity(reference, _outputs(candidate, feeds))
+
+        full, probe = quantized_copy()
+        layers = [d for d in probe.decisions if d.quantized and d.node]
+        base = measure(full)
+        self.details["fidelity_all_quantized"] = base.to_dict()
+        logger.info("all %d layers quantized: min cosine %.6f", len(layers), base.min_cosine)
+        need_control = opts.min_cosine is not None and base.min_cosine < opts.min_cosine
+        ranking: list[tuple[str, str, Fidelity]] = []
+        if opts.sensitivity or need_control:
+            for d in layers:
+                single, _ = quantized_copy(include=[d.node])
+                ranking.append((d.node, d.op_type, measure(single)))
+            ranking.sort(key=lambda r: (r[2].min_cosine, r[2].sqnr_db, r[0]))
+            self.details["sensitivity"] = [
+                {"node": n, "op_type": t, **f.to_dict()} for n, t, f in ranking
+            ]
+        keep: list[str] = []
+        if need_control:
+            cache: dict[tuple[str, ...], Fidelity] = {}
+
+            def evaluate(kept: list[str]) -> Fidelity:
+                key = tuple(kept)
+                if key not in cache:
+                    cache[key] = measure(quantized_copy(exclude=kept)[0]) if kept else base
+                return cache[key]
+
+            keep, achieved, trials = greedy_keep_float([r[0] for r in ranking], evaluate,
+                                                       float(opts.min_cosine), max_float=opts.max_float)
+            self.details["kept_float_for_accuracy"] = keep
+            self.details["fidelity"] = achieved.to_dict()
+            self.details["accuracy_trials"] = trials
+            if achieved.min_cosine < opts.min_cosine:
+                logger.warning(
+                    "quantize: min_cosine %.6f not reached (best %.6f keeping %d layers in float)",
+                    opts.min_cosine, achieved.min_cosine, len(keep),
+                )
+                self.details["target_met"] = False
+            else:
+                self.details["target_met"] = True
+        else:
+            self.details["fidelity"] = base.to_dict()
+        final = self.make_mode_pass(exclude=keep) if keep else self.make_mode_pass()
+        result = self._run(model, final)
+        if keep:
+            self.count("float:accuracy", len(keep))
+            kept = set(keep)
+            for row in self.details.get("nodes", []):
+                if row["node"] in kept:
+                    row["reason"] = "kept float for min_cosine"
+        return result
+
+    def _eval_feeds(self, model: ir.Model) -> list[dict[str, Any]]:
+        from graphopt.calibration import CalibrationData
+        from graphopt.verify import generate_inputs
+
+        source = getattr(self.options, "calibration", None) or self.context.get("calibration")
+        if source is not None:
+            data = CalibrationData.from_any(source)
+            if getattr(data, "_single_use", False):
+                data = data.materialize()
+                self.context["calibration"] = data
+            batches = list(data.batches(self.options.eval_batches))
+            if batches:
+                return batches
+        try:
+            return [generate_inputs(model, seed=s) for s in range(min(2, self.options.eval_batches))]
+        except GraphoptError as e:
+            raise PipelineError(
+                f"quantize: cannot generate inputs to measure fidelity ({e}); give calibration data"
+            ) from None
+
+
+def _outputs(model: ir.Model, feeds: list[dict[str, Any]]) -> list[list[Any]]:
+    from graphopt.verify import run_model
+
+    return [[v for _, v in run_model(model, f)] for f in feeds]
