@@ -87,6 +87,9 @@ class WeightOnlyOptions(CommonOptions):
         default=0.01, metadata=_doc("gptq: dampening added to H's diagonal, as a fraction of its mean"))
     act_order: bool = dataclasses.field(
         default=False, metadata=_doc("gptq: quantize columns by decreasing H diagonal (static groups)"))
+    scale_search: bool = dataclasses.field(
+        default=False, metadata=_doc("per block, try clipping the range (ratios 1.0..0.75) and keep the scale "
+                                    "with the least rounding error; False: plain full-range RTN"))
     calibration_batches: int | None = dataclasses.field(
         default=None, metadata=_doc("gptq: use at most this many calibration batches (None: all)"))
     hessian_memory_mb: int = dataclasses.field(
@@ -121,20 +124,47 @@ def _pad_k(w: np.ndarray, block_size: int) -> np.ndarray:
     return np.concatenate([w, np.zeros((w.shape[0], kp - k), w.dtype)], axis=1)
 
 
-def block_params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32
-                 ) -> tuple[np.ndarray, np.ndarray]:
+#: Clipping ratios tried by the scale search (1.0 = the block's full range, plain RTN).
+SEARCH_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32,
+                 search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-block scale and zero point (as float32 arrays ``blocks.shape[:-1]``) for values in the
-    last axis; the scale is rounded to its storage dtype first so ``q`` matches what ORT dequantizes."""
+    last axis; the scale is rounded to its storage dtype first so ``q`` matches what ORT dequantizes.
+
+    ``search``: also try the range shrunk by :data:`SEARCH_RATIOS` and keep, per block, the one
+    with the least squared rounding error (clipping a few outliers often lowers it)."""
+    if not search:
+        return _block_params(blocks, bits, symmetric, scale_dtype, 1.0)
+    best_s, best_z = _block_params(blocks, bits, symmetric, scale_dtype, 1.0)
+    best_e = _block_error(blocks, best_s, best_z, bits)
+    for r in SEARCH_RATIOS[1:]:
+        s, z = _block_params(blocks, bits, symmetric, scale_dtype, r)
+        e = _block_error(blocks, s, z, bits)
+        better = e < best_e
+        best_s, best_z, best_e = (np.where(better, s, best_s), np.where(better, z, best_z),
+                                  np.where(better, e, best_e))
+    return best_s, best_z
+
+
+def _block_error(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    q = _levels(blocks, scale[..., None], zp[..., None], bits)
+    return np.sum(np.square((q - zp[..., None]) * scale[..., None] - blocks), axis=-1)
+
+
+def _block_params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any, ratio: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
     maxq = (1 << bits) - 1
     if symmetric:
         half = float(1 << (bits - 1))
         idx = np.abs(blocks).argmax(axis=-1)[..., None]
         peak = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
-        scale = peak / -half
+        scale = peak * ratio / -half
         zp = np.full(scale.shape, half, np.float32)
     else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0)
-        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        lo = np.minimum(blocks.min(axis=-1), 0.0) * ratio
+        hi = np.maximum(blocks.max(axis=-1), 0.0) * ratio
         scale = (hi - lo) / maxq
         zp = None
     scale = np.where(scale == 0, 1.0, scale).astype(scale_dtype).astype(np.float32)
@@ -149,11 +179,11 @@ def _levels(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.n
 
 
 def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                 scale_dtype: Any = np.float32) -> QuantizedWeight:
-    """Round-to-nearest block quantization of ``w [N, K]``."""
+                 scale_dtype: Any = np.float32, search: bool = False) -> QuantizedWeight:
+    """Round-to-nearest block quantization of ``w [N, K]`` (``search``: see :func:`block_params`)."""
     n, k = w.shape
     blocks = _pad_k(w.astype(np.float32), block_size).reshape(n, -1, block_size)
-    scale, zp = block_params(blocks, bits, symmetric, scale_dtype)
+    scale, zp = block_params(blocks, bits, symmetric, scale_dtype, search)
     q = _levels(blocks, scale[..., None], zp[..., None], bits).astype(np.uint8)
     return QuantizedWeight(q, scale.astype(scale_dtype), None if symmetric else zp.astype(np.uint8), bits, k)
 
@@ -168,7 +198,7 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
                   damp: float = 0.01, act_order: bool = False, scale_dtype: Any = np.float32,
-                  lazy: int = 128) -> QuantizedWeight:
+                  search: bool = False, lazy: int = 128) -> QuantizedWeight:
     """GPTQ of ``w [N, K]`` given ``h = sum X^T X [K, K]`` (float64 inside; deterministic).
 
     Scales of a block are chosen from the block's error-updated weights when its first column is
@@ -186,7 +216,8 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
     W[:, dead] = 0.0
     static = None
     if act_order:
-        s0, z0 = block_params(W.reshape(n, nb, block_size).astype(np.float32), bits, symmetric, scale_dtype)
+        s0, z0 = block_params(W.reshape(n, nb, block_size).astype(np.float32), bits, symmetric, scale_dtype,
+                              search)
         static = (s0.astype(np.float64), z0.astype(np.float64))
         perm = np.argsort(-np.diag(H), kind="stable")
     else:
@@ -216,7 +247,8 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
             if static is None:
                 g = col // block_size
                 if col % block_size == 0:
-                    s, z = block_params(W1[:, i : i + block_size].astype(np.float32), bits, symmetric, scale_dtype)
+                    s, z = block_params(W1[:, i : i + block_size].astype(np.float32), bits, symmetric,
+                                        scale_dtype, search)
                     scales[:, g], zps[:, g] = s, z
                 s, z = scales[:, g], zps[:, g]
             else:
@@ -393,7 +425,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 else:
                     sites.append(site)
             elif node.domain == MS_DOMAIN and node.op_type == "Attention":
-                if len(node.inputs) > 1 and constant_array(node.inputs[1]) is not None:
+                if len(node.inputs) > 1 and node.inputs[1] is not None:
                     self.decide(node, False, "packed QKV weight inside fused Attention")
             elif node.domain == "" and node.op_type == "Gather" and o.quantize_embeddings:
                 if not node.inputs or constant_array(node.inputs[0]) is None:
@@ -433,9 +465,10 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 sdt = _FLOAT_DTYPES[first.dtype]
                 if key in hessians:
                     qw = gptq_quantize(first.w, hessians.pop(key), o.bits, o.block_size, o.symmetric,
-                                       damp=o.damp, act_order=o.act_order, scale_dtype=sdt)
+                                       damp=o.damp, act_order=o.act_order, scale_dtype=sdt,
+                                       search=o.scale_search)
                 else:
-                    qw = quantize_rtn(first.w, o.bits, o.block_size, o.symmetric, sdt)
+                    qw = quantize_rtn(first.w, o.bits, o.block_size, o.symmetric, sdt, o.scale_search)
                 made[key] = self._initializers(graph, qw, first.node.inputs[1].name or "weight", taken)
                 for site in by_key[key]:
                     replaced.append(site.node.inputs[1])
@@ -543,7 +576,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
 
     def _rewrite_gather(self, graph: ir.Graph, node: ir.Node, w: np.ndarray, taken: set[str]) -> None:
         o = self.options
-        qw = quantize_rtn(w, o.bits, o.block_size, o.symmetric, w.dtype.type)
+        qw = quantize_rtn(w, o.bits, o.block_size, o.symmetric, w.dtype.type, o.scale_search)
         v, h = w.shape
         base = node.inputs[0].name or "embedding"
         data = _initializer(graph, unique_name(graph, f"{base}_q{o.bits}", taken),
