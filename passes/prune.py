@@ -1,0 +1,1337 @@
+"""Weight pruning: unstructured magnitude, N:M semi-structured, and structured pruning that shrinks the graph.
+
+Three modes, one pass (``prune``):
+
+* ``unstructured``: zero the smallest-magnitude weights of Conv / MatMul / Gemm weight initializers,
+  per layer or with one global threshold. Embedding tables (Gather), normalization parameters,
+  biases and tensors below ``min_size`` are never targets. The file keeps its dense layout, so
+  ONNX Runtime's dense kernels run exactly as fast as before; only sparse storage
+  (:func:`to_sparse_proto` / :func:`save_sparse`) makes the file smaller, and only above ~67 %
+  sparsity (ONNX sparse tensors store int64 indices: 12 bytes per kept value vs 4 dense).
+* ``N:M`` (``2:4`` ...): in every group of M consecutive weights along the reduction dimension,
+  keep the N largest. MatMul ``W[K, N]``: groups along K per column; Gemm along K respecting
+  ``transB``; Conv ``W[O, I, kh, kw]``: groups along I per (output channel, kh, kw), the layout
+  TensorRT / cuSPARSELt use (KRSC with C innermost). :func:`satisfies_nm` checks the result.
+* ``structured``: remove whole units and rewrite every dependent shape.
+  - *channels / neurons*: a unit group starts at a producer (Conv output channels, MatMul / Gemm
+    output columns) and follows the value through element-wise ops, per-channel BatchNorm /
+    bias Adds, pooling, Transpose, flattening Reshape, residual Adds (both producers join the
+    group), up to the consumers (next Conv / MatMul / Gemm input channels, rows). A group whose
+    units reach anything else (a graph output, LayerNorm, Concat, Split, an op not listed) is
+    left alone and the reason recorded. Groups made only of MatMul / Gemm are ``ffn`` (FFN
+    neurons; a Llama gated MLP joins gate and up columns through the ``silu(gate) * up`` Mul,
+    and down's rows); groups with a Conv are ``channels``.
+  - *heads*: multi-head attention as exported from BERT-style models (Q/K/V projections →
+    Reshape [B, S, H, d] → Transpose, scores MatMul, softmax, context MatMul, Transpose →
+    Reshape [B, S, H·d] → output projection). Q/K/V columns, their biases and the output
+    projection's rows are sliced per head; a literal head count in the Reshape shapes is
+    rewritten. Grouped-query attention, fused QKV, rotary chains and any unrecognized node are
+    skipped with the reason.
+
+  Importance is the L1 or L2 norm of each unit's weights (producers' output slices and
+  consumers' input slices, each normalized by its mean), or, with calibration data,
+  ``mean|activation|`` of the unit at each consumer's input times the norm of the consumer's
+  weights for that unit (Wanda-style).
+
+Every rewrite writes new initializers (a weight shared with another node is copied, never changed
+in place for structured pruning) and the report's details list every layer / group with its
+decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import PipelineError
+from graphopt.pipeline import Pass
+
+__all__ = [
+    "PruneOptions",
+    "PrunePass",
+    "parse_mode",
+    "satisfies_nm",
+    "nm_axis",
+    "sparsity_of",
+    "to_sparse_proto",
+    "save_sparse",
+]
+
+logger = logging.getLogger("graphopt.passes.prune")
+
+MODES = ("unstructured", "2:4", "structured")
+TARGETS = ("channels", "ffn", "heads")
+_FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
+#: Metadata key that asks the saver for sparse initializers (see :func:`to_sparse_proto`).
+SPARSE_STORAGE_KEY = "graphopt.sparse_storage"
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclasses.dataclass
+class PruneOptions:
+    sparsity: float = dataclasses.field(
+        default=0.5, metadata=_doc("fraction of weights (unstructured) or units (structured) to remove, 0..1; "
+                                   "N:M modes ignore it (their sparsity is 1 - N/M)"))
+    mode: str = dataclasses.field(
+        default="unstructured", metadata=_doc("unstructured | 2:4 | N:M (e.g. 1:4) | structured"))
+    scope: Literal["layer", "global"] = dataclasses.field(
+        default="layer", metadata=_doc("layer: each layer (unit group) loses `sparsity`; global: one threshold "
+                                       "over all targets (structured: over mean-normalized unit scores)"))
+    targets: list[str] = dataclasses.field(
+        default_factory=lambda: list(TARGETS),
+        metadata=_doc("structured unit kinds: channels (Conv), ffn (MatMul/Gemm neurons), heads (attention)"))
+    importance: Literal["l1", "l2", "activation"] = dataclasses.field(
+        default="l1", metadata=_doc("unit score: weight L1/L2 norm, or activation statistics (needs calibration)"))
+    min_size: int = dataclasses.field(
+        default=1024, metadata=_doc("weights with fewer elements are left dense (unstructured and N:M)"))
+    exclude: list[str] = dataclasses.field(
+        default_factory=list, metadata=_doc("node names, weight names, fnmatch patterns or op types to leave alone"))
+    include: list[str] = dataclasses.field(
+        default_factory=list, metadata=_doc("if given, prune only nodes/weights matching these"))
+    round_to: int = dataclasses.field(
+        default=1, metadata=_doc("structured: keep a multiple of this many units per group when possible"))
+    sparse_storage: bool = dataclasses.field(
+        default=False, metadata=_doc("mark the model so savers store sparse initializers (to_sparse_proto)"))
+    calibration: str | None = dataclasses.field(
+        default=None, metadata=_doc(".npz file or folder for importance=activation (or optimize(calibration=))"))
+    calibration_batches: int = dataclasses.field(
+        default=16, metadata=_doc("at most this many calibration batches for activation statistics"))
+
+
+def parse_mode(mode: str) -> tuple[str, int, int]:
+    """``("unstructured"|"nm"|"structured", n, m)``; a PipelineError for anything else."""
+    text = str(mode).strip().lower()
+    if text in ("unstructured", "structured"):
+        return text, 0, 0
+    m = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if 0 < n < mm <= 64:
+            return "nm", n, mm
+    raise PipelineError(
+        f"prune mode {mode!r} is not valid; use unstructured, structured, or N:M with 0 < N < M (e.g. 2:4)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Array helpers (public: tests and benchmarks use them)
+
+
+def sparsity_of(array: np.ndarray) -> float:
+    """Fraction of exact zeros."""
+    a = np.asarray(array)
+    return float((a == 0).sum() / a.size) if a.size else 0.0
+
+
+def satisfies_nm(array: np.ndarray, n: int, m: int, axis: int) -> bool:
+    """True when every group of ``m`` consecutive elements along ``axis`` has at most ``n`` non-zeros."""
+    a = np.moveaxis(np.asarray(array), axis, -1)
+    if a.shape[-1] % m:
+        return False
+    groups = a.reshape(-1, m)
+    return bool(((groups != 0).sum(axis=1) <= n).all())
+
+
+def nm_axis(op_type: str, weight_rank: int, attributes: dict[str, Any] | None = None) -> int | None:
+    """The reduction axis of a layer's weight along which N:M groups run (None: not a target)."""
+    attributes = attributes or {}
+    if op_type == "MatMul":
+        return weight_rank - 2 if weight_rank >= 2 else None
+    if op_type == "Gemm":
+        return 1 if attributes.get("transB", 0) else 0
+    if op_type == "Conv":
+        return 1 if weight_rank >= 3 else None
+    return None
+
+
+def _nm_prune(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
+    """Keep the ``n`` largest-magnitude entries in each group of ``m`` along ``axis`` (ties: first)."""
+    moved = np.moveaxis(w, axis, -1)
+    shape = moved.shape
+    groups = moved.reshape(-1, m)
+    order = np.argsort(-np.abs(groups), axis=1, kind="stable")
+    mask = np.zeros(groups.shape, dtype=bool)
+    np.put_along_axis(mask, order[:, :n], True, axis=1)
+    out = np.where(mask, groups, 0).astype(w.dtype).reshape(shape)
+    return np.ascontiguousarray(np.moveaxis(out, -1, axis))
+
+
+def _magnitude_mask(w: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the ``k`` smallest-|w| entries (exact count, stable ties)."""
+    flat = np.abs(w).ravel()
+    mask = np.zeros(flat.size, dtype=bool)
+    if k > 0:
+        order = np.argsort(flat, kind="stable")
+        mask[order[:k]] = True
+    return mask.reshape(w.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph helpers
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+        return None if tensor is None else tensor.numpy()
+    except Exception:  # malformed Constant, unreadable external data
+        return None
+
+
+def _matches(patterns: Iterable[str], node: ir.Node, weight_name: str | None) -> bool:
+    names = [node.name or "", weight_name or ""]
+    for p in patterns:
+        if p == node.op_type or any(p == n or fnmatch.fnmatchcase(n, p) for n in names if n):
+            return True
+    return False
+
+
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else value.shape.rank()
+
+
+def _dim(value: ir.Value, axis: int) -> Any:
+    """Static int, SymbolicDim or None for ``value``'s dim at (negative) ``axis``."""
+    if value.shape is None:
+        return None
+    r = value.shape.rank()
+    if axis + r < 0:
+        return 1  # broadcast: the value has no such axis
+    return value.shape[axis]
+
+
+class _Names:
+    """Fresh, deterministic initializer/value names."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken: set[str] = set(graph.initializers)
+        self.taken.update(v.name for v in graph.inputs if v.name)
+        for n in ir.traversal.RecursiveGraphIterator(graph):
+            self.taken.update(o.name for o in n.outputs if o.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+
+def _set_input_const(graph: ir.Graph, names: _Names, node: ir.Node, index: int, array: np.ndarray,
+                     suffix: str) -> ir.Value:
+    """Give ``node`` input ``index`` a new initializer (the old one may be shared; DCE drops it)."""
+    old = node.inputs[index]
+    base = (old.name if old is not None and old.name else f"{node.name or node.op_type}_{index}") + suffix
+    value = ir.Value(name=names.fresh(base), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array)))
+    value.const_value.name = value.name  # type: ignore[union-attr]
+    graph.register_initializer(value)
+    node.replace_input_with(index, value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured groups
+
+
+@dataclasses.dataclass
+class _Slice:
+    """A constant node input cut along ``axis``; unit ``u`` owns elements [u*block, (u+1)*block)."""
+
+    node: ir.Node
+    index: int
+    axis: int
+    block: int
+    role: str  # "out" (producer weight), "in" (consumer weight), "param" (bias, BN, ...), "shape"
+    data: ir.Value | None = None  # consumers: the activation feeding the weight
+    data_axis: int = -1
+    weight_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.weight_name:
+            v = self.node.inputs[self.index]
+            self.weight_name = (v.name or "") if v is not None else ""
+
+
+@dataclasses.dataclass
+class _Group:
+    kind: str
+    units: int
+    slices: list[_Slice] = dataclasses.field(default_factory=list)
+    values: dict[ir.Value, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    reason: str | None = None
+    producers: list[ir.Node] = dataclasses.field(default_factory=list)
+    #: Values whose shape must be re-inferred (heads: layouts too tangled to update by hand).
+    clear: list[ir.Value] = dataclasses.field(default_factory=list)
+    #: (node, input index, new array builder) for shape tensors that hold a unit count.
+    shape_fixes: list[tuple[ir.Node, int, Any]] = dataclasses.field(default_factory=list)
+    name: str = ""
+
+
+_UNARY = frozenset({
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Erf", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish",
+    "Softplus", "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
+    "Round", "Sign", "Identity", "Cast", "IsNaN", "IsInf", "Not", "Mish", "ThresholdedRelu", "Swish",
+})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "PRelu", "And", "Or", "Equal",
+                     "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Mod"})
+_LAYERS = frozenset({"Conv", "MatMul", "Gemm"})
+_POOL = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+_REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
+                     "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
+
+
+def _producer_axes(node: ir.Node) -> tuple[int, int, int] | None:
+    """(weight input index, weight output axis, activation output axis) of a prunable producer."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    w = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or node.inputs[1].dtype not in _FLOAT:  # type: ignore[union-attr]
+        return None
+    if node.op_type == "Conv" and w.ndim >= 3 and node.attributes.get_int("group", 1) == 1:
+        return 1, 0, -(w.ndim - 1)
+    if node.op_type == "MatMul" and w.ndim == 2 and _const(node.inputs[0]) is None:
+        return 1, 1, -1
+    if node.op_type == "Gemm" and w.ndim == 2 and _const(node.inputs[0]) is None:
+        return 1, (0 if node.attributes.get_int("transB", 0) else 1), -1
+    return None
+
+
+class _Closure:
+    """Collect every tensor slice that depends on one producer's output units (see module doc)."""
+
+    def __init__(self, seed: ir.Node, units: int) -> None:
+        self.group = _Group(kind="ffn", units=units, name=seed.name or seed.op_type)
+        self.handled: set[tuple[int, str]] = set()
+        self.work: list[tuple[ir.Value, int, int]] = []
+        self._seed = seed
+
+    def block(self, reason: str) -> None:
+        if self.group.reason is None:
+            self.group.reason = reason
+
+    def run(self) -> _Group:
+        self.producer(self._seed)
+        steps = 0
+        while self.work and self.group.reason is None:
+            steps += 1
+            if steps > 5000:
+                self.block("unit group too large to analyse")
+                break
+            v, axis, block = self.work.pop()
+            self.visit(v, axis, block)
+        return self.group
+
+    # --- values ---
+    def push(self, v: ir.Value, axis: int, block: int) -> None:
+        known = self.group.values.get(v)
+        if known is not None:
+            if known != (axis, block):
+                self.block(f"value {v.name} reached with two unit layouts")
+            return
+        self.work.append((v, axis, block))
+        self.group.values[v] = (axis, block)
+
+    def visit(self, v: ir.Value, axis: int, block: int) -> None:
+        if v.is_graph_output():
+            self.block(f"units reach graph output {v.name}")
+            return
+        if v.is_graph_input():
+            self.block(f"units come from graph input {v.name}")
+            return
+        full = self.group.units * block
+        d = _dim(v, axis)
+        if not isinstance(d, int) or d != full:
+            self.block(f"value {v.name} has dim {d} at axis {axis}, expected {full}")
+            return
+        if v.const_value is not None or (v.producer() is None and not v.is_graph_input()):
+            self.block(f"constant {v.name} reached through an op")
+            return
+        p = v.producer()
+        if p is not None:
+            if p.op_type in _LAYERS and p.domain in ("", "ai.onnx"):
+                self.producer(p)
+            elif (id(p), "node") not in self.handled:
+                self.node(p, v)
+        for u in v.uses():
+            node = u.node
+            if node.op_type in _LAYERS and node.domain in ("", "ai.onnx"):
+                self.consumer(node, v, u.idx, axis, block)
+            elif (id(node), "node") not in self.handled:
+                self.node(node, v, u.idx)
+
+    # --- nodes ---
+    def producer(self, node: ir.Node) -> None:
+        key = (id(node), "producer")
+        if key in self.handled:
+            return
+        self.handled.add(key)
+        axes = _producer_axes(node)
+        if axes is None:
+            self.block(f"{node.op_type} {node.name} is not a prunable producer")
+            return
+        widx, waxis, out_axis = axes
+        if node.op_type == "Conv":
+            self.group.kind = "channels"
+        self.group.producers.append(node)
+        self.group.slices.append(_Slice(node, widx, waxis, 1, "out", weight_name=node.inputs[widx].name or ""))
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = _const(node.inputs[2])
+            if b is None:
+                self.block(f"bias of {node.name} is not constant")
+                return
+            if node.op_type == "Gemm":
+                if b.size == 1:
+                    pass
+                elif b.ndim >= 1 and b.shape[-1] == self.group.units:
+                    self.group.slices.append(_Slice(node, 2, -1, 1, "param"))
+                else:
+                    self.block(f"Gemm bias {b.shape} of {node.name} is not per output column")
+                    return
+            else:
+                self.group.slices.append(_Slice(node, 2, 0, 1, "param"))
+        out = node.outputs[0]
+        if node.op_type == "MatMul":
+            r = _rank(out)
+            if r is None:
+                self.block(f"rank of {out.name} unknown")
+                return
+        self.push(out, out_axis, 1)
+
+    def consumer(self, node: ir.Node, v: ir.Value, index: int, axis: int, block: int) -> None:
+        key = (id(node), "consumer")
+        if key in self.handled:
+            return
+        self.handled.add(key)
+        if index != 0:
+            self.block(f"units feed the weight input of {node.op_type} {node.name}")
+            return
+        axes = _producer_axes(node)
+        if axes is None:
+            self.block(f"{node.op_type} {node.name} with a non-constant or grouped weight consumes the units")
+            return
+        r = _rank(v)
+        if node.op_type == "Conv":
+            self.group.kind = "channels"
+            if r is None or axis != 1 - r:
+                self.block(f"units of {v.name} are not on the Conv channel axis")
+                return
+            self.group.slices.append(_Slice(node, 1, 1, block, "in", v, axis, node.inputs[1].name or ""))
+        elif node.op_type == "MatMul":
+            if axis != -1:
+                self.block(f"units of {v.name} are not on the MatMul reduction axis")
+                return
+            self.group.slices.append(_Slice(node, 1, 0, block, "in", v, axis, node.inputs[1].name or ""))
+        else:  # Gemm
+            if node.attributes.get_int("transA", 0) or axis != -1 or r != 2:
+                self.block(f"Gemm {node.name} reads the units transposed or not 2-D")
+                return
+            waxis = 1 if node.attributes.get_int("transB", 0) else 0
+            self.group.slices.append(_Slice(node, 1, waxis, block, "in", v, axis, node.inputs[1].name or ""))
+
+    def node(self, node: ir.Node, v: ir.Value, index: int | None = None) -> None:
+        """``v`` (tracked) is ``node``'s output (index None) or its input ``index``."""
+        axis, block = self.group.values[v]
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            self.block(f"{node.domain}::{op} {node.name} not understood")
+            return
+        self.handled.add((id(node), "node"))
+        if op in _UNARY or op == "Dropout" or op == "Clip":
+            self._unary(node, axis, block)
+        elif op in _BINARY:
+            self._binary(node, axis, block)
+        elif op in ("BatchNormalization", "InstanceNormalization"):
+            self._norm(node, axis, block)
+        elif op in _POOL:
+            self._pool(node, axis, block)
+        elif op in _REDUCE and index == 0:
+            self._reduce(node, axis, block)
+        elif op == "Transpose":
+            self._transpose(node, v, axis, block)
+        elif op in ("Reshape", "Flatten") and index == 0:
+            self._flatten(node, axis, block)
+        else:
+            where = "output" if index is None else f"input {index}"
+            self.block(f"{op} {node.name} ({where}) not understood for unit pruning")
+
+    def _unary(self, node: ir.Node, axis: int, block: int) -> None:
+        if node.op_type == "Clip":
+            for extra in node.inputs[1:]:
+                if extra is not None and (_const(extra) is None or _const(extra).size != 1):  # type: ignore[union-attr]
+                    self.block(f"Clip {node.name} bounds are not constant scalars")
+                    return
+        if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1].uses():
+            self.block(f"Dropout {node.name} mask is used")
+            return
+        if node.inputs[0] is None:
+            self.block(f"{node.op_type} {node.name} has no input")
+            return
+        self.push(node.inputs[0], axis, block)
+        self.push(node.outputs[0], axis, block)
+
+    def _binary(self, node: ir.Node, axis: int, block: int) -> None:
+        full = self.group.units * block
+        for i, x in enumerate(node.inputs):
+            if x is None:
+                continue
+            c = _const(x)
+            if c is not None:
+                if axis + c.ndim < 0 or c.shape[axis] == 1:
+                    continue
+                if c.shape[axis] == full:
+                    self.group.slices.append(_Slice(node, i, axis, block, "param"))
+                    continue
+                self.block(f"constant {x.name} {c.shape} of {node.op_type} {node.name} does not match the units")
+                return
+            d = _dim(x, axis)
+            if d == 1:
+                continue
+            if d is None:
+                self.block(f"shape of {x.name} unknown")
+                return
+            self.push(x, axis, block)
+        self.push(node.outputs[0], axis, block)
+
+    def _norm(self, node: ir.Node, axis: int, block: int) -> None:
+        x = node.inputs[0]
+        r = _rank(x) if x is not None else None
+        if r is None or axis != 1 - r or block != 1:
+            self.block(f"{node.op_type} {node.name} does not normalize the unit axis per channel")
+            return
+        if node.op_type == "BatchNormalization":
+            if node.attributes.get_int("training_mode", 0) or any(o.uses() for o in node.outputs[1:]):
+                self.block(f"BatchNormalization {node.name} is in training mode")
+                return
+            params = node.inputs[1:5]
+        else:
+            params = node.inputs[1:3]
+        for i, p in enumerate(params, start=1):
+            c = _const(p)
+            if c is None or c.shape != (self.group.units,):
+                self.block(f"{node.op_type} {node.name} parameters are not constant per channel")
+                return
+            self.group.slices.append(_Slice(node, i, 0, 1, "param"))
+        self.push(x, axis, block)  # type: ignore[arg-type]
+        self.push(node.outputs[0], axis, block)
+
+    def _pool(self, node: ir.Node, axis: int, block: int) -> None:
+        x = node.inputs[0]
+        r = _rank(x) if x is not None else None
+        if r is None or axis != 1 - r or (len(node.outputs) > 1 and node.outputs[1].uses()):
+            self.block(f"{node.op_type} {node.name}: units not on the channel axis or indices used")
+            return
+        self.push(x, axis, block)  # type: ignore[arg-type]
+        self.push(node.outputs[0], axis, block)
+
+    def _reduce(self, node: ir.Node, axis: int, block: int) -> None:
+        x = node.inputs[0]
+        r = _rank(x) if x is not None else None
+        if r is None:
+            self.block(f"rank of {node.op_type} {node.name} input unknown")
+            return
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes_arr = _const(node.inputs[1])
+            if axes_arr is None:
+                self.block(f"{node.op_type} {node.name} axes not constant")
+                return
+            axes = [int(a) for a in axes_arr.ravel()]
+        else:
+            attr = node.attributes.get("axes")
+            axes = list(attr.as_ints()) if attr is not None else []
+        if not axes:
+            self.block(f"{node.op_type} {node.name} reduces every axis")
+            return
+        axes = sorted({a % r for a in axes})
+        p = axis + r
+        if p in axes:
+            self.block(f"{node.op_type} {node.name} reduces over the units")
+            return
+        keep = node.attributes.get_int("keepdims", 1)
+        out_r = r if keep else r - len(axes)
+        out_p = p if keep else p - sum(1 for a in axes if a < p)
+        self.push(node.outputs[0], out_p - out_r, block)
+
+    def _transpose(self, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        r = _rank(x) if x is not None else None
+        attr = node.attributes.get("perm")
+        if r is None:
+            self.block(f"rank of Transpose {node.name} unknown")
+            return
+        perm = list(attr.as_ints()) if attr is not None else list(range(r))[::-1]
+        if v is x:
+            self.push(y, perm.index(axis + r) - r, block)
+        else:
+            self.push(x, perm[axis + r] - r, block)  # type: ignore[arg-type]
+
+    def _flatten(self, node: ir.Node, axis: int, block: int) -> None:
+        """Flatten / Reshape that merges the unit axis with the static axes after it into the last axis."""
+        x, y = node.inputs[0], node.outputs[0]
+        if x is None or x.shape is None or y.shape is None:
+            self.block(f"{node.op_type} {node.name} shapes unknown")
+            return
+        r = x.shape.rank()
+        p = axis + r
+        tail = [x.shape[i] for i in range(p + 1, r)]
+        if not all(isinstance(t, int) for t in tail):
+            self.block(f"{node.op_type} {node.name}: axes after the units are not static")
+            return
+        inner = int(np.prod(tail)) if tail else 1
+        new_block = block * inner
+        full = self.group.units * new_block
+        if y.shape.rank() != p + 1 or y.shape[-1] != full:
+            self.block(f"{node.op_type} {node.name} does not flatten the units into the last axis")
+            return
+        if node.op_type == "Flatten":
+            if node.attributes.get_int("axis", 1) != p:
+                self.block(f"Flatten {node.name} axis is not the unit axis")
+                return
+        else:
+            shape = _const(node.inputs[1])
+            if shape is None or shape.ndim != 1 or shape.size != p + 1:
+                self.block(f"Reshape {node.name} shape is not a constant of rank {p + 1}")
+                return
+            head = [int(s) for s in shape[:-1]]
+            last = int(shape[-1])
+            if last == full and -1 in head:
+                self.group.shape_fixes.append((node, 1, ("last", new_block)))
+            elif last == -1 and all(h >= 0 for h in head):
+                pass
+            else:
+                self.block(f"Reshape {node.name} shape {shape.tolist()} not understood")
+                return
+        self.push(y, -1, new_block)
+
+
+# --- attention heads ---------------------------------------------------------------------------
+
+
+def _single_consumer(v: ir.Value, allow_shape: bool = True) -> ir.Node | None:
+    users = [u.node for u in v.uses() if not (allow_shape and u.node.op_type == "Shape")]
+    return users[0] if len(users) == 1 and not v.is_graph_output() else None
+
+
+def _projection(v: ir.Value) -> tuple[ir.Node, ir.Node | None, int] | None:
+    """``v = MatMul(x, W) [+ b]`` with constant 2-D W and 1-D b: (matmul, add or None, bias input index)."""
+    p = v.producer()
+    add = None
+    bias_index = -1
+    if p is not None and p.op_type == "Add":
+        for i in (0, 1):
+            b = _const(p.inputs[i])
+            if b is not None and b.ndim == 1:
+                other = p.inputs[1 - i]
+                mm = other.producer() if other is not None else None
+                if mm is not None and mm.op_type == "MatMul" and _single_consumer(other, False) is p:
+                    add, bias_index, p = p, i, mm
+                    break
+        else:
+            return None
+    if p is None or p.op_type != "MatMul":
+        return None
+    w = _const(p.inputs[1])
+    if w is None or w.ndim != 2 or _const(p.inputs[0]) is not None:
+        return None
+    return p, add, bias_index
+
+
+def _shape_pieces(v: ir.Value) -> list[tuple[int, Any]] | None:
+    """A 1-D shape tensor as (length, constant array or None) pieces (Concat of constants/dynamic parts)."""
+    c = _const(v)
+    if c is not None:
+        return [(int(c.size), c.astype(np.int64).ravel())]
+    p = v.producer()
+    if p is None or p.op_type != "Concat":
+        return None
+    pieces = []
+    for x in p.inputs:
+        if x is None:
+            return None
+        cx = _const(x)
+        if cx is not None:
+            pieces.append((int(cx.size), cx.astype(np.int64).ravel()))
+        elif x.shape is not None and x.shape.rank() == 1 and isinstance(x.shape[0], int):
+            pieces.append((int(x.shape[0]), None))
+        else:
+            return None
+    return pieces
+
+
+def _element(pieces: list[tuple[int, Any]], pos: int) -> tuple[int, int, Any]:
+    """(piece index, offset in piece, constant value or None) of shape element ``pos``."""
+    start = 0
+    for k, (n, arr) in enumerate(pieces):
+        if pos < start + n:
+            return k, pos - start, None if arr is None else int(arr[pos - start])
+        start += n
+    raise IndexError(pos)
+
+
+class _HeadMatcher:
+    """BERT-style multi-head attention around one output projection (see module doc)."""
+
+    def __init__(self, out_proj: ir.Node) -> None:
+        self.o = out_proj
+        self.reason: str | None = None
+
+    def fail(self, reason: str) -> None:
+        self.reason = reason
+
+    def match(self) -> _Group | None:
+        o = self.o
+        x = o.inputs[0]
+        merge = x.producer() if x is not None else None
+        if merge is None or merge.op_type != "Reshape" or _single_consumer(x) is not o:
+            return None
+        t = merge.inputs[0].producer() if merge.inputs[0] is not None else None
+        if t is None or t.op_type != "Transpose" or list(t.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+            return None
+        ctx = t.inputs[0].producer() if t.inputs[0] is not None else None
+        if ctx is None or ctx.op_type != "MatMul" or any(_const(i) is not None for i in ctx.inputs):
+            return None
+        # From here on it looks like attention: every failure is recorded.
+        probs, v4 = ctx.inputs
+        h_out = _dim(ctx.outputs[0], -3)
+        d = _dim(ctx.outputs[0], -1)
+        if not isinstance(h_out, int) or not isinstance(d, int):
+            return self.fail("head count or head size not static")
+        wo = _const(o.inputs[1])
+        if wo.shape[0] != h_out * d:  # type: ignore[union-attr]
+            return self.fail(f"output projection rows {wo.shape[0]} != heads*head_size {h_out}*{d}")  # type: ignore[union-attr]
+        chain: list[ir.Node] = [o, merge, t, ctx]
+        # Scores: back from the probabilities through element-wise ops to the Q·K MatMul.
+        qk = None
+        frontier = [probs]
+        seen: set[int] = set()
+        while frontier:
+            val = frontier.pop()
+            node = val.producer()
+            if node is None or id(node) in seen:
+                if node is None:
+                    return self.fail(f"scores come from a graph input {val.name}")
+                continue
+            seen.add(id(node))
+            if len(seen) > 24:
+                return self.fail("score chain too long")
+            if node.op_type == "MatMul" and all(_const(i) is None for i in node.inputs):
+                if qk is not None and qk is not node:
+                    return self.fail("two score MatMuls")
+                qk = node
+                chain.append(node)
+                continue
+            if node.op_type not in (_UNARY | _BINARY | {"Softmax", "Dropout"}):
+                return self.fail(f"{node.op_type} {node.name} in the score chain")
+            if node.op_type == "Softmax" and node.attributes.get_int("axis", -1) not in (-1, 3):
+                return self.fail("softmax not over the keys")
+            chain.append(node)
+            for i in node.inputs:
+                if i is None or _const(i) is not None and _const(i).size == 1:  # type: ignore[union-attr]
+                    continue
+                hd = _dim(i, -3)
+                if hd == 1:
+                    continue  # mask / bias broadcast over heads
+                if hd != h_out:
+                    return self.fail(f"{i.name} in the score chain has head dim {hd}")
+                frontier.append(i)
+        if qk is None:
+            return self.fail("no Q·K MatMul")
+        paths = {}
+        for role, val in (("q", qk.inputs[0]), ("k", qk.inputs[1]), ("v", v4)):
+            got = self._split_path(val, h_out, d, chain)
+            if got is None:
+                return None
+            paths[role] = got
+        # Every node in the chain may feed only chain nodes (and Shape reads, which adapt).
+        members = {id(n) for n in chain}
+        for n in chain:
+            if n is o:
+                continue
+            for out in n.outputs:
+                if out.is_graph_output():
+                    return self.fail(f"{out.name} is a graph output")
+                for u in out.uses():
+                    if id(u.node) not in members and u.node.op_type != "Shape":
+                        return self.fail(f"{out.name} also feeds {u.node.op_type} {u.node.name}")
+        g = _Group(kind="heads", units=h_out, name=o.name or "attention")
+        for role in ("q", "k", "v"):
+            mm, add, bias_index, split = paths[role]
+            g.slices.append(_Slice(mm, 1, 1, d, "out", weight_name=mm.inputs[1].name or ""))
+            if add is not None:
+                g.slices.append(_Slice(add, bias_index, 0, d, "param"))
+            g.producers.append(mm)
+            g.shape_fixes.append((split, 1, ("heads", 2)))
+        g.slices.append(_Slice(o, 1, 0, d, "in", x, -1, o.inputs[1].name or ""))
+        g.shape_fixes.append((merge, 1, ("merge", d)))
+        for n in chain:
+            if n is not o:
+                g.clear.extend(n.outputs)
+        for role in ("q", "k", "v"):
+            mm, add, _, _ = paths[role]
+            g.clear.append(mm.outputs[0])
+            if add is not None:
+                g.clear.append(add.outputs[0])
+        pieces = _shape_pieces(merge.inputs[1])
+        if pieces is None or len(pieces) == 0:
+            return self.fail("merge Reshape shape not readable")
+        try:
+            _, _, last = _element(pieces, sum(n for n, _ in pieces) - 1)
+        except IndexError:
+            return self.fail("merge Reshape shape empty")
+        if last not in (-1, h_out * d):
+            return self.fail(f"merge Reshape last dim {last} not understood")
+        return g
+
+    def _split_path(self, val: ir.Value, h: int, d: int, chain: list[ir.Node]):
+        """Back from a Q/K/V operand to its projection through scalar scaling, Transpose and
+        run-time Reshapes; returns (matmul, add, bias index, split Reshape)."""
+        for _ in range(12):
+            node = val.producer()
+            if node is None:
+                return self.fail(f"{val.name} comes from a graph input")
+            if node.op_type in ("Mul", "Div"):
+                c = [_const(i) for i in node.inputs]
+                if node.op_type == "Mul" and c[0] is not None and c[0].size == 1 and c[1] is None:
+                    nxt = node.inputs[1]
+                elif c[1] is not None and c[1].size == 1 and c[0] is None:
+                    nxt = node.inputs[0]
+                else:
+                    return self.fail(f"{node.op_type} {node.name} on a Q/K/V path is not a scalar scale")
+                chain.append(node)
+                val = nxt  # type: ignore[assignment]
+                continue
+            if node.op_type == "Transpose":
+                chain.append(node)
+                val = node.inputs[0]  # type: ignore[assignment]
+                continue
+            if node.op_type == "Reshape":
+                src = node.inputs[0]
+                proj = _projection(src) if src is not None else None
+                if proj is not None:
+                    mm, add, bias_index = proj
+                    w = _const(mm.inputs[1])
+                    if w.shape[1] != h * d:  # type: ignore[union-attr]
+                        return self.fail(f"projection {mm.name} has {w.shape[1]} columns, not {h}*{d} "  # type: ignore[union-attr]
+                                         "(grouped-query or fused QKV)")
+                    y = node.outputs[0]
+                    if y.shape is None or y.shape.rank() != 4 or y.shape[2] != h or y.shape[3] != d:
+                        return self.fail(f"split Reshape {node.name} output {y.shape} is not [B, S, {h}, {d}]")
+                    pieces = _shape_pieces(node.inputs[1])
+                    if pieces is None:
+                        return self.fail(f"split Reshape {node.name} shape not readable")
+                    _, _, hv = _element(pieces, 2)
+                    _, _, dv = _element(pieces, 3)
+                    if hv not in (-1, h) or dv != d:
+                        return self.fail(f"split Reshape {node.name} shape elements ({hv}, {dv}) not understood")
+                    nxt_users = [u.node for u in node.outputs[0].uses()]
+                    if len(nxt_users) != 1 or nxt_users[0].op_type != "Transpose":
+                        return self.fail(f"split Reshape {node.name} not followed by one Transpose")
+                    perm = list(nxt_users[0].attributes.get_ints("perm", []))
+                    if perm not in ([0, 2, 1, 3], [0, 2, 3, 1]):
+                        return self.fail(f"head Transpose perm {perm} not understood")
+                    for n in (mm, add):
+                        if n is not None and _single_consumer(n.outputs[0], False) is None:
+                            return self.fail(f"projection output {n.outputs[0].name} has other users")
+                    chain.append(node)
+                    return mm, add, bias_index, node
+                # A run-time reshape inside the path (e.g. K transposed via [B*H, S, d]).
+                pieces = _shape_pieces(node.inputs[1])
+                if pieces is None:
+                    return self.fail(f"Reshape {node.name} shape not readable")
+                for _, arr in pieces:
+                    if arr is not None and any(int(a) not in (-1, 0, 1, d) for a in arr):
+                        return self.fail(f"Reshape {node.name} has literal dims {arr.tolist()} (head count?)")
+                if d == h:
+                    return self.fail("head size equals head count: literal dims are ambiguous")
+                chain.append(node)
+                val = src  # type: ignore[assignment]
+                continue
+            return self.fail(f"{node.op_type} {node.name} on a Q/K/V path (rotary, grouped-query or fused QKV)")
+        return self.fail("Q/K/V path too long")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+class PrunePass(Pass):
+    """Prune weights: unstructured magnitude, N:M (2:4) semi-structured, or structured units.
+
+    Unstructured and N:M zero weights in place of Conv/MatMul/Gemm weight initializers (never
+    embeddings, norms, biases or tensors below ``min_size``); shapes do not change, and dense
+    kernels run as fast as before (only sparse hardware or sparse storage benefit). Structured
+    mode removes Conv channels, FFN neurons and attention heads, rewriting every dependent
+    weight, per-channel parameter and shape constant; any consumer it does not understand leaves
+    that unit group unpruned with the reason in the report. Changes the model's numbers by design
+    (verify accuracy); never changes inputs or outputs.
+    """
+
+    name = "prune"
+    Options = PruneOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        o = self.options
+        if not 0.0 <= o.sparsity < 1.0:
+            raise PipelineError(f"prune sparsity must be in [0, 1), got {o.sparsity}")
+        self.kind, self.n, self.m = parse_mode(o.mode)
+        for t in o.targets:
+            if t not in TARGETS:
+                raise PipelineError(f"prune target {t!r} unknown; use {', '.join(TARGETS)}")
+        if o.round_to < 1:
+            raise PipelineError("prune round_to must be >= 1")
+        if o.importance == "activation" and self.kind != "structured":
+            raise PipelineError("importance=activation applies to mode=structured; use l1 for unstructured/N:M")
+
+    # --- selection ---
+    def _selected(self, node: ir.Node, weight_name: str | None) -> str | None:
+        o = self.options
+        if o.include and not _matches(o.include, node, weight_name):
+            return "not in include"
+        if o.exclude and _matches(o.exclude, node, weight_name):
+            return "excluded"
+        return None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.details["mode"] = self.options.mode
+        if self.kind == "structured":
+            modified = self._structured(model)
+        else:
+            modified = self._zeroing(model)
+        if self.options.sparse_storage:
+            model.metadata_props[SPARSE_STORAGE_KEY] = "1"
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+    # --- unstructured and N:M -----------------------------------------------------------------
+    def _weight_targets(self, model: ir.Model) -> list[tuple[ir.Value, list[ir.Node], int | None, str | None]]:
+        """(weight value, nodes using it, N:M axis, skip reason) per distinct weight, graph order."""
+        graph = model.graph
+        by_weight: dict[ir.Value, list[ir.Node]] = {}
+        order: list[ir.Value] = []
+        axes: dict[ir.Value, int | None] = {}
+        reasons: dict[ir.Value, str | None] = {}
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "MatMul", "Gemm"):
+                continue
+            if len(node.inputs) < 2 or node.inputs[1] is None:
+                continue
+            w = node.inputs[1]
+            if w.const_value is None:
+                continue  # activations (attention scores), not weights
+            if w not in by_weight:
+                by_weight[w] = []
+                order.append(w)
+            by_weight[w].append(node)
+            arr_shape = w.shape
+            rank = arr_shape.rank() if arr_shape is not None else 0
+            axis = nm_axis(node.op_type, rank, {"transB": node.attributes.get_int("transB", 0)})
+            reason = None
+            if w.dtype not in _FLOAT:
+                reason = f"weight dtype {w.dtype} not float"
+            elif node.op_type == "MatMul" and rank < 2:
+                reason = "MatMul weight rank < 2"
+            elif (sel := self._selected(node, w.name)) is not None:
+                reason = sel
+            elif w.const_value.size < self.options.min_size:
+                reason = f"smaller than min_size={self.options.min_size}"
+            prev = reasons.get(w)
+            if w in axes and axes[w] != axis:
+                reason = reason or "weight shared by layers with different reduction axes"
+            axes[w] = axis
+            reasons[w] = prev or reason
+        for w in order:
+            if reasons[w] is None:
+                for u in w.uses():
+                    if u.node.op_type not in ("Conv", "MatMul", "Gemm") or u.idx != 1:
+                        reasons[w] = f"weight also used by {u.node.op_type} {u.node.name} (embedding/tied)"
+                        break
+                if w.is_graph_output():
+                    reasons[w] = "weight is a graph output"
+        return [(w, by_weight[w], axes[w], reasons[w]) for w in order]
+
+    def _zeroing(self, model: ir.Model) -> bool:
+        o = self.options
+        targets = self._weight_targets(model)
+        layers: list[dict[str, Any]] = []
+        arrays: dict[ir.Value, np.ndarray] = {}
+        for w, _nodes, _axis, reason in targets:
+            if reason is None:
+                arrays[w] = w.const_value.numpy()  # type: ignore[union-attr]
+        new: dict[ir.Value, np.ndarray] = {}
+        nm_reason: dict[ir.Value, str] = {}
+        if self.kind == "nm":
+            for w, _nodes, axis, _reason in targets:
+                if w not in arrays:
+                    continue
+                a = arrays[w]
+                if axis is None or a.shape[axis] % self.m:
+                    nm_reason[w] = f"reduction dim {a.shape[axis] if axis is not None else '?'} not a multiple of {self.m}"
+                    continue
+                new[w] = _nm_prune(a, self.n, self.m, axis)
+        elif o.scope == "global" and arrays:
+            total = sum(a.size for a in arrays.values())
+            k = int(np.floor(o.sparsity * total))
+            if k > 0:
+                mags = np.concatenate([np.abs(a).ravel().astype(np.float32) for a in arrays.values()])
+                thr = np.partition(mags, k - 1)[k - 1]
+                below = int((mags < thr).sum())
+                del mags
+                ties_left = k - below
+                for w, a in arrays.items():
+                    mag = np.abs(a)
+                    mask = mag < thr
+                    if ties_left > 0:
+                        eq = np.flatnonzero((mag == thr).ravel())[:ties_left]
+                        mask.ravel()[eq] = True
+                        ties_left -= len(eq)
+                    new[w] = np.where(mask, 0, a).astype(a.dtype)
+        else:
+            for w, a in arrays.items():
+                k = int(np.floor(o.sparsity * a.size))
+                new[w] = np.where(_magnitude_mask(a, k), 0, a).astype(a.dtype)
+        modified = False
+        total_pruned = zeros = 0
+        for w, nodes, axis, reason in targets:
+            entry: dict[str, Any] = {"weight": w.name, "nodes": [n.name for n in nodes],
+                                     "op_type": nodes[0].op_type,
+                                     "shape": [d if isinstance(d, int) else str(d) for d in w.shape] if w.shape is not None else None}
+            a = arrays.get(w)
+            if a is not None:
+                entry["sparsity_before"] = round(sparsity_of(a), 6)
+                if self.kind == "nm" and axis is not None and a.shape[axis] % self.m == 0:
+                    entry["already_nm"] = satisfies_nm(a, self.n, self.m, axis)
+            reason = reason or nm_reason.get(w)
+            if reason is not None or w not in new:
+                entry.update(pruned=False, reason=reason or "nothing to prune")
+                self.count(f"skipped:{(reason or 'nothing').split('=')[0].split(' (')[0]}")
+                layers.append(entry)
+                continue
+            b = new[w]
+            changed = not np.array_equal(a, b)
+            if changed:
+                w.const_value = ir.tensor(b, name=w.name)
+                modified = True
+            entry.update(pruned=True, sparsity=round(sparsity_of(b), 6))
+            if self.kind == "nm":
+                entry["nm_axis"] = axis
+            total_pruned += b.size
+            zeros += int((b == 0).sum())
+            self.count("pruned_weights")
+            layers.append(entry)
+        self.count("zeroed", zeros)
+        self.details["layers"] = layers
+        self.details["pruned_sparsity"] = round(zeros / total_pruned, 6) if total_pruned else 0.0
+        return modified
+
+    # --- structured ---------------------------------------------------------------------------
+    def _groups(self, model: ir.Model) -> tuple[list[_Group], list[dict[str, Any]]]:
+        from graphopt.passes.fusion.batchnorm import infer_shapes
+
+        infer_shapes(model)
+        graph = model.graph
+        targets = set(self.options.targets)
+        groups: list[_Group] = []
+        skipped: list[dict[str, Any]] = []
+        covered: set[int] = set()
+        if "heads" in targets:
+            for node in list(graph):
+                if node.op_type != "MatMul" or _producer_axes(node) is None:
+                    continue
+                hm = _HeadMatcher(node)
+                g = hm.match()
+                if g is None:
+                    if hm.reason is not None:
+                        skipped.append({"kind": "heads", "group": node.name, "reason": hm.reason})
+                        self.count("skipped:heads")
+                    continue
+                why = self._selected(node, node.inputs[1].name) or next(
+                    (self._selected(p, p.inputs[1].name) for p in g.producers
+                     if self._selected(p, p.inputs[1].name)), None)
+                if why:
+                    skipped.append({"kind": "heads", "group": g.name, "reason": why})
+                    continue
+                if g.units < 2:
+                    skipped.append({"kind": "heads", "group": g.name, "reason": "a single head"})
+                    continue
+                groups.append(g)
+                for p in g.producers:
+                    covered.add(id(p))
+        if targets & {"channels", "ffn"}:
+            for node in list(graph):
+                if id(node) in covered or node.op_type not in ("Conv", "MatMul", "Gemm"):
+                    continue
+                axes = _producer_axes(node)
+                if axes is None:
+                    continue
+                w = _const(node.inputs[1])
+                units = int(w.shape[axes[1]])  # type: ignore[union-attr]
+                g = _Closure(node, units).run()
+                for p in g.producers:
+                    covered.add(id(p))
+                name = ",".join(p.name or p.op_type for p in g.producers)
+                if g.reason is None and not any(s.role == "in" for s in g.slices):
+                    g.reason = "units have no consumer layer"
+                if g.reason is None and g.kind not in targets:
+                    g.reason = f"{g.kind} not in targets"
+                if g.reason is None:
+                    for s in g.slices:
+                        if s.role in ("out", "in") and (why := self._selected(s.node, s.weight_name)):
+                            g.reason = f"{s.node.name}: {why}"
+                            break
+                if g.reason is None and units < 2:
+                    g.reason = "a single unit"
+                if g.reason is not None:
+                    skipped.append({"kind": g.kind, "group": name, "reason": g.reason})
+                    self.count(f"skipped:{g.kind}")
+                    continue
+                g.name = name
+                groups.append(g)
+        return groups, skipped
+
+    def _scores(self, model: ir.Model, groups: list[_Group]) -> list[np.ndarray]:
+        o = self.options
+        scores: list[np.ndarray] = []
+        acts: dict[ir.Value, np.ndarray] = {}
+        if o.importance == "activation":
+            acts = self._activation_stats(model, groups)
+        for g in groups:
+            total = np.zeros(g.units, dtype=np.float64)
+            for s in g.slices:
+                if s.role not in ("out", "in"):
+                    continue
+                w = _const(s.node.inputs[s.index]).astype(np.float64)  # type: ignore[union-attr]
+                per = np.moveaxis(w, s.axis, 0).reshape(g.units, -1)
+                if o.importance == "l1":
+                    norm = np.abs(per).sum(axis=1)
+                else:
+                    norm = np.sqrt((per * per).sum(axis=1))
+                if o.importance == "activation":
+                    if s.role != "in" or s.data not in acts:
+                        continue
+                    norm = np.sqrt((per * per).sum(axis=1)) * acts[s.data]
+                total += norm / (norm.mean() + 1e-12)
+            scores.append(total)
+        return scores
+
+    def _activation_stats(self, model: ir.Model, groups: list[_Group]) -> dict[ir.Value, np.ndarray]:
+        from graphopt.calibration import CalibrationData, stream_tensors
+
+        o = self.options
+        source = o.calibration if o.calibration is not None else self.context.get("calibration")
+        if source is None:
+            raise PipelineError("prune importance=activation needs calibration data: pass calibration= to "
+                                "optimize() or the prune option calibration=PATH")
+        data = CalibrationData.from_any(source)
+        if getattr(data, "_single_use", False):
+            data = data.materialize()
+            self.context["calibration"] = data
+        wanted: dict[str, tuple[ir.Value, int, int, int]] = {}
+        for g in groups:
+            for s in g.slices:
+                if s.role == "in" and s.data is not None and s.data.name:
+                    wanted[s.data.name] = (s.data, s.data_axis, s.block, g.units)
+        names = sorted(wanted)
+        sums: dict[str, np.ndarray] = {}
+        count = 0
+        for batch in stream_tensors(model, names, data, limit=o.calibration_batches, description="prune stats"):
+            count += 1
+            for name in names:
+                v, axis, block, units = wanted[name]
+                a = np.abs(np.asarray(batch[name], dtype=np.float64))
+                moved = np.moveaxis(a, axis, 0).reshape(units * block, -1).mean(axis=1)
+                per = moved.reshape(units, block).mean(axis=1)
+                sums[name] = sums.get(name, 0) + per
+        if not count:
+            raise PipelineError("prune importance=activation: the calibration data has no batches")
+        return {wanted[n][0]: sums[n] / count for n in names}
+
+    def _keep_counts(self, groups: list[_Group], scores: list[np.ndarray]) -> list[np.ndarray]:
+        """Sorted unit indices to keep per group."""
+        o = self.options
+        keeps: list[np.ndarray] = []
+        if o.scope == "global" and groups:
+            flat = np.concatenate(scores)
+            k = int(np.floor(o.sparsity * flat.size))
+            order = np.argsort(flat, kind="stable")
+            removed = np.zeros(flat.size, dtype=bool)
+            removed[order[:k]] = True
+            start = 0
+            for g in groups:
+                r = removed[start:start + g.units]
+                start += g.units
+                n_remove = min(int(r.sum()), g.units - 1)
+                keeps.append(self._keep(g, scores[len(keeps)], n_remove))
+            return keeps
+        for g, s in zip(groups, scores):
+            keeps.append(self._keep(g, s, int(np.floor(o.sparsity * g.units))))
+        return keeps
+
+    def _keep(self, g: _Group, score: np.ndarray, n_remove: int) -> np.ndarray:
+        keep_n = max(1, g.units - n_remove)
+        r = self.options.round_to
+        if r > 1 and keep_n % r and g.units >= r:
+            keep_n = min(g.units, int(np.ceil(keep_n / r) * r))
+        order = np.argsort(-score, kind="stable")
+        return np.sort(order[:keep_n])
+
+    def _structured(self, model: ir.Model) -> bool:
+        groups, skipped = self._groups(model)
+        scores = self._scores(model, groups)
+        keeps = self._keep_counts(groups, scores)
+        graph = model.graph
+        names = _Names(graph)
+        report: list[dict[str, Any]] = []
+        modified = False
+        need_inference = False
+        for g, keep in zip(groups, keeps):
+            removed = np.setdiff1d(np.arange(g.units), keep)
+            entry = {"kind": g.kind, "group": g.name, "units": g.units, "kept": int(keep.size),
+                     "removed": [int(i) for i in removed],
+                     "slices": [{"node": s.node.name, "input": s.index,
+                                 "weight": s.weight_name or s.node.inputs[s.index].name,
+                                 "axis": s.axis, "block": s.block, "role": s.role} for s in g.slices]}
+            report.append(entry)
+            if removed.size == 0:
+                continue
+            modified = True
+            self.count(f"pruned:{g.kind}")
+            self.count(f"removed_units:{g.kind}", int(removed.size))
+            for s in g.slices:
+                arr = _const(s.node.inputs[s.index])
+                idx = (keep[:, None] * s.block + np.arange(s.block)[None, :]).ravel()
+                _set_input_const(graph, names, s.node, s.index, np.take(arr, idx, axis=s.axis), "_pruned")
+            for node, index, fix in g.shape_fixes:
+                self._fix_shape(graph, names, node, index, fix, g.units, int(keep.size))
+            for v, (axis, block) in g.values.items():
+                if v.shape is not None and not v.is_graph_output():
+                    dims = list(v.shape.dims)
+                    dims[axis] = int(keep.size) * block
+                    v.shape = ir.Shape(dims)
+            for v in g.clear:
+                v.shape = None
+                need_inference = True
+        if modified:
+            import onnx_ir.passes.common as common
+
+            common.RemoveUnusedNodesPass()(model)
+            if need_inference:
+                from graphopt.passes.fusion.batchnorm import infer_shapes
+
+                infer_shapes(model)
+        self.details["groups"] = report
+        self.details["skipped"] = skipped
+        total = sum(g.units for g in groups)
+        self.details["removed_fraction"] = round(
+            sum(len(e["removed"]) for e in report) / total, 6) if total else 0.0
+        return modified
+
+    def _fix_shape(self, graph: ir.Graph, names: _Names, node: ir.Node, index: int, fix: tuple[str, int],
+                   units: int, kept: int) -> None:
+        kind, arg = fix
+        value = node.inputs[index]
+        c = _const(value)
+        if c is not None:
+            arr = c.astype(np.int64).copy()
+            if kind == "last":
+                arr[-1] = kept * arg
+            elif kind == "heads" and arr[2] == units:
+                arr[2] = kept
+            elif kind == "merge" and arr[-1] == units * arg:
+                arr[-1] = kept * arg
+            else:
+                return
+            _set_input_const(graph, names, node, index, arr.astype(c.dtype), "_pruned")
+            return
+        concat = value.producer()  # a Concat of pieces (checked by the matcher)
+        pieces = _shape_pieces(value)
+        if concat is None or pieces is None:
+            return
+        total = sum(n for n, _ in pieces)
+        pos = 2 if kind == "heads" else total - 1
+        k, off, cur = _element(pieces, pos)
+        if kind == "heads":
+            target = kept if cur == units else None
+        else:
+            target = kept * arg if cur == units * arg else None
+        if target is None:
+            return  # -1: nothing to rewrite
+        new_piece = pieces[k][1].copy()
+        new_piece[off] = target
+        clone = ir.node("Concat", list(concat.inputs), attributes={"axis": 0}, name=names.fresh(
+            (concat.name or "Concat") + "_pruned"))
+        graph.insert_after(concat, clone)
+        clone.outputs[0].name = names.fresh((value.name or "shape") + "_pruned")
+        clone.outputs[0].dtype = value.dtype
+        clone.outputs[0].shape = value.shape
+        _set_input_const(graph, names, clone, k, new_piece.astype(_const(concat.inputs[k]).dtype), "_pruned")
+        node.replace_input_with(index, clone.outputs[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse storage
+
+
+def to_sparse_proto(model: ir.Model | Any, *, min_sparsity: float | None = None) -> Any:
+    """``onnx.ModelProto`` with sparse weights moved to ``graph.sparse_initializer`` (COO,
+    linearized int64 indices, as the ONNX checker requires).
+
+    onnx_ir has no sparse initializers (its serializer writes dense tensors), so this happens at
+    serialization time. A tensor is stored sparse only when that is smaller: 12 bytes per
+    non-zero against 4 dense (float32) means above ~67 % zeros; ``min_sparsity`` can raise the bar.
+    ONNX Runtime densifies sparse initializers when it loads the model.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    graph = proto.graph
+    keep = []
+    moved = 0
+    for t in graph.initializer:
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
+                or t.data_location == onnx.TensorProto.EXTERNAL:
+            keep.append(t)
+            continue
+        arr = numpy_helper.to_array(t)
+        nnz = int(np.count_nonzero(arr))
+        sp = 1 - nnz / arr.size if arr.size else 0.0
+        if arr.size < 16 or (min_sparsity is not None and sp < min_sparsity) or \
+                nnz * (arr.itemsize + 8) >= arr.nbytes:
+            keep.append(t)
+            continue
+        flat = arr.ravel()
+        idx = np.flatnonzero(flat).astype(np.int64)
+        values = numpy_helper.from_array(flat[idx], t.name)
+        indices = numpy_helper.from_array(idx, t.name + "_indices")
+        sparse = onnx.helper.make_sparse_tensor(values, indices, list(arr.shape))
+        graph.sparse_initializer.append(sparse)
+        moved += 1
+    if moved:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return proto
+
+
+def save_sparse(model: ir.Model | Any, path: str, *, min_sparsity: float | None = None) -> int:
+    """Write ``model`` with sparse initializers (see :func:`to_sparse_proto`); returns the file size."""
+    import os
+
+    import onnx
+
+    proto = to_sparse_proto(model, min_sparsity=min_sparsity)
+    onnx.save_model(proto, path)
+    return os.path.getsize(path)
