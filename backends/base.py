@@ -1,20 +1,46 @@
-"""The Backend interface: a target profile (providers, default pipeline, lowering choices).
+"""The Backend interface: a target profile (providers, default pipeline, lowering choices, settings).
 
 A backend chooses passes and their options; it never implements a rewrite itself.
 Backends are built from phase functions, the same shape for every target (TVM's
-``relax/backend/<target>/pipeline.py``): ``cleanup_passes``, ``fusion_passes``,
-``quantize_passes``, ``finalize_passes``; ``default_pipeline`` strings them together.
+``relax/backend/<target>/pipeline.py``): ``cleanup_passes``, ``prune_passes``, ``fusion_passes``,
+``quantize_passes``, ``precision_passes``, ``finalize_passes``; ``default_pipeline`` strings them
+together. After lowering, :meth:`Backend.check` lists what the target cannot run, and
+:meth:`Backend.settings` describes how to run the model (providers, their options, session
+options, shapes): ``graphopt.save`` writes it beside the model as ``NAME.settings.json`` and
+:func:`load_session` turns model + settings back into an ``onnxruntime.InferenceSession``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from graphopt.errors import GraphoptError, PipelineError, UnsupportedModelError
 from graphopt.spec import PassSpec, format_text
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "LoweringError", "load_session", "session_from_settings", "settings_path", "SETTINGS_FORMAT"]
+
+logger = logging.getLogger("graphopt.backends")
+
+#: Version tag of the settings file format (``"format"`` key).
+SETTINGS_FORMAT = "graphopt.settings/1"
+#: Model metadata key holding JSON backend options (``Backend.from_model`` reads it).
+OPTIONS_KEY = "graphopt.target_options"
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class LoweringError(UnsupportedModelError):
+    """The model holds ops its target cannot run (e.g. a com.microsoft op for TensorRT)."""
+
+
+@dataclasses.dataclass
+class NoBackendOptions:
+    """A target without options."""
 
 
 class Backend:
@@ -24,7 +50,37 @@ class Backend:
     providers: ClassVar[tuple[str, ...]] = ("CPUExecutionProvider",)
     #: True when the target can run com.microsoft contrib ops (ONNX Runtime CPU/CUDA).
     allows_contrib_ops: ClassVar[bool] = False
+    #: (domain, op_type) → why the target cannot run it; :meth:`check` reports them.
+    unsupported_ops: ClassVar[dict[tuple[str, str], str]] = {}
+    #: (domain, op_type) → why the target runs it on the CPU instead (works, but slowly).
+    fallback_ops: ClassVar[dict[tuple[str, str], str]] = {}
+    #: Typed target options (a dataclass, like a pass's ``Options``).
+    Options: ClassVar[type] = NoBackendOptions
 
+    def __init__(self, **options: Any) -> None:
+        from graphopt.registry import coerce_options
+
+        self.options = self.Options(**coerce_options(f"target {self.name}", self.Options, options))
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Raise PipelineError for option combinations the target cannot honour."""
+
+    @classmethod
+    def from_model(cls, model: ir.Model) -> Backend:
+        """The backend with the options recorded in the model's metadata (``graphopt.target_options``)."""
+        text = model.metadata_props.get(OPTIONS_KEY)
+        if not text:
+            return cls()
+        try:
+            options = json.loads(text)
+        except ValueError:
+            raise PipelineError(f"model metadata '{OPTIONS_KEY}' is not JSON; fix or remove it") from None
+        if not isinstance(options, dict):
+            raise PipelineError(f"model metadata '{OPTIONS_KEY}' must be a JSON object of target options")
+        return cls(**options)
+
+    # --- pipeline phases -----------------------------------------------------------------------
     def cleanup_passes(self, level: int) -> list[str]:
         return ["cleanup"] if level > 0 else []
 
@@ -59,6 +115,10 @@ class Backend:
     def quantize_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
         return [format_text([PassSpec("quantize", self.quantize_options(options))])] if options else []
 
+    def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
+        """Reduced-precision conversion (fp16/bf16) after quantization; none by default."""
+        return []
+
     def finalize_passes(self, level: int) -> list[str]:
         # Fusions leave dead shape arithmetic and duplicate constants behind.
         return ["cleanup"] if level >= 2 else []
@@ -73,29 +133,230 @@ class Backend:
             *self.prune_passes(level, prune),
             *self.fusion_passes(level, quantize),
             *self.quantize_passes(level, quantize),
+            *self.precision_passes(level, quantize),
         ]
         final = self.finalize_passes(level)
         if not final and (quantize or prune) and level > 0:
             final = ["cleanup"]
         return ",".join([*steps, *final])
 
-    def provider_options(self) -> list[dict[str, Any]]:
+    # --- lowering checks -----------------------------------------------------------------------
+    def check(self, model: ir.Model) -> list[str]:
+        """What the target cannot run in ``model``, one line per (domain, op) with its node count."""
+        found: dict[tuple[str, str], int] = {}
+        for node in _all_nodes(model):
+            domain = "" if node.domain in _STANDARD_DOMAINS else node.domain
+            key = (domain, node.op_type)
+            foreign = bool(domain) and not self.allows_contrib_ops and not _is_local_function(model, node)
+            if key in self.unsupported_ops or foreign:
+                found[key] = found.get(key, 0) + 1
+        problems = []
+        for (domain, op), n in sorted(found.items()):
+            why = self.unsupported_ops.get((domain, op)) or f"{self.name} runs standard ONNX ops only"
+            problems.append(f"{domain + '::' if domain else ''}{op} ×{n}: {why}")
+        return problems
+
+    def check_model(self, model: ir.Model) -> None:
+        """Raise :class:`LoweringError` when ``model`` holds ops the target cannot run."""
+        problems = self.check(model)
+        if problems:
+            raise LoweringError(
+                f"the model cannot run on {self.name}: {'; '.join(problems)}. Use the target's default "
+                f"pipeline (or fuse(domains=[standard]) and a quantization mode {self.name} supports)"
+            )
+
+    # --- running -------------------------------------------------------------------------------
+    def provider_options(self, model: ir.Model | None = None,
+                         model_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
         return [{} for _ in self.providers]
 
-    def session_options(self) -> dict[str, Any]:
+    def session_options(self, model: ir.Model | None = None) -> dict[str, Any]:
+        """``onnxruntime.SessionOptions`` attributes (JSON values; enums by name)."""
+        return {}
+
+    def session_config(self, model: ir.Model | None = None) -> dict[str, str]:
+        """``SessionOptions.add_session_config_entry`` pairs."""
+        return {}
+
+    def settings(self, model: ir.Model, model_path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """How to run ``model`` on this target: the document ``graphopt.save`` writes beside it.
+
+        Raises :class:`LoweringError` when the model holds ops the target cannot run, so a model
+        that cannot be deployed is never saved as if it could.
+        """
+        self.check_model(model)
+        return {
+            "format": SETTINGS_FORMAT,
+            "target": self.name,
+            "model": os.path.basename(os.fspath(model_path)) if model_path else None,
+            "providers": [[p, o] for p, o in zip(self.providers, self.provider_options(model, model_path))],
+            "session_options": self.session_options(model),
+            "session_config": self.session_config(model),
+            "io": io_description(model),
+            **self.extra_settings(model, model_path),
+            "notes": self.notes(model),
+        }
+
+    def notes(self, model: ir.Model) -> list[str]:
+        """Things a deployer should know: ops that fall back to the CPU (also logged)."""
+        found: dict[tuple[str, str], int] = {}
+        for node in _all_nodes(model):
+            key = ("" if node.domain in _STANDARD_DOMAINS else node.domain, node.op_type)
+            if key in self.fallback_ops:
+                found[key] = found.get(key, 0) + 1
+        notes = []
+        for (domain, op), n in sorted(found.items()):
+            notes.append(f"{domain + '::' if domain else ''}{op} ×{n} runs on the CPU: {self.fallback_ops[(domain, op)]}")
+        for line in notes:
+            logger.warning("target %s: %s", self.name, line)
+        return notes
+
+    def extra_settings(self, model: ir.Model, model_path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Target-specific sections of the settings document."""
         return {}
 
     def session(self, model: ir.Model) -> Any:
-        """An onnxruntime.InferenceSession configured for this target (CPU fallback if absent)."""
-        import onnxruntime as ort
-
+        """An onnxruntime.InferenceSession configured for this target (CPU fallback, with a warning)."""
         from graphopt.ir import to_bytes
 
-        so = ort.SessionOptions()
-        for key, value in self.session_options().items():
-            setattr(so, key, value)
-        available = set(ort.get_available_providers())
-        providers = [(p, o) for p, o in zip(self.providers, self.provider_options()) if p in available]
+        return session_from_settings(to_bytes(model), self.settings(model), base_dir=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings files
+
+
+def settings_path(model_path: str | os.PathLike) -> str:
+    """``model.onnx`` → ``model.settings.json`` (beside the model)."""
+    root, _ = os.path.splitext(os.fspath(model_path))
+    return root + ".settings.json"
+
+
+def io_description(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
+    """Graph inputs/outputs with dtype and shape (symbolic dims by name): what IO binding needs."""
+
+    def describe(v: ir.Value) -> dict[str, Any]:
+        dims: list[Any] = []
+        if v.shape is not None:
+            for d in v.shape:
+                dims.append(d if isinstance(d, int) else (d.value if d.value is not None else None))
+        return {"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+                "shape": dims if v.shape is not None else None}
+
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    return {"inputs": [describe(v) for v in inputs], "outputs": [describe(v) for v in model.graph.outputs]}
+
+
+def _session_options(settings: dict[str, Any]) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    enums = {
+        "graph_optimization_level": ort.GraphOptimizationLevel,
+        "execution_mode": ort.ExecutionMode,
+    }
+    for key, value in (settings.get("session_options") or {}).items():
+        if not hasattr(so, key):
+            raise GraphoptError(f"settings: unknown session option '{key}'; remove it from the settings file")
+        if key in enums and isinstance(value, str):
+            try:
+                value = getattr(enums[key], value)
+            except AttributeError:
+                choices = [n for n in dir(enums[key]) if n.isupper()]
+                raise GraphoptError(f"settings: session option {key}={value!r} is not one of {choices}") from None
+        setattr(so, key, value)
+    for key, value in (settings.get("session_config") or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    return so
+
+
+def session_from_settings(model: bytes | str | os.PathLike, settings: dict[str, Any], *,
+                          base_dir: str | os.PathLike | None = None) -> Any:
+    """An InferenceSession for ``model`` (bytes or path) configured by a settings document.
+
+    Providers this onnxruntime build lacks are dropped with a logged warning; when none is left,
+    the session runs on ``CPUExecutionProvider``. Relative cache paths in provider options
+    (``trt_engine_cache_path``, ``trt_timing_cache_path``) resolve against ``base_dir``.
+    """
+    import onnxruntime as ort
+
+    if settings.get("format") != SETTINGS_FORMAT:
+        raise GraphoptError(
+            f"settings: format {settings.get('format')!r} is not {SETTINGS_FORMAT!r}; "
+            "write the settings with this graphopt version (graphopt.save)"
+        )
+    wanted = [(str(p), dict(o or {})) for p, o in settings.get("providers") or []]
+    if not wanted:
+        raise GraphoptError("settings: no providers listed; add e.g. [\"CPUExecutionProvider\", {}]")
+    available = set(ort.get_available_providers())
+    missing = [p for p, _ in wanted if p not in available]
+    providers = [(p, _resolve_paths(o, base_dir)) for p, o in wanted if p in available]
+    if missing:
+        target = settings.get("target", "?")
         if not providers:
             providers = [("CPUExecutionProvider", {})]
-        return ort.InferenceSession(to_bytes(model), so, providers=providers)
+        logger.warning(
+            "target %s: %s not available in this onnxruntime build (available: %s); running on %s. "
+            "Install the matching onnxruntime package (onnxruntime-gpu for CUDA/TensorRT) for the target's speed",
+            target, ", ".join(missing), ", ".join(sorted(available)), ", ".join(p for p, _ in providers),
+        )
+    so = _session_options(settings)
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
+    return ort.InferenceSession(source, so, providers=providers)
+
+
+def _resolve_paths(options: dict[str, Any], base_dir: str | os.PathLike | None) -> dict[str, Any]:
+    out = dict(options)
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        value = out.get(key)
+        if isinstance(value, str) and value:
+            if not os.path.isabs(value):
+                value = os.path.join(os.fspath(base_dir) if base_dir is not None else os.getcwd(), value)
+            os.makedirs(value, exist_ok=True)
+            out[key] = value
+    return out
+
+
+def load_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a settings file; a clear error when it is missing or not JSON."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise GraphoptError(f"{path}: settings file not found; save the model with graphopt.save "
+                            "after graphopt.optimize(target=...)") from None
+    except ValueError as e:
+        raise GraphoptError(f"{path}: settings file is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GraphoptError(f"{path}: settings file must hold a JSON object")
+    return data
+
+
+def load_session(model_path: str | os.PathLike, settings: str | os.PathLike | dict[str, Any] | None = None) -> Any:
+    """Deploy: an InferenceSession for a saved model, configured by the settings file beside it.
+
+    ``settings`` defaults to ``settings_path(model_path)``; a dict is used as is. Missing providers
+    fall back to CPU with a logged warning (see :func:`session_from_settings`).
+    """
+    model_path = os.fspath(model_path)
+    if not os.path.exists(model_path):
+        raise GraphoptError(f"{model_path}: no such model file; check the path")
+    doc = settings if isinstance(settings, dict) else load_settings(settings or settings_path(model_path))
+    folder = os.path.dirname(os.path.abspath(settings if isinstance(settings, (str, os.PathLike)) else model_path))
+    return session_from_settings(model_path, doc, base_dir=folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _all_nodes(model: ir.Model) -> list[ir.Node]:
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for f in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
+    return nodes
+
+
+def _is_local_function(model: ir.Model, node: ir.Node) -> bool:
+    return (node.domain, node.op_type, node.overload) in model.functions

@@ -10,6 +10,7 @@ lazy, memory-mapped external tensors so weights are never copied into Python obj
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import ntpath
@@ -33,6 +34,7 @@ __all__ = [
     "ModelSource",
     "load",
     "save",
+    "settings_file_for",
     "to_bytes",
     "to_proto",
     "external_tensors",
@@ -430,8 +432,15 @@ def save(
     *,
     external_data: bool | str | None = None,
     size_threshold: int = EXTERNAL_SIZE_THRESHOLD,
+    settings: bool | None = None,
 ) -> None:
     """Write the model atomically; weights go to external data when asked or when needed.
+
+    ``settings``: ``None`` = when the model's metadata names a target (``graphopt.target``, set by
+    ``optimize``), also write that target's run settings (providers, their options, session
+    options, shapes) beside the model as ``NAME.settings.json``; ``False`` = never; ``True`` =
+    always (an error when no target is named). The settings are computed before anything is
+    written, so a model its target cannot run (e.g. contrib ops for TensorRT) is not saved.
 
     ``external_data``: ``None`` = automatic (external when the weights approach protobuf's 2 GB
     limit), ``True`` = external into ``<name>.data``, a string = external into that relative file
@@ -451,6 +460,13 @@ def save(
         raise OutputError(
             f"{path}: this is the input model (or its data); write the output to another file"
         )
+
+    settings_doc = None if settings is False else _target_settings(model, path, required=bool(settings))
+    if settings_doc is not None:
+        settings_file = settings_file_for(path)
+        _check_output_path(settings_file, "settings file")
+        if os.path.realpath(settings_file) in inputs:
+            raise OutputError(f"{settings_file}: this is a file of the input model; write the output to another name")
 
     size = total_tensor_bytes(model)
     if external_data is None:
@@ -484,12 +500,55 @@ def save(
                 proto = ir.serde.serialize_model(model)
             data = proto.SerializeToString(deterministic=True)
             _atomic_write(path, lambda f: f.write(data))
+        if settings_doc is not None:
+            text = json.dumps(settings_doc, indent=2) + "\n"
+            _atomic_write(settings_file, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         raise OutputError(
             f"{path}: writing failed ({e.strerror or e}{where}); "
             "check free space and permissions of the output folder"
         ) from e
+
+
+#: Model metadata key naming the target a model was optimized for (written by ``optimize``).
+TARGET_KEY = "graphopt.target"
+
+
+def settings_file_for(path: str | os.PathLike) -> str:
+    """``model.onnx`` → ``model.settings.json``: where ``save`` writes the target's run settings."""
+    root, _ = os.path.splitext(os.fspath(path))
+    return root + ".settings.json"
+
+
+def _target_settings(model: ir.Model, path: str, *, required: bool) -> dict | None:
+    """The settings document of the model's target (None when no target is named or known).
+
+    The core never imports backends: the target is looked up by name through the registry.
+    """
+    target = model.metadata_props.get(TARGET_KEY)
+    if not target:
+        if required:
+            raise OutputError(
+                f"{path}: settings=True but the model names no target (metadata '{TARGET_KEY}'); "
+                "optimize it with graphopt.optimize(target=...) first"
+            )
+        return None
+    from graphopt.errors import PipelineError
+    from graphopt.registry import default_registry
+
+    try:
+        backend_cls = type(default_registry().backend(target))
+    except PipelineError:
+        if required:
+            raise
+        logger.warning("%s: target '%s' is not installed; no settings file written", path, target)
+        return None
+    from_model = getattr(backend_cls, "from_model", None)
+    backend = from_model(model) if from_model is not None else backend_cls()
+    if not hasattr(backend, "settings"):
+        return None
+    return backend.settings(model, model_path=path)
 
 
 def _save_external(

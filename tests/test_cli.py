@@ -68,7 +68,7 @@ def test_optimize_writes_a_smaller_model_a_report_and_stamps_the_pipeline(tmp_pa
     assert data["before"]["nodes"] == node_count(mlp_path)
     assert data["after"]["nodes"] == node_count(out) < data["before"]["nodes"]
     assert data["verification"] is not None
-    assert sorted(os.listdir(tmp_path)) == ["in", "out.onnx", "report.json"]
+    assert sorted(os.listdir(tmp_path)) == ["in", "out.onnx", "out.settings.json", "report.json"]
 
 
 def test_optimize_dump_dir_writes_one_model_per_pass_execution(tmp_path, capsys, mlp_path) -> None:
