@@ -92,6 +92,10 @@ class WeightOnlyOptions(CommonOptions):
                                     "with the least rounding error; False: plain full-range RTN"))
     calibration_batches: int | None = dataclasses.field(
         default=None, metadata=_doc("gptq: use at most this many calibration batches (None: all)"))
+    sequential: bool = dataclasses.field(
+        default=True, metadata=_doc("gptq: calibrate the weights of each input activation on the model with the "
+                                    "earlier weights already quantized (one calibration run each; False: one "
+                                    "run, all from the float model)"))
     hessian_memory_mb: int = dataclasses.field(
         default=1024, metadata=_doc("gptq: Hessians held at once (float64); more weights = more calibration runs"))
 
@@ -485,7 +489,8 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
     def _hessian_groups(self, model: ir.Model, by_key: dict[tuple[int, bool], list[_Site]], data: Any
                         ) -> Iterator[tuple[list[tuple[int, bool]], dict[tuple[int, bool], np.ndarray]]]:
         """Yield groups of weight keys with their Hessians; each group's Hessians fit the memory
-        budget and cost one calibration run (no data: one group, no Hessians)."""
+        budget and cost one calibration run (no data: one group, no Hessians). The caller rewrites a
+        group's weights before asking for the next one, so a later run sees them quantized."""
         keys = list(by_key)
         if data is None:
             yield keys, {}
@@ -500,7 +505,9 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             k = by_key[key][0].w.shape[1]
             fresh = {id(s.node.inputs[0]) for s in by_key[key]} - held
             size = k * k * 8 * len(fresh)
-            if groups[-1] and used + size > budget:
+            # Sequential: a new group (calibration run) for each new activation, so that a weight's
+            # Hessian comes from the model with every earlier weight already quantized.
+            if groups[-1] and (used + size > budget or (self.options.sequential and fresh)):
                 groups.append([])
                 held, used = set(), 0
                 fresh = {id(s.node.inputs[0]) for s in by_key[key]}
