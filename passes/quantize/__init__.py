@@ -214,11 +214,14 @@ class QuantizePass(Pass):
         final = self.make_mode_pass(exclude=keep) if keep else self.make_mode_pass()
         result = self._run(model, final)
         if keep:
-            self.count("float:accuracy", len(keep))
             kept = set(keep)
             for row in self.details.get("nodes", []):
-                if row["node"] in kept:
+                if row["node"] in kept and row["reason"] == "excluded":
                     row["reason"] = "kept float for min_cosine"
+                    self.count("float:excluded", -1)
+                    self.count("float:min_cosine")
+            if self.stats.get("float:excluded") == 0:
+                del self.stats["float:excluded"]
         return result
 
     def _eval_feeds(self, model: ir.Model) -> list[dict[str, Any]]:
