@@ -460,6 +460,8 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         for s in sites:
             by_key.setdefault(s.key, []).append(s)
         replaced: list[ir.Value] = []
+        weights: list[dict[str, Any]] = []
+        self.details["weights"] = weights
         if model.opset_imports.get(MS_DOMAIN) is None:
             model.opset_imports[MS_DOMAIN] = 1
         for group, hess in self._hessian_groups(model, by_key, data if method == "gptq" else None):
@@ -467,12 +469,14 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             for key in group:
                 first = by_key[key][0]
                 sdt = _FLOAT_DTYPES[first.dtype]
-                if key in hessians:
-                    qw = gptq_quantize(first.w, hessians.pop(key), o.bits, o.block_size, o.symmetric,
+                h = hessians.pop(key, None)
+                if h is not None:
+                    qw = gptq_quantize(first.w, h, o.bits, o.block_size, o.symmetric,
                                        damp=o.damp, act_order=o.act_order, scale_dtype=sdt,
                                        search=o.scale_search)
                 else:
                     qw = quantize_rtn(first.w, o.bits, o.block_size, o.symmetric, sdt, o.scale_search)
+                weights.append(_error_row(first, qw, h))
                 made[key] = self._initializers(graph, qw, first.node.inputs[1].name or "weight", taken)
                 for site in by_key[key]:
                     replaced.append(site.node.inputs[1])
@@ -613,6 +617,22 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 graph.initializers.pop(v.name)
             elif (p := v.producer()) is not None and p.op_type == "Constant" and p.graph is graph:
                 graph.remove(p, safe=True)
+
+
+def _error_row(site: _Site, qw: QuantizedWeight, h: np.ndarray | None) -> dict[str, Any]:
+    """Report row of one quantized weight: relative squared error of the weight and, with
+    calibration data, weighted by the input's per-channel energy ``diag(H)`` (an output-error proxy)."""
+    n, k = site.w.shape
+    w = site.w.astype(np.float64)
+    d = dequantize(qw).astype(np.float64) - w
+    row: dict[str, Any] = {"weight": site.node.inputs[1].name or "", "K": int(k), "N": int(n),
+                           "nodes": len(site.node.inputs[1].uses()),
+                           "rel_error": round(float(np.sum(d * d) / max(np.sum(w * w), 1e-30)), 8)}
+    if h is not None:
+        e = np.diag(h)
+        row["act_weighted_error"] = round(float(np.sum(e * np.sum(d * d, axis=0)) /
+                                                max(float(np.sum(e * np.sum(w * w, axis=0))), 1e-30)), 8)
+    return row
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
