@@ -111,6 +111,14 @@ _KEEP_OUTPUTS: dict[tuple[str, str], frozenset[int]] = {
     (_MS, "SkipLayerNormalization"): frozenset({1, 2}),
     (_MS, "SkipSimplifiedLayerNormalization"): frozenset({1, 2}),
 }
+#: Compute ops that convert whenever an activation (not a position/shape value) reaches them,
+#: even from a float32 producer: one kept op early in a graph must not keep the rest in fp32.
+_HEAVY = frozenset(
+    [("", op) for op in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "LayerNormalization",
+                         "RMSNormalization", "SimplifiedLayerNormalization", "BatchNormalization",
+                         "InstanceNormalization", "GroupNormalization", "Softmax", "LogSoftmax")]
+    + [k for k in CONVERTIBLE if k[0] == _MS]
+)
 #: Ops that read rows of a constant table: fp16 from the start (embedding lookups).
 _GATHERS = frozenset({("", "Gather"), ("", "GatherElements"), ("", "GatherND")})
 #: Ops whose float inputs may have any type (no cast needed either way).
@@ -166,11 +174,17 @@ class ConvertFloat16Pass(Pass):
         low_values: set[int] = set()  # ids of values that will be reduced precision
         low_inputs = {id(v) for v in graph.inputs if v.dtype == ir.DataType.FLOAT}
 
+        # Values computed from integers (positions, shapes) through float ops: a Cast(int → float)
+        # or Range starts the chain; nothing on it converts.
+        tainted: set[int] = set()
+
         def is_low(v: ir.Value) -> bool:
             return id(v) in low_values or id(v) in low_inputs
 
         for node in nodes:
             key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+            if _starts_position_chain(node) or _all_tainted(node, tainted):
+                tainted.update(id(v) for v in node.outputs if v.dtype == ir.DataType.FLOAT)
             if key in _ANY_INPUT:
                 continue
             float_in = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == ir.DataType.FLOAT]
@@ -179,14 +193,15 @@ class ConvertFloat16Pass(Pass):
                 continue
             keep_in = _KEEP_INPUTS.get(key, frozenset())
             keep_out = _KEEP_OUTPUTS.get(key, frozenset())
-            reason = self._keep_reason(node, key, float_in, float_out, keep_in, keep_out, stats, outer, is_low)
+            reason = self._keep_reason(node, key, float_in, float_out, keep_in, keep_out, stats, outer, is_low,
+                                       tainted)
             if reason is None:
                 converted.add(id(node))
                 for i, v in float_out:
                     if i not in keep_out:
                         low_values.add(id(v))
                 self.count("nodes_converted")
-            elif reason != "follows float32 inputs":
+            elif reason not in ("follows float32 inputs", "computes positions or shapes (from integers)"):
                 kept.append({"node": node.name or "", "op_type": node.op_type, "reason": reason})
                 self.count("nodes_kept_fp32")
         if not converted:
@@ -200,7 +215,8 @@ class ConvertFloat16Pass(Pass):
     # --- decisions ----------------------------------------------------------------------------
     def _keep_reason(self, node: ir.Node, key: tuple[str, str], float_in: list[tuple[int, ir.Value]],
                      float_out: list[tuple[int, ir.Value]], keep_in: frozenset[int], keep_out: frozenset[int],
-                     stats: dict[str, tuple[float, float]], outer: set[int], is_low: Any) -> str | None:
+                     stats: dict[str, tuple[float, float]], outer: set[int], is_low: Any,
+                     tainted: set[int]) -> str | None:
         """Why ``node`` stays float32 (None: convert it)."""
         o = self.options
         if key not in CONVERTIBLE:
@@ -216,7 +232,10 @@ class ConvertFloat16Pass(Pass):
             return "an output is read inside a subgraph"
         active = [(i, v) for i, v in float_in if i not in keep_in]
         dynamic = [v for _, v in active if constant_array(v) is None]
-        if not (any(is_low(v) for v in dynamic) or (key in _GATHERS and len(dynamic) < len(active))):
+        if any(id(v) in tainted for v in dynamic) and not any(is_low(v) for v in dynamic):
+            return "computes positions or shapes (from integers)"
+        heavy = key in _HEAVY and any(id(v) not in tainted for v in dynamic)
+        if not (heavy or any(is_low(v) for v in dynamic) or (key in _GATHERS and len(dynamic) < len(active))):
             return "follows float32 inputs"
         if o.dtype == "float16":
             for _, v in active:
@@ -375,6 +394,24 @@ class ConvertFloat16Pass(Pass):
         graph.register_initializer(value)
         self.count("initializers_converted")
         return value
+
+
+def _starts_position_chain(node: ir.Node) -> bool:
+    """Cast from an integer/bool to float, or Range: float values that are really indices."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Range":
+        return True
+    if node.op_type == "Cast" and node.inputs and node.inputs[0] is not None:
+        src = node.inputs[0].dtype
+        return src is not None and not src.is_floating_point()
+    return False
+
+
+def _all_tainted(node: ir.Node, tainted: set[int]) -> bool:
+    dynamic = [v for v in node.inputs if v is not None and v.dtype == ir.DataType.FLOAT
+               and constant_array(v) is None]
+    return bool(dynamic) and all(id(v) in tainted for v in dynamic)
 
 
 def _fill_contrib_types(nodes: list[ir.Node]) -> int:
