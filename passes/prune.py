@@ -578,6 +578,31 @@ class _Closure:
         else:
             self.push(x, perm[axis + r] - r, block)  # type: ignore[arg-type]
 
+    def _reshape_keep_last(self, node: ir.Node, x: ir.Value, y: ir.Value, block: int) -> None:
+        """A Reshape that keeps the unit axis last and whole (``[B*S, C]`` ⇄ ``[B, S, C]``): rows
+        map to rows, so only a literal ``C`` in the shape tensor changes."""
+        full = self.group.units * block
+        if y.shape.rank() < 1 or y.shape[-1] != full:
+            self.block(f"Reshape {node.name} does not keep the units whole on the last axis")
+            return
+        pieces = _shape_pieces(node.inputs[1]) if node.inputs[1] is not None else None
+        if pieces is None:
+            self.block(f"Reshape {node.name} shape is computed in a way not understood")
+            return
+        total = sum(n for n, _ in pieces)
+        _, _, last = _element(pieces, total - 1)
+        consts = [int(a) for _, arr in pieces if arr is not None for a in arr]
+        if last == full:
+            self.group.shape_fixes.append((node, 1, ("last", block)))
+        elif last == -1 and consts.count(-1) == 1:
+            pass
+        elif last == 0 and not node.attributes.get_int("allowzero", 0) and total == x.shape.rank():
+            pass
+        else:
+            self.block(f"Reshape {node.name} last shape element {last} not understood")
+            return
+        self.push(y, -1, block)
+
     def _flatten(self, node: ir.Node, axis: int, block: int) -> None:
         """Flatten / Reshape that merges the unit axis with the static axes after it into the last axis."""
         x, y = node.inputs[0], node.outputs[0]
@@ -586,6 +611,9 @@ class _Closure:
             return
         r = x.shape.rank()
         p = axis + r
+        if p == r - 1 and node.op_type == "Reshape":
+            self._reshape_keep_last(node, x, y, block)
+            return
         tail = [x.shape[i] for i in range(p + 1, r)]
         if not all(isinstance(t, int) for t in tail):
             self.block(f"{node.op_type} {node.name}: axes after the units are not static")
@@ -687,6 +715,8 @@ class _HeadMatcher:
     def __init__(self, out_proj: ir.Node) -> None:
         self.o = out_proj
         self.reason: str | None = None
+        #: Run-time Reshapes inside Q/K/V paths whose shape holds the head count literally.
+        self.literal_fixes: list[ir.Node] = []
 
     def fail(self, reason: str) -> None:
         self.reason = reason
@@ -776,6 +806,8 @@ class _HeadMatcher:
             g.shape_fixes.append((split, 1, ("heads", 2)))
         g.slices.append(_Slice(o, 1, 0, d, "in", x, -1, o.inputs[1].name or ""))
         g.shape_fixes.append((merge, 1, ("merge", d)))
+        for n in self.literal_fixes:
+            g.shape_fixes.append((n, 1, ("literal_heads", 0)))
         for n in chain:
             if n is not o:
                 g.clear.extend(n.outputs)
@@ -851,11 +883,22 @@ class _HeadMatcher:
                 pieces = _shape_pieces(node.inputs[1])
                 if pieces is None:
                     return self.fail(f"Reshape {node.name} shape not readable")
+                literal = False
+                out_shape = node.outputs[0].shape
+                static = [x for x in (out_shape.dims if out_shape is not None else ()) if isinstance(x, int)]
+                allowed = {-1, 0, 1, d, *static} - {h}
                 for _, arr in pieces:
-                    if arr is not None and any(int(a) not in (-1, 0, 1, d) for a in arr):
-                        return self.fail(f"Reshape {node.name} has literal dims {arr.tolist()} (head count?)")
+                    if arr is None:
+                        continue
+                    for a in arr:
+                        if int(a) == h and h not in (d, 1) and static.count(h) <= 1:
+                            literal = True
+                        elif int(a) not in allowed:
+                            return self.fail(f"Reshape {node.name} has literal dims {arr.tolist()} not understood")
                 if d == h:
                     return self.fail("head size equals head count: literal dims are ambiguous")
+                if literal:
+                    self.literal_fixes.append(node)
                 chain.append(node)
                 val = src  # type: ignore[assignment]
                 continue
@@ -1241,43 +1284,50 @@ class PrunePass(Pass):
 
     def _fix_shape(self, graph: ir.Graph, names: _Names, node: ir.Node, index: int, fix: tuple[str, int],
                    units: int, kept: int) -> None:
+        """Rewrite the unit count held literally in a shape tensor (a constant, or a constant piece
+        of a Concat, which is cloned: the original may serve other layers)."""
         kind, arg = fix
         value = node.inputs[index]
+        pieces = _shape_pieces(value) if value is not None else None
+        if pieces is None:
+            return
+        flat: list[int | None] = []
+        for n, arr in pieces:
+            flat.extend([None] * n if arr is None else [int(a) for a in arr])
+        changes: dict[int, int] = {}
+        if kind in ("last", "merge") and flat and flat[-1] == units * arg:
+            changes[len(flat) - 1] = kept * arg
+        elif kind == "heads" and len(flat) > 2 and flat[2] == units:
+            changes[2] = kept
+        elif kind == "literal_heads":
+            changes = {i: kept for i, v in enumerate(flat) if v == units}
+        if not changes:
+            return  # -1 / 0 / run-time values adapt by themselves
         c = _const(value)
         if c is not None:
-            arr = c.astype(np.int64).copy()
-            if kind == "last":
-                arr[-1] = kept * arg
-            elif kind == "heads" and arr[2] == units:
-                arr[2] = kept
-            elif kind == "merge" and arr[-1] == units * arg:
-                arr[-1] = kept * arg
-            else:
-                return
-            _set_input_const(graph, names, node, index, arr.astype(c.dtype), "_pruned")
+            arr = c.astype(np.int64).ravel().copy()
+            for i, v in changes.items():
+                arr[i] = v
+            _set_input_const(graph, names, node, index, arr.reshape(c.shape).astype(c.dtype), "_pruned")
             return
-        concat = value.producer()  # a Concat of pieces (checked by the matcher)
-        pieces = _shape_pieces(value)
-        if concat is None or pieces is None:
-            return
-        total = sum(n for n, _ in pieces)
-        pos = 2 if kind == "heads" else total - 1
-        k, off, cur = _element(pieces, pos)
-        if kind == "heads":
-            target = kept if cur == units else None
-        else:
-            target = kept * arg if cur == units * arg else None
-        if target is None:
-            return  # -1: nothing to rewrite
-        new_piece = pieces[k][1].copy()
-        new_piece[off] = target
-        clone = ir.node("Concat", list(concat.inputs), attributes={"axis": 0}, name=names.fresh(
-            (concat.name or "Concat") + "_pruned"))
+        concat = value.producer()
+        clone = ir.node("Concat", list(concat.inputs), attributes={"axis": 0},
+                        name=names.fresh((concat.name or "Concat") + "_pruned"))
         graph.insert_after(concat, clone)
         clone.outputs[0].name = names.fresh((value.name or "shape") + "_pruned")
         clone.outputs[0].dtype = value.dtype
         clone.outputs[0].shape = value.shape
-        _set_input_const(graph, names, clone, k, new_piece.astype(_const(concat.inputs[k]).dtype), "_pruned")
+        start = 0
+        for k, (n, arr) in enumerate(pieces):
+            local = {i - start: v for i, v in changes.items() if start <= i < start + n}
+            if local and arr is not None:
+                new_piece = arr.copy()
+                for i, v in local.items():
+                    new_piece[i] = v
+                dtype = _const(concat.inputs[k]).dtype  # type: ignore[union-attr]
+                _set_input_const(graph, names, clone, k, new_piece.reshape(
+                    _const(concat.inputs[k]).shape).astype(dtype), "_pruned")  # type: ignore[union-attr]
+            start += n
         node.replace_input_with(index, clone.outputs[0])
 
 
