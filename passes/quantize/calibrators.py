@@ -285,6 +285,11 @@ def entropy_range(h: Histogram, levels: int = 128, max_bins: int = 2048) -> tupl
         pad = (-top) % factor
         abs_counts = np.concatenate([abs_counts, np.zeros(pad, np.int64)]).reshape(-1, factor).sum(axis=1)
     width = h.width * factor
+    if len(abs_counts) > 1:
+        # The zero spike (ReLU outputs, padding) merged with its neighbours dominates the KL and
+        # drives the threshold far too low; like NVIDIA's pytorch-quantization, flatten it.
+        abs_counts = abs_counts.copy()
+        abs_counts[0] = abs_counts[1]
     i = _kl_threshold(abs_counts, levels)
     threshold = i * width
     lo_v, hi_v = h.minmax.min, h.minmax.max

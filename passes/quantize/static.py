@@ -652,12 +652,15 @@ class QuantizeStaticPass(QuantizePassBase):
             if node.op_type not in ("MatMul", "Gemm") or node.op_type not in ops or node.domain not in ("", "ai.onnx"):
                 continue
             x = node.inputs[0]
-            prod = x.producer() if x is not None else None
-            if x is None or prod is None:
+            if x is None:
+                continue
+            src = _through_reshapes(x)
+            prod = src.producer()
+            if prod is None:
                 continue
             if any(prod is p for p, _ in sites) or any(s["site"] == (prod.name or "") for s in skipped):
                 continue
-            why = _smooth_reason(prod, x, graph)
+            why = _smooth_reason(prod, src, x, graph)
             if why is None:
                 readers = list(x.consumers())
                 for r in readers:
@@ -716,12 +719,29 @@ def _new_init(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) ->
     return v
 
 
-def _smooth_reason(prod: ir.Node, x: ir.Value, graph: ir.Graph) -> str | None:
+def _through_reshapes(x: ir.Value) -> ir.Value:
+    """Walk up single-consumer Reshapes that keep the last (channel) axis (GPT-2's Conv1D
+    flattens ``[B, S, C]`` to ``[B*S, C]`` before its Gemm)."""
+    v = x
+    while True:
+        p = v.producer()
+        if p is None or p.op_type != "Reshape" or p.domain not in ("", "ai.onnx") or not p.inputs:
+            return v
+        src = p.inputs[0]
+        if src is None or src.shape is None or v.shape is None or len(src.shape) == 0 or len(v.shape) == 0:
+            return v
+        last_in, last_out = src.shape[-1], v.shape[-1]
+        if not isinstance(last_in, int) or last_in != last_out or len(list(src.uses())) != 1:
+            return v
+        v = src
+
+
+def _smooth_reason(prod: ir.Node, ln_out: ir.Value, x: ir.Value, graph: ir.Graph) -> str | None:
     """Why the producer of a MatMul input cannot absorb a per-channel division (None if it can)."""
     if prod.op_type != "LayerNormalization" or prod.domain not in ("", "ai.onnx"):
         return f"producer {prod.op_type} has no per-channel constant scale to fold into"
     if prod.attributes.get_int("axis", -1) != -1 and not (
-            x.shape is not None and prod.attributes.get_int("axis", -1) == len(x.shape) - 1):
+            ln_out.shape is not None and prod.attributes.get_int("axis", -1) == len(ln_out.shape) - 1):
         return "LayerNormalization does not normalize the last axis"
     if len(prod.outputs) > 1 and any(o is not None and o.consumers() for o in prod.outputs[1:]):
         return "LayerNormalization's mean/inv-std outputs are used"
@@ -732,8 +752,10 @@ def _smooth_reason(prod: ir.Node, x: ir.Value, graph: ir.Graph) -> str | None:
         bias = constant_array(prod.inputs[2])
         if bias is None or bias.shape != scale.shape:
             return "LayerNormalization bias is not a constant of the scale's shape"
-    if x in graph.outputs:
+    if x in graph.outputs or ln_out in graph.outputs:
         return "LayerNormalization output is a graph output"
+    if ln_out is not prod.outputs[0]:
+        return "not the LayerNormalization's normalized output"
     for r in x.consumers():
         if r.op_type not in ("MatMul", "Gemm") or r.inputs[0] is not x or len(r.inputs) < 2:
             return f"output also read by {r.op_type} {r.name}"
