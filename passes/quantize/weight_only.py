@@ -74,8 +74,9 @@ class WeightOnlyOptions(CommonOptions):
     accuracy_level: int = dataclasses.field(
         default=4, metadata=_doc("MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute "
                                  "(fastest on CPU)"))
-    method: Literal["auto", "rtn", "gptq"] = dataclasses.field(
-        default="auto", metadata=_doc("rtn (no data), gptq (needs calibration), auto: gptq with data else rtn"))
+    method: Literal["auto", "rtn", "gptq", "awq", "awq-gptq"] = dataclasses.field(
+        default="auto", metadata=_doc("rtn (no data); with calibration data: gptq, awq (scales folded into the "
+                                      "preceding norm, then rtn), awq-gptq (both); auto: gptq with data else rtn"))
     min_size: int = dataclasses.field(
         default=4096, metadata=_doc("leave weights with fewer than this many elements (K*N) in float"))
     quantize_embeddings: bool = dataclasses.field(
@@ -96,6 +97,10 @@ class WeightOnlyOptions(CommonOptions):
         default=True, metadata=_doc("gptq: calibrate the weights of each input activation on the model with the "
                                     "earlier weights already quantized (one calibration run each; False: one "
                                     "run, all from the float model)"))
+    awq_grid: int = dataclasses.field(
+        default=11, metadata=_doc("awq: exponents tried for the channel scales, evenly in [0, 1] (0 = no scaling)"))
+    awq_tokens: int = dataclasses.field(
+        default=512, metadata=_doc("awq: calibration rows kept per activation to score the exponents"))
     hessian_memory_mb: int = dataclasses.field(
         default=1024, metadata=_doc("gptq: Hessians held at once (float64); more weights = more calibration runs"))
 
@@ -446,10 +451,10 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             return ir.passes.PassResult(model, False)
 
         method = o.method
-        data = self.calibration_data() if method in ("auto", "gptq") and sites else None
-        if method == "gptq" and data is None:
-            raise PipelineError("quantize-weight-only: method=gptq needs calibration data; pass calibration=... "
-                                "(an .npz or a list of feed dicts) or use method=rtn")
+        data = self.calibration_data() if method != "rtn" and sites else None
+        if method != "auto" and method != "rtn" and data is None:
+            raise PipelineError(f"quantize-weight-only: method={method} needs calibration data; pass "
+                                "calibration=... (an .npz or a list of feed dicts) or use method=rtn")
         if method == "auto":
             method = "gptq" if data is not None else "rtn"
         self.details["method"] = method
@@ -459,12 +464,15 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         by_key: dict[tuple[int, bool], list[_Site]] = {}
         for s in sites:
             by_key.setdefault(s.key, []).append(s)
+        if method.startswith("awq"):
+            self._awq(model, sites, by_key, data, taken)
         replaced: list[ir.Value] = []
         weights: list[dict[str, Any]] = []
         self.details["weights"] = weights
         if model.opset_imports.get(MS_DOMAIN) is None:
             model.opset_imports[MS_DOMAIN] = 1
-        for group, hess in self._hessian_groups(model, by_key, data if method == "gptq" else None):
+        gptq = method in ("gptq", "awq-gptq")
+        for group, hess in self._hessian_groups(model, by_key, data if gptq else None):
             hessians = hess
             for key in group:
                 first = by_key[key][0]
@@ -488,6 +496,83 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             self.decide(node, True, f"rtn {o.bits}-bit embedding")
         self._drop_unused(graph, replaced)
         return ir.passes.PassResult(model, True)
+
+    # --- AWQ -------------------------------------------------------------------------------
+    def _awq(self, model: ir.Model, sites: list[_Site], by_key: dict[tuple[int, bool], list[_Site]], data: Any,
+             taken: set[str]) -> None:
+        """Activation-aware scaling (Lin et al. 2023): per input channel ``s = mean|x|^alpha``, weights
+        ``W * s`` quantized, ``x / s`` folded exactly into the preceding norm's scale (and bias). Only
+        where the norm output feeds nothing but the quantized weights of this group; alpha is chosen
+        per group by the layer-output error on kept calibration rows (alpha=0 = plain RTN, so it never
+        does worse there)."""
+        from graphopt.calibration import stream_tensors
+
+        o = self.options
+        groups: dict[int, list[_Site]] = {}
+        for site in sites:
+            groups.setdefault(id(site.node.inputs[0]), []).append(site)
+        folds: list[tuple[ir.Node, int, int | None, list[_Site]]] = []
+        skipped: dict[str, int] = {}
+        for group in groups.values():
+            fold, reason = _awq_fold(group, by_key)
+            if fold is None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+            else:
+                folds.append((*fold, group))
+        self.details["awq_skipped"] = skipped
+        if not folds:
+            self.details["awq_folded"] = 0
+            return
+        names = [g[0].node.inputs[0].name for *_, g in folds]
+        sums = {n: None for n in names}
+        rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        kept = dict.fromkeys(names, 0)
+        for values in stream_tensors(model, names, data, limit=o.calibration_batches, description="awq"):
+            for n in names:
+                x = np.asarray(values[n], np.float32)
+                x = x.reshape(-1, x.shape[-1])
+                a = np.abs(x).astype(np.float64).sum(axis=0)
+                sums[n] = a if sums[n] is None else sums[n] + a
+                if kept[n] < o.awq_tokens:
+                    rows[n].append(x[: o.awq_tokens - kept[n]])
+                    kept[n] += rows[n][-1].shape[0]
+        grid = np.linspace(0.0, 1.0, max(o.awq_grid, 2))
+        alphas = []
+        for (norm, gi, bi, group), n in zip(folds, names):
+            mean = np.maximum(sums[n] / max(kept[n], 1), 1e-8)
+            x = np.concatenate(rows[n]).astype(np.float32)
+            keys = list(dict.fromkeys(site.key for site in group))
+            best, best_loss = None, np.inf
+            for alpha in grid:
+                scale = mean**alpha
+                scale = (scale / np.sqrt(scale.max() * scale.min())).astype(np.float32)
+                loss = 0.0
+                for key in keys:
+                    first = by_key[key][0]
+                    w = first.w.astype(np.float32)
+                    qw = quantize_rtn(w * scale[None, :], o.bits, o.block_size, o.symmetric,
+                                      _FLOAT_DTYPES[first.dtype], o.scale_search)
+                    d = (dequantize(qw) / scale[None, :] - w).T
+                    loss += float(np.sum(np.square(x @ d)))
+                if loss < best_loss - 1e-12 * abs(best_loss if np.isfinite(best_loss) else 0):
+                    best, best_loss = (float(alpha), scale), loss
+            alpha, scale = best  # type: ignore[misc]
+            alphas.append(round(alpha, 3))
+            if alpha == 0.0:
+                continue
+            for key in keys:
+                for site in by_key[key]:
+                    site.w = (site.w.astype(np.float32) * scale[None, :]).astype(site.w.dtype)
+            for idx in (gi, bi):
+                if idx is None or len(norm.inputs) <= idx or norm.inputs[idx] is None:
+                    continue
+                v = norm.inputs[idx]
+                arr = constant_array(v)
+                new = (arr.astype(np.float32) / scale).astype(arr.dtype)
+                norm.replace_input_with(idx, _initializer(model.graph, unique_name(
+                    model.graph, f"{v.name or 'norm'}_awq", taken), new))
+        self.details["awq_folded"] = sum(a > 0 for a in alphas)
+        self.details["awq_alphas"] = alphas
 
     # --- calibration ------------------------------------------------------------------------
     def _hessian_groups(self, model: ir.Model, by_key: dict[tuple[int, bool], list[_Site]], data: Any
@@ -617,6 +702,53 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 graph.initializers.pop(v.name)
             elif (p := v.producer()) is not None and p.op_type == "Constant" and p.graph is graph:
                 graph.remove(p, safe=True)
+
+
+#: Norms whose output is ``normalized * gamma (+ beta)`` over the last axis: (domain, op) -> (gamma, beta)
+#: input indices (beta None when the op has none).
+_NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
+    ("", "LayerNormalization"): (1, 2),
+    ("", "RMSNormalization"): (1, None),
+    ("", "SimplifiedLayerNormalization"): (1, None),
+    (MS_DOMAIN, "SimplifiedLayerNormalization"): (1, None),
+    (MS_DOMAIN, "LayerNormalization"): (1, 2),
+    (MS_DOMAIN, "SkipLayerNormalization"): (2, 3),
+    (MS_DOMAIN, "SkipSimplifiedLayerNormalization"): (2, None),
+}
+
+
+def _awq_fold(group: list[_Site], by_key: dict[tuple[int, bool], list[_Site]]
+              ) -> tuple[tuple[ir.Node, int, int | None] | None, str]:
+    """Where ``x / s`` folds exactly for sites sharing input ``x``: the norm producing ``x`` (and its
+    gamma/beta input indices), or None with the reason."""
+    x = group[0].node.inputs[0]
+    norm = x.producer()
+    if norm is None or (norm.domain, norm.op_type) not in _NORMS:
+        return None, "input not from a norm"
+    if norm.outputs[0] is not x or x.is_graph_output():
+        return None, "input not the norm's output"
+    gi, bi = _NORMS[(norm.domain, norm.op_type)]
+    k = group[0].w.shape[1]
+    axis = norm.attributes.get_int("axis", -1)
+    if axis != -1 and (x.shape is None or axis != x.shape.rank() - 1):
+        return None, "norm not over the last axis"
+    for idx in (gi, bi):
+        if idx is None or len(norm.inputs) <= idx or norm.inputs[idx] is None:
+            continue
+        arr = constant_array(norm.inputs[idx])
+        if arr is None or arr.shape != (k,):
+            return None, "norm scale/bias not a constant [K]"
+    if len(norm.inputs) <= gi or norm.inputs[gi] is None:
+        return None, "norm has no scale"
+    nodes = {id(s.node) for s in group}
+    if any(id(u.node) not in nodes for u in x.uses()):
+        return None, "norm output has other consumers"
+    for site in group:
+        if any(id(u.node) not in nodes for u in site.node.inputs[1].uses()):
+            return None, "weight shared outside the group"
+        if any(id(s.node) not in nodes for s in by_key[site.key]):
+            return None, "weight shared outside the group"
+    return (norm, gi, bi), ""
 
 
 def _error_row(site: _Site, qw: QuantizedWeight, h: np.ndarray | None) -> dict[str, Any]:

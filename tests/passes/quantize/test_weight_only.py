@@ -359,3 +359,62 @@ def test_input_model_without_candidates_is_unchanged():
     result = QuantizeWeightOnlyPass()(model)
     assert not result.modified
     assert MS not in model.opset_imports
+
+
+def norm_matmul_model(gamma: np.ndarray, w: np.ndarray, w2: np.ndarray) -> ir.Model:
+    """x -> LayerNormalization(gamma, beta) -> two MatMuls (q/k-like) -> Add."""
+    k = gamma.shape[0]
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "S", k]))
+
+    def init(name: str, a: np.ndarray) -> ir.Value:
+        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(a.shape),
+                        const_value=ir.tensor(a, name=name))
+
+    g, b = init("gamma", gamma), init("beta", np.full(k, 0.1, np.float32))
+    wa, wb = init("wa", w), init("wb", w2)
+    ln = ir.node("LayerNormalization", [x, g, b], attributes={"axis": -1}, name="ln")
+    m1 = ir.node("MatMul", [ln.outputs[0], wa], name="m1")
+    m2 = ir.node("MatMul", [ln.outputs[0], wb], name="m2")
+    add = ir.node("Add", [m1.outputs[0], m2.outputs[0]], name="add")
+    add.outputs[0].name = "y"
+    graph = ir.Graph([x], [add.outputs[0]], nodes=[ln, m1, m2, add], initializers=[g, b, wa, wb],
+                     opset_imports={"": 21})
+    from graphopt.passes.cleanup import ShapeInferencePass
+
+    model = ir.Model(graph, ir_version=10)
+    ShapeInferencePass()(model)
+    return model
+
+
+def test_awq_folds_channel_scales_into_the_norm_and_beats_rtn_on_salient_channels():
+    rng = np.random.default_rng(0)
+    k, n = 128, 64
+    gamma = np.ones(k, np.float32)
+    gamma[rng.choice(k, 6, replace=False)] = 25.0  # a few salient input channels, as in real LLMs
+    w, w2 = (rng.standard_normal((2, k, n)) * 0.05).astype(np.float32)
+    calib = [{"x": rng.standard_normal((2, 32, k)).astype(np.float32)} for _ in range(4)]
+    test = {"x": rng.standard_normal((2, 32, k)).astype(np.float32)}
+    ref = run_model(norm_matmul_model(gamma, w, w2), test)[0][1]
+
+    def error(method: str) -> tuple[float, dict, ir.Model]:
+        q, row = quantize(norm_matmul_model(gamma, w, w2),
+                          f"quantize-weight-only(min_size=0,accuracy_level=0,method={method})", calibration=calib)
+        return float(np.mean((run_model(q, test)[0][1] - ref) ** 2)), row.details, q
+
+    e_rtn, _, _ = error("rtn")
+    e_awq, details, q = error("awq")
+    assert details["awq_folded"] == 1 and details["awq_alphas"][0] > 0
+    (ln,) = [nd for nd in q.graph if nd.op_type == "LayerNormalization"]
+    assert ln.inputs[1].name != "gamma" and ln.inputs[2].name != "beta"  # new, scaled copies
+    assert e_awq < 0.8 * e_rtn
+    e_both, details, _ = error("awq-gptq")
+    assert e_both < e_rtn
+
+
+def test_awq_skips_sites_it_cannot_fold_exactly():
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((1, 8, 64)).astype(np.float32)}]
+    q, row = quantize(matmul_model(rng.standard_normal((64, 32)).astype(np.float32)),
+                      "quantize-weight-only(min_size=0,method=awq)", calibration=calib)
+    assert row.details["awq_skipped"] == {"input not from a norm": 1} and row.details["awq_folded"] == 0
+    assert len(ms_nodes(q, "MatMulNBits")) == 1
