@@ -161,8 +161,8 @@ class Backend:
         problems = self.check(model)
         if problems:
             raise LoweringError(
-                f"the model cannot run on {self.name}: {'; '.join(problems)}. Use the target's default "
-                f"pipeline (or fuse(domains=[standard]) and a quantization mode {self.name} supports)"
+                f"the model cannot run on {self.name}: {'; '.join(problems)}. Change the pipeline so that it "
+                f"emits only what {self.name} runs (e.g. fuse(domains=[standard]) for standard-op targets)"
             )
 
     # --- running -------------------------------------------------------------------------------

@@ -80,6 +80,14 @@ class OrtCudaBackend(Backend):
         return dict(options)
 
     def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
+        """Runs on the cleaned graph (see :meth:`finalize_passes`), where constants are folded into
+        initializers that convert once instead of being cast at run time."""
+        return []
+
+    def finalize_passes(self, level: int) -> list[str]:
+        return ["cleanup", *self._precision(level), "cleanup"] if self._precision(level) else super().finalize_passes(level)
+
+    def _precision(self, level: int) -> list[str]:
         if level < 2 or self.options.precision == "float32":
             return []
         opts: dict[str, Any] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import typing
 from typing import Any, ClassVar
 
 import numpy as np
@@ -102,9 +101,21 @@ class TensorRTBackend(Backend):
     # --- checks --------------------------------------------------------------------------------
     def check(self, model: ir.Model) -> list[str]:
         problems = super().check(model)
-        asym = [n.name or n.op_type for n in _all_nodes(model)
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx")
-                and not _symmetric_int8(n)]
+        int32: list[str] = []
+        asym: list[str] = []
+        for n in _all_nodes(model):
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain not in ("", "ai.onnx"):
+                continue
+            x = n.inputs[0] if n.inputs else None
+            if n.op_type == "DequantizeLinear" and x is not None and x.dtype == ir.DataType.INT32:
+                int32.append(n.name or n.op_type)
+            elif not _symmetric_int8(n):
+                asym.append(n.name or n.op_type)
+        if int32:
+            problems.append(
+                f"{len(int32)} int32 DequantizeLinear (quantized biases, e.g. {int32[0]}): TensorRT's Q/DQ layers "
+                "take int8/fp8/int4 only; keep biases float (TensorRT fuses them)"
+            )
         if asym:
             problems.append(
                 f"{len(asym)} Q/DQ node(s) not symmetric int8 (e.g. {asym[0]}): TensorRT needs int8 with zero point 0"
@@ -247,12 +258,10 @@ def _symmetric_int8(node: ir.Node) -> bool:
         return out_dtype is not None and out_dtype.as_int() == ir.DataType.INT8.value
     if zp.dtype not in (ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2):
         return False
-    t = zp.const_value
-    if t is None:
-        return False
     try:
-        return not np.asarray(t.numpy()).astype(np.float32).any()
-    except Exception:
+        t = ir.convenience.get_const_tensor(zp)
+        return t is not None and not np.asarray(t.numpy()).astype(np.float32).any()
+    except Exception:  # unreadable constant: not provably symmetric
         return False
 
 
@@ -262,13 +271,5 @@ def static_has_tensorrt_placement() -> bool:
         module = importlib.import_module("graphopt.passes.quantize.static")
     except ImportError:
         return False
-    cls = getattr(module, "QuantizeStaticPass", None)
-    opts = getattr(cls, "Options", None)
-    if opts is None or not dataclasses.is_dataclass(opts):
-        return False
-    fields = {f.name for f in dataclasses.fields(opts)}
-    if "placement" not in fields:
-        return False
-    hint = typing.get_type_hints(opts).get("placement")
-    args = typing.get_args(hint)
-    return "tensorrt" in args or "tensorrt" in str(getattr(module, "PLACEMENTS", ""))
+    placements = getattr(module, "PLACEMENTS", None)
+    return isinstance(placements, dict) and "tensorrt" in placements

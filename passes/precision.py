@@ -185,7 +185,7 @@ class ConvertFloat16Pass(Pass):
             key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
             if _starts_position_chain(node) or _all_tainted(node, tainted):
                 tainted.update(id(v) for v in node.outputs if v.dtype == ir.DataType.FLOAT)
-            if key in _ANY_INPUT:
+            if key in _ANY_INPUT or key == ("", "Constant"):  # constants convert where they are read
                 continue
             float_in = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == ir.DataType.FLOAT]
             float_out = [(i, v) for i, v in enumerate(node.outputs) if v.dtype == ir.DataType.FLOAT]
