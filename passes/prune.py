@@ -153,16 +153,39 @@ def nm_axis(op_type: str, weight_rank: int, attributes: dict[str, Any] | None = 
     return None
 
 
-def _nm_prune(w: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
-    """Keep the ``n`` largest-magnitude entries in each group of ``m`` along ``axis`` (ties: first)."""
+def _nm_prune(w: np.ndarray, n: int, m: int, axis: int, score: np.ndarray | None = None) -> np.ndarray:
+    """Keep the ``n`` highest-scoring (default: largest-magnitude) entries in each group of ``m``
+    along ``axis`` (ties: first)."""
     moved = np.moveaxis(w, axis, -1)
     shape = moved.shape
     groups = moved.reshape(-1, m)
-    order = np.argsort(-np.abs(groups), axis=1, kind="stable")
+    key = np.abs(groups) if score is None else np.moveaxis(score, axis, -1).reshape(-1, m)
+    order = np.argsort(-key, axis=1, kind="stable")
     mask = np.zeros(groups.shape, dtype=bool)
     np.put_along_axis(mask, order[:, :n], True, axis=1)
     out = np.where(mask, groups, 0).astype(w.dtype).reshape(shape)
     return np.ascontiguousarray(np.moveaxis(out, -1, axis))
+
+
+def _per_output_mask(score: np.ndarray, out_axis: int, sparsity: float) -> np.ndarray:
+    """Mask of the lowest-scoring ``sparsity`` fraction within each output unit's weights (Wanda
+    compares weights of the same output, whose errors add up in the same activation)."""
+    moved = np.moveaxis(score, out_axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    k = int(np.floor(sparsity * rows.shape[1]))
+    mask = np.zeros(rows.shape, dtype=bool)
+    if k > 0:
+        order = np.argsort(rows, axis=1, kind="stable")
+        np.put_along_axis(mask, order[:, :k], True, axis=1)
+    return np.moveaxis(mask.reshape(moved.shape), 0, out_axis)
+
+
+def _out_axis(op_type: str, rank: int, trans_b: int) -> int:
+    if op_type == "MatMul":
+        return rank - 1
+    if op_type == "Gemm":
+        return 0 if trans_b else 1
+    return 0  # Conv
 
 
 def _magnitude_mask(w: np.ndarray, k: int) -> np.ndarray:
@@ -936,8 +959,6 @@ class PrunePass(Pass):
                 raise PipelineError(f"prune target {t!r} unknown; use {', '.join(TARGETS)}")
         if o.round_to < 1:
             raise PipelineError("prune round_to must be >= 1")
-        if o.importance == "activation" and self.kind != "structured":
-            raise PipelineError("importance=activation applies to mode=structured; use l1 for unstructured/N:M")
 
     # --- selection ---
     def _selected(self, node: ir.Node, weight_name: str | None) -> str | None:
@@ -1016,6 +1037,9 @@ class PrunePass(Pass):
                 arrays[w] = w.const_value.numpy()  # type: ignore[union-attr]
         new: dict[ir.Value, np.ndarray] = {}
         nm_reason: dict[ir.Value, str] = {}
+        scores: dict[ir.Value, np.ndarray] = {}
+        if o.importance == "activation":
+            scores = self._weight_activation_scores(model, targets, arrays)
         if self.kind == "nm":
             for w, _nodes, axis, _reason in targets:
                 if w not in arrays:
@@ -1024,18 +1048,19 @@ class PrunePass(Pass):
                 if axis is None or a.shape[axis] % self.m:
                     nm_reason[w] = f"reduction dim {a.shape[axis] if axis is not None else '?'} not a multiple of {self.m}"
                     continue
-                new[w] = _nm_prune(a, self.n, self.m, axis)
+                new[w] = _nm_prune(a, self.n, self.m, axis, scores.get(w))
         elif o.scope == "global" and arrays:
             total = sum(a.size for a in arrays.values())
             k = int(np.floor(o.sparsity * total))
             if k > 0:
-                mags = np.concatenate([np.abs(a).ravel().astype(np.float32) for a in arrays.values()])
+                mags = np.concatenate([(scores[w] if w in scores else np.abs(a)).ravel().astype(np.float32)
+                                       for w, a in arrays.items()])
                 thr = np.partition(mags, k - 1)[k - 1]
                 below = int((mags < thr).sum())
                 del mags
                 ties_left = k - below
                 for w, a in arrays.items():
-                    mag = np.abs(a)
+                    mag = (scores[w] if w in scores else np.abs(a)).astype(np.float32)
                     mask = mag < thr
                     if ties_left > 0:
                         eq = np.flatnonzero((mag == thr).ravel())[:ties_left]
@@ -1043,7 +1068,12 @@ class PrunePass(Pass):
                         ties_left -= len(eq)
                     new[w] = np.where(mask, 0, a).astype(a.dtype)
         else:
+            out_axes = {w: _out_axis(nodes[0].op_type, a.ndim, nodes[0].attributes.get_int("transB", 0))
+                        for w, nodes, _, _ in targets if (a := arrays.get(w)) is not None}
             for w, a in arrays.items():
+                if w in scores:
+                    new[w] = np.where(_per_output_mask(scores[w], out_axes[w], o.sparsity), 0, a).astype(a.dtype)
+                    continue
                 k = int(np.floor(o.sparsity * a.size))
                 new[w] = np.where(_magnitude_mask(a, k), 0, a).astype(a.dtype)
         modified = False
@@ -1079,6 +1109,71 @@ class PrunePass(Pass):
         self.details["layers"] = layers
         self.details["pruned_sparsity"] = round(zeros / total_pruned, 6) if total_pruned else 0.0
         return modified
+
+    def _calibration(self) -> Any:
+        from graphopt.calibration import CalibrationData
+
+        o = self.options
+        source = o.calibration if o.calibration is not None else self.context.get("calibration")
+        if source is None:
+            raise PipelineError("prune importance=activation needs calibration data: pass calibration= to "
+                                "optimize() or the prune option calibration=PATH")
+        data = CalibrationData.from_any(source)
+        if getattr(data, "_single_use", False):
+            data = data.materialize()
+            self.context["calibration"] = data
+        return data
+
+    def _weight_activation_scores(self, model: ir.Model, targets: list, arrays: dict) -> dict[ir.Value, np.ndarray]:
+        """Wanda scores ``|W| · ‖x_j‖₂``: each weight times the L2 norm (over the calibration data) of
+        the input feature it multiplies. Weights whose input layout is not understood keep |W|."""
+        from graphopt.calibration import stream_tensors
+
+        wanted: dict[str, int] = {}  # activation name -> feature axis
+        uses: dict[ir.Value, list[tuple[str, int]]] = {}  # weight -> (activation, weight feature axis)
+        for w, nodes, _axis, _reason in targets:
+            if w not in arrays:
+                continue
+            entries = []
+            for node in nodes:
+                x = node.inputs[0]
+                if x is None or not x.name or x.shape is None:
+                    entries = []
+                    break
+                if node.op_type == "Conv":
+                    feat, waxis = 1, 1
+                elif node.op_type == "Gemm" and not node.attributes.get_int("transA", 0):
+                    feat, waxis = x.shape.rank() - 1, (1 if node.attributes.get_int("transB", 0) else 0)
+                elif node.op_type == "MatMul":
+                    feat, waxis = x.shape.rank() - 1, arrays[w].ndim - 2
+                else:
+                    entries = []
+                    break
+                wanted[x.name] = feat
+                entries.append((x.name, waxis))
+            if entries:
+                uses[w] = entries
+        if not uses:
+            return {}
+        names = sorted(wanted)
+        sq: dict[str, np.ndarray] = {}
+        for batch in stream_tensors(model, names, self._calibration(), limit=self.options.calibration_batches,
+                                    description="prune stats"):
+            for name in names:
+                a = np.asarray(batch[name], dtype=np.float64)
+                moved = np.moveaxis(a, wanted[name], 0).reshape(a.shape[wanted[name]], -1)
+                sq[name] = sq.get(name, 0) + (moved * moved).sum(axis=1)
+        scores = {}
+        for w, entries in uses.items():
+            a = arrays[w]
+            waxis = entries[0][1]
+            norm = np.sqrt(sum(sq[name] for name, _ in entries if name in sq))
+            if np.ndim(norm) == 0 or norm.shape[0] != a.shape[waxis]:
+                continue
+            shape = [1] * a.ndim
+            shape[waxis] = a.shape[waxis]
+            scores[w] = np.abs(a).astype(np.float64) * norm.reshape(shape)
+        return scores
 
     # --- structured ---------------------------------------------------------------------------
     def _groups(self, model: ir.Model) -> tuple[list[_Group], list[dict[str, Any]]]:
@@ -1153,6 +1248,17 @@ class PrunePass(Pass):
             acts = self._activation_stats(model, groups)
         for g in groups:
             total = np.zeros(g.units, dtype=np.float64)
+            # A BatchNormalization right after a producer rescales its output channels: weigh the
+            # producer's norms by |γ|/√(σ²+ε), the scale the next layer actually sees.
+            bn_scale: dict[int, np.ndarray] = {}
+            for s in g.slices:
+                if s.node.op_type == "BatchNormalization" and s.index == 1:
+                    bn = s.node
+                    gamma, var = _const(bn.inputs[1]), _const(bn.inputs[4])
+                    src = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+                    if gamma is not None and var is not None and src is not None:
+                        eps = bn.attributes.get_float("epsilon", 1e-5)
+                        bn_scale[id(src)] = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
             for s in g.slices:
                 if s.role not in ("out", "in"):
                     continue
@@ -1162,6 +1268,8 @@ class PrunePass(Pass):
                     norm = np.abs(per).sum(axis=1)
                 else:
                     norm = np.sqrt((per * per).sum(axis=1))
+                if s.role == "out" and id(s.node) in bn_scale:
+                    norm = norm * bn_scale[id(s.node)]
                 if o.importance == "activation":
                     if s.role != "in" or s.data not in acts:
                         continue
@@ -1171,17 +1279,10 @@ class PrunePass(Pass):
         return scores
 
     def _activation_stats(self, model: ir.Model, groups: list[_Group]) -> dict[ir.Value, np.ndarray]:
-        from graphopt.calibration import CalibrationData, stream_tensors
+        from graphopt.calibration import stream_tensors
 
         o = self.options
-        source = o.calibration if o.calibration is not None else self.context.get("calibration")
-        if source is None:
-            raise PipelineError("prune importance=activation needs calibration data: pass calibration= to "
-                                "optimize() or the prune option calibration=PATH")
-        data = CalibrationData.from_any(source)
-        if getattr(data, "_single_use", False):
-            data = data.materialize()
-            self.context["calibration"] = data
+        data = self._calibration()
         wanted: dict[str, tuple[ir.Value, int, int, int]] = {}
         for g in groups:
             for s in g.slices:
