@@ -615,7 +615,8 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                         names.append(nm)
             acc: dict[str, np.ndarray] = {}
             tokens = 0
-            for values in stream_tensors(model, names, data, limit=self.options.calibration_batches,
+            run_on = _prefix_model(model, names) if len(groups) > 1 else model
+            for values in stream_tensors(run_on, names, data, limit=self.options.calibration_batches,
                                          description=f"gptq {gi + 1}/{len(groups)}"):
                 for nm in names:
                     x = np.asarray(values[nm], dtype=np.float64)
@@ -630,8 +631,10 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             self.details.setdefault("calibration_tokens", tokens)
             hess: dict[tuple[int, bool], np.ndarray] = {}
             for key in group:
-                hs = [acc[n] for n in dict.fromkeys(s.node.inputs[0].name for s in by_key[key])]
-                hess[key] = hs[0] if len(hs) == 1 else np.sum(hs, axis=0)
+                consumers = list(dict.fromkeys(s.node.inputs[0].name for s in by_key[key]))
+                if all(n in acc for n in consumers):  # an unnamed activation: RTN for this weight
+                    hess[key] = acc[consumers[0]] if len(consumers) == 1 else np.sum(
+                        [acc[n] for n in consumers], axis=0)
             del acc
             yield group, hess
 
@@ -749,6 +752,62 @@ def _awq_fold(group: list[_Site], by_key: dict[tuple[int, bool], list[_Site]]
         if any(id(s.node) not in nodes for s in by_key[site.key]):
             return None, "weight shared outside the group"
     return (norm, gi, bi), ""
+
+
+def _prefix_model(model: ir.Model, names: list[str]) -> ir.Model:
+    """A model with only the nodes that ``names`` depend on (sharing the weight tensors), so a
+    sequential calibration run for an early layer neither serializes nor runs the later ones. The
+    whole model when a needed node has subgraphs (their outer-scope reads are not traced here)."""
+    graph = model.graph
+    by_name: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    for node in graph:
+        for v in node.outputs:
+            if v.name:
+                by_name[v.name] = v
+    needed: set[int] = set()
+    stack = [by_name[n] for n in names if n in by_name]
+    if len(stack) != len(names):
+        return model
+    while stack:
+        v = stack.pop()
+        node = v.producer()
+        if node is None or id(node) in needed:
+            continue
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return model
+        needed.add(id(node))
+        stack.extend(i for i in node.inputs if i is not None)
+    vmap: dict[int, ir.Value] = {}
+
+    def copy(v: ir.Value) -> ir.Value:
+        nv = ir.Value(name=v.name, shape=v.shape, type=v.type, const_value=v.const_value)
+        vmap[id(v)] = nv
+        return nv
+
+    inputs = [copy(v) for v in graph.inputs]
+    inits: list[ir.Value] = []
+    nodes: list[ir.Node] = []
+    for node in graph:
+        if id(node) not in needed:
+            continue
+        ins: list[ir.Value | None] = []
+        for i in node.inputs:
+            if i is not None and id(i) not in vmap:
+                if i.const_value is None:  # produced later: the graph is not sorted
+                    return model
+                inits.append(copy(i))
+            ins.append(None if i is None else vmap[id(i)])
+        new = ir.Node(node.domain, node.op_type, ins, attributes=list(node.attributes.values()),
+                      overload=node.overload, num_outputs=len(node.outputs), version=node.version, name=node.name)
+        for o, no in zip(node.outputs, new.outputs):
+            no.name, no.shape, no.type = o.name, o.shape, o.type
+            vmap[id(o)] = no
+        nodes.append(new)
+    outputs = [vmap[id(by_name[n])] for n in names]
+    pruned = ir.Graph(inputs, outputs, nodes=nodes, initializers=inits,
+                      opset_imports=dict(graph.opset_imports), name=graph.name)
+    return ir.Model(pruned, ir_version=model.ir_version, producer_name=model.producer_name,
+                    functions=list(model.functions.values()))
 
 
 def _error_row(site: _Site, qw: QuantizedWeight, h: np.ndarray | None) -> dict[str, Any]:
