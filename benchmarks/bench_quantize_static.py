@@ -113,21 +113,21 @@ def fused_ops(path: str) -> dict[str, int]:
     return dict(sorted(ops.items()))
 
 
-def latency(files: dict[str, str], x: Any, rounds: int) -> dict[str, Any]:
-    """Interleaved medians (ms) for ``files`` on input ``x``; rotated order each round."""
+def latency(files: dict[str, str], feeds: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """Interleaved medians (ms) for ``files`` on ``feeds``; rotated order each round."""
     import numpy as np
 
     sessions = {n: _session(p) for n, p in files.items()}
     for s in sessions.values():
         for _ in range(10):
-            s.run(None, {"x": x})
+            s.run(None, feeds)
     times: dict[str, list[float]] = {n: [] for n in sessions}
     names = list(sessions)
     for i in range(rounds):
         k = i % len(names)
         for n in names[k:] + names[:k]:
             t0 = time.perf_counter()
-            sessions[n].run(None, {"x": x})
+            sessions[n].run(None, feeds)
             times[n].append((time.perf_counter() - t0) * 1000)
     return {n: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))} for n, t in times.items()}
 
@@ -185,11 +185,69 @@ def run_model(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, An
     out["latency"] = {}
     for batch, rounds in ((1, args.rounds), (64, max(20, args.rounds // 4))):
         x = d.x_test[:batch]
-        lat = latency(timed, np.ascontiguousarray(x), rounds)
+        lat = latency(timed, {"x": np.ascontiguousarray(x)}, rounds)
         lat["graphopt_vs_ort"] = round(lat["graphopt"]["median_ms"] / lat["ort"]["median_ms"], 3)
         lat["graphopt_vs_float"] = round(lat["graphopt"]["median_ms"] / lat["float"]["median_ms"], 3)
         lat["rounds"] = rounds
         out["latency"][f"batch{batch}"] = lat
+    for v in out["variants"].values():
+        v.pop("path", None)
+    return out
+
+
+def run_bert(args: argparse.Namespace, folder: Path, size: str = "mini") -> dict[str, Any]:
+    """BERT (transformers BertModel, random weights with perturbed norms): no labels, so fidelity is
+    the cosine/SQNR of the last hidden state vs float on held-out inputs; latency at batch 1, seq 128."""
+    import numpy as np
+
+    import graphopt
+
+    _bench.tests_on_path()
+    from models import build_bert
+
+    b = build_bert(size)
+    float_path = str(folder / "bert_float.onnx")
+    graphopt.save(graphopt.optimize(b.export(), pipeline=PRE).model, float_path)
+    feeds = [b.feeds(2, 64, seed=s) for s in range(16 if not args.quick else 8)]
+    held_out = [b.feeds(2, 64, seed=1000 + s) for s in range(4)]
+    ref_sess = _session(float_path)
+    refs = [ref_sess.run(None, f)[0] for f in held_out]
+    out: dict[str, Any] = {"model": f"bert-{size}", "calibration_batches": len(feeds), "variants": {}}
+
+    def evaluate(name: str, path: str, wall: float) -> None:
+        s = _session(path)
+        got = [s.run(None, f)[0] for f in held_out]
+        a = np.concatenate([r.ravel() for r in refs]).astype(np.float64)
+        c = np.concatenate([g.ravel() for g in got]).astype(np.float64)
+        out["variants"][name] = {"cosine": round(float(a @ c / np.linalg.norm(a) / np.linalg.norm(c)), 6),
+                                 "sqnr_db": round(_sqnr(a, c), 2), "file_bytes": os.path.getsize(path),
+                                 "quantize_s": round(wall, 3), "path": path}
+
+    evaluate("float", float_path, 0.0)
+    for c in CALIBRATORS:
+        path = str(folder / f"bert_graphopt_{c}.onnx")
+        wall, _ = graphopt_quantize(float_path, path, feeds, c)
+        evaluate(f"graphopt:{c}", path, wall)
+    for m in ORT_METHODS:
+        path = str(folder / f"bert_ort_{m}.onnx")
+        try:
+            wall = ort_quantize(float_path, path, feeds, m)
+        except Exception as e:
+            out["variants"][f"ort:{m}"] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        evaluate(f"ort:{m}", path, wall)
+    ort_names = [n for n, v in out["variants"].items() if n.startswith("ort:") and "error" not in v]
+    out["ort_anchor"] = max(ort_names, key=lambda n: out["variants"][n]["sqnr_db"])
+    out["graphopt_default"] = f"graphopt:{_default_calibrator()}"
+    timed = {"float": float_path, "graphopt": out["variants"][out["graphopt_default"]]["path"],
+             "ort": out["variants"][out["ort_anchor"]]["path"]}
+    out["ort_fused_ops"] = {n: fused_ops(p) for n, p in timed.items()}
+    rounds = max(20, args.rounds // 5)
+    lat = latency(timed, b.feeds(1, 128, seed=7), rounds)
+    lat["graphopt_vs_ort"] = round(lat["graphopt"]["median_ms"] / lat["ort"]["median_ms"], 3)
+    lat["graphopt_vs_float"] = round(lat["graphopt"]["median_ms"] / lat["float"]["median_ms"], 3)
+    lat["rounds"] = rounds
+    out["latency"] = {"batch1_seq128": lat}
     for v in out["variants"].values():
         v.pop("path", None)
     return out
@@ -254,16 +312,22 @@ def render(data: dict[str, Any]) -> str:
              "(shared with other jobs while measured: read ratios, not absolute times). "
              f"Calibration: {data['calibration_samples']} training samples in batches of 32.", ""]
     for kind, m in data["models"].items():
-        lines += [f"## digits {kind.upper()} (float test accuracy {m['float_test_accuracy']:.4f})", ""]
+        bert = kind == "bert"
+        title = (f"## {m['model']} (last hidden state vs float on held-out inputs)" if bert else
+                 f"## digits {kind.upper()} (float test accuracy {m['float_test_accuracy']:.4f})")
+        lines += [title, ""]
         rows = []
         for name, v in m["variants"].items():
             if "error" in v:
                 rows.append([name, v["error"][:60], None, None, None])
                 continue
             mark = " (anchor)" if name == m["ort_anchor"] else (" (default)" if name == m["graphopt_default"] else "")
-            rows.append([name + mark, f"{v['test_accuracy']:.4f}", v["logits_sqnr_db"], round(v["file_bytes"] / 1024, 1),
-                         v["quantize_s"]])
-        lines += [_bench.markdown_table(["variant", "test acc", "logits SQNR dB", "file KiB", "quantize s"], rows), ""]
+            first = f"{v['cosine']:.6f}" if bert else f"{v['test_accuracy']:.4f}"
+            sq = v["sqnr_db"] if bert else v["logits_sqnr_db"]
+            rows.append([name + mark, first, sq, round(v["file_bytes"] / 1024, 1), v["quantize_s"]])
+        head = ["variant", "cosine" if bert else "test acc", "SQNR dB" if bert else "logits SQNR dB", "file KiB",
+                "quantize s"]
+        lines += [_bench.markdown_table(head, rows), ""]
         lrows = []
         for b, lat in m["latency"].items():
             lrows.append([b, round(lat["float"]["median_ms"], 4), round(lat["graphopt"]["median_ms"], 4),
@@ -294,7 +358,7 @@ def render(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer latency rounds and memory batches")
-    p.add_argument("--models", default="cnn,mlp")
+    p.add_argument("--models", default="cnn,mlp,bert", help="subset of cnn,mlp,bert (BERT-mini)")
     p.add_argument("--rounds", type=int, default=None, help="latency rounds at batch 1 (batch 64: a quarter)")
     p.add_argument("--calibration-samples", type=int, default=512)
     p.add_argument("--memory-batches", type=int, default=None, help="N (N and 10×N batches are measured)")
@@ -314,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                             "calibration_samples": args.calibration_samples, "models": {}}
     for kind in args.models.split(","):
         print(f"[{kind}] training, quantizing, timing ...", file=sys.stderr)
-        data["models"][kind] = run_model(kind, args, folder)
+        data["models"][kind] = run_bert(args, folder) if kind == "bert" else run_model(kind, args, folder)
     if "cnn" in data["models"]:
         print("[memory] calibration peak RSS ...", file=sys.stderr)
         data["memory"] = memory(folder, n, args.timeout)

@@ -93,7 +93,7 @@ PLACEMENTS: dict[str, Placement] = {
                            "LeakyRelu"}),
         passthrough=frozenset({"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze",
                                "Unsqueeze"}),
-        removable=frozenset({"Relu"}),
+        removable=frozenset({"Relu", "Clip"}),
     ),
     # TensorRT: symmetric int8 (zero points 0) on the inputs of the ops it runs in int8, both
     # inputs of a residual Add; it propagates scales through pooling/reshapes and fuses ReLU.
@@ -297,6 +297,14 @@ class QuantizeStaticPass(QuantizePassBase):
         for v in ins:
             if v.dtype != _FLOAT:
                 return f"input dtype {v.dtype or 'unknown'} is not float32"
+        if kind == "removable" and node.op_type == "Clip":
+            # Clip(0, M) → Q is Q alone: the calibrated range is [0, ≤M] and Q saturates there.
+            lo = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            hi_v = node.inputs[2] if len(node.inputs) > 2 else None
+            if lo is None or lo.size != 1 or float(lo.reshape(())) != 0.0:
+                return "Clip's minimum is not a constant 0"
+            if hi_v is not None and constant_array(hi_v) is None:
+                return "Clip's maximum is not a constant"
         if kind == "qlinear" and not placement.constant_operands:
             if any(constant_array(v) is not None for v in ins):
                 return "constant operand (stays float)"
@@ -451,6 +459,22 @@ class QuantizeStaticPass(QuantizePassBase):
         return None
 
     # --- calibration ------------------------------------------------------------------------
+    def _cache(self, data: Any) -> dict[Any, Any]:
+        """The statistics/range cache: ``context["_static_ranges"]``, else kept on the
+        CalibrationData object itself, because ``Pipeline.run`` hands each run a shallow copy of
+        the context dict (a key added here would be lost) while the data object is shared."""
+        cache = self.context.get("_static_ranges")
+        if cache is None:
+            cache = getattr(data, "_static_ranges", None)
+            if cache is None:
+                cache = {}
+                try:
+                    data._static_ranges = cache
+                except AttributeError:
+                    pass
+            self.context["_static_ranges"] = cache
+        return cache
+
     def _source_key(self) -> Any:
         src = self.options.calibration if self.options.calibration is not None else self.context.get("calibration")
         return src if isinstance(src, str) else id(src)
@@ -459,7 +483,7 @@ class QuantizeStaticPass(QuantizePassBase):
                 smooth_key: tuple[Any, ...]) -> dict[tuple[str, bool], tuple[float, float]]:
         """``{(tensor, wide): (rmin, rmax)}`` for every tensor of ``plan`` with its own range."""
         o = self.options
-        cache: dict[Any, Any] = self.context.setdefault("_static_ranges", {})
+        cache = self._cache(data)
         want_hist = o.calibrator != "minmax"
         base = (self._source_key(), o.max_batches, smooth_key)
         needed = sorted({qt.range_from for qt in plan.tensors.values() if qt.shared_from is None})
@@ -635,6 +659,8 @@ class QuantizeStaticPass(QuantizePassBase):
     @staticmethod
     def _take_output_name(graph: ir.Graph, old: ir.Value, new: ir.Value, taken: set[str]) -> None:
         """If ``old`` is a graph output, ``new`` replaces it there under its name."""
+        if old.is_graph_input():
+            return  # a graph input passed straight through keeps its name and float value
         for i, out in enumerate(graph.outputs):
             if out is old:
                 name = old.name
@@ -678,7 +704,7 @@ class QuantizeStaticPass(QuantizePassBase):
         if not sites:
             return ("smooth", alpha, ()), False
         names = [p.outputs[0].name or "" for p, _ in sites]
-        cache: dict[Any, Any] = self.context.setdefault("_static_ranges", {})
+        cache = self._cache(data)
         key = ("smooth-stats", self._source_key(), self.options.max_batches, tuple(names))
         if key not in cache:
             stats = {n: ChannelAbsMax() for n in names}

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphopt
+from graphopt.calibration import CalibrationData
 from graphopt.errors import GraphoptError, PipelineError
 from graphopt.pipeline import Pipeline
 
@@ -220,8 +221,8 @@ def test_tensorrt_placement(cnn) -> None:
 def test_calibration_is_cached_across_runs(cnn) -> None:
     """The accuracy-control loop re-runs the pass on copies with include=[one node]: one calibration."""
     d, model = cnn
-    # Pipeline.run copies the context dict, so the caller shares the cache by handing it in.
-    shared: dict = {"calibration": d.calibration(64), "_static_ranges": {}}
+    # Pipeline.run copies the context dict: the cache lives on the shared CalibrationData object
+    shared: dict = {"calibration": CalibrationData.from_any(d.calibration(64))}
     _, r1 = Pipeline.parse("quantize-static(calibrator=entropy)").run(model.clone(), context=shared)
     _, r2 = Pipeline.parse("quantize-static(calibrator=entropy,include=[node_Conv_4])").run(
         model.clone(), context=shared)
@@ -229,7 +230,11 @@ def test_calibration_is_cached_across_runs(cnn) -> None:
     assert r1.passes[0].details["calibration"]["cached"] is False
     assert r2.passes[0].details["calibration"]["cached"] is True
     assert r3.passes[0].details["calibration"]["cached"] is True  # same histograms, other calibrator
-    assert shared["_static_ranges"]
+    # an explicit cache dict in the caller's context works too
+    explicit: dict = {"calibration": d.calibration(64), "_static_ranges": {}}
+    Pipeline.parse("quantize-static").run(model.clone(), context=explicit)
+    _, r4 = Pipeline.parse("quantize-static").run(model.clone(), context=explicit)
+    assert explicit["_static_ranges"] and r4.passes[0].details["calibration"]["cached"] is True
 
 
 def test_no_calibration_data_is_a_clear_error(cnn) -> None:
@@ -290,3 +295,32 @@ def test_smooth_quant_folds_into_layernorm() -> None:
     assert const(ln.inputs[1])[3] < 30.0
     result = graphopt.verify(model, q, inputs={"x": rng.standard_normal((2, 5, c)).astype(np.float32)})
     assert all(o.cosine > 0.995 for o in result.outputs), result
+
+
+def test_relu6_clip_is_absorbed_and_runs_as_qlinearconv(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in
+             [(w1, "w1"), (np.zeros(8, np.float32), "b1"), (w2, "w2"), (np.array(0.0, np.float32), "lo"),
+              (np.array(6.0, np.float32), "hi")]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="relu6"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    calib = [{"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    q, row = quantize(model, calib)
+    assert not any(n.op_type == "Clip" for n in q.graph)
+    assert {d["node"]: d["quantized"] for d in row.details["nodes"]} == {"conv1": True, "relu6": True, "conv2": True}
+    conv1 = next(n for n in q.graph if n.name == "conv1")
+    q1 = next(iter(conv1.outputs[0].consumers()))
+    assert const(q1.inputs[2]) == 0
+    path = str(tmp_path / "opt.onnx")
+    session(q, path)
+    assert [n.op_type for n in onnx.load(path).graph.node].count("QLinearConv") == 2
+    result = graphopt.verify(model, q, inputs={"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)})
+    assert result.outputs[0].cosine > 0.999, result
