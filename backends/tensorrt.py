@@ -25,6 +25,9 @@ class TensorRTOptions:
         default=True, metadata={"doc": "let TensorRT choose fp16 kernels (trt_fp16_enable); the graph stays fp32"})
     int8: bool | None = dataclasses.field(
         default=None, metadata={"doc": "trt_int8_enable; default: on when the model has Q/DQ nodes"})
+    fp16_graph: bool = dataclasses.field(
+        default=False, metadata={"doc": "also convert the graph to fp16 (convert-float16, fp32 I/O), e.g. for "
+                                        "strongly typed TensorRT networks; default: builder flag only"})
     fp8: bool = dataclasses.field(
         default=False, metadata={"doc": "FP8 Q/DQ (not available: graphopt's quantize-static emits int8)"})
     sparsity: bool | None = dataclasses.field(
@@ -72,6 +75,8 @@ class TensorRTBackend(Backend):
                 "tensorrt: fp8=true needs FP8 Q/DQ nodes, which graphopt's quantize-static does not emit; "
                 "use fp16 (default) or quantize=static (int8)"
             )
+        if not isinstance(o.dims, dict):
+            raise PipelineError(f"tensorrt: dims must map symbolic dim names to [min, opt, max], got {o.dims!r}")
         for name, triple in [("batch", o.batch), ("sequence", o.sequence), *sorted(o.dims.items())]:
             _check_triple(name, triple)
         if not 0 <= o.builder_optimization_level <= 5:
@@ -97,6 +102,11 @@ class TensorRTBackend(Backend):
                 )
             opts["placement"] = "tensorrt"
         return opts
+
+    def finalize_passes(self, level: int) -> list[str]:
+        if self.options.fp16_graph and level >= 2:
+            return ["cleanup", "convert-float16", "cleanup"]
+        return super().finalize_passes(level)
 
     # --- checks --------------------------------------------------------------------------------
     def check(self, model: ir.Model) -> list[str]:

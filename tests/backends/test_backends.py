@@ -185,6 +185,27 @@ def test_tensorrt_bad_options_are_clear_errors(options: dict, match: str) -> Non
         TensorRTBackend(**options)
 
 
+def test_tensorrt_graph_fp16_option_adds_the_conversion() -> None:
+    assert TensorRTBackend(fp16_graph=True).default_pipeline(2).endswith("cleanup,convert-float16,cleanup")
+    with pytest.raises(PipelineError, match="dims must map"):
+        TensorRTBackend(dims=[1, 2, 3])
+
+
+def test_ort_cuda_notes_ops_that_fall_back_to_the_cpu(caplog) -> None:
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x) => (uint8[2, 4] y, float s, uint8 z) {
+            y, s, z = DynamicQuantizeLinear (x)
+        }
+    """)
+    with caplog.at_level(logging.WARNING, logger="graphopt.backends"):
+        doc = OrtCudaBackend().settings(model)
+    assert doc["notes"] == ["DynamicQuantizeLinear ×1 runs on the CPU: no CUDA kernel (dynamic int8 quantization "
+                            "is a CPU format)"]
+    assert any("runs on the CPU" in r.getMessage() for r in caplog.records)
+    assert OrtCudaBackend().check(model) == []  # it runs (slowly): a note, not an error
+
+
 def test_ort_cuda_bad_option_is_a_clear_error() -> None:
     with pytest.raises(PipelineError, match="precision.*must be one of"):
         OrtCudaBackend(precision="int3")
@@ -472,3 +493,20 @@ def test_fp16_skips_unknown_types_and_unknown_ops() -> None:
     p2(m2)
     assert dtype_of(m2, "Abs") is None or dtype_of(m2, "Abs") == ir.DataType.FLOAT
     assert any(d["reason"] == "an input's type is unknown" for d in p2.details["kept_fp32"])
+
+
+def test_fp16_leaves_values_read_inside_subgraphs_in_fp32() -> None:
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x, bool c) => (float[2, 4] y) {
+            h = Relu (x)
+            k = Sigmoid (x)
+            y = If (c) <then_branch = t () => (float[2, 4] a) { a = Identity (h) },
+                        else_branch = e () => (float[2, 4] b) { b = Neg (k) }>
+        }
+    """
+    model, p = run_fp16(text)
+    assert dtype_of(model, "Relu") == ir.DataType.FLOAT and dtype_of(model, "Sigmoid") == ir.DataType.FLOAT
+    assert {d["reason"] for d in p.details["kept_fp32"]} >= {"an output is read inside a subgraph"}
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_np(model, {"x": x, "c": np.array(True)})[0], np.maximum(x, 0), rtol=1e-6)
