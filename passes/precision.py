@@ -22,6 +22,16 @@ silently clamp out-of-range values, and keep elementwise chains in fp16 between 
 * the graph's inputs and outputs keep float32 by default (a ``Cast`` at the boundary), so callers
   and IO bindings are unchanged; ``keep_io_types=false`` makes them fp16 for zero-copy pipelines.
 
+Decisions worth stating: ``Softmax`` converts (ONNX Runtime's CUDA kernel accumulates in float32;
+its input range is what overflows, and calibration checks it); fused ``LayerNormalization`` /
+``SkipLayerNormalization`` / RMSNorm ops convert (their kernels keep mean and variance in float32),
+while a decomposed norm keeps its statistics in float32 because ``Pow`` is kept and the reduction after
+it follows its float32 input; ``Pow``/``Exp``/sum reductions, angles (``Sin``/``Cos``), ``Range``,
+random ops, ``TopK``/``ArgMax`` indices and comparisons stay float32 (:data:`KEEP_FP32`).
+
+Numeric checks on the CPU provider understate fp16 error: ONNX Runtime's CPU provider runs fp16 nodes
+without an fp16 kernel in float32 (it inserts casts), so overflow shows only on the GPU.
+
 ``dtype=bfloat16`` keeps float32's exponent range (no overflow checks needed) with 8 mantissa
 bits; ONNX Runtime's CUDA provider has bf16 kernels for fewer ops (MatMul, Gemm, Add, the
 LayerNorm family, attention) and its CPU provider for almost none.
