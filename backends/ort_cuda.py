@@ -102,12 +102,14 @@ class OrtCudaBackend(Backend):
         search = self.options.cudnn_conv_algo_search
         if search == "auto":
             search = "HEURISTIC" if model is not None and _dynamic_conv_input(model) else "EXHAUSTIVE"
+        # Value forms as ONNX Runtime's CUDA provider documentation writes them ('1'/'0' strings for
+        # the last two), so a deployment copying the settings into C/C++ options gets the same.
         cuda = {
             "device_id": self.options.device_id,
             "cudnn_conv_algo_search": search,
             "do_copy_in_default_stream": True,
-            "cudnn_conv_use_max_workspace": True,
-            "enable_cuda_graph": self.options.enable_cuda_graph,
+            "cudnn_conv_use_max_workspace": "1",
+            "enable_cuda_graph": "1" if self.options.enable_cuda_graph else "0",
         }
         return [cuda, {}]
 
