@@ -59,7 +59,9 @@ class Placement:
       (Relu's output range starts at 0), as ORT's quantizer does;
     * ``symmetric``/``activation_type``: forced activation settings (None: the pass options);
     * ``constant_operands``: quantize a constant operand of Add/Mul/Concat as int8 (else the node
-      stays float: quantizing a bias Add's constant to 8 bits costs accuracy).
+      stays float: quantizing a bias Add's constant to 8 bits costs accuracy);
+    * ``quantize_bias``: Conv/Gemm bias as int32 at ``input_scale * weight_scale`` (ORT's integer
+      kernels take it so); TensorRT keeps float biases and folds them itself.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Placement:
     symmetric: bool | None = None
     activation_type: str | None = None
     constant_operands: bool = False
+    quantize_bias: bool = True
 
     def kind(self, op_type: str) -> str | None:
         for kind in ("compute", "qlinear", "passthrough", "removable"):
@@ -107,6 +110,7 @@ PLACEMENTS: dict[str, Placement] = {
         quantize_outputs=False,
         symmetric=True,
         activation_type="int8",
+        quantize_bias=False,
     ),
 }
 
@@ -388,7 +392,8 @@ class QuantizeStaticPass(QuantizePassBase):
                     quantize_input(w)
                 else:
                     plan.weights.append((node, 1, self._weight_axis(node, wc)))
-                    if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
+                    if (placement.quantize_bias and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2
+                            and node.inputs[2] is not None):
                         b = node.inputs[2]
                         bc = constant_array(b)
                         ok_bias = bc is not None and bc.dtype == np.float32 and bc.ndim == 1

@@ -209,6 +209,9 @@ def test_tensorrt_placement(cnn) -> None:
     q, _ = quantize(model, d.calibration(64), "placement=tensorrt")
     g = q.graph
     assert sum(n.op_type == "Relu" for n in g) == 4  # TensorRT fuses activations itself
+    for n in g:
+        if n.op_type in ("Conv", "Gemm"):
+            assert producer_op(n.inputs[1]) == "DequantizeLinear" and n.inputs[2].const_value is not None  # float bias
     add = next(n for n in g if n.op_type == "Add")
     assert all(producer_op(v) == "DequantizeLinear" for v in add.inputs)  # both residual inputs
     for n in g:
@@ -324,3 +327,14 @@ def test_relu6_clip_is_absorbed_and_runs_as_qlinearconv(tmp_path) -> None:
     assert [n.op_type for n in onnx.load(path).graph.node].count("QLinearConv") == 2
     result = graphopt.verify(model, q, inputs={"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)})
     assert result.outputs[0].cosine > 0.999, result
+
+
+def test_deterministic_and_input_untouched(mlp) -> None:
+    d, model = mlp
+    before = graphopt.to_bytes(model)
+    a, _ = quantize(model, d.calibration(64), "calibrator=entropy,per_channel=false")
+    b, _ = quantize(model, d.calibration(64), "calibrator=entropy,per_channel=false")
+    assert graphopt.to_bytes(a) == graphopt.to_bytes(b)
+    assert graphopt.to_bytes(model) == before
+    gemm = next(n for n in a.graph if n.op_type == "Gemm")
+    assert const(gemm.inputs[1].producer().inputs[1]).shape == ()  # per-tensor weight scale
