@@ -416,6 +416,16 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
 
     # --- main -------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # One BLAS thread: the same bytes on every machine (a thread count changes summation order),
+        # and OpenBLAS's spin-waiting made GPTQ's many small factorizations 10x slower on a busy CPU.
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional (scikit-learn's dependency)
+            return self._call(model)
+        with threadpool_limits(1, user_api="blas"):
+            return self._call(model)
+
+    def _call(self, model: ir.Model) -> ir.passes.PassResult:
         o = self.options
         graph = model.graph
         graph_outputs = {id(v) for v in graph.outputs}
