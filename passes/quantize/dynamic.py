@@ -155,6 +155,8 @@ class QuantizeDynamicPass(QuantizePassBase):
             raise PipelineError("quantize-dynamic: outlier_ratio must be >= 0 (0 turns the check off)")
         if not 0 <= o.smooth < 1:
             raise PipelineError("quantize-dynamic: smooth must be in [0, 1) (0 turns smoothing off)")
+        if o.outlier_channels < 0 or o.max_outlier_channels < 0:
+            raise PipelineError("quantize-dynamic: outlier_channels and max_outlier_channels must be >= 0 (0 = off)")
         if o.probe_batches < 1:
             raise PipelineError("quantize-dynamic: probe_batches must be >= 1")
 
@@ -530,13 +532,10 @@ class _Plan:
 
 
 def _swap_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Make ``new`` take ``old``'s place: consumers, and graph-output slot with ``old``'s name."""
-    old.replace_all_uses_with(new)
-    if old.is_graph_output():
-        name = old.name
-        for i, v in enumerate(graph.outputs):
-            if v is old:
-                graph.outputs[i] = new
+    """Make ``new`` take ``old``'s place: its consumers, and its graph-output slot and name."""
+    name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if name is not None:
         old.name = None
         new.name = name
 
