@@ -501,8 +501,7 @@ class QuantizeStaticPass(QuantizePassBase):
         batches = 0
         if missing:
             stats: dict[str, MinMax | Histogram] = {n: Histogram() if want_hist else MinMax() for n in missing}
-            for values in stream_tensors(model, missing, data, limit=o.max_batches, progress=o.progress,
-                                         description="quantize-static: calibrating"):
+            for values in _stream(model, missing, data, o.max_batches, o.progress, "quantize-static: calibrating"):
                 batches += 1
                 for name, arr in values.items():
                     stats[name].update(arr)
@@ -565,6 +564,15 @@ class QuantizeStaticPass(QuantizePassBase):
             qt = plan.tensors[v]
             if qt.shared_from is not None:
                 qt.params = plan.tensors[qt.shared_from].params
+        # what each quantized activation ended up with, for the report (and for debugging a range)
+        report: dict[str, Any] = {}
+        for v in plan.order:
+            qt = plan.tensors[v]
+            scale, zp = qt.params  # type: ignore[misc]
+            rng = None if qt.shared_from is not None else [float(f"{r:.6g}") for r in ranges[(qt.range_from, qt.wide)]]
+            report[v.name or ""] = {"range": rng, "scale": float(scale), "zero_point": int(zp),
+                                    "bits": 16 if qt.wide else 8}
+        self.details["activations"] = report
 
         param_values: dict[ir.Value, tuple[ir.Value, ir.Value]] = {}
         for v in plan.order:
@@ -713,8 +721,8 @@ class QuantizeStaticPass(QuantizePassBase):
         key = ("smooth-stats", self._source_key(), self.options.max_batches, tuple(names))
         if key not in cache:
             stats = {n: ChannelAbsMax() for n in names}
-            for values in stream_tensors(model, names, data, limit=self.options.max_batches,
-                                         progress=self.options.progress, description="quantize-static: smoothing"):
+            for values in _stream(model, names, data, self.options.max_batches, self.options.progress,
+                                  "quantize-static: smoothing"):
                 for n, arr in values.items():
                     stats[n].update(arr)
             cache[key] = {n: s.values for n, s in stats.items()}
@@ -742,6 +750,28 @@ class QuantizeStaticPass(QuantizePassBase):
                 r.replace_input_with(1, _new_init(graph, f"{r.inputs[1].name}_smooth", scaled.astype(w.dtype), taken))
             self.count("smooth_quant_sites")
         return ("smooth", alpha, tuple(names)), True
+
+
+def _stream(model: ir.Model, names: list[str], data: Any, limit: int | None, progress: bool | None,
+            description: str) -> Any:
+    """``stream_tensors`` with ONNX Runtime's errors on a batch (wrong shape or dtype) turned into a
+    CalibrationError that says which batch and what to fix."""
+    it = stream_tensors(model, names, data, limit=limit, progress=progress, description=description)
+    i = 0
+    while True:
+        try:
+            values = next(it)
+        except StopIteration:
+            return
+        except CalibrationError:
+            raise
+        except Exception as e:  # onnxruntime's InvalidArgument / Fail on a batch
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CalibrationError(
+                f"quantize-static: the model cannot run calibration batch {i} ({msg}); make the arrays' "
+                "shapes and dtypes match the model's inputs") from None
+        yield values
+        i += 1
 
 
 def _new_init(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) -> ir.Value:

@@ -241,9 +241,11 @@ def test_calibration_is_cached_across_runs(cnn) -> None:
 
 
 def test_no_calibration_data_is_a_clear_error(cnn) -> None:
-    _, model = cnn
+    d, model = cnn
     with pytest.raises(GraphoptError, match="calibration"):
         Pipeline.parse("quantize-static").run(model.clone())
+    with pytest.raises(GraphoptError, match="calibration batch 1"):  # wrong shape in the second batch
+        quantize(model, [{"x": d.x_train[:4]}, {"x": d.x_train[:4, :, :4]}])
 
 
 @pytest.mark.parametrize("opt", ["calibrator=kmeans", "placement=gpu", "activation_type=float8",
@@ -338,3 +340,21 @@ def test_deterministic_and_input_untouched(mlp) -> None:
     assert graphopt.to_bytes(model) == before
     gemm = next(n for n in a.graph if n.op_type == "Gemm")
     assert const(gemm.inputs[1].producer().inputs[1]).shape == ()  # per-tensor weight scale
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt2", "vit", "llama"])
+def test_other_transformers_close_to_float(kind: str) -> None:
+    import models
+
+    b = getattr(models, f"build_{kind}")("tiny")
+    model = graphopt.optimize(b.export(), pipeline=PRE).model
+    def feeds(seed: int) -> dict:
+        return b.feeds(2, seed=seed) if kind == "vit" else b.feeds(2, 16, seed=seed)
+
+    calib = [feeds(s) for s in range(6)]
+    q, row = quantize(model, calib)
+    assert row.stats["weights_int8"] >= 4
+    result = graphopt.verify(model, q, inputs=feeds(99))
+    for out in result.outputs:
+        assert out.cosine > 0.99, result
