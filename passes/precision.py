@@ -172,6 +172,11 @@ class ConvertFloat16Pass(Pass):
         if o.max_abs <= 0:
             raise PipelineError(f"convert-float16: max_abs must be positive, got {o.max_abs}")
         low = ir.DataType.FLOAT16 if o.dtype == "float16" else ir.DataType.BFLOAT16
+        #: ids of float32 values cast down through a Clip to ±65504 (mask sentinels); Clip takes its
+        #: bounds as inputs from opset 11.
+        self._clamped: set[int] = set()
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0
+        self._can_clip = opset >= 11
         graph = model.graph
         nodes = list(graph)
         filled = _fill_contrib_types(nodes)
@@ -225,7 +230,7 @@ class ConvertFloat16Pass(Pass):
     # --- decisions ----------------------------------------------------------------------------
     def _keep_reason(self, node: ir.Node, key: tuple[str, str], float_in: list[tuple[int, ir.Value]],
                      float_out: list[tuple[int, ir.Value]], keep_in: frozenset[int], keep_out: frozenset[int],
-                     stats: dict[str, tuple[float, float]], outer: set[int], is_low: Any,
+                     stats: dict[str, tuple[float, bool]], outer: set[int], is_low: Any,
                      tainted: set[int]) -> str | None:
         """Why ``node`` stays float32 (None: convert it)."""
         o = self.options
@@ -254,17 +259,28 @@ class ConvertFloat16Pass(Pass):
                     why = _constant_problem(arr)
                     if why:
                         return f"constant '{v.name}' {why}"
-            for v in [*dynamic, *(v for i, v in float_out if i not in keep_out)]:
+            outs = [v for i, v in float_out if i not in keep_out]
+            clamp = []
+            for v in [*dynamic, *outs]:
                 if v.name in stats:
-                    peak, smallest = stats[v.name]
+                    peak, sentinel = stats[v.name]
                     if peak > o.max_abs:
                         return f"value '{v.name}' reaches |{peak:.4g}| > {o.max_abs:g} in calibration"
-                    if 0 < peak < FP16_MIN_NORMAL:
+                    if 0 < peak < FP16_MIN_NORMAL and not sentinel:
                         return f"value '{v.name}' is all below fp16's smallest normal ({peak:.3g})"
+                    if sentinel:
+                        produced_low = is_low(v) and not v.is_graph_input()
+                        if any(v is out for out in outs) or produced_low or not self._can_clip:
+                            return f"value '{v.name}' holds ±1e30-like mask sentinels; kept float32"
+                        clamp.append(v)
+            # Mask inputs (finfo(float32).min where masked, ordinary values elsewhere): the cast
+            # to fp16 saturates them at ±65504 instead of making -inf (same effect after Softmax).
+            self._clamped.update(id(v) for v in clamp)
         return None
 
-    def _ranges(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, tuple[float, float]]:
-        """Max |value| (and max of the smallest |nonzero|) of every float activation, from calibration."""
+    def _ranges(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, tuple[float, bool]]:
+        """Per float activation: max |value| apart from ±1e30-like mask sentinels, and whether it
+        holds such sentinels, from calibration."""
         o = self.options
         data = self.context.get("calibration")
         if o.ranges == "off" or (data is None and o.ranges == "auto"):
@@ -284,16 +300,19 @@ class ConvertFloat16Pass(Pass):
                 if v.dtype == ir.DataType.FLOAT and v.name and v.name not in seen:
                     seen.add(v.name)
                     names.append(v.name)
-        peaks: dict[str, float] = {}
+        peaks: dict[str, tuple[float, bool]] = {}
         for batch in stream_tensors(model, names, data, limit=o.calibration_batches,
                                     description="fp16 value ranges"):
             for name, arr in batch.items():
                 a = np.abs(np.asarray(arr, dtype=np.float32))
                 finite = a[np.isfinite(a)]
-                peak = float(finite.max()) if finite.size else 0.0
-                peaks[name] = max(peaks.get(name, 0.0), peak)
+                sentinel = finite >= SENTINEL
+                ordinary = finite[~sentinel]
+                peak = float(ordinary.max()) if ordinary.size else 0.0
+                old_peak, old_sentinel = peaks.get(name, (0.0, False))
+                peaks[name] = (max(old_peak, peak), old_sentinel or bool(sentinel.any()))
         self.count("values_measured", len(peaks))
-        return {n: (p, 0.0) for n, p in peaks.items()}
+        return peaks
 
     # --- rewriting ----------------------------------------------------------------------------
     def _rewrite(self, model: ir.Model, nodes: list[ir.Node], converted: set[int], low_values: set[int],
@@ -338,8 +357,33 @@ class ConvertFloat16Pass(Pass):
                     consts[id(v)] = self._constant(graph, v, arr, low, fresh(f"{v.name}_{short}"))
                 return consts[id(v)]
             if id(v) not in down:
-                down[id(v)] = cast(v, low, v.producer())
+                source = clip(v) if id(v) in self._clamped else v
+                down[id(v)] = cast(source, low, source.producer())
             return down[id(v)]
+
+        bounds: list[ir.Value] = []
+
+        def clip(v: ir.Value) -> ir.Value:
+            if not bounds:
+                for name, x in (("fp16_lowest", -FP16_MAX), ("fp16_max", FP16_MAX)):
+                    t = ir.Tensor(np.array(x, dtype=np.float32), name=fresh(name))
+                    b = ir.Value(name=t.name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
+                                 const_value=t)
+                    graph.register_initializer(b)
+                    bounds.append(b)
+            node = ir.node("Clip", [v, *bounds], name=fresh(f"{v.name}_saturate"))
+            out = node.outputs[0]
+            out.name = fresh(f"{v.name}_saturated")
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            out.shape = v.shape
+            node.metadata_props[RULE_KEY] = self.name
+            producer = v.producer()
+            if producer is None:
+                graph.insert_before(first, node)
+            else:
+                graph.insert_after(producer, node)
+            self.count("sentinel_values_saturated")
+            return out
 
         def to_float(v: ir.Value) -> ir.Value:
             if id(v) not in up:

@@ -456,6 +456,34 @@ def test_fp16_calibration_keeps_overflowing_activations_in_fp32() -> None:
         run_fp16(text, ranges="calibration")
 
 
+def test_fp16_calibrated_mask_sentinels_saturate_instead_of_blocking() -> None:
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 4] x, int64[2, 4] mask) => (float[2, 4] y) {
+            w = Constant <value = float[4, 4] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> ()
+            h = MatMul (x, w)
+            mf = Cast <to = 1> (mask)
+            one = Constant <value = float {1.0}> ()
+            inv = Sub (one, mf)
+            lowest = Constant <value = float {-3.4028234e38}> ()
+            bias = Mul (inv, lowest)
+            s = Add (h, bias)
+            y = Softmax <axis = 1> (s)
+        }
+    """
+    rng = np.random.default_rng(3)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int64)
+    calib = [{"x": rng.standard_normal((2, 4)).astype(np.float32), "mask": mask}]
+    model, p = run_fp16(text, context={"calibration": calib})
+    # The Add writes sentinels (h - 3.4e38): float32; Softmax reads them through a saturating cast.
+    assert dtype_of(model, "Add") == ir.DataType.FLOAT and dtype_of(model, "Softmax") == ir.DataType.FLOAT16
+    assert dtype_of(model, "MatMul") == ir.DataType.FLOAT16
+    assert dtype_of(model, "Mul") == ir.DataType.FLOAT  # the mask chain starts at Cast(int → float)
+    assert p.stats["sentinel_values_saturated"] == 1 and any(n.op_type == "Clip" for n in model.graph)
+    feeds = {"x": rng.standard_normal((2, 4)).astype(np.float32), "mask": mask}
+    np.testing.assert_allclose(run_np(model, feeds)[0], run_np(parse(text), feeds)[0], atol=2e-3)
+
+
 def test_fp16_io_types_option_and_bfloat16() -> None:
     text = """
         <ir_version: 8, opset_import: ["" : 17]>
@@ -510,3 +538,29 @@ def test_fp16_leaves_values_read_inside_subgraphs_in_fp32() -> None:
     assert {d["reason"] for d in p.details["kept_fp32"]} >= {"an output is read inside a subgraph"}
     x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
     np.testing.assert_allclose(run_np(model, {"x": x, "c": np.array(True)})[0], np.maximum(x, 0), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_pretrained_minilm_embeddings_survive_every_target(target: str) -> None:
+    """Real weights and sentences (activation outliers random weights lack): the embeddings of each
+    target's file stay within cosine 0.999 of the float model's (fp16 on ort-cuda included), and
+    with calibration data the fp16 range check keeps them there."""
+    from pretrained import SENTENCES, build_minilm, mean_pool, min_cosine, minilm_feeds
+
+    ex = build_minilm()
+    model = ex.export()
+    feeds = minilm_feeds(SENTENCES)
+    ref = mean_pool(outputs(model, feeds)[0], feeds["attention_mask"])
+    result = graphopt.optimize(model, target=target)
+    got = mean_pool(outputs(result.model, feeds)[0], feeds["attention_mask"])
+    assert min_cosine(ref, got) >= (0.999 if target == "ort-cuda" else 0.99999)
+    if target == "ort-cuda":
+        calib = [minilm_feeds(SENTENCES[i:i + 8]) for i in range(0, 32, 8)]
+        text = OrtCudaBackend().default_pipeline(2)
+        checked = graphopt.optimize(model, pipeline=text, calibration=calib)
+        row = next(p for p in checked.report.passes if p.name == "convert-float16")
+        assert row.stats.get("values_measured", 0) > 50
+        assert not any(d["op_type"] == "Attention" for d in row.details["kept_fp32"])
+        got = mean_pool(outputs(checked.model, feeds)[0], feeds["attention_mask"])
+        assert min_cosine(ref, got) >= 0.999
