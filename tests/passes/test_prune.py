@@ -478,6 +478,22 @@ def test_prune_composes_with_fusion_in_one_pipeline(bert):
     np.testing.assert_allclose(run_model(out, feeds)[0][1], run_model(ref, feeds)[0][1], atol=1e-4, rtol=1e-3)
 
 
+def test_prune_then_quantize_in_one_pipeline_and_through_optimize(bert):
+    ex, model = bert
+    feeds = ex.feeds(2, 10)
+    base = "cleanup,prune(mode=structured,sparsity=0.5),fuse,cleanup"
+    pruned, _ = Pipeline.parse(base).run(model.clone())
+    quant, report = Pipeline.parse(base + ",quantize-dynamic").run(model.clone())
+    assert [r.name for r in report.passes if r.name in ("prune", "quantize-dynamic")] == ["prune", "quantize-dynamic"]
+    assert next(r for r in report.passes if r.name == "quantize-dynamic").stats.get("quantized", 0) > 0
+    a, b = run_model(pruned, feeds)[0][1].ravel(), run_model(quant, feeds)[0][1].ravel()
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+    r = graphopt.optimize(model, prune={"sparsity": 0.5, "mode": "structured"})
+    row = next(p for p in r.report.passes if p.name == "prune")
+    assert row.stats["removed_units:ffn"] == 128 and row.stats["removed_units:heads"] == 4
+    np.testing.assert_allclose(run_model(r.model, feeds)[0][1], run_model(pruned, feeds)[0][1], atol=1e-4)
+
+
 @pytest.mark.parametrize("options,match", [
     ({"sparsity": 1.5}, "sparsity"),
     ({"mode": "3:2"}, "N:M"),
