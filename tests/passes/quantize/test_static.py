@@ -358,3 +358,29 @@ def test_other_transformers_close_to_float(kind: str) -> None:
     result = graphopt.verify(model, q, inputs=feeds(99))
     for out in result.outputs:
         assert out.cosine > 0.99, result
+
+
+def test_embeddings_option_stores_int8_tables() -> None:
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((10, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 4])
+    proto = helper.make_model(helper.make_graph(nodes, "g", [ids], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    calib = [{"ids": rng.integers(0, 10, (2, 3))} for _ in range(3)]
+    plain, row = quantize(model, calib)
+    assert "embed" not in {d["node"] for d in row.details["nodes"]}  # off by default
+    q, row = quantize(model, calib, "embeddings=true")
+    gather = next(n for n in q.graph if n.op_type == "Gather")
+    tdq = gather.inputs[0].producer()
+    assert tdq.op_type == "DequantizeLinear" and const(tdq.inputs[0]).dtype == np.int8
+    out_q = next(iter(gather.outputs[0].consumers()))
+    assert out_q.op_type == "QuantizeLinear"
+    assert const(out_q.inputs[1]) == const(tdq.inputs[1]) and const(out_q.inputs[2]).dtype == np.int8
+    result = graphopt.verify(model, q, inputs={"ids": rng.integers(0, 10, (2, 3))})
+    assert result.outputs[0].cosine > 0.999, result
