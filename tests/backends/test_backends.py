@@ -220,8 +220,6 @@ def test_tensorrt_static_quantization_is_symmetric_int8(exported) -> None:
     qdq = [n for n in result.model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq and set(domains(result.model)) <= {""}
     for n in qdq:
-        if n.inputs[0].dtype == ir.DataType.INT32:
-            continue  # biases: see the xfail below
         zp = n.inputs[2]
         assert zp is not None and zp.dtype == ir.DataType.INT8, n.name
         assert not np.asarray(zp.const_value.numpy()).any(), n.name
@@ -232,14 +230,18 @@ def test_tensorrt_static_quantization_is_symmetric_int8(exported) -> None:
     assert settings["trt_int8_enable"] is True
 
 
-@pytest.mark.xfail(reason="quantize-static(placement=tensorrt) quantizes biases to int32 DequantizeLinear, which "
-                          "TensorRT's parser rejects (onnx-tensorrt#850); TensorRT wants float biases", strict=False)
 @pytest.mark.skipif(not static_has_tensorrt_placement(), reason="quantize-static has no tensorrt placement")
-def test_tensorrt_static_output_passes_the_tensorrt_check(exported) -> None:
-    model, ex = exported["cnn"]
-    calib = [feeds_for("cnn", ex, seed=s) for s in range(4)]
+@pytest.mark.parametrize("kind", ["cnn", "bert"])
+def test_tensorrt_static_output_passes_the_tensorrt_check_and_saves(exported, kind: str, tmp_path) -> None:
+    model, ex = exported[kind]
+    calib = [feeds_for(kind, ex, seed=s) for s in range(4)]
     result = graphopt.optimize(model, target="tensorrt", quantize="static", calibration=calib)
-    assert TensorRTBackend().check(result.model) == []
+    assert TensorRTBackend().check(result.model) == []  # symmetric int8, float biases, standard ops
+    assert not any(n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32
+                   for n in result.model.graph)
+    graphopt.save(result.model, tmp_path / "q.onnx")
+    doc = json.loads((tmp_path / "q.settings.json").read_text())
+    assert doc["providers"][0][1]["trt_int8_enable"] is True and doc["tensorrt"]["explicit_quantization"]
 
 
 # ---------------------------------------------------------------------------------------------
