@@ -167,9 +167,10 @@ class TensorRTBackend(Backend):
         return [trt, cuda, {}]
 
     def session_options(self, model: ir.Model | None = None) -> dict[str, Any]:
-        # TensorRT takes the whole graph; ORT's own fusions would only create contrib ops for the
-        # CUDA fallback partitions, so basic (constant folding, no contrib fusions) is enough.
-        return {"graph_optimization_level": "ORT_ENABLE_BASIC"}
+        # ONNX Runtime runs its extended (contrib) fusions after partitioning and only on nodes
+        # assigned to the CUDA/CPU providers, so level ALL never hides ops from TensorRT and still
+        # speeds up whatever falls back.
+        return {"graph_optimization_level": "ORT_ENABLE_ALL"}
 
     def extra_settings(self, model: ir.Model, model_path: str | os.PathLike | None = None) -> dict[str, Any]:
         o = self.options
