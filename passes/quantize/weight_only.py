@@ -447,8 +447,9 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 if len(node.inputs) > 1 and node.inputs[1] is not None:
                     self.decide(node, False, "packed QKV weight inside fused Attention")
             elif node.domain == "" and node.op_type == "Gather" and o.quantize_embeddings:
-                if not node.inputs or constant_array(node.inputs[0]) is None:
-                    continue
+                table = constant_array(node.inputs[0]) if node.inputs else None
+                if table is None or table.ndim != 2 or table.dtype.kind != "f":
+                    continue  # not an embedding table (index arithmetic on constants)
                 ok, reason = self.selected(node)
                 w = None
                 if ok:
