@@ -9,7 +9,9 @@ weights, seeded; ``--quick``: "mini"), exported with graphopt, then ``cleanup,fu
 ort-cpu file, the reference). From that one fp32 file:
 
 * ``graphopt-rtn``: ``quantize-weight-only(bits=4, block_size=32)`` then ``cleanup``;
-* ``graphopt-gptq``: the same with calibration data (``--calib`` sequences of 64 random tokens): GPTQ;
+* ``graphopt-gptq``: the same with calibration data (``--calib`` sequences of 64 random tokens): GPTQ
+  (sequential: each activation calibrated on the model with the earlier weights already quantized);
+* ``graphopt-awq``: AWQ channel scales folded into the RMSNorm before q/k/v and gate/up, then RTN;
 * ``ort``: ``MatMulNBitsQuantizer(bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
   op_types_to_quantize=("MatMul", "Gather"))`` — its best settings for this goal: the embedding quantized
   too (GatherBlockQuantized), block 32 symmetric, and accuracy_level 4, the fastest on CPU
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="mini model, fewer rounds (a few minutes)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per prompt length")
     ap.add_argument("--calib", type=int, default=None, help="calibration sequences (64 tokens each)")
+    ap.add_argument("--methods", default="rtn,gptq,awq", help="graphopt methods to run (rtn,gptq,awq)")
+    ap.add_argument("--accuracy-level-0", action="store_true",
+                    help="also time graphopt RTN with accuracy_level=0 (fp32 compute) to justify the default 4")
     args = ap.parse_args(argv)
     size = "mini" if args.quick else "base"
     rounds = args.rounds or (15 if args.quick else 30)
@@ -116,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     specs = {
         "graphopt-rtn": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=rtn),cleanup", None),
         "graphopt-gptq": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=gptq),cleanup", calib),
+        "graphopt-awq": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=awq),cleanup", calib),
     }
+    specs = {k: v for k, v in specs.items() if k.split("-", 1)[1] in args.methods.split(",")}
+    if args.accuracy_level_0:
+        specs["graphopt-rtn-acc0"] = (
+            "cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=rtn,accuracy_level=0),cleanup", None)
     for name, (spec, data) in specs.items():
         t0 = time.perf_counter()
         r = graphopt.optimize(export_path, pipeline=spec, calibration=data)

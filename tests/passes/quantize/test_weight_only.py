@@ -418,3 +418,36 @@ def test_awq_skips_sites_it_cannot_fold_exactly():
                       "quantize-weight-only(min_size=0,method=awq)", calibration=calib)
     assert row.details["awq_skipped"] == {"input not from a norm": 1} and row.details["awq_folded"] == 0
     assert len(ms_nodes(q, "MatMulNBits")) == 1
+
+
+def test_float16_weights_and_embedding_get_float16_scales_and_run():
+    rng = np.random.default_rng(0)
+    f16 = ir.DataType.FLOAT16
+    w = rng.standard_normal((64, 48)).astype(np.float16)
+    e = rng.standard_normal((100, 64)).astype(np.float16)
+    x = ir.Value(name="x", type=ir.TensorType(f16), shape=ir.Shape(["B", 64]))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B"]))
+    wv = ir.Value(name="w", type=ir.TensorType(f16), shape=ir.Shape(w.shape), const_value=ir.tensor(w, name="w"))
+    ev = ir.Value(name="e", type=ir.TensorType(f16), shape=ir.Shape(e.shape), const_value=ir.tensor(e, name="e"))
+    gather = ir.node("Gather", [ev, ids], name="embed")
+    add = ir.node("Add", [x, gather.outputs[0]], name="add")
+    mm = ir.node("MatMul", [add.outputs[0], wv], name="mm")
+    mm.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x, ids], [mm.outputs[0]], nodes=[gather, add, mm], initializers=[wv, ev],
+                              opset_imports={"": 21}), ir_version=10)
+    from graphopt.passes.cleanup import ShapeInferencePass
+
+    ShapeInferencePass()(model)
+    q, row = quantize(model, "quantize-weight-only(min_size=0,accuracy_level=0)")
+    assert row.stats["quantized"] == 2
+    (node,) = ms_nodes(q, "MatMulNBits")
+    (emb,) = ms_nodes(q, "GatherBlockQuantized")
+    assert node.inputs[2].dtype == f16 and emb.inputs[2].dtype == f16
+    w_ref = reference_rtn(w.astype(np.float32), 4, 32, True)
+    e_ref = reference_rtn(e.astype(np.float32).T, 4, 32, True).T
+    np.testing.assert_allclose(dequantize_node(node), w_ref, rtol=2e-3, atol=2e-3)
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float16), "ids": np.array([1, 5, 99])}
+    expect = (feeds["x"].astype(np.float32) + e_ref[feeds["ids"]]) @ w_ref
+    y = run_model(q, feeds)[0][1]
+    assert y.dtype == np.float16
+    assert cosine(y, expect) > 0.999
