@@ -118,6 +118,19 @@ def test_ort_cuda_keeps_fp32_io_and_stores_fp16_weights(exported, kind: str) -> 
     assert not any(n.op_type == "FusedConv" for n in out.graph)  # float32-only kernel on CUDA
 
 
+def test_ort_cuda_int4_runs_matmulnbits_on_fp16_activations(exported) -> None:
+    model, ex = exported["llama"]
+    result = graphopt.optimize(model, target="ort-cuda", quantize="int4")
+    assert result.report.pipeline.index("quantize(mode=int4)") < result.report.pipeline.index("convert-float16")
+    nbits = [n for n in result.model.graph if n.op_type == "MatMulNBits"]
+    assert nbits and all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in nbits)
+    assert all(n.inputs[2].dtype == ir.DataType.FLOAT16 for n in nbits)  # scales follow T
+    feeds = feeds_for("llama", ex, seed=2)
+    r, g = outputs(model, feeds)[0], outputs(result.model, feeds)[0]
+    assert g.dtype == np.float32
+    assert float(np.dot(r.ravel(), g.ravel()) / (np.linalg.norm(r) * np.linalg.norm(g))) > 0.98
+
+
 def test_default_pipelines_share_passes_and_differ_in_lowering() -> None:
     reg = default_registry()
     cpu, cuda, trt = (reg.backend(t).default_pipeline(2) for t in TARGETS)
