@@ -296,3 +296,16 @@ def test_minilm_min_cosine():
 #: What the default reaches on SENTENCES (see benchmarks/results/quantize_dynamic.md); ORT's
 #: quantize_dynamic reaches 0.97 at its best setting on the same export.
 MINILM_MIN_COSINE = 0.99
+
+
+def test_gather_embedding_opt_in(bert):
+    built, fused = bert
+    q, _ = quantize(fused)
+    assert all(n.inputs[0].const_value is None or n.inputs[0].dtype != ir.DataType.INT8
+               for n in q.graph if n.op_type == "Gather")
+    q, rec = quantize(fused, "op_types=[MatMul,Gemm,Attention,Gather]")
+    tables = [n.inputs[0].const_value.numpy() for n in q.graph
+              if n.op_type == "Gather" and n.inputs[0].const_value is not None
+              and n.inputs[0].dtype == ir.DataType.INT8]
+    assert rec.stats.get("Gather", 0) >= 1 and len(tables) == rec.stats["Gather"]
+    assert outputs_cosine(fused, q, built.feeds(3, 16, seed=2)) >= 0.99
