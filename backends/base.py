@@ -23,7 +23,8 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError, PipelineError, UnsupportedModelError
 from graphopt.spec import PassSpec, format_text
 
-__all__ = ["Backend", "LoweringError", "load_session", "session_from_settings", "settings_path", "SETTINGS_FORMAT"]
+__all__ = ["Backend", "LoweringError", "SETTINGS_FORMAT", "load_session", "load_settings", "session_from_settings",
+           "settings_path"]
 
 logger = logging.getLogger("graphopt.backends")
 
