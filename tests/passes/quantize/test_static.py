@@ -384,3 +384,10 @@ def test_embeddings_option_stores_int8_tables() -> None:
     assert const(out_q.inputs[1]) == const(tdq.inputs[1]) and const(out_q.inputs[2]).dtype == np.int8
     result = graphopt.verify(model, q, inputs={"ids": rng.integers(0, 10, (2, 3))})
     assert result.outputs[0].cosine > 0.999, result
+
+
+def test_max_batches_limits_calibration(mlp) -> None:
+    d, model = mlp
+    _, row = quantize(model, d.calibration(256, batch=32), "max_batches=2,progress=false")
+    assert row.details["calibration"]["batches"] == 2
+    assert all(a["bits"] == 8 for a in row.details["activations"].values())
