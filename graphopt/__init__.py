@@ -7,6 +7,7 @@ through the registry, never by importing ``graphopt.passes`` or ``graphopt.backe
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
 #: Metadata keys stamped into every optimized model (so a file says how it was made).
 PIPELINE_KEY = "graphopt.pipeline"
 TARGET_KEY = "graphopt.target"
+TARGET_OPTIONS_KEY = "graphopt.target_options"
 VERSION_KEY = "graphopt.version"
 
 
@@ -109,6 +111,7 @@ def optimize(
     dump_dir: str | os.PathLike | None = None,
     level: int = 2,
     registry: Registry | None = None,
+    target_options: dict[str, Any] | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` (path, bytes, ModelProto or onnx_ir.Model) for ``target``.
 
@@ -121,6 +124,10 @@ def optimize(
     :class:`VerificationError` on a mismatch (for quantized or pruned models: cosine per output
     ≥ ``verify_options["min_cosine"]``, default 0.99); ``verify_each`` runs the ONNX checker after
     every pass and ``numeric_each`` the numeric check too, naming the pass that broke the model.
+    ``target_options`` are the target's own options (``graphopt passes`` does not list them; see
+    the backend's ``Options``, e.g. TensorRT's optimization-profile ``dims``); they are recorded in
+    the model so that ``save`` writes matching run settings. The result is checked against what
+    the target can run (a TensorRT model with a contrib op is an error, not a file).
     """
     qopts = _quantize_request(quantize)
     popts = _prune_request(prune)
@@ -134,17 +141,21 @@ def optimize(
             "static quantization needs calibration data: pass calibration= (.npz file, folder of "
             ".npy/.npz, or a list of feed dicts) or --calibration on the command line"
         )
-    if calibration is not None and pipeline is None and not (qopts or popts):
-        raise GraphoptError("calibration data was given but nothing uses it; add quantize= (or prune=)")
     reg = registry or default_registry()
     backend = reg.backend(target)
+    if target_options:
+        backend = type(backend)(**target_options)
+    if pipeline is None:
+        text = backend.default_pipeline(level, quantize=qopts, prune=popts)
+        # convert-float16 (ort-cuda) keeps values that calibration shows out of fp16 range in fp32.
+        if calibration is not None and not (qopts or popts) and "convert-float16" not in text:
+            raise GraphoptError("calibration data was given but nothing uses it; add quantize= (or prune=)")
     original = load(model)
     work = original.clone()
     detach_tensors(work)
     if SOURCE_KEY in original.meta:
         work.meta[SOURCE_KEY] = original.meta[SOURCE_KEY]
     if pipeline is None:
-        text = backend.default_pipeline(level, quantize=qopts, prune=popts)
         pipe = Pipeline.parse(text, registry=reg) if text else Pipeline([], registry=reg, validate=False)
     else:
         pipe = Pipeline.coerce(pipeline, registry=reg)
@@ -171,7 +182,11 @@ def optimize(
     report.target = target
     result_model.metadata_props[PIPELINE_KEY] = str(pipe)
     result_model.metadata_props[TARGET_KEY] = target
+    if target_options:
+        result_model.metadata_props[TARGET_OPTIONS_KEY] = json.dumps(target_options, sort_keys=True)
     result_model.metadata_props[VERSION_KEY] = __version__
+    if hasattr(backend, "check_model"):
+        backend.check_model(result_model)
     if verify:
         vr = _verify_models(original, result_model, **vopts)
         report.verification = vr

@@ -52,6 +52,8 @@ def _build_parser() -> _Parser:
     o.add_argument("input", help="input .onnx file")
     o.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     o.add_argument("--target", default="ort-cpu", help="ort-cpu (default) | ort-cuda | tensorrt")
+    o.add_argument("--target-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the target, e.g. precision=bfloat16 (ort-cuda), fp16=true (tensorrt)")
     o.add_argument("--pipeline", help="pipeline spec text, or a .json/.yaml/.txt file with one")
     o.add_argument("--level", type=int, default=2, help="optimization level of the target's default pipeline")
     o.add_argument("--report", help="write the JSON report here")
@@ -167,7 +169,7 @@ def _check_output_dir(path: str, what: str) -> None:
 
 def _optimize(args: argparse.Namespace) -> int:
     import graphopt
-    from graphopt.ir import _atomic_write, _check_output_path, _referenced_files, load
+    from graphopt.ir import _atomic_write, _check_output_path, _referenced_files, load, settings_file_for
 
     quantize, prune = _quantize_and_prune(args)
     _check_output_dir(args.output, "output model")
@@ -190,7 +192,8 @@ def _optimize(args: argparse.Namespace) -> int:
     model = load(args.input, allow_custom_domains=args.allow_custom_domains)
     if args.report:
         # The report must not replace the input model, its weights, or the output model.
-        taken = {os.path.realpath(p) for p in (args.input, args.output, args.output + ".data")}
+        taken = {os.path.realpath(p) for p in (args.input, args.output, args.output + ".data",
+                                               settings_file_for(args.output))}
         taken |= _referenced_files(model)
         if os.path.realpath(args.report) in taken:
             raise OutputError(
@@ -204,6 +207,7 @@ def _optimize(args: argparse.Namespace) -> int:
             quantize=quantize,
             prune=prune,
             calibration=args.calibration,
+            target_options=_options(args.target_option, "--target-option") or None,
             level=args.level,
             verify=args.verify,
             verify_each=args.verify_each,
@@ -233,6 +237,8 @@ def _optimize(args: argparse.Namespace) -> int:
         print()
         print(result.report.verification.table())
     print(f"\nwrote {args.output} (target {args.target}; pipeline {result.report.pipeline})")
+    if os.path.exists(settings_file_for(args.output)):
+        print(f"wrote {settings_file_for(args.output)} (run settings for {args.target})")
     return 0
 
 

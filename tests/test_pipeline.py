@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -264,3 +265,25 @@ def test_default_pipeline_places_prune_and_quantize() -> None:
 def test_unknown_target_is_a_clear_error() -> None:
     with pytest.raises(PipelineError, match="unknown target 'tpu'.*ort-cpu"):
         graphopt.optimize(mlp(), target="tpu")
+
+
+def test_target_options_reach_the_backend_and_the_model_metadata() -> None:
+    r = graphopt.optimize(mlp(), target="ort-cuda", target_options={"precision": "bfloat16"})
+    assert json.loads(r.model.metadata_props["graphopt.target_options"]) == {"precision": "bfloat16"}
+    assert "convert-float16(dtype=bfloat16" in r.report.pipeline or "bfloat16" in r.report.pipeline
+    with pytest.raises(GraphoptError, match="precision"):
+        graphopt.optimize(mlp(), target="ort-cuda", target_options={"precision": "int3"})
+
+
+def test_optimize_checks_the_result_against_the_target() -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    assert graphopt.optimize(proto, target="ort-cpu").model is not None
+    with pytest.raises(GraphoptError, match="cannot run on tensorrt"):
+        graphopt.optimize(proto, target="tensorrt", pipeline="cleanup")

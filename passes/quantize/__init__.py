@@ -112,6 +112,10 @@ class QuantizePass(Pass):
     name = "quantize"
     Options: ClassVar[type] = _union_options()
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.mode_options()  # options that do not apply to the mode fail now, before any work
+
     # --- options -----------------------------------------------------------------------------
     def mode_options(self, **extra: Any) -> dict[str, Any]:
         """The options given for the mode pass (None = not given), checked against that pass."""
