@@ -5,15 +5,16 @@ cores and poor on sixteen. The machine's measured peak for a large GEMM through 
 kernels every MatMul / Conv of a model ends in) is the ceiling, and FLOPs per forward / latency says
 how close each optimized file gets to it.
 
-Peaks (one session per op, 2 intra-op threads like the suite, spinning off, best of the tried shapes):
+Peaks (one session per op, 2 intra-op threads like the suite, spinning off; the best run of the best
+shape, since on a shared machine a median measures the load):
 
 * fp32: ``MatMul`` float32 ``[M, K] x [K, N]``;
 * int8: ``MatMulInteger`` (uint8 x int8, int32 out) and ``com.microsoft.DynamicQuantizeMatMul``
   (float input quantized per call, int8 weights); the faster is the int8 peak.
 
-FLOPs per forward come from the graph: shapes inferred with ONNX's shape inference (data propagation
-on) after the inputs get the latency feed's concrete shape; 2·M·N·K per MatMul / Gemm, 2·out·(Cin/group·kh·kw)
-per Conv. Nodes whose shapes stay unknown are counted and reported, not guessed.
+FLOPs per forward come from the graph at the latency feed's shapes (each MatMul / Gemm / Conv's
+operand shapes read from one ONNX Runtime run): 2·M·N·K per MatMul / Gemm, 2·out·(Cin/group·kh·kw) per
+Conv. Nodes whose shapes stay unknown are counted and reported, not guessed.
 
     python benchmarks/bench_roofline.py                         # peaks only -> results/roofline.json
     python benchmarks/bench_roofline.py --suite results/suite_quick.json   # + each model's fraction
@@ -81,7 +82,7 @@ def _gemm_model(kind: str, n: int) -> tuple[Any, dict[str, Any]]:
 
 
 def measure_peaks(quick: bool = False, seconds: float = 1.0) -> dict[str, Any]:
-    """GFLOP/s of each GEMM kind at each size (median of runs filling ``seconds``), and the peaks."""
+    """GFLOP/s of each GEMM kind at each size (best of the runs filling ``seconds``), and the peaks."""
     import numpy as np
 
     out: dict[str, Any] = {"runs": {}, "sizes": list(QUICK_SIZES if quick else SIZES)}
@@ -98,9 +99,12 @@ def measure_peaks(quick: bool = False, seconds: float = 1.0) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     sess.run(None, feeds)
                     times.append(time.perf_counter() - t0)
-                med = float(np.median(times))
-                out["runs"][f"{kind}/{n}"] = {"kind": kind, "n": n, "median_ms": med * 1e3, "runs": len(times),
-                                              "gflops": 2.0 * n ** 3 / med / 1e9}
+                med, best_t = float(np.median(times)), float(np.min(times))
+                # The peak is the best run: what the kernel reaches when the machine lets it (on a shared
+                # machine the median is the load's, not the kernel's); the median stays in the JSON.
+                out["runs"][f"{kind}/{n}"] = {"kind": kind, "n": n, "median_ms": med * 1e3, "best_ms": best_t * 1e3,
+                                              "runs": len(times), "gflops": 2.0 * n ** 3 / best_t / 1e9,
+                                              "median_gflops": 2.0 * n ** 3 / med / 1e9}
             except Exception as e:  # an op this build lacks is a result
                 out["runs"][f"{kind}/{n}"] = {"kind": kind, "n": n, "error": f"{type(e).__name__}: {e}"[:200]}
 
@@ -117,66 +121,65 @@ def measure_peaks(quick: bool = False, seconds: float = 1.0) -> dict[str, Any]:
 # FLOPs of a model
 
 
-def _dims(t: Any) -> list[int | None] | None:
-    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
-
-
 def model_flops(path: str | Path, feeds: dict[str, Any]) -> dict[str, Any]:
-    """FLOPs of one forward of the model at ``feeds``' shapes (MatMul, Gemm, Conv; weights not read)."""
+    """FLOPs of one forward of the model at ``feeds`` (MatMul, Gemm, Conv).
+
+    Shapes come from running the model once on ONNX Runtime (graph optimizations off) with every
+    MatMul / Gemm / Conv input and output added as a graph output: ONNX's static shape inference
+    loses the batch dimension of dynamo exports (Reshape chains), a run never does. The copy is written
+    beside the model (its external data paths stay valid) and removed.
+    """
     import math
+    import os
 
+    import numpy as np
     import onnx
+    import onnxruntime as ort
 
+    path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
-    g = proto.graph
-    for inp in g.input:
-        if inp.name in feeds and inp.type.HasField("tensor_type"):
-            shape = feeds[inp.name].shape
-            dims = inp.type.tensor_type.shape.dim
-            for d, v in zip(dims, shape):
-                d.Clear()
-                d.dim_value = int(v)
-    del g.value_info[:]
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        typed = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        typed = proto
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input,
+                                                           *typed.graph.output] if v.type.HasField("tensor_type")}
+    init = {t.name: list(t.dims) for t in proto.graph.initializer}
+    ops = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    have = {o.name for o in proto.graph.output}
+    wanted = sorted({x for n in ops for x in (n.input[0], n.input[1], n.output[0]) if x not in init and x in dtype})
+    for name in wanted:
+        if name not in have:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype[name], None))
+    tmp = path.parent / f"_flops_{os.getpid()}.onnx"
+    try:
+        onnx.save_model(proto, str(tmp))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.intra_op_num_threads = 2
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        inputs = {i.name for i in sess.get_inputs()}
+        outs = sess.run(None, {k: v for k, v in feeds.items() if k in inputs})
+        shapes = {n: list(np.shape(v)) for n, v in zip(names, outs)}
     except Exception as e:
-        return {"error": f"shape inference: {type(e).__name__}: {e}"[:200]}
-    shapes: dict[str, list[int | None]] = {}
-    for vi in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
-        d = _dims(vi.type)
-        if d is not None:
-            shapes[vi.name] = d
-    for init in proto.graph.initializer:
-        shapes[init.name] = list(init.dims)
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+    finally:
+        tmp.unlink(missing_ok=True)
+    shapes.update(init)
     flops = {"MatMul": 0, "Gemm": 0, "Conv": 0}
     unknown: dict[str, int] = {}
-
-    def known(*names: str) -> list[list[int]] | None:
-        out = []
-        for n in names:
-            s = shapes.get(n)
-            if s is None or any(v is None for v in s):
-                return None
-            out.append(s)  # type: ignore[arg-type]
-        return out
-
-    for node in proto.graph.node:
-        if node.op_type not in flops:
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        s = known(node.input[0], node.input[1], node.output[0])
-        if s is None:
+    for node in ops:
+        if not all(x in shapes for x in (node.input[0], node.input[1], node.output[0])):
             unknown[node.op_type] = unknown.get(node.op_type, 0) + 1
             continue
-        a, b, y = s
+        a, b, y = shapes[node.input[0]], shapes[node.input[1]], shapes[node.output[0]]
+        attrs = {at.name: onnx.helper.get_attribute_value(at) for at in node.attribute}
         if node.op_type == "MatMul":
-            k = a[-1]
-            flops["MatMul"] += 2 * math.prod(y) * k
+            flops["MatMul"] += 2 * math.prod(y) * a[-1]
         elif node.op_type == "Gemm":
-            k = a[0] if attrs.get("transA", 0) else a[-1]
-            flops["Gemm"] += 2 * math.prod(y) * k
+            flops["Gemm"] += 2 * math.prod(y) * (a[0] if attrs.get("transA", 0) else a[-1])
         else:
             # W is [Cout, Cin / group, kh, kw]: each output element takes Cin/group·kh·kw multiply-adds.
             flops["Conv"] += 2 * math.prod(y) * math.prod(b[1:])

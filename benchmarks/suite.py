@@ -77,6 +77,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "ort-int4": ("int4", "int8"),
     "graphopt-pruned": ("pruned", "fp32"),
 }
+#: Plot colours: each graphopt mode dark, its anchors light shades of the same family.
+COLORS = {"graphopt": "#1f77b4", "ort-opt": "#aec7e8", "onnxscript": "#c7c7c7", "onnxsim": "#dbdb8d",
+          "graphopt-dynamic": "#2ca02c", "ort-dynamic": "#98df8a", "graphopt-static": "#d62728",
+          "ort-static": "#ff9896", "graphopt-int4": "#9467bd", "ort-int4": "#c5b0d5", "graphopt-pruned": "#8c564b"}
 GRAPHOPT = {"fp32": "graphopt", "dynamic": "graphopt-dynamic", "static": "graphopt-static", "int4": "graphopt-int4",
             "pruned": "graphopt-pruned"}
 TEXT_SEQ, IMAGE, BATCH, CALIB_BATCHES = 128, 224, 8, 4
@@ -291,7 +295,18 @@ def optimize_one(spec: dict[str, Any], model_dir: Path, out_dir: Path) -> dict[s
                     out, ok = onnxsim.simplify(onnx.load(str(src)))
                     data["check_ok"] = bool(ok)
                 else:
+                    if spec.get("preprocess"):
+                        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+                        pre = out_dir / "pre.onnx"
+                        # Symbolic shape inference fails on dynamo exports; ORT's basic optimizations
+                        # (constant folding of the transposed weights) and ONNX shape inference still run.
+                        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=True,
+                                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+                        src = pre
                     _ort_quantize(tool, src, dst, calib)
+                    for f in ("pre.onnx", "pre.onnx.data"):
+                        (out_dir / f).unlink(missing_ok=True)
             with meter.phase("save"):
                 if tool.startswith("graphopt"):
                     graphopt.save(out, dst, external_data=True)
@@ -440,9 +455,10 @@ def _stats(times: list[float]) -> dict[str, Any]:
 # Worker: onnxruntime-genai builder and generation
 
 
-def genai(model_dir: Path, out_root: Path, rounds: int) -> dict[str, Any]:
+def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | None = None) -> dict[str, Any]:
     """Build int4 and fp32 from the HF folder with onnxruntime-genai's builder (no network), then time a
-    greedy 64 + 128-token generation per build, interleaved over ``rounds``."""
+    greedy 64 + 128-token generation per build, interleaved over ``rounds``; and, for comparison, one
+    forward of graphopt's files (``files``) on the same 64-token prompt (they have no KV cache)."""
     import subprocess
 
     import numpy as np
@@ -507,6 +523,24 @@ def genai(model_dir: Path, out_root: Path, rounds: int) -> dict[str, Any]:
         k = i % max(1, len(names))
         for p in names[k:] + names[:k]:
             runs[p].append(generate(models[p]))
+    forward: dict[str, Any] = {}
+    for name, path in (files or {}).items():
+        try:
+            sess = bench_fusion._session(Path(path), spinning=False)
+            feed = {"input_ids": prompt[None].astype(np.int64), "attention_mask": np.ones((1, GENAI_PROMPT), np.int64)}
+            feed = {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}}
+            for _ in range(WARMUP):
+                sess.run(None, feed)
+            times = []
+            for _ in range(10 * rounds):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times.append((time.perf_counter() - t0) * 1000)
+            forward[name] = {"prompt_forward_ms": float(np.median(times)), "runs": len(times)}
+            del sess
+        except Exception as e:
+            forward[name] = {"error": _one_line(e)}
+    res["graphopt_forward"] = forward
     for p, rs in runs.items():
         prefill = [r[0] for r in rs]
         decode = [r[2] / r[1] for r in rs]
@@ -544,6 +578,12 @@ def tool_specs(key: str, meta: dict[str, Any], quick: bool) -> list[dict[str, An
 
 def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     meta = json.loads((folder / "meta.json").read_text())
+    if not (meta.get("flops") or {}).get("flops"):  # a cache from before the FLOP count ran on ONNX Runtime
+        import numpy as np
+
+        for k, f in (("flops", "feeds.npz"), ("flops_batch", "batch.npz")):
+            meta[k] = bench_roofline.model_flops(folder / "model.onnx", dict(np.load(folder / f)))
+        _bench.write_json(folder / "meta.json", meta)
     out_root = folder / "out"
     scratch = _bench.TMP / "suite"
     results: dict[str, Any] = {}
@@ -589,16 +629,25 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
     for n, r in results.items():
         if not n.startswith("ort:"):
             tools[n] = r
-    # ORT's quantizers on ORT's optimized file (its documented flow), else on the export.
+    # ORT's quantizers on ORT's optimized file (its documented flow for transformers). If that crashes or
+    # quantizes nothing (the file stays > 80% of the export), on the export after ORT's quant_pre_process.
+    export_mb = _size_mb(folder)
     quant = ["ort-dynamic", "ort-static"] + (["ort-int4"] if key in DECODERS else [])
     for name in quant:
-        src = path.get("ort-opt") or path["original"]
-        res = optimize({"tool": name, "name": name, "input": src})
-        res["input"] = "ORT optimizer's file" if src != path["original"] else "export"
-        if "crash" in res and src != path["original"]:
-            first = res["crash"]
-            res = optimize({"tool": name, "name": name, "input": path["original"]})
-            res.update(input="export", crash_on_ort_optimized=first)
+        attempts = []
+        if path.get("ort-opt"):
+            attempts.append(("ORT optimizer's file", {"input": path["ort-opt"]}))
+        attempts.append(("export after quant_pre_process", {"input": path["original"], "preprocess": True}))
+        res: dict[str, Any] = {}
+        failed = []
+        for label, extra in attempts:
+            res = optimize({"tool": name, "name": name, **extra})
+            res["input"] = label
+            if "crash" not in res and res["size_mb"] <= 0.8 * export_mb:
+                break
+            failed.append(f"{label}: " + (res.get("crash") or f"quantized nothing ({res['size_mb']:.1f} MB)"))
+        if failed:
+            res["failed_attempts"] = failed
         tools[name] = res
         path[name] = str(out_root / name / "model.onnx")
     timed = {"original": path["original"]}
@@ -609,7 +658,7 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
     final = r.data if r.ok else {"error": r.error}
     if not r.ok:
         print(f"  {key}: latency run failed: {r.error}", file=sys.stderr)
-    tools["original"] = {"size_mb": meta["weights_mb"], "counts": bench_fusion.group_counts(
+    tools["original"] = {"size_mb": _size_mb(folder), "counts": bench_fusion.group_counts(
         bench_fusion.op_histogram(Path(path["original"])))}
     for t in TOOLS:
         if t not in tools:
@@ -622,8 +671,9 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
                              "latency_error": final.get("error"), "interleaved": final.get("_interleaved"),
                              "load_average": [final.get("_load_average_before"), final.get("_load_average_after")]}
     if key == "llama":
-        r = _bench.run_worker(SCRIPT, ["--genai", str(folder), str(out_root), "--rounds", str(3 if args.quick else 5)],
-                              scratch / "result.json", args.timeout)
+        files = {t: path[t] for t in ("graphopt", "graphopt-int4") if "digest" in tools.get(t, {})}
+        r = _bench.run_worker(SCRIPT, ["--genai", str(folder), str(out_root), json.dumps(files),
+                                       "--rounds", str(3 if args.quick else 5)], scratch / "result.json", args.timeout)
         entry["genai"] = r.data if r.ok else {"error": "n/a: " + r.error}
         print(f"  {key:10} genai: {entry['genai']}", flush=True)
     if not args.keep:
@@ -699,7 +749,7 @@ def model_table(entry: dict[str, Any]) -> str:
         if tt is None:
             continue
         name = t + (f" [{tt['chosen'].split(':', 1)[1]}]" if tt.get("chosen") else "") + (
-            " (on export)" if tt.get("input") == "export" else "")
+            " (pre-processed export)" if str(tt.get("input", "")).startswith("export") else "")
         lat = tt.get("latency") or {}
         b1, bn = lat.get("batch1") or {}, lat.get("batch") or {}
         if "crash" in tt or "median_ms" not in b1:
@@ -759,15 +809,17 @@ def genai_table(entry: dict[str, Any]) -> str:
         rows.append([f"onnxruntime-genai {prec} (builder)", _f(e.get("tokens_per_s"), ".1f"),
                      _f(e.get("decode_tokens_per_s"), ".1f"), _f(e.get("prefill_ms")), _f(e.get("size_mb"), ".1f"),
                      e.get("error") or f"built in {e['build_s']:.0f} s; KV cache, GQA kernel"])
+    fwd = g.get("graphopt_forward") or {}
     for t in ("graphopt", "graphopt-int4"):
-        lat = ((tools.get(t) or {}).get("latency") or {}).get("batch1") or {}
-        rows.append([t, "n/a", "n/a", _f(lat.get("median_ms")), _f((tools.get(t) or {}).get("size_mb"), ".1f"),
-                     "no generation loop: the export has no past-KV inputs (use_cache=False), so only one "
-                     f"forward of {TEXT_SEQ} tokens is timed (the prefill column)"])
+        f = fwd.get(t) or {}
+        rows.append([t, "n/a", "n/a", _f(f.get("prompt_forward_ms")), _f((tools.get(t) or {}).get("size_mb"), ".1f"),
+                     f.get("error") or "no generation loop: the export has no past-KV inputs (use_cache=False), so "
+                     f"only one forward of the {GENAI_PROMPT}-token prompt is timed (prefill column; no LM head)"])
     return _bench.markdown_table(["file", "tokens/s (64+128)", "decode tokens/s", "prefill ms", "MB", "note"], rows)
 
 
 def render(results: dict[str, Any], out: Path, stem: str) -> None:
+    """suite[_quick].md (summary and plots first, per-model tables after) and the PNGs, from the JSON."""
     env, s = results["environment"], results["settings"]
     ok = {k: v for k, v in results["models"].items() if "tools" in v}
     for e in ok.values():
@@ -775,12 +827,18 @@ def render(results: dict[str, Any], out: Path, stem: str) -> None:
     roof = results.get("roofline") or {}
     if roof.get("peaks"):
         results["roofline"]["fractions"] = bench_roofline.fractions(results, roof["peaks"])
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(results, out, stem)
     parts = [
         f"# graphopt benchmark suite ({'quick' if s['quick'] else 'full'})\n",
         f"{env['cpu']}, {env['cores']} cores, {env.get('memory_gib')} GiB; onnxruntime "
         f"{env['versions'].get('onnxruntime')}, onnxscript {env['versions'].get('onnxscript')}, onnxsim "
         f"{env['versions'].get('onnxsim')}, onnxruntime-genai {s.get('genai_version')}; {env['date']}. "
-        f"Whole run {results.get('wall_s', 0):.0f} s. Command: `{results['command']}`.\n",
+        f"Whole run {results.get('wall_s', 0):.0f} s. Command: `{results['command']}`"
+        + (f". {s['note']}" if s.get("note") else "") + "\n",
+        _summary_section(ok),
+        "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n",
+        "<details><summary>How it is measured</summary>\n\n"
         "Latency: ONNX Runtime CPU, ORT_ENABLE_ALL, 2 intra-op threads, spinning off; all files of a model "
         f"open together and timed in interleaved rounds (rotated order): {s['rounds']} rounds at batch 1 "
         f"(sequence {TEXT_SEQ} / {IMAGE}×{IMAGE} images / one digit), {s['batch_rounds']} at the larger batch "
@@ -790,12 +848,14 @@ def render(results: dict[str, Any], out: Path, stem: str) -> None:
         "cosine of the mean-pooled sentence embeddings over all test sentences. `vs anchor`: graphopt's batch-1 "
         "median / the anchor's in the same family (fp32: ORT optimizer, onnxscript, onnxsim; dynamic / static / "
         "int4: ONNX Runtime's quantizer), with the paired per-round ratio and its bootstrap 90% interval. "
-        "**behind** lists every anchor graphopt loses to on latency, size or fidelity — plainly, including "
-        "losses inside the noise interval. opt s / peak MB: the optimize call's wall time and the process "
-        "peak RSS, each tool in a fresh interpreter. A crash is a result.\n",
+        "**behind** lists every anchor graphopt loses to on latency, size (> 5%) or fidelity — plainly, "
+        "including losses inside the noise interval. ORT's quantizers run on the ORT optimizer's file (its "
+        "documented flow), or on the export after `quant_pre_process` where that crashes or quantizes nothing "
+        "(the notes under each table say so). Calibration (both static quantizers): "
+        f"{CALIB_BATCHES} batches of 2 inputs (digits: 8 batches of 32 training images). opt s / peak MB: the "
+        "optimize call's wall time and the process peak RSS, each tool in a fresh interpreter. A crash is a "
+        "result.\n\n</details>\n",
     ]
-    if s.get("note"):
-        parts.append(s["note"] + "\n")
     for key, e in results["models"].items():
         if "tools" not in e:
             parts.append(f"## {key}\n\nexport failed: {e.get('export_error')}\n")
@@ -803,50 +863,64 @@ def render(results: dict[str, Any], out: Path, stem: str) -> None:
         m = e["meta"]
         desc = (f"{m.get('parameters', 0) / 1e6:.1f}M parameters, {m.get('nodes')} export nodes"
                 + (f", {m['layers']} layers" if m.get("layers") else "")
-                + (f", {(m.get('flops') or {}).get('flops', 0) / 1e9:.2f} GFLOP per batch-1 forward"
+                + (f", {(m.get('flops') or {}).get('flops', 0) / 1e9:.3g} GFLOP per batch-1 forward"
                    if (m.get("flops") or {}).get("flops") else "")
                 + (f"; torch test accuracy {m['torch_test_accuracy']:.4f}" if m.get("torch_test_accuracy") else "")
                 + ("" if e.get("interleaved", True) else "; timed one session at a time (files too large)"))
         parts.append(f"## {e['label']}\n\n{desc}.\n\n{model_table(e)}\n")
+        notes = [f"- {t}: tried first on the " + "; then on the ".join(tt["failed_attempts"])
+                 for t, tt in e["tools"].items() if tt.get("failed_attempts")]
+        notes += [f"- {t} crashed: {tt['crash']}" for t, tt in e["tools"].items() if tt.get("crash")]
+        if notes:
+            parts.append("\n".join(notes) + "\n")
         if e.get("genai"):
             parts.append(f"Generation ({GENAI_PROMPT}-token prompt, {GENAI_NEW} new tokens, greedy, batch 1):\n\n"
                          + genai_table(e) + "\n")
-    parts.append(_summary_section(ok))
     if roof.get("peaks"):
         parts.append(_roofline_section(roof))
+    elif roof.get("error"):
+        parts.append(f"## Roofline\n\nn/a: {roof['error']}\n")
     if results.get("scaling"):
         import bench_scaling
 
         parts.append("## Optimizer time vs depth\n\n" + bench_scaling.table(results["scaling"]) + "\n")
-    plots = _plots(results, out, stem)
-    parts.append("\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     md = "\n".join(parts)
-    out.mkdir(parents=True, exist_ok=True)
     _bench.write_json(out / f"{stem}.json", results)
     (out / f"{stem}.md").write_text(md)
     print(md)
     print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')} and {len(plots)} plots")
 
 
+def _summary_cell(e: dict[str, Any], fam: str) -> str:
+    v = (e.get("verdicts") or {}).get(fam)
+    t = e["tools"].get(GRAPHOPT[fam]) or {}
+    if v is None:
+        return "–"
+    if "crash" in t:
+        return "**crashed** (see notes)"
+    lat = t.get("latency") or {}
+    o = ((e["tools"].get("original") or {}).get("latency") or {}).get("batch1", {}).get("median_ms")
+    b1 = (lat.get("batch1") or {}).get("median_ms")
+    fid = lat.get("fidelity") or {}
+    bits = []
+    if o and b1:
+        bits.append(f"{o / b1:.2f}× export")
+    q = fid.get("accuracy", fid.get("embedding_min_cosine", fid.get("cosine")))
+    if q is not None and fam != "fp32":
+        name = "acc" if "accuracy" in fid else ("sent cos" if "embedding_min_cosine" in fid else "cos")
+        bits.append(f"{name} {q:.4f}")
+    status = ("**behind**: " + ", ".join(v["behind"])) if v["behind"] else (
+        "no anchor" if fam == "pruned" else "not behind any anchor")
+    return " · ".join(bits + [status])
+
+
 def _summary_section(models: dict[str, Any]) -> str:
+    """One row per model, one cell per graphopt mode: speedup over the export, fidelity, and where it is behind."""
     header = ["model", *[f"graphopt {f}" for f in GRAPHOPT]]
-    rows = []
-    for e in models.values():
-        cells = []
-        for fam in GRAPHOPT:
-            v = (e.get("verdicts") or {}).get(fam)
-            if v is None:
-                cells.append("–")
-            elif v["behind"]:
-                cells.append("**behind**: " + ", ".join(v["behind"]))
-            elif fam == "pruned":
-                t = e["tools"].get(GRAPHOPT[fam]) or {}
-                fid = ((t.get("latency") or {}).get("fidelity") or {})
-                cells.append(f"cos {fid.get('cosine', 0):.3f}")
-            else:
-                cells.append("at or ahead of every anchor")
-        rows.append([e["label"], *cells])
-    return "## Where graphopt stands\n\n" + _bench.markdown_table(header, rows) + "\n"
+    rows = [[e["label"], *[_summary_cell(e, fam) for fam in GRAPHOPT]] for e in models.values()]
+    return ("## Where graphopt stands\n\nBatch-1 speedup over the export, fidelity (quantized / pruned: worst "
+            "cosine, digits accuracy, MiniLM worst sentence cosine) and every anchor graphopt is behind.\n\n"
+            + _bench.markdown_table(header, rows) + "\n")
 
 
 def _roofline_section(roof: dict[str, Any]) -> str:
@@ -858,7 +932,7 @@ def _roofline_section(roof: dict[str, Any]) -> str:
              "its compute type (int8 for quantized files; pruned files do fewer FLOPs, so theirs can exceed 1).\n"]
     fr = roof.get("fractions") or {}
     tools = [t for t in TOOLS if any(t in f["tools"] for f in fr.values())]
-    rows = [[k, f"{f['flops'] / 1e9:.2f}", *[_f((f["tools"].get(t) or {}).get("fraction"), ".1%") for t in tools]]
+    rows = [[k, f"{f['flops'] / 1e9:.3g}", *[_f((f["tools"].get(t) or {}).get("fraction"), ".1%") for t in tools]]
             for k, f in fr.items()]
     lines.append(_bench.markdown_table(["model", "GFLOP", *tools], rows))
     return "\n".join(lines) + "\n"
@@ -877,7 +951,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
     models = {k: e for k, e in results["models"].items() if "tools" in e}
     tools = [t for t in TOOLS if t != "original"]
-    colors = {t: plt.get_cmap("tab20")(i) for i, t in enumerate(tools)}
+    colors = COLORS
     paths = []
 
     def speedup(e: dict[str, Any], t: str, which: str = "batch1") -> float | None:
@@ -895,8 +969,9 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
                 if s is not None:
                     xs.append(j + (i - len(tools) / 2) * width)
                     ys.append(s)
-            ax.bar(xs, ys, width, label=t, color=colors[t], edgecolor="black" if t.startswith("graphopt") else None,
-                   linewidth=1.2)
+            if xs:
+                ax.bar(xs, ys, width, label=t, color=colors[t],
+                       edgecolor="black" if t.startswith("graphopt") else None, linewidth=1.2)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_ylabel(f"speedup vs export ({'batch 1' if which == 'batch1' else 'larger batch'})")
         ax.grid(axis="y", alpha=0.3)
@@ -920,8 +995,11 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
             y = min(sq, 100.0) if sq is not None else 100.0
             ax.scatter(s, y, color=colors[t], marker=markers[j % len(markers)], s=60,
                        edgecolors="black" if t.startswith("graphopt") else "none")
+    shown = {t for e in models.values() for t in tools
+             if (((e["tools"].get(t) or {}).get("latency") or {}).get("fidelity") or {}).get("cosine") is not None}
     for t in tools:
-        ax.scatter([], [], color=colors[t], label=t)
+        if t in shown:
+            ax.scatter([], [], color=colors[t], label=t)
     for j, e in enumerate(models.values()):
         ax.scatter([], [], color="grey", marker=markers[j % len(markers)], label=e["label"])
     ax.set_xlabel("speedup over the export, batch 1 (right is faster)")
@@ -942,7 +1020,8 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
             if o and v and "crash" not in e["tools"][t]:
                 xs.append(j + (i - len(tools) / 2) * width)
                 ys.append(v / o)
-        ax.bar(xs, ys, width, label=t, color=colors[t], edgecolor="black" if t.startswith("graphopt") else None)
+        if xs:
+            ax.bar(xs, ys, width, label=t, color=colors[t], edgecolor="black" if t.startswith("graphopt") else None)
     ax.set_xticks(range(len(models)), [e["label"] for e in models.values()], rotation=20, ha="right")
     ax.set_ylabel("file size / export's")
     ax.set_ylim(0, max(1.2, ax.get_ylim()[1]) if not math.isnan(ax.get_ylim()[1]) else 1.2)
@@ -964,7 +1043,8 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
                 if v is not None:
                     xs.append(j + (i - len(tools) / 2) * width)
                     ys.append(v * 100)
-            ax.bar(xs, ys, width, label=t, color=colors[t])
+            if xs:
+                ax.bar(xs, ys, width, label=t, color=colors[t])
         ax.set_xticks(range(len(fr)), [results["models"][k]["label"] for k in fr], rotation=20, ha="right")
         ax.set_ylabel("% of measured GEMM peak (fp32 or int8)")
         ax.set_title("Roofline: achieved fraction of this machine's ONNX Runtime GEMM peak, batch 1")
@@ -996,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare", nargs=3, metavar=("KEY", "SIZE", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--optimize", nargs=3, metavar=("SPEC", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     p.add_argument("--latency", nargs=2, metavar=("MODEL_DIR", "FILES"), help=argparse.SUPPRESS)
-    p.add_argument("--genai", nargs=2, metavar=("MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--genai", nargs=3, metavar=("MODEL_DIR", "OUT", "FILES"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--batch-rounds", type=int, default=10, help=argparse.SUPPRESS)
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
@@ -1016,8 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.batch_rounds))
         return 0
     if args.genai:
-        model_dir, out = args.genai
-        _bench.write_json(args.result_file, genai(Path(model_dir), Path(out), args.rounds))
+        model_dir, out, files = args.genai
+        _bench.write_json(args.result_file, genai(Path(model_dir), Path(out), args.rounds, json.loads(files)))
         return 0
     if args.render:
         results = json.loads(args.render.read_text())
