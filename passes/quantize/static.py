@@ -13,6 +13,10 @@ Safe because every rewrite is a quantize-dequantize of a value whose dtype is kn
 float32; nodes whose inputs are of unknown dtype, or whose weights are not constants, stay float
 and their decision says why. Ranges are cached in the pipeline context, so re-running the pass
 on copies of the same model (the accuracy-control loop) calibrates once.
+
+Where it goes in a pipeline (ort-cpu): ``cleanup,fuse(domains=[standard]),quantize-static,cleanup``:
+after BatchNorm folding and the standard fusions (MatMul+Add → Gemm gives QGemm an int32 bias),
+before any com.microsoft fusion (FusedConv/FusedMatMul hide the op from ORT's QDQ fusion).
 """
 
 from __future__ import annotations
@@ -339,8 +343,8 @@ class QuantizeStaticPass(QuantizePassBase):
         plan = _Plan()
         ops = self._ops(placement)
         o = self.options
-        act_type, sym = self._act(placement, False)
-        removable_ok = not sym
+        _, sym = self._act(placement, False)
+        removable_ok = not sym  # Relu/Clip vanish into a Q only when its zero point is qmin
         patterns16 = list(o.activations16)
         outputs = set(graph.outputs)
         decided: set[ir.Node] = set()
@@ -474,7 +478,6 @@ class QuantizeStaticPass(QuantizePassBase):
                 qt = plan.tensors[v]
                 if qt.shared_from is not None:
                     qt.wide = plan.tensors[qt.shared_from].wide
-        del act_type
         return plan
 
     @staticmethod
