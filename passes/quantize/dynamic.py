@@ -406,7 +406,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         order = {id(n): i for i, n in enumerate(graph)}
         for name, group in groups.items():
             x = group[0].node.inputs[0]
-            producer = x.producer()
+            producer = _source(x)
             if producer is not None and producer.op_type in _NORMS and o.smooth > 0:
                 continue  # smoothed instead
             act = stats.get(name)
@@ -454,7 +454,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         order = {id(n): i for i, n in enumerate(graph)}
         for name, group in groups.items():
             x = group[0].node.inputs[0]
-            producer = x.producer()
+            producer = _source(x)
             is_norm = producer is not None and producer.op_type in _NORMS
             if not is_norm:
                 # Only normalization outputs have a per-channel profile that generated inputs
@@ -619,6 +619,22 @@ def _swap_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     if name is not None:
         old.name = None
         new.name = name
+
+
+def _source(value: ir.Value) -> ir.Node | None:
+    """The node that made ``value``'s channels, looking through reshapes that keep the last axis
+    (GPT-2's Conv1D flattens the LayerNorm output to 2-D before its MatMul)."""
+    node = value.producer()
+    for _ in range(4):
+        if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+            break
+        src = node.inputs[0]
+        if src is None or src.shape is None or value.shape is None or not src.shape or not value.shape:
+            break
+        if src.shape[-1] != value.shape[-1] or not isinstance(src.shape[-1], int):
+            break
+        node = src.producer()
+    return node
 
 
 def _raw_mask(attn_bias: ir.Value) -> Any:
