@@ -773,11 +773,10 @@ class QuantizeStaticPass(QuantizePassBase):
             wmax = np.maximum.reduce(rows)
             s = np.power(np.maximum(a, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1.0 - alpha)
             s = np.clip(s, 1e-4, 1e4).astype(np.float32)
-            for i in (1, 2):
-                if len(prod.inputs) > i and prod.inputs[i] is not None:
-                    arr = constant_array(prod.inputs[i])
-                    prod.replace_input_with(i, _new_init(graph, f"{prod.inputs[i].name}_smooth",
-                                                         (arr / s).astype(arr.dtype), taken))
+            for i in _smooth_params(prod) or []:
+                arr = constant_array(prod.inputs[i])
+                prod.replace_input_with(i, _new_init(graph, f"{prod.inputs[i].name}_smooth",
+                                                     (arr / s).astype(arr.dtype), taken))
             for r, w in zip(readers, ws):
                 transb = r.op_type == "Gemm" and r.attributes.get_int("transB", 0)
                 scaled = w * (s[None, :] if transb else s[:, None])  # type: ignore[index]
@@ -833,26 +832,48 @@ def _through_reshapes(x: ir.Value) -> ir.Value:
         v = src
 
 
+_NORMS = {("", "LayerNormalization"), ("", "RMSNormalization"), ("com.microsoft", "SimplifiedLayerNormalization"),
+          ("", "SimplifiedLayerNormalization")}
+
+
+def _smooth_params(prod: ir.Node) -> list[int] | None:
+    """Inputs of ``prod`` holding per-channel constants that a division by ``s`` can absorb:
+    a normalization's scale (and bias), or the constant operand of ``Mul(x, gamma)`` (the last op of
+    a decomposed RMSNorm, as Llama exports)."""
+    domain = "" if prod.domain == "ai.onnx" else prod.domain
+    if (domain, prod.op_type) in _NORMS:
+        return [i for i in (1, 2) if len(prod.inputs) > i and prod.inputs[i] is not None]
+    if prod.op_type == "Mul" and domain == "" and len(prod.inputs) == 2:
+        consts = [i for i in (0, 1) if constant_array(prod.inputs[i]) is not None]
+        return consts if len(consts) == 1 else None
+    return None
+
+
 def _smooth_reason(prod: ir.Node, ln_out: ir.Value, x: ir.Value, graph: ir.Graph) -> str | None:
     """Why the producer of a MatMul input cannot absorb a per-channel division (None if it can)."""
-    if prod.op_type != "LayerNormalization" or prod.domain not in ("", "ai.onnx"):
+    params = _smooth_params(prod)
+    if params is None:
         return f"producer {prod.op_type} has no per-channel constant scale to fold into"
-    if prod.attributes.get_int("axis", -1) != -1 and not (
+    if prod.op_type != "Mul" and prod.attributes.get_int("axis", -1) != -1 and not (
             ln_out.shape is not None and prod.attributes.get_int("axis", -1) == len(ln_out.shape) - 1):
-        return "LayerNormalization does not normalize the last axis"
+        return f"{prod.op_type} does not normalize the last axis"
     if len(prod.outputs) > 1 and any(o is not None and o.consumers() for o in prod.outputs[1:]):
-        return "LayerNormalization's mean/inv-std outputs are used"
-    scale = constant_array(prod.inputs[1]) if len(prod.inputs) > 1 else None
-    if scale is None or scale.ndim != 1 or scale.dtype != np.float32:
-        return "LayerNormalization scale is not a 1-D float32 constant"
-    if len(prod.inputs) > 2 and prod.inputs[2] is not None:
-        bias = constant_array(prod.inputs[2])
-        if bias is None or bias.shape != scale.shape:
-            return "LayerNormalization bias is not a constant of the scale's shape"
+        return f"{prod.op_type}'s extra outputs are used"
+    channels = ln_out.shape[-1] if ln_out.shape is not None and len(ln_out.shape) else None
+    if not isinstance(channels, int):
+        return "channel count unknown"
+    scale = None
+    for i in params:
+        arr = constant_array(prod.inputs[i])
+        if arr is None or arr.dtype != np.float32 or arr.shape[-1:] != (channels,) or arr.size != channels:
+            return f"{prod.op_type} input {i} is not a per-channel float32 constant"
+        scale = arr
+    if scale is None:
+        return f"{prod.op_type} has no scale"
     if x in graph.outputs or ln_out in graph.outputs:
-        return "LayerNormalization output is a graph output"
+        return f"{prod.op_type} output is a graph output"
     if ln_out is not prod.outputs[0]:
-        return "not the LayerNormalization's normalized output"
+        return f"not the {prod.op_type}'s first output"
     for r in x.consumers():
         if r.op_type not in ("MatMul", "Gemm") or r.inputs[0] is not x or len(r.inputs) < 2:
             return f"output also read by {r.op_type} {r.name}"
@@ -863,10 +884,8 @@ def _smooth_reason(prod: ir.Node, ln_out: ir.Value, x: ir.Value, graph: ir.Graph
             return f"{r.name} has transA=1"
         transb = r.op_type == "Gemm" and r.attributes.get_int("transB", 0)
         k = w.shape[1] if transb else w.shape[0]
-        if k != scale.shape[0]:
+        if k != channels:
             return f"{r.name} weight does not match the channel count"
-        if r.inputs[1] is not None and len(list(r.inputs[1].uses())) > 1:
-            pass  # a fresh initializer is written for each reader; the shared original stays
     return None
 
 
