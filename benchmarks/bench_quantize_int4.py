@@ -9,7 +9,8 @@ weights, seeded; ``--quick``: "mini"), exported with graphopt, then ``cleanup,fu
 ort-cpu file, the reference). From that one fp32 file:
 
 * ``graphopt-rtn``: ``quantize-weight-only(bits=4, block_size=32)`` then ``cleanup``;
-* ``graphopt-gptq``: the same with calibration data (``--calib`` sequences of 64 random tokens): GPTQ
+* ``graphopt-gptq``: the same with calibration data (``--calib`` sequences of 64 random tokens, batches
+  of 4; at least K tokens so that every weight gets GPTQ rather than its RTN fallback): GPTQ
   (sequential: each activation calibrated on the model with the earlier weights already quantized);
 * ``graphopt-awq``: AWQ channel scales folded into the RMSNorm before q/k/v and gate/up, then RTN;
 * ``ort``: ``MatMulNBitsQuantizer(bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     size = "mini" if args.quick else "base"
     rounds = args.rounds or (15 if args.quick else 30)
-    n_calib = args.calib or (8 if args.quick else 16)
+    # GPTQ needs more calibration tokens than a weight has input channels (K up to 2816 here; a weight
+    # with fewer gets RTN): 48 sequences x 64 tokens, in batches of 4.
+    n_calib = args.calib or (16 if args.quick else 48)
 
     import graphopt
 
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     graphopt.save(fp32, files["fp32"], external_data=True)
     info["fp32"] = {"optimize_s": time.perf_counter() - t0}
 
-    calib = [built.feeds(1, 64, seed=1000 + i) for i in range(n_calib)]
+    calib = [built.feeds(min(4, n_calib - i), 64, seed=1000 + i) for i in range(0, n_calib, 4)]
     specs = {
         "graphopt-rtn": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=rtn),cleanup", None),
         "graphopt-gptq": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=gptq),cleanup", calib),

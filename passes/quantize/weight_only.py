@@ -86,6 +86,9 @@ class WeightOnlyOptions(CommonOptions):
                                     "False keeps it float"))
     damp: float = dataclasses.field(
         default=0.01, metadata=_doc("gptq: dampening added to H's diagonal, as a fraction of its mean"))
+    gptq_min_tokens: float = dataclasses.field(
+        default=1.0, metadata=_doc("gptq: calibration tokens needed per input channel (K); a weight with fewer "
+                                   "gets RTN (its X^T X is rank-deficient and GPTQ would overfit)"))
     act_order: bool = dataclasses.field(
         default=False, metadata=_doc("gptq: quantize columns by decreasing H diagonal (static groups)"))
     scale_search: bool = dataclasses.field(
@@ -483,12 +486,19 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         if model.opset_imports.get(MS_DOMAIN) is None:
             model.opset_imports[MS_DOMAIN] = 1
         gptq = method in ("gptq", "awq-gptq")
+        self._tokens = 0
         for group, hess in self._hessian_groups(model, by_key, data if gptq else None):
             hessians = hess
             for key in group:
                 first = by_key[key][0]
                 sdt = _FLOAT_DTYPES[first.dtype]
                 h = hessians.pop(key, None)
+                how = method
+                k = first.w.shape[1]
+                if h is not None and self._tokens < o.gptq_min_tokens * k:
+                    # H has rank <= tokens < K: GPTQ would fit the calibration rows, not the data.
+                    h, how = None, f"rtn (gptq: {self._tokens} calibration tokens < {o.gptq_min_tokens:g}*K={k})"
+                    self.count("gptq_fallback_rtn")
                 if h is not None:
                     qw = gptq_quantize(first.w, h, o.bits, o.block_size, o.symmetric,
                                        damp=o.damp, act_order=o.act_order, scale_dtype=sdt,
@@ -500,7 +510,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 for site in by_key[key]:
                     replaced.append(site.node.inputs[1])
                     self._rewrite_matmul(graph, site, qw, made[key], taken)
-                    self.decide(site.node, True, f"{method} {o.bits}-bit")
+                    self.decide(site.node, True, f"{how} {o.bits}-bit")
         for node, w in gathers:
             replaced.append(node.inputs[0])
             self._rewrite_gather(graph, node, w, taken)
@@ -640,6 +650,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             if not acc:
                 raise PipelineError("quantize-weight-only: the calibration data has no batches")
             self.details.setdefault("calibration_tokens", tokens)
+            self._tokens = tokens
             hess: dict[tuple[int, bool], np.ndarray] = {}
             for key in group:
                 consumers = list(dict.fromkeys(s.node.inputs[0].name for s in by_key[key]))
