@@ -401,3 +401,27 @@ def test_max_batches_limits_calibration(mlp) -> None:
     _, row = quantize(model, d.calibration(256, batch=32), "max_batches=2,progress=false")
     assert row.details["calibration"]["batches"] == 2
     assert all(a["bits"] == 8 for a in row.details["activations"].values())
+
+
+def test_smooth_quant_folds_into_rmsnorm_mul() -> None:
+    """A decomposed RMSNorm ends in Mul(x, gamma): gamma absorbs the division; outputs stay close."""
+    rng = np.random.default_rng(1)
+    c = 32
+    gamma = np.ones(c, np.float32)
+    gamma[5] = 25.0
+    w = rng.standard_normal((c, 16)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, c])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 16])
+    inits = [onnx.numpy_helper.from_array(gamma, "gamma"), onnx.numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("Mul", ["x", "gamma"], ["h"], name="rms_scale"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(proto)
+    calib = [{"x": rng.standard_normal((2, 4, c)).astype(np.float32)} for _ in range(4)]
+    q, row = quantize(model, calib, "smooth_quant=0.5")
+    assert row.details["smooth_quant"]["applied"] == ["rms_scale"]
+    mul = next(n for n in q.graph if n.op_type == "Mul")
+    assert const(mul.inputs[1])[5] < 25.0
+    result = graphopt.verify(model, q, inputs={"x": rng.standard_normal((2, 4, c)).astype(np.float32)})
+    assert result.outputs[0].cosine > 0.999, result
