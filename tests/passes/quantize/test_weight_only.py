@@ -451,3 +451,14 @@ def test_float16_weights_and_embedding_get_float16_scales_and_run():
     y = run_model(q, feeds)[0][1]
     assert y.dtype == np.float16
     assert cosine(y, expect) > 0.999
+
+
+def test_gptq_with_fewer_tokens_than_k_falls_back_to_rtn_and_says_so():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 32)).astype(np.float32)
+    calib = [{"x": rng.standard_normal((1, 16, 128)).astype(np.float32)}]  # 16 tokens < K=128
+    q, row = quantize(matmul_model(w), "quantize-weight-only(min_size=0,method=gptq)", calibration=calib)
+    assert row.stats["gptq_fallback_rtn"] == 1
+    assert decisions(row)["mm"] == (True, "rtn (gptq: 16 calibration tokens < 1*K=128) 4-bit")
+    (node,) = ms_nodes(q, "MatMulNBits")
+    np.testing.assert_allclose(dequantize_node(node), reference_rtn(w, 4, 32, True), rtol=1e-6, atol=1e-7)
