@@ -240,7 +240,8 @@ class _Runner:
         context: dict[str, Any] | None = None,
     ) -> None:
         self.registry = registry
-        self.context = dict(context or {})
+        # The caller's dict itself: what a pass caches there (calibration ranges) outlives the run.
+        self.context = context if context is not None else {}
         self.verify_each = verify_each
         self.numeric_each = numeric_each
         self.reference = reference
