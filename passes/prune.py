@@ -189,12 +189,14 @@ def _out_axis(op_type: str, rank: int, trans_b: int) -> int:
 
 
 def _magnitude_mask(w: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the ``k`` smallest-|w| entries (exact count, stable ties)."""
+    """Boolean mask of the ``k`` smallest-|w| entries (exact count; introselect, not a full sort:
+    deterministic for the same weights)."""
     flat = np.abs(w).ravel()
     mask = np.zeros(flat.size, dtype=bool)
-    if k > 0:
-        order = np.argsort(flat, kind="stable")
-        mask[order[:k]] = True
+    if k >= flat.size:
+        mask[:] = True
+    elif k > 0:
+        mask[np.argpartition(flat, k - 1)[:k]] = True
     return mask.reshape(w.shape)
 
 
