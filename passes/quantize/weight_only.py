@@ -522,8 +522,9 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
     def _awq(self, model: ir.Model, sites: list[_Site], by_key: dict[tuple[int, bool], list[_Site]], data: Any,
              taken: set[str]) -> None:
         """Activation-aware scaling (Lin et al. 2023): per input channel ``s = mean|x|^alpha``, weights
-        ``W * s`` quantized, ``x / s`` folded exactly into the preceding norm's scale (and bias). Only
-        where the norm output feeds nothing but the quantized weights of this group; alpha is chosen
+        ``W * s`` quantized, ``x / s`` folded exactly into the preceding norm's scale (and bias) or a
+        decomposed norm's Mul by a constant (see :func:`_awq_fold`). Only where that output feeds
+        nothing but the quantized weights of this group; alpha is chosen
         per group by the layer-output error on kept calibration rows (alpha=0 = plain RTN, so it never
         does worse there)."""
         from graphopt.calibration import stream_tensors
@@ -532,7 +533,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         groups: dict[int, list[_Site]] = {}
         for site in sites:
             groups.setdefault(id(site.node.inputs[0]), []).append(site)
-        folds: list[tuple[ir.Node, int, int | None, list[_Site]]] = []
+        folds: list[tuple[ir.Node, list[int], list[_Site]]] = []
         skipped: dict[str, int] = {}
         for group in groups.values():
             fold, reason = _awq_fold(group, by_key)
@@ -559,7 +560,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                     kept[n] += rows[n][-1].shape[0]
         grid = np.linspace(0.0, 1.0, max(o.awq_grid, 2))
         alphas = []
-        for (norm, gi, bi, group), n in zip(folds, names):
+        for (node, indices, group), n in zip(folds, names):
             mean = np.maximum(sums[n] / max(kept[n], 1), 1e-8)
             x = np.concatenate(rows[n]).astype(np.float32)
             keys = list(dict.fromkeys(site.key for site in group))
@@ -584,13 +585,11 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             for key in keys:
                 for site in by_key[key]:
                     site.w = (site.w.astype(np.float32) * scale[None, :]).astype(site.w.dtype)
-            for idx in (gi, bi):
-                if idx is None or len(norm.inputs) <= idx or norm.inputs[idx] is None:
-                    continue
-                v = norm.inputs[idx]
+            for idx in indices:
+                v = node.inputs[idx]
                 arr = constant_array(v)
                 new = (arr.astype(np.float32) / scale).astype(arr.dtype)
-                norm.replace_input_with(idx, _initializer(model.graph, unique_name(
+                node.replace_input_with(idx, _initializer(model.graph, unique_name(
                     model.graph, f"{v.name or 'norm'}_awq", taken), new))
         self.details["awq_folded"] = sum(a > 0 for a in alphas)
         self.details["awq_alphas"] = alphas
@@ -742,38 +741,60 @@ _NORMS: dict[tuple[str, str], tuple[int, int | None]] = {
 }
 
 
+def _last_dim(v: ir.Value) -> int | None:
+    if v.shape is None or v.shape.rank() == 0:
+        return None
+    d = v.shape[-1]
+    return d if isinstance(d, int) else None
+
+
 def _awq_fold(group: list[_Site], by_key: dict[tuple[int, bool], list[_Site]]
-              ) -> tuple[tuple[ir.Node, int, int | None] | None, str]:
-    """Where ``x / s`` folds exactly for sites sharing input ``x``: the norm producing ``x`` (and its
-    gamma/beta input indices), or None with the reason."""
+              ) -> tuple[tuple[ir.Node, list[int]] | None, str]:
+    """Where ``x / s`` folds exactly for sites sharing input ``x``: the node making ``x`` (through
+    Reshapes that keep the last axis K) and the inputs of it to divide by ``s`` along the last axis —
+    a norm's scale (and bias), or a Mul's constant per-channel operand (a decomposed RMSNorm) — or
+    None with the reason."""
     x = group[0].node.inputs[0]
-    norm = x.producer()
-    if norm is None or (norm.domain, norm.op_type) not in _NORMS:
-        return None, "input not from a norm"
-    if norm.outputs[0] is not x or x.is_graph_output():
-        return None, "input not the norm's output"
-    gi, bi = _NORMS[(norm.domain, norm.op_type)]
     k = group[0].w.shape[1]
-    axis = norm.attributes.get_int("axis", -1)
-    if axis != -1 and (x.shape is None or axis != x.shape.rank() - 1):
-        return None, "norm not over the last axis"
-    for idx in (gi, bi):
-        if idx is None or len(norm.inputs) <= idx or norm.inputs[idx] is None:
-            continue
-        arr = constant_array(norm.inputs[idx])
-        if arr is None or arr.shape != (k,):
-            return None, "norm scale/bias not a constant [K]"
-    if len(norm.inputs) <= gi or norm.inputs[gi] is None:
-        return None, "norm has no scale"
     nodes = {id(s.node) for s in group}
-    if any(id(u.node) not in nodes for u in x.uses()):
-        return None, "norm output has other consumers"
+    if x.is_graph_output() or any(id(u.node) not in nodes for u in x.uses()):
+        return None, "input has other consumers"
+    while (p := x.producer()) is not None and p.domain == "" and p.op_type == "Reshape":
+        src = p.inputs[0]
+        if src is None or _last_dim(src) != k or _last_dim(x) != k:
+            break  # per-channel scaling commutes with a Reshape only when K stays the last axis
+        if src.is_graph_output() or len(src.uses()) != 1:
+            return None, "input has other consumers"
+        x = src
+    node = x.producer()
+    if node is None:
+        return None, "input not from a norm or a Mul by a constant"
+    if (node.domain, node.op_type) in _NORMS:
+        if node.outputs[0] is not x:
+            return None, "input not the norm's output"
+        gi, bi = _NORMS[(node.domain, node.op_type)]
+        axis = node.attributes.get_int("axis", -1)
+        if axis != -1 and (x.shape is None or axis != x.shape.rank() - 1):
+            return None, "norm not over the last axis"
+        if len(node.inputs) <= gi or node.inputs[gi] is None:
+            return None, "norm has no scale"
+        indices = [i for i in (gi, bi) if i is not None and len(node.inputs) > i and node.inputs[i] is not None]
+    elif node.domain == "" and node.op_type == "Mul" and _last_dim(x) == k:
+        indices = [i for i in (0, 1) if constant_array(node.inputs[i]) is not None]
+        if len(indices) != 1:
+            return None, "Mul has no single constant operand"
+    else:
+        return None, "input not from a norm or a Mul by a constant"
+    for i in indices:
+        arr = constant_array(node.inputs[i])
+        if arr is None or arr.size != k or arr.shape[-1] != k:
+            return None, "scale/bias not a constant per-channel [K]"
     for site in group:
         if any(id(u.node) not in nodes for u in site.node.inputs[1].uses()):
             return None, "weight shared outside the group"
         if any(id(s.node) not in nodes for s in by_key[site.key]):
             return None, "weight shared outside the group"
-    return (norm, gi, bi), ""
+    return (node, indices), ""
 
 
 def _prefix_model(model: ir.Model, names: list[str]) -> ir.Model:
