@@ -203,7 +203,8 @@ def fractions(suite: dict[str, Any], peaks: dict[str, Any]) -> dict[str, Any]:
             lat = (t.get("latency") or {}).get("batch1") or {}
             if "median_ms" not in lat:
                 continue
-            gflops = fl["flops"] / (lat["median_ms"] / 1e3) / 1e9
+            own = (t.get("flops") or {}).get("flops")  # a pruned file does fewer FLOPs than the export
+            gflops = (own or fl["flops"]) / (lat["median_ms"] / 1e3) / 1e9
             int8 = t.get("compute") == "int8"
             peak = peaks.get("int8_peak_gops") if int8 else peaks.get("fp32_peak_gflops")
             rows[tool] = {"gflops": gflops, "peak": "int8" if int8 else "fp32",

@@ -323,6 +323,10 @@ def optimize_one(spec: dict[str, Any], model_dir: Path, out_dir: Path) -> dict[s
         data["digest"] = bench_fusion._digest(out_dir)
     if "crash" not in data:
         data["size_mb"] = _size_mb(out_dir)
+        if tool == "graphopt-pruned":  # fewer FLOPs than the export: the roofline counts the pruned file's own
+            import numpy as np
+
+            data["flops"] = bench_roofline.model_flops(out_dir / "model.onnx", dict(np.load(model_dir / "feeds.npz")))
     return data
 
 
@@ -741,8 +745,9 @@ def model_table(entry: dict[str, Any]) -> str:
     orig = ((tools.get("original") or {}).get("latency") or {}).get("batch1", {}).get("median_ms")
     orig_n = ((tools.get("original") or {}).get("latency") or {}).get("batch", {}).get("median_ms")
     rows_shape = (entry["meta"].get("batch_shape") or {})
+    extra_name = _fid_name(entry)
     header = ["tool", "b1 ms (p90)", "speedup b1", f"b{_rows(rows_shape)} ms (p90)", "rows/s", "speedup bN",
-              "max abs", "cosine", "SQNR dB", _fid_name(entry), "MB", "opt s", "peak MB", "vs anchor / behind"]
+              "max abs", "cosine", "SQNR dB", extra_name, "MB", "opt s", "peak MB", "vs anchor / behind"]
     rows = []
     for t in TOOLS:
         tt = tools.get(t)
@@ -780,6 +785,9 @@ def model_table(entry: dict[str, Any]) -> str:
                      "–" if t == "original" else ("∞" if fid.get("max_abs") == 0 else _f(fid.get("sqnr_db"), ".1f")),
                      _f(extra, ".4f"), _f(tt.get("size_mb"), ".1f"), _f(tt.get("optimize_s")),
                      _f(tt.get("peak_mb"), ".0f"), note or None])
+    if extra_name is None:  # no labels or sentence metric for this model: drop the empty column
+        header.pop(9)
+        rows = [r[:9] + r[10:] for r in rows]
     return _bench.markdown_table(header, rows)
 
 
@@ -787,9 +795,9 @@ def _rows(shape: dict[str, Any]) -> str:
     return str(next(iter(shape.values()))[0]) if shape else "N"
 
 
-def _fid_name(entry: dict[str, Any]) -> str:
+def _fid_name(entry: dict[str, Any]) -> str | None:
     key = entry["meta"]["key"]
-    return "accuracy" if key.startswith("digits") else ("sentence min cos" if key == "minilm" else "–")
+    return "accuracy" if key.startswith("digits") else ("sentence min cos" if key == "minilm" else None)
 
 
 def _ratio(orig: float | None, v: float | None) -> str | None:
@@ -929,7 +937,7 @@ def _roofline_section(roof: dict[str, Any]) -> str:
              f"{p.get('fp32_peak_gflops') or 0:.1f} GFLOP/s ({p.get('fp32_peak_from')}), int8 "
              f"{p.get('int8_peak_gops') or 0:.1f} GOP/s ({p.get('int8_peak_from')}). Achieved = the export's "
              "MatMul/Gemm/Conv FLOPs per batch-1 forward / the file's median latency, as a fraction of the peak of "
-             "its compute type (int8 for quantized files; pruned files do fewer FLOPs, so theirs can exceed 1).\n"]
+             "its compute type (int8 for quantized files; the pruned file's own, smaller FLOP count).\n"]
     fr = roof.get("fractions") or {}
     tools = [t for t in TOOLS if any(t in f["tools"] for f in fr.values())]
     rows = [[k, f"{f['flops'] / 1e9:.3g}", *[_f((f["tools"].get(t) or {}).get("fraction"), ".1%") for t in tools]]
@@ -983,7 +991,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fig, ax = plt.subplots(figsize=(12, 6.5))
     markers = "osD^v<>pPX*h"
     for j, e in enumerate(models.values()):
         for t in tools:
@@ -1006,7 +1014,7 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
     ax.set_ylabel("worst SQNR vs the export, dB (up is more faithful; capped at 100)")
     ax.set_title("Speed vs fidelity, every file of every model")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=8, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out / f"{stem}_speed_fidelity.png")
     fig.savefig(paths[-1], dpi=110)
