@@ -21,12 +21,13 @@ Three modes, one pass (``prune``):
     left alone and the reason recorded. Groups made only of MatMul / Gemm are ``ffn`` (FFN
     neurons; a Llama gated MLP joins gate and up columns through the ``silu(gate) * up`` Mul,
     and down's rows); groups with a Conv are ``channels``.
-  - *heads*: multi-head attention as exported from BERT-style models (Q/K/V projections →
-    Reshape [B, S, H, d] → Transpose, scores MatMul, softmax, context MatMul, Transpose →
-    Reshape [B, S, H·d] → output projection). Q/K/V columns, their biases and the output
-    projection's rows are sliced per head; a literal head count in the Reshape shapes is
-    rewritten. Grouped-query attention, fused QKV, rotary chains and any unrecognized node are
-    skipped with the reason.
+  - *heads*: multi-head attention as exported from BERT / ViT / GPT-2 (Q/K/V projections, or
+    one fused QKV projection + Split → Reshape [B, S, H, d] → Transpose, scores MatMul, softmax,
+    context MatMul, Transpose → Reshape [B, S, H·d] → output projection MatMul / Gemm). Q/K/V
+    columns (every section of a fused QKV weight), their biases and the output projection's rows
+    are sliced per head; a literal head count in Reshape shapes (and Split sizes) is rewritten,
+    run-time shapes adapt by themselves. Grouped-query attention, rotary chains (Llama) and any
+    unrecognized node are skipped with the reason.
 
   Importance is the L1 or L2 norm of each unit's weights (producers' output slices and
   consumers' input slices, each normalized by its mean), or, with calibration data,
@@ -284,6 +285,8 @@ class _Slice:
     data: ir.Value | None = None  # consumers: the activation feeding the weight
     data_axis: int = -1
     weight_name: str = ""
+    #: Sections along the axis, each holding every unit (a fused QKV weight: 3 sections).
+    groups: int = 1
 
     def __post_init__(self) -> None:
         if not self.weight_name:
@@ -694,12 +697,35 @@ def _projection(v: ir.Value) -> tuple[ir.Node, ir.Node | None, int] | None:
                     break
         else:
             return None
+    if p is not None and p.op_type == "Gemm" and add is None:
+        if p.attributes.get_int("transA", 0):
+            return None
+        b = _const(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] is not None else None
+        if len(p.inputs) > 2 and p.inputs[2] is not None and (b is None or b.ndim != 1):
+            return None
+        w = _const(p.inputs[1])
+        if w is None or w.ndim != 2:
+            return None
+        return p, (p if b is not None else None), 2
     if p is None or p.op_type != "MatMul":
         return None
     w = _const(p.inputs[1])
     if w is None or w.ndim != 2 or _const(p.inputs[0]) is not None:
         return None
     return p, add, bias_index
+
+
+def _column_axis(node: ir.Node) -> int:
+    """Axis of a projection weight that holds its output columns."""
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return 1
+
+
+def _row_axis(node: ir.Node) -> int:
+    if node.op_type == "Gemm":
+        return 1 if node.attributes.get_int("transB", 0) else 0
+    return 0
 
 
 def _shape_pieces(v: ir.Value) -> list[tuple[int, Any]] | None:
@@ -765,8 +791,11 @@ class _HeadMatcher:
         if not isinstance(h_out, int) or not isinstance(d, int):
             return self.fail("head count or head size not static")
         wo = _const(o.inputs[1])
-        if wo.shape[0] != h_out * d:  # type: ignore[union-attr]
-            return self.fail(f"output projection rows {wo.shape[0]} != heads*head_size {h_out}*{d}")  # type: ignore[union-attr]
+        rows = wo.shape[_row_axis(o)]  # type: ignore[union-attr]
+        if rows != h_out * d:
+            return self.fail(f"output projection rows {rows} != heads*head_size {h_out}*{d}")
+        if o.op_type == "Gemm" and o.attributes.get_int("transA", 0):
+            return self.fail("output projection Gemm has transA")
         chain: list[ir.Node] = [o, merge, t, ctx]
         # Scores: back from the probabilities through element-wise ops to the Q·K MatMul.
         qk = None
@@ -822,14 +851,36 @@ class _HeadMatcher:
                     if id(u.node) not in members and u.node.op_type != "Shape":
                         return self.fail(f"{out.name} also feeds {u.node.op_type} {u.node.name}")
         g = _Group(kind="heads", units=h_out, name=o.name or "attention")
-        for role in ("q", "k", "v"):
-            mm, add, bias_index, split = paths[role]
-            g.slices.append(_Slice(mm, 1, 1, d, "out", weight_name=mm.inputs[1].name or ""))
+        fused = [paths[r][4] for r in ("q", "k", "v")]
+        if any(f is not None for f in fused):
+            # One QKV projection split into sections (GPT-2): every section loses the same heads.
+            if any(f is None for f in fused) or len({id(f["proj"]) for f in fused}) != 1 \
+                    or sorted(f["index"] for f in fused) != list(range(fused[0]["sections"])):
+                return self.fail("Q/K/V come partly from one fused projection and partly not")
+            f = fused[0]
+            mm, add, bias_index = f["proj"], f["add"], f["bias_index"]
+            sections = f["sections"]
+            g.slices.append(_Slice(mm, 1, _column_axis(mm), d, "out", weight_name=mm.inputs[1].name or "",
+                                   groups=sections))
             if add is not None:
-                g.slices.append(_Slice(add, bias_index, 0, d, "param"))
+                g.slices.append(_Slice(add, bias_index, 0 if add is not mm else -1, d, "param", groups=sections))
             g.producers.append(mm)
-            g.shape_fixes.append((split, 1, ("heads", 2)))
-        g.slices.append(_Slice(o, 1, 0, d, "in", x, -1, o.inputs[1].name or ""))
+            for n, fix in f["fixes"]:
+                g.shape_fixes.append((n, 1, fix))
+            g.clear.extend(f["values"])
+            if f["split_sizes"] is not None:
+                g.shape_fixes.append((f["split"], 1, ("split", d)))
+            for role in ("q", "k", "v"):
+                g.shape_fixes.append((paths[role][3], 1, ("heads", 2)))
+        else:
+            for role in ("q", "k", "v"):
+                mm, add, bias_index, split, _ = paths[role]
+                g.slices.append(_Slice(mm, 1, _column_axis(mm), d, "out", weight_name=mm.inputs[1].name or ""))
+                if add is not None:
+                    g.slices.append(_Slice(add, bias_index, 0 if add is not mm else -1, d, "param"))
+                g.producers.append(mm)
+                g.shape_fixes.append((split, 1, ("heads", 2)))
+        g.slices.append(_Slice(o, 1, _row_axis(o), d, "in", x, -1, o.inputs[1].name or ""))
         g.shape_fixes.append((merge, 1, ("merge", d)))
         for n in self.literal_fixes:
             g.shape_fixes.append((n, 1, ("literal_heads", 0)))
@@ -837,7 +888,7 @@ class _HeadMatcher:
             if n is not o:
                 g.clear.extend(n.outputs)
         for role in ("q", "k", "v"):
-            mm, add, _, _ = paths[role]
+            mm, add, _, _, _ = paths[role]
             g.clear.append(mm.outputs[0])
             if add is not None:
                 g.clear.append(add.outputs[0])
@@ -851,6 +902,52 @@ class _HeadMatcher:
         if last not in (-1, h_out * d):
             return self.fail(f"merge Reshape last dim {last} not understood")
         return g
+
+    def _fused(self, section: ir.Value, h: int, d: int) -> dict[str, Any] | None:
+        """``section`` is one output of ``Split(last axis)`` of a fused QKV projection, possibly
+        through a row-preserving Reshape (``[B*S, 3E]`` → ``[B, S, 3E]``)."""
+        split = section.producer()
+        x = split.inputs[0]  # type: ignore[union-attr]
+        if x is None or x.shape is None:
+            return self.fail("fused QKV Split input shape unknown")
+        r = x.shape.rank()
+        axis = split.attributes.get_int("axis", 0)  # type: ignore[union-attr]
+        if axis % r != r - 1:
+            return self.fail("fused QKV Split not on the last axis")
+        sections = len(split.outputs)  # type: ignore[union-attr]
+        sizes = _const(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None  # type: ignore[union-attr]
+        if len(split.inputs) > 1 and split.inputs[1] is not None and sizes is None:  # type: ignore[union-attr]
+            return self.fail("fused QKV Split sizes not constant")
+        if sizes is not None and any(int(v) != h * d for v in sizes.ravel()):
+            return self.fail(f"fused QKV Split sizes {sizes.tolist()} are not {h}*{d} each")
+        fixes: list[tuple[ir.Node, tuple[str, int]]] = []
+        values = [x]
+        src = x
+        p = x.producer()
+        if p is not None and p.op_type == "Reshape":
+            y_last, in_v = x.shape[-1], p.inputs[0]
+            if in_v is None or in_v.shape is None or in_v.shape[-1] != y_last or y_last != sections * h * d:
+                return self.fail(f"Reshape {p.name} before the fused QKV Split does not keep rows")
+            pieces = _shape_pieces(p.inputs[1]) if p.inputs[1] is not None else None
+            if pieces is None:
+                return self.fail(f"Reshape {p.name} shape not readable")
+            _, _, last = _element(pieces, sum(n for n, _ in pieces) - 1)
+            if last not in (-1, sections * h * d):
+                return self.fail(f"Reshape {p.name} last shape element {last} not understood")
+            if _single_consumer(in_v, False) is not p or _single_consumer(x, False) is not split:
+                return self.fail("fused QKV projection output has other users")
+            fixes.append((p, ("last", sections * d)))
+            values.append(in_v)
+            src = in_v
+        proj = _projection(src)
+        if proj is None:
+            return self.fail("fused QKV Split does not read a projection")
+        mm, add, bias_index = proj
+        if _single_consumer(src, False) is None:
+            return self.fail("fused QKV projection output has other users")
+        return {"proj": mm, "add": add, "bias_index": bias_index, "sections": sections,
+                "index": list(split.outputs).index(section), "split": split,  # type: ignore[union-attr]
+                "split_sizes": sizes, "fixes": fixes, "values": values + list(split.outputs)}  # type: ignore[union-attr]
 
     def _split_path(self, val: ir.Value, h: int, d: int, chain: list[ir.Node]):
         """Back from a Q/K/V operand to its projection through scalar scaling, Transpose and
@@ -877,12 +974,20 @@ class _HeadMatcher:
             if node.op_type == "Reshape":
                 src = node.inputs[0]
                 proj = _projection(src) if src is not None else None
+                fused = None
+                if proj is None and src is not None and src.producer() is not None \
+                        and src.producer().op_type == "Split":
+                    fused = self._fused(src, h, d)
+                    if fused is None:
+                        return None
+                    proj = (fused["proj"], fused["add"], fused["bias_index"])
                 if proj is not None:
                     mm, add, bias_index = proj
                     w = _const(mm.inputs[1])
-                    if w.shape[1] != h * d:  # type: ignore[union-attr]
-                        return self.fail(f"projection {mm.name} has {w.shape[1]} columns, not {h}*{d} "  # type: ignore[union-attr]
-                                         "(grouped-query or fused QKV)")
+                    cols = w.shape[_column_axis(mm)]  # type: ignore[union-attr]
+                    if cols != h * d * (fused["sections"] if fused else 1):
+                        return self.fail(f"projection {mm.name} has {cols} columns, not {h}*{d} "
+                                         "(grouped-query attention)")
                     y = node.outputs[0]
                     if y.shape is None or y.shape.rank() != 4 or y.shape[2] != h or y.shape[3] != d:
                         return self.fail(f"split Reshape {node.name} output {y.shape} is not [B, S, {h}, {d}]")
@@ -899,11 +1004,12 @@ class _HeadMatcher:
                     perm = list(nxt_users[0].attributes.get_ints("perm", []))
                     if perm not in ([0, 2, 1, 3], [0, 2, 3, 1]):
                         return self.fail(f"head Transpose perm {perm} not understood")
-                    for n in (mm, add):
-                        if n is not None and _single_consumer(n.outputs[0], False) is None:
-                            return self.fail(f"projection output {n.outputs[0].name} has other users")
+                    if fused is None:
+                        for n in (mm, add):
+                            if n is not None and _single_consumer(n.outputs[0], False) is None:
+                                return self.fail(f"projection output {n.outputs[0].name} has other users")
                     chain.append(node)
-                    return mm, add, bias_index, node
+                    return mm, add, bias_index, node, fused
                 # A run-time reshape inside the path (e.g. K transposed via [B*H, S, d]).
                 pieces = _shape_pieces(node.inputs[1])
                 if pieces is None:
@@ -1189,7 +1295,7 @@ class PrunePass(Pass):
         covered: set[int] = set()
         if "heads" in targets:
             for node in list(graph):
-                if node.op_type != "MatMul" or _producer_axes(node) is None:
+                if node.op_type not in ("MatMul", "Gemm") or _producer_axes(node) is None:
                     continue
                 hm = _HeadMatcher(node)
                 g = hm.match()
@@ -1265,7 +1371,7 @@ class PrunePass(Pass):
                 if s.role not in ("out", "in"):
                     continue
                 w = _const(s.node.inputs[s.index]).astype(np.float64)  # type: ignore[union-attr]
-                per = np.moveaxis(w, s.axis, 0).reshape(g.units, -1)
+                per = np.moveaxis(w, s.axis, 0).reshape(s.groups, g.units, -1).transpose(1, 0, 2).reshape(g.units, -1)
                 if o.importance == "l1":
                     norm = np.abs(per).sum(axis=1)
                 else:
@@ -1358,7 +1464,8 @@ class PrunePass(Pass):
             self.count(f"removed_units:{g.kind}", int(removed.size))
             for s in g.slices:
                 arr = _const(s.node.inputs[s.index])
-                idx = (keep[:, None] * s.block + np.arange(s.block)[None, :]).ravel()
+                idx = (np.arange(s.groups)[:, None, None] * g.units * s.block
+                       + keep[None, :, None] * s.block + np.arange(s.block)[None, None, :]).ravel()
                 _set_input_const(graph, names, s.node, s.index, np.take(arr, idx, axis=s.axis), "_pruned")
             for node, index, fix in g.shape_fixes:
                 self._fix_shape(graph, names, node, index, fix, g.units, int(keep.size))
@@ -1404,6 +1511,8 @@ class PrunePass(Pass):
             changes[2] = kept
         elif kind == "literal_heads":
             changes = {i: kept for i, v in enumerate(flat) if v == units}
+        elif kind == "split":
+            changes = {i: kept * arg for i, v in enumerate(flat) if v == units * arg}
         if not changes:
             return  # -1 / 0 / run-time values adapt by themselves
         c = _const(value)

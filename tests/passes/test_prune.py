@@ -518,7 +518,7 @@ def test_pipeline_text_accepts_nm_mode_and_is_deterministic(bert):
 
 
 @pytest.mark.parametrize("kind,expect", [
-    ("gpt2", {"ffn": 2}),  # Conv1D FFN through [B*S, C] ⇄ [B, S, C] reshapes; fused-QKV heads left alone
+    ("gpt2", {"ffn": 2, "heads": 2}),  # Conv1D FFN through [B*S, C] ⇄ [B, S, C] reshapes; fused QKV + Split heads
     pytest.param("vit", {"ffn": 2, "heads": 2}, marks=pytest.mark.slow),  # literal head counts rewritten
     pytest.param("resnet", {"channels": 11}, marks=pytest.mark.slow),  # bottlenecks, shortcut convs
 ])
