@@ -23,8 +23,18 @@ calibration data: for each weight it accumulates ``H = sum X^T X`` over the weig
 activations (streamed batch by batch, O(K^2) memory per weight, never O(tokens)) and quantizes the
 columns of K in order, spreading each column's rounding error over the not-yet-quantized columns
 through the Cholesky factor of ``H^-1`` (lazy batches of columns; dampening; optional act-order
-with static groups so the blocks stay contiguous for ``MatMulNBits``). Activations come from the
-float model for every layer at once (one calibration run per memory budget), not layer by layer.
+with static groups so the blocks stay contiguous for ``MatMulNBits``). ``sequential`` (default)
+calibrates the weights of each input activation on the model with every earlier weight already
+quantized (one ORT run over a pruned prefix of the model per activation), so later layers correct
+the error of earlier ones; ``sequential=false`` is one run from the float model. A weight with fewer
+calibration tokens than K (``gptq_min_tokens``) gets RTN: its ``H`` is rank-deficient and GPTQ would
+fit the calibration rows rather than the data. ``awq`` (Lin et al. 2023) scales each input channel
+by ``mean|x|^alpha`` (alpha searched per layer on kept calibration rows, by layer-output error) and
+folds ``1/s`` exactly into whatever makes the activation: a norm's scale/bias, or a decomposed
+RMSNorm's Mul by a constant, through Reshapes that keep K last; elsewhere it does nothing.
+``awq-gptq`` applies both.
+
+All numerics are numpy with one BLAS thread, so the output bytes do not depend on the machine.
 """
 
 from __future__ import annotations
