@@ -114,6 +114,9 @@ class WeightOnlyOptions(CommonOptions):
         default=11, metadata=_doc("awq: exponents tried for the channel scales, evenly in [0, 1] (0 = no scaling)"))
     awq_tokens: int = dataclasses.field(
         default=512, metadata=_doc("awq: calibration rows kept per activation to score the exponents"))
+    awq_min_gain: float = dataclasses.field(
+        default=0.05, metadata=_doc("awq: keep a layer unscaled unless scaling cuts its output error on the kept "
+                                    "rows by at least this fraction"))
     hessian_memory_mb: int = dataclasses.field(
         default=1024, metadata=_doc("gptq: Hessians held at once (float64); more weights = more calibration runs"))
 
@@ -574,7 +577,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             mean = np.maximum(sums[n] / max(kept[n], 1), 1e-8)
             x = np.concatenate(rows[n]).astype(np.float32)
             keys = list(dict.fromkeys(site.key for site in group))
-            best, best_loss = None, np.inf
+            best, best_loss, plain = None, np.inf, None
             for alpha in grid:
                 scale = mean**alpha
                 scale = (scale / np.sqrt(scale.max() * scale.min())).astype(np.float32)
@@ -586,9 +589,14 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                                       _FLOAT_DTYPES[first.dtype], o.scale_search)
                     d = (dequantize(qw) / scale[None, :] - w).T
                     loss += float(np.sum(np.square(x @ d)))
-                if loss < best_loss - 1e-12 * abs(best_loss if np.isfinite(best_loss) else 0):
+                if plain is None:
+                    plain = (float(alpha), scale, loss)  # alpha = 0: no scaling
+                if loss < best_loss:
                     best, best_loss = (float(alpha), scale), loss
             alpha, scale = best  # type: ignore[misc]
+            if best_loss > (1.0 - o.awq_min_gain) * plain[2]:  # type: ignore[index]
+                # A gain this small on the kept rows is within what the choice itself overfits.
+                alpha, scale = plain[0], plain[1]  # type: ignore[index]
             alphas.append(round(alpha, 3))
             if alpha == 0.0:
                 continue
