@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -125,6 +126,8 @@ def load(
         )
 
     check_supported(proto, where, allow_custom_domains=allow_custom_domains)
+    if proto.graph.sparse_initializer:
+        proto = _densify_sparse_initializers(proto, where)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises plain exceptions on malformed protos
@@ -143,6 +146,78 @@ def load(
     if source_path is not None:
         model.meta[SOURCE_KEY] = source_path
     return model
+
+
+#: Model metadata key: "1" = ``save`` stores mostly-zero weights as sparse initializers
+#: (set by ``prune(sparse_storage=true)``).
+SPARSE_STORAGE_KEY = "graphopt.sparse_storage"
+
+
+def _densify_sparse_initializers(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """Sparse initializers as dense ones (a copy; the caller's proto is untouched).
+
+    onnx_ir has no sparse tensors and would drop them, leaving the nodes that read them without
+    an input; ONNX Runtime densifies them at load time anyway, so graphopt does the same.
+    """
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    for sp in graph.sparse_initializer:
+        try:
+            values = numpy_helper.to_array(sp.values)
+            indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+            dims = tuple(int(d) for d in sp.dims)
+            dense = np.zeros(dims, dtype=values.dtype)
+            if indices.ndim == 2:  # [nnz, rank] coordinates
+                dense[tuple(indices.T)] = values
+            else:  # linearized indices
+                dense.reshape(-1)[indices] = values
+        except Exception as e:
+            raise ModelLoadError(
+                f"{where}: sparse initializer '{sp.values.name}' is malformed ({_one_line(e)})"
+            ) from None
+        graph.initializer.append(numpy_helper.from_array(dense, sp.values.name))
+    del graph.sparse_initializer[:]
+    return out
+
+
+def to_sparse_proto(proto: onnx.ModelProto, *, min_sparsity: float | None = None) -> onnx.ModelProto:
+    """Move mostly-zero float initializers of the main graph to ``sparse_initializer`` (COO with
+    linearized int64 indices, as the ONNX checker requires), in place; returns ``proto``.
+
+    A tensor is stored sparse only when that is smaller: 8 index bytes plus the value per
+    non-zero, so float32 above ~67 % zeros; ``min_sparsity`` raises the bar. ONNX Runtime (and
+    graphopt's ``load``) densify sparse initializers when they load the model.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    keep = []
+    moved = 0
+    for t in graph.initializer:
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
+                or t.data_location == onnx.TensorProto.EXTERNAL:
+            keep.append(t)
+            continue
+        arr = numpy_helper.to_array(t)
+        nnz = int(np.count_nonzero(arr))
+        sparsity = 1 - nnz / arr.size if arr.size else 0.0
+        if arr.size < 16 or (min_sparsity is not None and sparsity < min_sparsity) or \
+                nnz * (arr.itemsize + 8) >= arr.nbytes:
+            keep.append(t)
+            continue
+        flat = arr.ravel()
+        idx = np.flatnonzero(flat).astype(np.int64)
+        values = numpy_helper.from_array(flat[idx], t.name)
+        indices = numpy_helper.from_array(idx, t.name + "_indices")
+        graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, list(arr.shape)))
+        moved += 1
+    if moved:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return proto
 
 
 def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
@@ -433,8 +508,14 @@ def save(
     external_data: bool | str | None = None,
     size_threshold: int = EXTERNAL_SIZE_THRESHOLD,
     settings: bool | None = None,
+    sparse: bool | None = None,
 ) -> None:
     """Write the model atomically; weights go to external data when asked or when needed.
+
+    ``sparse``: store mostly-zero float weights as ONNX sparse initializers where that is
+    smaller (pruned models); ``None`` = when the model's metadata asks for it
+    (``graphopt.sparse_storage`` = "1", set by ``prune(sparse_storage=true)``). Inline files only:
+    with external data the weights are written dense.
 
     ``settings``: ``None`` = when the model's metadata names a target (``graphopt.target``, set by
     ``optimize``), also write that target's run settings (providers, their options, session
@@ -498,6 +579,8 @@ def save(
         else:
             with _all_inline(model):
                 proto = ir.serde.serialize_model(model)
+            if sparse or (sparse is None and model.metadata_props.get(SPARSE_STORAGE_KEY) == "1"):
+                to_sparse_proto(proto)
             data = proto.SerializeToString(deterministic=True)
             _atomic_write(path, lambda f: f.write(data))
         if settings_doc is not None:

@@ -52,6 +52,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import PipelineError
+from graphopt.ir import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores sparse weights
 from graphopt.pipeline import Pass
 
 __all__ = [
@@ -70,8 +71,6 @@ logger = logging.getLogger("graphopt.passes.prune")
 MODES = ("unstructured", "2:4", "structured")
 TARGETS = ("channels", "ffn", "heads")
 _FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
-#: Metadata key that asks the saver for sparse initializers (see :func:`to_sparse_proto`).
-SPARSE_STORAGE_KEY = "graphopt.sparse_storage"
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -102,7 +101,7 @@ class PruneOptions:
     round_to: int = dataclasses.field(
         default=1, metadata=_doc("structured: keep a multiple of this many units per group when possible"))
     sparse_storage: bool = dataclasses.field(
-        default=False, metadata=_doc("mark the model so savers store sparse initializers (to_sparse_proto)"))
+        default=False, metadata=_doc("graphopt.save then stores mostly-zero weights as ONNX sparse initializers"))
     calibration: str | None = dataclasses.field(
         default=None, metadata=_doc(".npz file or folder for importance=activation (or optimize(calibration=))"))
     calibration_batches: int = dataclasses.field(
@@ -1548,52 +1547,18 @@ class PrunePass(Pass):
 
 
 def to_sparse_proto(model: ir.Model | Any, *, min_sparsity: float | None = None) -> Any:
-    """``onnx.ModelProto`` with sparse weights moved to ``graph.sparse_initializer`` (COO,
-    linearized int64 indices, as the ONNX checker requires).
-
-    onnx_ir has no sparse initializers (its serializer writes dense tensors), so this happens at
-    serialization time. A tensor is stored sparse only when that is smaller: 12 bytes per
-    non-zero against 4 dense (float32) means above ~67 % zeros; ``min_sparsity`` can raise the bar.
-    ONNX Runtime densifies sparse initializers when it loads the model.
-    """
-    import onnx
-    from onnx import numpy_helper
+    """``onnx.ModelProto`` with mostly-zero weights as sparse initializers (graphopt.ir.to_sparse_proto)."""
+    from graphopt.ir import to_sparse_proto as _to_sparse
 
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
-    graph = proto.graph
-    keep = []
-    moved = 0
-    for t in graph.initializer:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
-                or t.data_location == onnx.TensorProto.EXTERNAL:
-            keep.append(t)
-            continue
-        arr = numpy_helper.to_array(t)
-        nnz = int(np.count_nonzero(arr))
-        sp = 1 - nnz / arr.size if arr.size else 0.0
-        if arr.size < 16 or (min_sparsity is not None and sp < min_sparsity) or \
-                nnz * (arr.itemsize + 8) >= arr.nbytes:
-            keep.append(t)
-            continue
-        flat = arr.ravel()
-        idx = np.flatnonzero(flat).astype(np.int64)
-        values = numpy_helper.from_array(flat[idx], t.name)
-        indices = numpy_helper.from_array(idx, t.name + "_indices")
-        sparse = onnx.helper.make_sparse_tensor(values, indices, list(arr.shape))
-        graph.sparse_initializer.append(sparse)
-        moved += 1
-    if moved:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return proto
+    return _to_sparse(proto, min_sparsity=min_sparsity)
 
 
-def save_sparse(model: ir.Model | Any, path: str, *, min_sparsity: float | None = None) -> int:
-    """Write ``model`` with sparse initializers (see :func:`to_sparse_proto`); returns the file size."""
+def save_sparse(model: ir.Model, path: str) -> int:
+    """Write ``model`` atomically with sparse initializers (``graphopt.save(sparse=True)``); returns the file size."""
     import os
 
-    import onnx
+    from graphopt.ir import save
 
-    proto = to_sparse_proto(model, min_sparsity=min_sparsity)
-    onnx.save_model(proto, path)
+    save(model, path, sparse=True, settings=False)
     return os.path.getsize(path)

@@ -521,3 +521,31 @@ def test_to_bytes_refuses_models_over_the_protobuf_limit(monkeypatch, mlp_path) 
     with pytest.raises(OutputError, match="2 GB") as e:
         graphopt.to_bytes(graphopt.load(mlp_path))
     assert_one_line(e.value)
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_sparse_initializers_load_dense_and_save_back_sparse(tmp_path, coordinates) -> None:
+    """onnx_ir has no sparse tensors: load densifies them (as ONNX Runtime does) instead of dropping them."""
+    from onnx import helper, numpy_helper
+
+    w = np.zeros((32, 16), np.float32)
+    w[3, :] = np.arange(16)
+    w[7, 2] = -1
+    nz = np.argwhere(w) if coordinates else np.flatnonzero(w)
+    values = numpy_helper.from_array(w[tuple(np.argwhere(w).T)], "w")
+    indices = numpy_helper.from_array(nz.astype(np.int64), "w_indices")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])])
+    graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [32, 16]))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = graphopt.load(proto)
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), w)
+    assert len(proto.graph.sparse_initializer) == 1  # the caller's proto is untouched
+    graphopt.save(model, tmp_path / "dense.onnx")
+    graphopt.save(model, tmp_path / "sparse.onnx", sparse=True)
+    saved = onnx.load(str(tmp_path / "sparse.onnx"))
+    assert [s.values.name for s in saved.graph.sparse_initializer] == ["w"] and not saved.graph.initializer
+    assert (tmp_path / "sparse.onnx").stat().st_size < (tmp_path / "dense.onnx").stat().st_size
+    x = np.ones((2, 32), np.float32)
+    assert graphopt.verify(tmp_path / "dense.onnx", tmp_path / "sparse.onnx", inputs={"x": x}).passed
