@@ -50,6 +50,7 @@ Step = PassSpec | FixpointSpec
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/:*]*")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|nan)")
+_RATIO = re.compile(r"\d+:\d+(?![\w.:])")
 _KEYWORDS = {"true": True, "false": False, "none": None}
 
 
@@ -143,6 +144,10 @@ class _Parser:
                 return items
         if ch in "\"'":
             return self.quoted(ch)
+        ratio = _RATIO.match(self.text, self.pos)
+        if ratio:  # N:M sparsity patterns such as 2:4 are words, not numbers
+            self.pos = ratio.end()
+            return ratio.group(0)
         m = _NUMBER.match(self.text, self.pos)
         if m and (m.end() == len(self.text) or not _NAME.match(self.text, m.end())):
             self.pos = m.end()

@@ -8,7 +8,7 @@ import pytest
 
 from graphopt import Pipeline
 from graphopt.errors import PipelineError
-from graphopt.spec import FixpointSpec, PassSpec
+from graphopt.spec import FixpointSpec, PassSpec, format_text, parse_text
 
 TEXTS = [
     "cleanup",
@@ -81,3 +81,9 @@ def test_bad_pipelines_give_clear_errors(text: str, fragment: str) -> None:
         Pipeline.parse(text)
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_n_to_m_ratios_parse_bare_and_round_trip() -> None:
+    (step,) = parse_text("prune(mode=2:4,sparsity=0.5)")
+    assert step.options == {"mode": "2:4", "sparsity": 0.5}
+    assert parse_text(format_text([step])) == [step]
