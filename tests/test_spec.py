@@ -86,4 +86,4 @@ def test_bad_pipelines_give_clear_errors(text: str, fragment: str) -> None:
 def test_n_to_m_ratios_parse_bare_and_round_trip() -> None:
     (step,) = parse_text("prune(mode=2:4,sparsity=0.5)")
     assert step.options == {"mode": "2:4", "sparsity": 0.5}
-    assert parse_text(format_text([step])) == [step]
+    assert parse_text(format_text([step])) == (step,)
