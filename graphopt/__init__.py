@@ -191,7 +191,13 @@ def optimize(
         vr = _verify_models(original, result_model, **vopts)
         report.verification = vr
         if not vr.passed:
-            raise VerificationError(f"optimized model differs from the original: {vr.failure_summary()}", vr)
+            hint = ""
+            if (qopts or popts) and "min_cosine" in vopts:
+                hint = (f"; quantization/pruning change outputs by design: the check asks cosine ≥ "
+                        f"{vopts['min_cosine']:g} per output (verify_options min_cosine / --verify-min-cosine "
+                        "set the loss you accept)")
+            raise VerificationError(
+                f"optimized model differs from the original: {vr.failure_summary()}{hint}", vr)
     return OptimizeResult(result_model, report)
 
 
