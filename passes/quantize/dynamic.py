@@ -58,6 +58,9 @@ __all__ = ["QuantizeDynamicPass", "quantize_weight"]
 
 _MS = "com.microsoft"
 _OP_TYPES = ("MatMul", "Gemm", "Attention", "Gather")
+#: Inputs of each normalization that scale its output per channel: (scale, shift).
+_NORM_PARAMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3), "RMSNormalization": (1, None),
+                "SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None)}
 #: Attention attributes that QAttention has too (qkv_hidden_sizes only when the three are equal).
 _ATTENTION_ATTRS = frozenset({"num_heads", "unidirectional", "mask_filter_value", "scale", "do_rotary",
                               "qkv_hidden_sizes"})
@@ -441,6 +444,40 @@ class QuantizeDynamicPass(QuantizePassBase):
                 plan.side = (g, idx)
             self.details.setdefault("outlier_channels", {})[name] = [int(i) for i in idx]
 
+    def _fold_into_norm(self, graph: ir.Graph, norm: ir.Node, x: ir.Value, group: list[_Plan],
+                        inv: np.ndarray) -> bool:
+        """Fold the per-channel ``1 / s`` into the norm's scale (and shift) when the norm's output
+        reaches only the smoothed nodes (pre-LN models: GPT-2, Llama), so smoothing costs nothing
+        at run time. Post-LN models (BERT) also feed the norm output to the residual: a Mul there."""
+        slots = _NORM_PARAMS.get(norm.op_type)
+        if slots is None or norm.domain not in ("", "ai.onnx", _MS):
+            return False
+        value, members = x, {id(p.node) for p in group}
+        if value.is_graph_output() or {id(u.node) for u in value.uses()} != members:
+            return False
+        while value.producer() is not norm:  # the reshape chain found by _source
+            node = value.producer()
+            value = node.inputs[0]
+            if value.is_graph_output() or len(value.uses()) != 1:
+                return False
+        if norm.outputs.index(value) != 0:
+            return False
+        params = []
+        for i in slots:
+            if i is None or i >= len(norm.inputs) or norm.inputs[i] is None:
+                continue
+            arr = constant_array(norm.inputs[i])
+            if arr is None or arr.shape != inv.shape:
+                return False
+            params.append((i, arr))
+        if not params:
+            return False
+        for i, arr in params:
+            new = self._init(graph, f"{norm.name or 'norm'}_smoothed_param{i}",
+                             (arr.astype(np.float64) * inv).astype(arr.dtype))
+            norm.replace_input_with(i, new)
+        return True
+
     def _smooth(self, graph: ir.Graph, plans: list[_Plan], stats: dict[str, np.ndarray]) -> None:
         """SmoothQuant: move activation outliers into the weights, per input channel.
 
@@ -474,13 +511,18 @@ class QuantizeDynamicPass(QuantizePassBase):
             s[ok] = act[ok] ** alpha / wmax[ok] ** (1 - alpha)
             s = np.clip(s, 1e-5, 1e5)
             first = min(group, key=lambda p: order[id(p.node)]).node
-            inv = self._init(graph, f"{first.name or 'smooth'}_smooth_scale", (1.0 / s).astype(np.float32))
-            mul = ir.Node("", "Mul", [x, inv], num_outputs=1, name=unique_name(graph, f"{name}_smooth", self._taken))
-            y = mul.outputs[0]
-            y.name, y.shape, y.type = unique_name(graph, f"{name}_smoothed", self._taken), x.shape, x.type
-            graph.insert_before(first, mul)
+            if self._fold_into_norm(graph, producer, x, group, 1.0 / s):
+                self.count("smooth:folded")
+            else:
+                inv = self._init(graph, f"{first.name or 'smooth'}_smooth_scale", (1.0 / s).astype(np.float32))
+                mul = ir.Node("", "Mul", [x, inv], num_outputs=1,
+                              name=unique_name(graph, f"{name}_smooth", self._taken))
+                y = mul.outputs[0]
+                y.name, y.shape, y.type = unique_name(graph, f"{name}_smoothed", self._taken), x.shape, x.type
+                graph.insert_before(first, mul)
+                for plan in group:
+                    plan.node.replace_input_with(0, y)
             for plan in group:
-                plan.node.replace_input_with(0, y)
                 plan.weight = (plan.weight.astype(np.float64) * s[:, None]).astype(np.float32)
             self.count("smooth")
             self.details.setdefault("smoothed_inputs", []).append(name)

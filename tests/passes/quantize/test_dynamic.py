@@ -169,6 +169,7 @@ def test_gpt2_tiny_accuracy(gpt2):
     built, fused = gpt2
     q, rec = quantize(fused)
     assert ops(q)["DynamicQuantizeMatMul"] >= 8
+    assert rec.stats.get("smooth:folded", 0) >= 2  # pre-LN: smoothing folded into the norms
     assert outputs_cosine(fused, q, built.feeds(3, 16, seed=1)) >= 0.99
 
 
@@ -216,6 +217,10 @@ def test_outliers_smoothed_and_split():
     plain, _ = quantize(model, "smooth=0,outlier_channels=0")
     q, rec = quantize(model)
     assert rec.stats.get("smooth") == 1 and rec.stats.get("outlier_split") == 1
+    # The LayerNorm output feeds only "up": 1/s went into its scale and shift, no Mul was added.
+    assert rec.stats.get("smooth:folded") == 1
+    ln = next(n for n in q.graph if n.op_type == "LayerNormalization")
+    assert ln.inputs[1].const_value.numpy()[7] < 40.0
     assert 5 in rec.details["outlier_channels"]["r"]
     c = ops(q)
     assert c["DynamicQuantizeMatMul"] == 2 and c["Gather"] == 1 and c["MatMul"] == 1  # the float side path
