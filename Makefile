@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench bench-quick clean
+.PHONY: demo test test-slow lint bench bench-quick bench-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,15 +26,23 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check graphopt passes backends tests benchmarks
 
+# The suite: every graphopt mode against every anchor on every model, one table (results/suite.md).
 bench: $(STAMP)
+	$(BIN)/python benchmarks/suite.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/suite.py --quick
+
+# The focused benchmarks, each with its own results file.
+bench-all: $(STAMP)
 	$(BIN)/python benchmarks/bench_corpus.py
 	$(BIN)/python benchmarks/bench_cleanup.py
 	$(BIN)/python benchmarks/bench_large_model.py
 	$(BIN)/python benchmarks/bench_fusion.py
-
-bench-quick: $(STAMP)
-	$(BIN)/python benchmarks/bench_cleanup.py --quick
-	$(BIN)/python benchmarks/bench_fusion.py --quick
+	$(BIN)/python benchmarks/bench_quantize_dynamic.py
+	$(BIN)/python benchmarks/bench_quantize_static.py
+	$(BIN)/python benchmarks/bench_quantize_int4.py
+	$(BIN)/python benchmarks/bench_prune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info benchmarks/results/tmp
