@@ -213,7 +213,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             plans.append(plan)
         o = self.options
         if plans and (o.outlier_ratio > 0 or o.smooth > 0 or o.outlier_channels > 0):
-            stats = _probe(model, sorted({p.node.inputs[0].name for p in plans}), self.calibration_data(),
+            stats = _probe(model, sorted({p.node.inputs[0].name for p in plans if p.node.op_type != "Gather"}), self.calibration_data(),
                            self.options.probe_batches)
             if stats is None:
                 self.count("probe:failed")
@@ -382,7 +382,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         for plan in plans:
             name = plan.node.inputs[0].name
             absmax = stats.get(name)
-            if absmax is None:
+            if absmax is None or plan.node.op_type == "Gather":
                 kept.append(plan)
                 continue
             ratio = float(absmax.max() / max(float(np.median(absmax)), 1e-12))
