@@ -148,9 +148,13 @@ def test_default_pipelines_share_passes_and_differ_in_lowering() -> None:
 
 def test_tensorrt_refuses_contrib_ops_from_a_user_pipeline(exported, tmp_path) -> None:
     model, _ = exported["bert"]
-    result = graphopt.optimize(model, target="tensorrt", pipeline="cleanup,fuse")  # fuse adds contrib ops
+    with pytest.raises(LoweringError, match="cannot run on tensorrt: com.microsoft::"):
+        graphopt.optimize(model, target="tensorrt", pipeline="cleanup,fuse")  # fuse adds contrib ops
+    # A model made for another target and stamped tensorrt is refused by save as well.
+    result = graphopt.optimize(model, target="ort-cpu", pipeline="cleanup,fuse")
     problems = TensorRTBackend().check(result.model)
     assert problems and "com.microsoft::" in problems[0]
+    result.model.metadata_props["graphopt.target"] = "tensorrt"
     out = tmp_path / "m.onnx"
     with pytest.raises(LoweringError, match="cannot run on tensorrt: com.microsoft::"):
         graphopt.save(result.model, out)
