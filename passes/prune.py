@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
+from graphopt.passes.fusion._base import constant_array
 
 from graphopt.errors import PipelineError
 from graphopt.ir import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores sparse weights
@@ -204,14 +205,7 @@ def _magnitude_mask(w: np.ndarray, k: int) -> np.ndarray:
 # Graph helpers
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:  # malformed Constant, unreadable external data
-        return None
+_const = constant_array  # an initializer's or Constant's value; never an overridable graph input's
 
 
 def _matches(patterns: Iterable[str], node: ir.Node, weight_name: str | None) -> bool:

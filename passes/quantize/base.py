@@ -13,8 +13,8 @@ import dataclasses
 import fnmatch
 from typing import Any, ClassVar
 
-import numpy as np
 import onnx_ir as ir
+from graphopt.passes.fusion._base import constant_array  # noqa: F401  (re-exported for the mode passes)
 
 from graphopt.calibration import CalibrationData
 from graphopt.pipeline import Pass
@@ -64,20 +64,6 @@ def matches_any(node: ir.Node, patterns: list[str]) -> bool:
     """True when a pattern equals the node's op type or matches its name (fnmatch)."""
     name = node.name or ""
     return any(p == node.op_type or p == name or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of an initializer or Constant-produced value, else None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain == "":
-        attr = node.attributes.get("value")
-        if attr is not None and attr.type == ir.AttributeType.TENSOR:
-            return attr.as_tensor().numpy()
-    return None
 
 
 def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
