@@ -270,3 +270,23 @@ def _is_number(v: Any) -> bool:
         return True
     except ValueError:
         return False
+
+
+def ort_session(model: Any, threads: int = 2, spinning: bool = False) -> Any:
+    """An ONNX Runtime CPU session as the benchmarks time it: ORT_ENABLE_ALL, ``threads`` intra-op
+    threads, one inter-op thread, and (by default) no spin-waiting, so that the idle pools of the
+    other sessions of an interleaved run do not steal the cores (see bench_fusion._session).
+    ``model``: a path, serialized bytes, or an onnx.ModelProto."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif not isinstance(model, (bytes, bytearray)):
+        model = str(model)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])

@@ -52,15 +52,8 @@ def _optimize(model: Any, prune: str | None, context: dict[str, Any] | None = No
     return out, ({"stats": row.stats, "details": row.details} if row is not None else {})
 
 
-def _session(data: bytes) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+def _session(model: Any) -> Any:
+    return _bench.ort_session(model)
 
 
 def interleaved(files: dict[str, bytes], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, Any]:

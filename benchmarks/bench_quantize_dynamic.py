@@ -44,15 +44,8 @@ FUSED = "cleanup,fuse,cleanup"
 GRAPHOPT = "cleanup,fuse,quantize-dynamic,cleanup"
 
 
-def _session(path: Path, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def _session(model: Any, threads: int = 2) -> Any:
+    return _bench.ort_session(model, threads)
 
 
 def _build(kind: str, size: str | None) -> Any:

@@ -48,15 +48,8 @@ ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 PRE = "cleanup,fuse(domains=[standard]),cleanup"
 
 
-def _session(path: str, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+def _session(model: Any, threads: int = 1) -> Any:
+    return _bench.ort_session(model, threads)
 
 
 def _sqnr(ref: Any, got: Any) -> float:

@@ -36,14 +36,7 @@ QUICK_SIZES = (512, 1024)
 
 
 def _session(model: Any) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return _bench.ort_session(model)
 
 
 def _gemm_model(kind: str, n: int) -> tuple[Any, dict[str, Any]]:
