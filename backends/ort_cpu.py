@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import onnx_ir as ir
+
 from graphopt.backends.base import Backend
 
 __all__ = ["OrtCpuBackend"]

@@ -8,8 +8,8 @@ import os
 from typing import Any, ClassVar, Literal
 
 import onnx_ir as ir
-from graphopt.backends.base import Backend, io_description
 
+from graphopt.backends.base import Backend, io_description
 from graphopt.errors import PipelineError
 from graphopt.spec import PassSpec, format_text
 

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from graphopt.backends.base import Backend, _all_nodes
 
+from graphopt.backends.base import Backend, _all_nodes
 from graphopt.errors import PipelineError
 
 __all__ = ["TensorRTBackend", "sparse_24_weights", "optimization_profile"]

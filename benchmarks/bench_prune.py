@@ -175,9 +175,8 @@ def plot_curves(curves: dict[str, Any], path: Path) -> None:
 
 
 def _sizes(model: Any, folder: Path, name: str) -> dict[str, int]:
-    from graphopt.passes.prune import save_sparse
-
     import graphopt
+    from graphopt.passes.prune import save_sparse
 
     dense = folder / f"{name}.onnx"
     graphopt.save(model, dense)

@@ -537,9 +537,10 @@ class SimplifyPass(Pass):
     name = "simplify"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from graphopt.passes.fusion.shapes import safe_reshape_reshape_rule
         from onnxscript.rewriter import pattern
         from onnxscript.rewriter.rules import common as rules
+
+        from graphopt.passes.fusion.shapes import safe_reshape_reshape_rule
 
         ruleset = pattern.RewriteRuleSet(
             [

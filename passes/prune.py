@@ -50,10 +50,10 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
-from graphopt.passes.fusion._base import constant_array
 
 from graphopt.errors import PipelineError
 from graphopt.ir import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores sparse weights
+from graphopt.passes.fusion._base import constant_array
 from graphopt.pipeline import Pass
 
 __all__ = [

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
+from graphopt.calibration import CalibrationData, CalibrationError, stream_tensors
+from graphopt.errors import GraphoptError
 from graphopt.passes.quantize.calibrators import (
     ChannelAbsMax,
     Histogram,
@@ -14,10 +18,6 @@ from graphopt.passes.quantize.calibrators import (
     mse_range,
     percentile_range,
 )
-from onnx import TensorProto, helper
-
-from graphopt.calibration import CalibrationData, CalibrationError, stream_tensors
-from graphopt.errors import GraphoptError
 
 # --- streaming statistics ---------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ import fnmatch
 from typing import Any, ClassVar
 
 import onnx_ir as ir
-from graphopt.passes.fusion._base import constant_array  # noqa: F401  (re-exported for the mode passes)
 
 from graphopt.calibration import CalibrationData
+from graphopt.passes.fusion._base import constant_array  # noqa: F401  (re-exported for the mode passes)
 from graphopt.pipeline import Pass
 
 __all__ = [

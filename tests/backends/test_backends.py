@@ -16,15 +16,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graphopt.backends.base import LoweringError, load_session, settings_path
-from graphopt.backends.ort_cuda import OrtCudaBackend
-from graphopt.backends.tensorrt import TensorRTBackend, sparse_24_weights, static_has_tensorrt_placement
-from graphopt.passes.precision import ConvertFloat16Pass
 from models import build_bert, build_cnn, build_llama
 
 import graphopt
+from graphopt.backends.base import LoweringError, load_session, settings_path
+from graphopt.backends.ort_cuda import OrtCudaBackend
+from graphopt.backends.tensorrt import TensorRTBackend, sparse_24_weights, static_has_tensorrt_placement
 from graphopt.errors import GraphoptError, OutputError, PipelineError
 from graphopt.ir import to_proto
+from graphopt.passes.precision import ConvertFloat16Pass
 from graphopt.registry import default_registry
 
 TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")

@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graphopt.passes.prune import PrunePass, satisfies_nm, save_sparse, sparsity_of, to_sparse_proto
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import PipelineError
+from graphopt.passes.prune import PrunePass, satisfies_nm, save_sparse, sparsity_of, to_sparse_proto
 from graphopt.pipeline import Pipeline
 from graphopt.verify import run_model
 

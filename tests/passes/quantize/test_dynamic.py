@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, quantize_weight
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import GraphoptError, PipelineError
+from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, quantize_weight
 from graphopt.pipeline import Pipeline
 from graphopt.verify import run_model
 

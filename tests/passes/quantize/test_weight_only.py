@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphopt.passes.quantize.weight_only import QuantizeWeightOnlyPass, unpack_blocks
 
 import graphopt
 from graphopt.errors import PipelineError
+from graphopt.passes.quantize.weight_only import QuantizeWeightOnlyPass, unpack_blocks
 from graphopt.pipeline import Pipeline
 from graphopt.verify import run_model
 
