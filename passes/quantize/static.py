@@ -68,7 +68,9 @@ class Placement:
       output Q sharing its scale (the pattern ORT's quantizer writes; smaller files, off unless the
       ``embeddings`` option asks, since ORT CPU then dequantizes the whole table each run);
     * ``quantize_bias``: Conv/Gemm bias as int32 at ``input_scale * weight_scale`` (ORT's integer
-      kernels take it so); TensorRT keeps float biases and folds them itself.
+      kernels take it so); TensorRT keeps float biases and folds them itself;
+    * ``float_norm_residuals``: Adds whose output feeds a normalization (a transformer's residual
+      stream) or a Softmax (scores plus attention mask) stay float.
     """
 
     name: str
@@ -83,6 +85,10 @@ class Placement:
     constant_operands: bool = False
     quantize_bias: bool = True
     embedding: frozenset[str] = frozenset()
+    #: Leave float the transformer Adds one per-tensor 8-bit scale cannot hold: those feeding a
+    #: normalization (the residual stream carries a few channels hundreds of times larger than the
+    #: rest) and those feeding Softmax (the attention mask's -1e4…-3e38 share the scores' tensor).
+    float_norm_residuals: bool = False
 
     def kind(self, op_type: str) -> str | None:
         for kind in ("compute", "qlinear", "passthrough", "removable", "embedding"):
@@ -106,6 +112,7 @@ PLACEMENTS: dict[str, Placement] = {
                                "Unsqueeze"}),
         removable=frozenset({"Relu", "Clip"}),
         embedding=frozenset({"Gather"}),
+        float_norm_residuals=True,
     ),
     # TensorRT: symmetric int8 (zero points 0) on the inputs of the ops it runs in int8, both
     # inputs of a residual Add; it propagates scales through pooling/reshapes and fuses ReLU.
@@ -122,6 +129,10 @@ PLACEMENTS: dict[str, Placement] = {
         quantize_bias=False,
     ),
 }
+
+#: Consumers that make an Add part of a residual stream: normalizations, fused or decomposed.
+_NORM_CONSUMERS = frozenset({"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+                             "SkipSimplifiedLayerNormalization", "RMSNormalization", "ReduceMean", "Pow"})
 
 _QRANGE = {
     "uint8": (0, 255, np.uint8, ir.DataType.UINT8),
@@ -337,6 +348,12 @@ class QuantizeStaticPass(QuantizePassBase):
         if kind == "qlinear" and not placement.constant_operands:
             if any(constant_array(v) is not None for v in ins):
                 return "constant operand (stays float)"
+        if placement.float_norm_residuals and node.op_type == "Add":
+            consumers = {c.op_type for o in node.outputs for c in o.consumers()}
+            if consumers & _NORM_CONSUMERS:
+                return "residual Add into a normalization (outlier channels; stays float)"
+            if "Softmax" in consumers:
+                return "attention-mask Add into Softmax (mask values dwarf the scores; stays float)"
         return None
 
     def _plan(self, graph: ir.Graph, placement: Placement, use_selection: bool) -> _Plan:

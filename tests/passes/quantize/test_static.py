@@ -165,6 +165,36 @@ def test_bert_tiny_close_to_float() -> None:
     result = graphopt.verify(model, q, inputs=b.feeds(2, 16, seed=99))
     for out in result.outputs:
         assert out.cosine > 0.99, result
+    # The residual stream and the scores+mask stay float on ort-cpu, each with its reason; the
+    # residual Adds of a CNN (into Relu) are still quantized (test_cnn_* above).
+    reasons = {n["node"]: n["reason"] for n in row.details["nodes"] if n["op_type"] == "Add"}
+    into_norm = [n.name for n in model.graph if n.op_type == "Add"
+                 and any(c.op_type == "LayerNormalization" for c in n.outputs[0].consumers())]
+    into_softmax = [n.name for n in model.graph if n.op_type == "Add"
+                    and any(c.op_type == "Softmax" for c in n.outputs[0].consumers())]
+    assert len(into_norm) >= 4 and len(into_softmax) == 2
+    assert all(reasons[n].startswith("residual Add into a normalization") for n in into_norm)
+    assert all(reasons[n].startswith("attention-mask Add into Softmax") for n in into_softmax)
+    q_trt, row_trt = quantize(model, calib, "placement=tensorrt")
+    trt = {n["node"]: n["quantized"] for n in row_trt.details["nodes"] if n["op_type"] == "Add"}
+    assert all(trt[n] for n in into_norm)  # TensorRT's rules put Q/DQ on residual-Add inputs
+
+
+@pytest.mark.slow
+def test_pretrained_minilm_static_keeps_sentence_embeddings() -> None:
+    """Quantizing the residual stream or the masked scores destroyed this model (worst sentence
+    cosine 0.16; ONNX Runtime's quantize_static 0.18); leaving those Adds float keeps it > 0.95."""
+    from pretrained import SENTENCES, build_minilm, mean_pool, min_cosine, minilm_feeds
+
+    from graphopt.verify import run_model
+
+    model = build_minilm().export()
+    calib = [minilm_feeds(SENTENCES[i : i + 8]) for i in range(0, 36, 8)]
+    test = minilm_feeds(SENTENCES[36:])
+    r = graphopt.optimize(model, quantize="static", calibration=calib)
+    ref = run_model(model, test)[0][1]
+    got = run_model(r.model, test)[0][1]
+    assert min_cosine(mean_pool(ref, test["attention_mask"]), mean_pool(got, test["attention_mask"])) > 0.95
 
 
 # --- options ------------------------------------------------------------------------------------
