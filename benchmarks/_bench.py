@@ -290,3 +290,21 @@ def ort_session(model: Any, threads: int = 2, spinning: bool = False) -> Any:
     elif not isinstance(model, (bytes, bytearray)):
         model = str(model)
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def interleaved_ms(sessions: dict[str, Any], feeds: dict[str, Any], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds per run of each ``{name: session}``, every round running each session once in
+    a rotated order (so machine noise hits all alike); feeds restricted to each session's inputs."""
+    own = {n: {k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for n, s in sessions.items()}
+    for n, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, own[n])
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    order = list(sessions)
+    for i in range(rounds):
+        k = i % len(order)
+        for name in order[k:] + order[:k]:
+            t0 = time.perf_counter()
+            sessions[name].run(None, own[name])
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return times

@@ -58,23 +58,8 @@ def _session(model: Any) -> Any:
 
 def interleaved(files: dict[str, bytes], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, Any]:
     """Median/p90 ms per file; every round runs each file once in a rotated order."""
-    sessions = {}
-    for name, data in files.items():
-        s = _session(data)
-        names = {i.name for i in s.get_inputs()}
-        sessions[name] = (s, {k: v for k, v in feeds.items() if k in names})
-    for s, f in sessions.values():
-        for _ in range(WARMUP):
-            s.run(None, f)
-    times: dict[str, list[float]] = {n: [] for n in sessions}
-    order = list(sessions)
-    for i in range(rounds):
-        k = i % len(order)
-        for name in order[k:] + order[:k]:
-            s, f = sessions[name]
-            t0 = time.perf_counter()
-            s.run(None, f)
-            times[name].append((time.perf_counter() - t0) * 1000)
+    times = _bench.interleaved_ms({name: _session(data) for name, data in files.items()}, feeds, rounds, WARMUP)
+    order = list(times)
     first = order[0]
     out = {}
     for n in order:

@@ -193,23 +193,8 @@ def latency(files: dict[str, Path], built: Any, kind: str, rounds: int
             ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Median ms per file at batch 1, 128 tokens; all sessions open, interleaved rotated rounds."""
     feeds = built.feeds(1, 128)
-    sessions = {}
-    for name, path in files.items():
-        s = _session(path)
-        names = {i.name for i in s.get_inputs()}
-        f = {k: v for k, v in feeds.items() if k in names}
-        for _ in range(5):
-            s.run(None, f)
-        sessions[name] = (s, f)
-    times: dict[str, list[float]] = {n: [] for n in sessions}
-    order = list(sessions)
-    for r in range(rounds):
-        k = r % len(order)
-        for name in order[k:] + order[:k]:
-            s, f = sessions[name]
-            t = time.perf_counter()
-            s.run(None, f)
-            times[name].append(time.perf_counter() - t)
+    times_ms = _bench.interleaved_ms({name: _session(path) for name, path in files.items()}, feeds, rounds, 5)
+    times = {n: [t / 1000 for t in v] for n, v in times_ms.items()}
     return {n: round(_bench.median(v) * 1000, 2) for n, v in times.items()}, times
 
 
