@@ -15,7 +15,9 @@ __all__ = ["OrtCpuBackend"]
 class OrtCpuBackend(Backend):
     """ONNX Runtime on the CPU: cleanup, standard fusions, then com.microsoft contrib fusions
     (FusedConv, SkipLayerNormalization, Attention, ...); weight-only quantization lowers to
-    MatMulNBits (the quantize passes emit it).
+    MatMulNBits (the quantize passes emit it). Last, ``lower-ort-cpu`` turns the fused forms that
+    ORT's CPU kernels run slower than the plain ops back into those ops (SkipLayerNormalization →
+    Sum + LayerNormalization, about 3x faster; see passes/fusion/ort_cpu.py).
 
     Session settings: ORT's own level-ALL optimizations stay on (they add CPU-only layout
     transforms such as NCHWc for convolutions that graphopt does not do). Intra-op threads are left
@@ -27,6 +29,10 @@ class OrtCpuBackend(Backend):
     name = "ort-cpu"
     providers = ("CPUExecutionProvider",)
     allows_contrib_ops = True
+
+    def finalize_passes(self, level: int) -> list[str]:
+        # After quantization: dynamic quantization folds SmoothQuant scales into the fused norms.
+        return ["lower-ort-cpu", "cleanup"] if level >= 2 else super().finalize_passes(level)
 
     def session_options(self, model: ir.Model | None = None) -> dict[str, Any]:
         return {"graph_optimization_level": "ORT_ENABLE_ALL"}

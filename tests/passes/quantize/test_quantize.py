@@ -38,7 +38,7 @@ def test_optimize_dynamic_runs_the_mode_pass_and_reports_every_candidate(bert) -
     built, model = bert
     r = graphopt.optimize(model, quantize="dynamic", verify=True, verify_options={"inputs": built.feeds()})
     row = _row(r)
-    assert r.model.metadata_props["graphopt.pipeline"].endswith("quantize(mode=dynamic),cleanup")
+    assert r.model.metadata_props["graphopt.pipeline"].endswith("quantize(mode=dynamic),lower-ort-cpu,cleanup")
     assert row.stats["quantized"] == sum(1 for n in row.details["nodes"] if n["quantized"]) > 0
     assert all(n["reason"] for n in row.details["nodes"] if not n["quantized"])
     assert r.report.verification.passed and all(o.cosine > 0.99 for o in r.report.verification.outputs)
