@@ -1,38 +1,52 @@
 """Dynamic int8 quantization for ONNX Runtime CPU: int8 weights, activations quantized at run time.
 
-Lowering (the fastest forms ORT's CPU kernels offer):
+Lowering (the fastest forms ORT's CPU kernels offer), per activation:
 
-* ``MatMul`` with a constant 2-D weight (and a following ``Add`` of a constant bias, fused) and
-  ``Gemm`` with a constant weight → ``com.microsoft.DynamicQuantizeMatMul`` (one kernel: quantize
-  the activation to uint8, integer GEMM, rescale, bias).
-* ``com.microsoft.Attention`` (packed QKV, made by the ``fuse`` pass) → ``DynamicQuantizeLinear`` +
-  ``com.microsoft.QAttention``, as ORT's own quantizer does. A float additive ``attention_bias``
-  made by ``Where(keep, 0, -big)`` becomes QAttention's raw ``mask_index`` (QAttention has no bias
-  input); any other attention bias keeps the node in float.
+* **per token** (one scale per row, where a few tokens would otherwise set the range): the input is
+  quantized in the graph, ``q = round(127·x / max|x|) + 128`` (``Abs``, ``ReduceMax``, ``Div``,
+  ``QuantizeLinear``; shared by the input's consumers), multiplied by the int8 weight in
+  ``com.microsoft.MatMulIntegerToFloat`` and rescaled by the row maxima (``Mul``). ORT has no
+  kernel with a per-row activation scale (``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``
+  take one scalar), hence the extra nodes. Inputs bounded below by ``-c`` (GELU, SiLU, ReLU) use
+  all 256 levels: ``q = round(255·(x + c) / max(x + c))``, ``c·ΣW`` comes back through the bias.
+  Packed-QKV ``Attention`` becomes a per-token QKV projection + ``Split`` + ``MultiHeadAttention``
+  (ORT's CPU MultiHeadAttention has no packed-QKV form; QAttention takes one input scale).
+* **per tensor** (elsewhere): ``MatMul`` + bias and ``Gemm`` → ``DynamicQuantizeMatMul``;
+  ``Attention`` → ``DynamicQuantizeLinear`` + ``QAttention`` (a ``Where(keep, 0, -big)`` attention
+  bias becomes its raw mask index), as ORT's own quantizer does.
+* ``activations=auto`` (default) picks per input from a probe run: per token when the largest token
+  maximum exceeds ``token_outlier_ratio`` times the median token's. Trained transformers' norm
+  outputs carry a few massive-activation tokens ([CLS], [SEP], punctuation: 3-10x the median
+  token); random-weight models have none and keep the cheaper per-tensor form.
 * A MatMul whose two operands are activations is never quantized.
 
-Weights are int8, per output channel and symmetric by default. Activations get one uint8 scale
-per tensor per run (all ORT's fast kernels offer), and that is where the error comes from on
-trained transformers. Measured on all-MiniLM-L6-v2 (real sentences): int8 weights alone cost
-little (min cosine 0.9974), per-tensor activations cost 10x more, spread over every layer (no
-single MatMul is worth leaving in float: leaving any one out gains < 0.002), and largest where an
-input has outlier channels: the FFN input projection (LayerNorm output: a few hidden channels reach
-15x the median channel) and the FFN output projection (GELU output: a few neurons fire 10-20x
-higher). Two data-free fixes, each from a probe run of the float model on generated inputs (or on
-calibration data when the pipeline has it):
+Weights are int8, per output channel and symmetric by default: round-to-nearest, or GPTQ (error
+compensation with the Hessian ``XᵀX`` of the input, columns in decreasing-activation order) when the
+pipeline has calibration data. Three probe-driven transforms shrink the activation error (a
+probe run of the float model on generated inputs, or on the calibration data):
 
-* ``smooth``: inputs made by a normalization (LayerNorm, SkipLayerNorm, RMSNorm) are divided per
-  channel by ``s = max|x|^a / max|w|^(1-a)`` (one Mul) and ``s`` is folded into the weights
-  (SmoothQuant). The channel profile of a norm output comes from its scale and the residual
-  stream, so generated inputs reproduce it.
+* ``smooth``: inputs made by a normalization are divided per channel by ``s = max|x|^a /
+  max|w|^(1-a)`` and ``s`` is folded into the weights (SmoothQuant); folded into the norm's scale
+  and shift when the norm feeds only these nodes (pre-LN), else one Mul.
+* ``center``: per-token inputs made by a norm or an attention op are shifted per channel to the
+  middle of their probed range (Outlier Suppression+-style): per-token levels are symmetric, a
+  norm's output is not. The shift returns exactly through the bias (``δ·W`` with W as the kernel
+  sees it); it is folded into the norm's shift, or the attention's V bias (attention rows are convex
+  combinations of V rows), else one Add.
 * ``outlier_channels``: for other inputs (GELU/ReLU outputs), the few channels whose probed maximum
   exceeds that many times the median channel's are masked out of the int8 kernel and multiplied in
   float on their own (Gather + a thin MatMul), LLM.int8()-style.
 
-Together they take MiniLM's min cosine from 0.967 to 0.994 (ORT's quantize_dynamic: 0.970 at its
-best setting) at no latency cost worth measuring. ``outlier_ratio`` (off by default) instead keeps in
-float the MatMuls whose input has such outliers. Every candidate node's decision and the reason are
-in the report (``details["nodes"]``), with the smoothed inputs and the float outlier channels.
+Measured on all-MiniLM-L6-v2 (72 real sentences, min cosine of the mean-pooled embeddings, see
+benchmarks/results/quantize_dynamic.md): per-tensor with smoothing and outlier channels 0.9936,
+per-token (auto) 0.996-0.997, every input per token 0.9975; ORT's quantize_dynamic 0.970 at its best
+setting. What is left is split about evenly between the weights (int8 per channel: 0.998 alone
+round-to-nearest, 0.999 with GPTQ) and the activations: asymmetric per-token levels would halve the
+activation part (measured in a numpy model), but need a per-row zero point that no ORT kernel takes.
+Extra bias terms go into the bias input of the consumer where it has one (SkipLayerNormalization,
+BiasGelu, FastGelu) instead of an Add. Every candidate node's decision and the reason are in the
+report (``details["nodes"]``), with the smoothed inputs, the float outlier channels and the probed
+token ratios.
 
 ``reduce_range`` uses 7-bit weights: on x86 CPUs without VNNI, ORT's u8×s8 kernels add pairs of
 products in int16 (``vpmaddubsw``) and can saturate; 7-bit weights avoid that at some accuracy
@@ -43,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -51,10 +65,11 @@ import onnx_ir as ir
 from graphopt.errors import PipelineError
 
 from .base import CommonOptions, QuantizePassBase, constant_array, unique_name
+from .weight_only import gptq_inverse_factor, gptq_sweep
 
 logger = logging.getLogger("graphopt.passes.quantize.dynamic")
 
-__all__ = ["QuantizeDynamicPass", "quantize_weight"]
+__all__ = ["QuantizeDynamicPass", "gptq_int8", "quantize_weight"]
 
 _MS = "com.microsoft"
 _OP_TYPES = ("MatMul", "Gemm", "Attention", "Gather")
@@ -100,6 +115,32 @@ class DynamicOptions(CommonOptions):
                                     "(probe run); 0 turns the check off"))
     probe_batches: int = dataclasses.field(
         default=2, metadata=_doc("batches of generated (or calibration) inputs for the outlier probe"))
+    activations: Literal["auto", "per-token", "per-tensor"] = dataclasses.field(
+        default="auto", metadata=_doc(
+            "per-token: one 8-bit scale per row (token) of each activation, computed in the graph (ReduceMax, "
+            "Div, QuantizeLinear → MatMulIntegerToFloat → Mul; attention as int8 QKV + MultiHeadAttention); "
+            "per-tensor: one scale per tensor (DynamicQuantizeMatMul / QAttention: fewer nodes, much less "
+            "accurate on trained transformers); auto: per-token where the probe finds a few tokens setting "
+            "the range (see token_outlier_ratio), per-tensor elsewhere"))
+    token_outlier_ratio: float = dataclasses.field(
+        default=1.6, metadata=_doc(
+            "activations=auto: an input is quantized per token when its probed largest token maximum "
+            "exceeds this many times the median token's (all-MiniLM-L6-v2's norm outputs: 1.7-5.4 on "
+            "generated inputs, 3.2-9.6 on text; random-weight BERT/GPT-2: 1.1-1.5)"))
+    center: bool = dataclasses.field(
+        default=True, metadata=_doc(
+            "per-token inputs made by a normalization or an attention op are shifted per channel to the "
+            "middle of their probed range before quantization, so each token's values are about "
+            "symmetric (int8 levels are symmetric); the shift comes back exactly through the bias "
+            "(folded into the norm's shift or the attention's V bias where possible, else one Add)"))
+    method: Literal["auto", "rtn", "gptq"] = dataclasses.field(
+        default="auto", metadata=_doc("weight rounding: rtn (round to nearest) or gptq (error compensation "
+                                      "from the calibration data's activations); auto = gptq when the "
+                                      "pipeline has calibration data"))
+    damp: float = dataclasses.field(
+        default=0.01, metadata=_doc("GPTQ dampening, as a fraction of the Hessian's mean diagonal"))
+    hessian_memory_mb: int = dataclasses.field(
+        default=1024, metadata=_doc("GPTQ: most memory for the Hessians held at once (more: more calibration runs)"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +224,10 @@ class QuantizeDynamicPass(QuantizePassBase):
             raise PipelineError("quantize-dynamic: outlier_channels and max_outlier_channels must be >= 0 (0 = off)")
         if o.probe_batches < 1:
             raise PipelineError("quantize-dynamic: probe_batches must be >= 1")
+        if o.method == "gptq" and not (o.per_channel and o.symmetric):
+            raise PipelineError("quantize-dynamic: method=gptq needs per_channel=true and symmetric=true")
+        if o.damp <= 0 or o.hessian_memory_mb < 1:
+            raise PipelineError("quantize-dynamic: damp must be > 0 and hessian_memory_mb >= 1")
 
     # --- candidates ------------------------------------------------------------------------
     def _candidates(self, graph: ir.Graph) -> list[ir.Node]:
@@ -199,6 +244,15 @@ class QuantizeDynamicPass(QuantizePassBase):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self._taken: set[str] = set()
+        self._opset = int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0)
+        #: per-token quantized inputs, shared by their consumers: id(value) → (levels, row max)
+        self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self._consts: dict[str, ir.Value] = {}
+        o = self.options
+        calibration = self.calibration_data()
+        if o.method == "gptq" and calibration is None:
+            raise PipelineError("quantize-dynamic: method=gptq needs calibration data (calibration=...); "
+                                "use method=rtn or auto without it")
         candidates = self._candidates(graph)
         plans: list[_Plan] = []
         for node in candidates:
@@ -211,19 +265,37 @@ class QuantizeDynamicPass(QuantizePassBase):
                 self.decide(node, False, reason)
                 continue
             plans.append(plan)
-        o = self.options
-        if plans and (o.outlier_ratio > 0 or o.smooth > 0 or o.outlier_channels > 0):
-            stats = _probe(model, sorted({p.node.inputs[0].name for p in plans if p.node.op_type != "Gather"}), self.calibration_data(),
-                           self.options.probe_batches)
+        for plan in plans:  # decided on the float graph, before smoothing and splitting edit it
+            if plan.node.op_type in ("MatMul", "Gemm"):
+                plan.per_token = self._per_token_for(plan.node.inputs[0])
+        ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        token_ratio: dict[str, float] = {}
+        if plans and (o.outlier_ratio > 0 or o.smooth > 0 or o.outlier_channels > 0 or o.center
+                      or o.activations == "auto"):
+            names = sorted({p.node.inputs[0].name for p in plans if p.node.op_type != "Gather"})
+            stats = _probe(model, names, calibration, self.options.probe_batches, ranges, token_ratio)
+            if o.activations == "auto" and stats is not None:
+                self._decide_per_token(plans, token_ratio)
             if stats is None:
                 self.count("probe:failed")
             else:
                 if self.options.outlier_ratio > 0:
                     plans = self._drop_outliers(plans, stats)
                 if self.options.smooth > 0:
-                    self._smooth(graph, plans, stats)
+                    self._decide_smooth(graph, plans, stats)
                 if self.options.outlier_channels > 0:
-                    self._split(graph, plans, stats)
+                    self._decide_split(graph, plans, stats)
+                if o.center and o.activations != "per-tensor":
+                    self._decide_center(graph, plans, ranges)
+        use_gptq = o.method == "gptq" or (o.method == "auto" and calibration is not None
+                                           and o.per_channel and o.symmetric)
+        self.details["weights"] = "gptq" if use_gptq and plans else "rtn"
+        self.details["activations"] = o.activations
+        if use_gptq and plans:
+            self._gptq(model, plans, calibration)  # on the float graph, before it is edited
+        self._apply_smooth(graph, plans)
+        self._apply_center(graph, plans)
+        self._apply_split(graph, plans)
         modified = False
         for plan in plans:
             plan.rewrite(graph, plan)
@@ -271,7 +343,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         def rewrite(graph: ir.Graph, plan: _Plan) -> None:
             self._emit_gather(graph, node, table)
 
-        return _Plan(node, rewrite, table), ""
+        return _Plan(node, rewrite, table, source=node.inputs[0].name or ""), ""
 
     def _plan_matmul(self, node: ir.Node) -> tuple[Any, str]:
         a, b = node.inputs[0], node.inputs[1]
@@ -289,7 +361,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             out = add.outputs[0] if add is not None else node.outputs[0]
             self._emit_dqmm(graph, plan, bias, out, remove=[add] if add is not None else [])
 
-        return _Plan(node, rewrite, w), ""
+        return _Plan(node, rewrite, w, source=a.name or ""), ""
 
     def _plan_gemm(self, node: ir.Node) -> tuple[Any, str]:
         attrs = node.attributes
@@ -319,7 +391,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         def rewrite(graph: ir.Graph, plan: _Plan) -> None:
             self._emit_dqmm(graph, plan, bias, node.outputs[0], remove=[])
 
-        return _Plan(node, rewrite, w), ""
+        return _Plan(node, rewrite, w, source=a.name or ""), ""
 
     def _bias_after(self, node: ir.Node, n: int) -> tuple[np.ndarray | None, ir.Node | None]:
         """The constant bias of an ``Add`` that is the MatMul's only consumer (fused into the kernel)."""
@@ -370,10 +442,18 @@ class QuantizeDynamicPass(QuantizePassBase):
         elif mask is not None and mask.dtype != ir.DataType.INT32:
             return None, "mask_index is not int32"
 
-        def rewrite(graph: ir.Graph, plan: _Plan) -> None:
-            self._emit_qattention(graph, node, node.inputs[0], plan.weight, b, mask, mask_plan)
+        per_token = self.options.activations != "per-tensor"
+        if per_token and mask is not None:
+            per_token = False  # MultiHeadAttention's key_padding_mask is not Attention's mask_index
+            self.count("per-tensor:attention mask_index")
 
-        return _Plan(node, rewrite, w), ""
+        def rewrite(graph: ir.Graph, plan: _Plan) -> None:
+            if plan.per_token:
+                self._emit_mha(graph, node, plan, b, attn_bias)
+            else:
+                self._emit_qattention(graph, node, node.inputs[0], plan, b, mask, mask_plan)
+
+        return _Plan(node, rewrite, w, source=x.name or "", per_token=per_token, can_per_token=per_token), ""
 
     # --- probe-driven choices --------------------------------------------------------------
     def _drop_outliers(self, plans: list[_Plan], stats: dict[str, np.ndarray]) -> list[_Plan]:
@@ -395,24 +475,28 @@ class QuantizeDynamicPass(QuantizePassBase):
         self.details["input_outlier_ratio"] = dict(sorted(ratios.items()))
         return kept
 
-    def _split(self, graph: ir.Graph, plans: list[_Plan], stats: dict[str, np.ndarray]) -> None:
-        """Outlier channels of inputs that are not normalization outputs (GELU/ReLU outputs feeding
-        an FFN's second projection): a few neurons reach 10-100x the typical channel maximum and
-        set the one per-tensor activation scale. They are masked to zero before the int8 kernel
-        and multiplied in float on their own (LLM.int8()-style decomposition, channels from the probe).
-        """
-        o = self.options
+    def _groups(self, graph: ir.Graph, plans: list[_Plan], op_types: tuple[str, ...] | None = None
+                ) -> list[tuple[ir.Value, list[_Plan], ir.Node]]:
+        """Plans grouped by their input, with the group's first node in graph order."""
         groups: dict[str, list[_Plan]] = {}
         for plan in plans:
-            if plan.node.op_type in ("MatMul", "Gemm"):
+            if op_types is None or plan.node.op_type in op_types:
                 groups.setdefault(plan.node.inputs[0].name, []).append(plan)
         order = {id(n): i for i, n in enumerate(graph)}
-        for name, group in groups.items():
-            x = group[0].node.inputs[0]
+        return [(g[0].node.inputs[0], g, min(g, key=lambda p: order[id(p.node)]).node) for g in groups.values()]
+
+    def _decide_split(self, graph: ir.Graph, plans: list[_Plan], stats: dict[str, np.ndarray]) -> None:
+        """Outlier channels of inputs that are not normalization outputs (GELU/ReLU outputs feeding
+        an FFN's second projection): a few neurons reach 10-100x the typical channel maximum and
+        set the activation scale. They are masked to zero before the int8 kernel and multiplied in
+        float on their own (LLM.int8()-style decomposition, channels from the probe). This decides
+        (``plan.outliers``); :meth:`_apply_split` edits the graph."""
+        o = self.options
+        for x, group, _first in self._groups(graph, plans, ("MatMul", "Gemm")):
             producer = _source(x)
             if producer is not None and producer.op_type in _NORMS and o.smooth > 0:
                 continue  # smoothed instead
-            act = stats.get(name)
+            act = stats.get(x.name)
             k = group[0].weight.shape[0]
             if act is None or act.shape != (k,) or any(p.weight.shape[0] != k for p in group):
                 continue
@@ -424,7 +508,13 @@ class QuantizeDynamicPass(QuantizePassBase):
                 continue
             idx = idx[np.argsort(-act[idx], kind="stable")][: o.max_outlier_channels]
             idx = np.sort(idx).astype(np.int64)
-            first = min(group, key=lambda p: order[id(p.node)]).node
+            for plan in group:
+                plan.outliers = idx
+
+    def _apply_split(self, graph: ir.Graph, plans: list[_Plan]) -> None:
+        for x, group, first in self._groups(graph, [p for p in plans if p.outliers is not None]):
+            name, idx = x.name, group[0].outliers
+            k = group[0].weight.shape[0]
             base = first.name or "split"
             mask = np.ones(k, np.float32)
             mask[idx] = 0.0
@@ -444,8 +534,62 @@ class QuantizeDynamicPass(QuantizePassBase):
                 plan.side = (g, idx)
             self.details.setdefault("outlier_channels", {})[name] = [int(i) for i in idx]
 
+    def _decide_center(self, graph: ir.Graph, plans: list[_Plan],
+                       ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Per-channel centering of per-token inputs (Outlier Suppression+-style shifting): int8
+        levels are symmetric per token, but a norm's output is not (its shift β and the residual
+        stream's outlier channels put a channel's values mostly on one side). Subtracting each
+        channel's probed mid-range δ makes every token about symmetric; ``x·W = (x − δ)·W + δ·W``
+        and ``δ·W`` (with W as the kernel sees it) goes into the bias. Attention outputs are
+        centered through the V bias: each output row is a convex combination of V rows."""
+        by_node = {id(p.node): p for p in plans}
+        for x, group, _first in self._groups(graph, plans, ("MatMul", "Gemm", "Attention")):
+            if any(not p.per_token or p.outliers is not None for p in group):
+                continue
+            r = ranges.get(x.name)
+            k = group[0].weight.shape[0]
+            if r is None or r[0].shape != (k,) or any(p.weight.shape[0] != k for p in group):
+                continue
+            delta = (r[0] + r[1]) / 2.0
+            producer = _source(x)
+            if producer is None:
+                continue
+            if producer.op_type in _NORMS:
+                for p in group:
+                    p.center = delta / (p.smooth if p.smooth is not None else 1.0)
+                    p.center_in_graph = True
+            elif producer.op_type == "Attention" and id(producer) in by_node and x.producer() is producer:
+                if x.is_graph_output() or {id(u.node) for u in x.uses()} != {id(p.node) for p in group}:
+                    continue
+                if producer.outputs.index(x) != 0:
+                    continue
+                by_node[id(producer)].v_shift = delta
+                for p in group:
+                    p.center = delta
+            else:
+                continue
+            self.count("center")
+
+    def _apply_center(self, graph: ir.Graph, plans: list[_Plan]) -> None:
+        """Subtract the centers of norm-fed inputs in the graph: folded into the norm's shift when
+        the norm feeds only these nodes, else one Add shared by them."""
+        for x, group, first in self._groups(graph, [p for p in plans if p.center_in_graph]):
+            producer = _source(x)
+            c = group[0].center
+            if producer is not None and producer.op_type in _NORMS and self._fold_into_norm(
+                    graph, producer, x, group, None, shift=-c):
+                self.count("center:folded")
+                continue
+            add = ir.Node("", "Add", [x, self._init(graph, f"{first.name or 'center'}_center", (-c).astype(np.float32))],
+                          num_outputs=1, name=unique_name(graph, f"{x.name}_center", self._taken))
+            y = add.outputs[0]
+            y.name, y.shape, y.type = unique_name(graph, f"{x.name}_centered", self._taken), x.shape, x.type
+            graph.insert_before(first, add)
+            for plan in group:
+                plan.node.replace_input_with(0, y)
+
     def _fold_into_norm(self, graph: ir.Graph, norm: ir.Node, x: ir.Value, group: list[_Plan],
-                        inv: np.ndarray) -> bool:
+                        inv: np.ndarray | None, shift: np.ndarray | None = None) -> bool:
         """Fold the per-channel ``1 / s`` into the norm's scale (and shift) when the norm's output
         reaches only the smoothed nodes (pre-LN models: GPT-2, Llama), so smoothing costs nothing
         at run time. Post-LN models (BERT) also feed the norm output to the residual: a Mul there."""
@@ -463,34 +607,35 @@ class QuantizeDynamicPass(QuantizePassBase):
         if norm.outputs.index(value) != 0:
             return False
         params = []
-        for i in slots:
+        for j, i in enumerate(slots):
+            if shift is not None and j == 0:
+                continue  # a shift changes the norm's shift parameter only
             if i is None or i >= len(norm.inputs) or norm.inputs[i] is None:
+                if shift is not None:
+                    return False  # no shift parameter to fold into (RMSNorm)
                 continue
             arr = constant_array(norm.inputs[i])
-            if arr is None or arr.shape != inv.shape:
+            size = (inv if inv is not None else shift).shape
+            if arr is None or arr.shape != size:
                 return False
             params.append((i, arr))
         if not params:
             return False
         for i, arr in params:
-            new = self._init(graph, f"{norm.name or 'norm'}_smoothed_param{i}",
-                             (arr.astype(np.float64) * inv).astype(arr.dtype))
+            value = arr.astype(np.float64) * inv if inv is not None else arr.astype(np.float64) + shift
+            new = self._init(graph, f"{norm.name or 'norm'}_smoothed_param{i}", value.astype(arr.dtype))
             norm.replace_input_with(i, new)
         return True
 
-    def _smooth(self, graph: ir.Graph, plans: list[_Plan], stats: dict[str, np.ndarray]) -> None:
+    def _decide_smooth(self, graph: ir.Graph, plans: list[_Plan], stats: dict[str, np.ndarray]) -> None:
         """SmoothQuant: move activation outliers into the weights, per input channel.
 
-        ``X W = (X / s)(s W)``; ``X / s`` is one Mul shared by the consumers of X, ``s W`` is folded
-        into the constant weights before they are quantized per output channel.
+        ``X W = (X / s)(s W)`` with ``s = max|x|^a / max|w|^(1-a)``. This decides ``plan.smooth``;
+        :meth:`_apply_smooth` divides the input (folded into the norm, or one Mul shared by the
+        consumers of X) and scales the weights, before they are quantized per output channel.
         """
         alpha = self.options.smooth
-        groups: dict[str, list[_Plan]] = {}
-        for plan in plans:
-            groups.setdefault(plan.node.inputs[0].name, []).append(plan)
-        order = {id(n): i for i, n in enumerate(graph)}
-        for name, group in groups.items():
-            x = group[0].node.inputs[0]
+        for x, group, _first in self._groups(graph, plans):
             producer = _source(x)
             is_norm = producer is not None and producer.op_type in _NORMS
             if not is_norm:
@@ -499,7 +644,7 @@ class QuantizeDynamicPass(QuantizePassBase):
                 # channels). Elsewhere (GELU, attention outputs) per-channel maxima come from a few
                 # tokens, and smoothing by them made MiniLM worse even with real calibration data.
                 continue
-            act = stats.get(name)
+            act = stats.get(x.name)
             k = group[0].weight.shape[0]
             if act is None or act.shape != (k,) or any(p.weight.shape[0] != k for p in group):
                 self.count("smooth:skipped")
@@ -507,10 +652,16 @@ class QuantizeDynamicPass(QuantizePassBase):
             wmax = np.max(np.stack([np.abs(p.weight).max(axis=1) for p in group]), axis=0).astype(np.float64)
             act = act.astype(np.float64)
             ok = (act > 0) & (wmax > 0)
-            s = np.ones(k)
-            s[ok] = act[ok] ** alpha / wmax[ok] ** (1 - alpha)
-            s = np.clip(s, 1e-5, 1e5)
-            first = min(group, key=lambda p: order[id(p.node)]).node
+            scale = np.ones(k)
+            scale[ok] = act[ok] ** alpha / wmax[ok] ** (1 - alpha)
+            scale = np.clip(scale, 1e-5, 1e5)
+            for plan in group:
+                plan.smooth = scale
+
+    def _apply_smooth(self, graph: ir.Graph, plans: list[_Plan]) -> None:
+        for x, group, first in self._groups(graph, [p for p in plans if p.smooth is not None]):
+            name, s = x.name, group[0].smooth
+            producer = _source(x)
             if self._fold_into_norm(graph, producer, x, group, 1.0 / s):
                 self.count("smooth:folded")
             else:
@@ -535,10 +686,12 @@ class QuantizeDynamicPass(QuantizePassBase):
         graph.register_initializer(v)
         return v
 
-    def _qweight(self, graph: ir.Graph, base: str, w: np.ndarray) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def _qweight(self, graph: ir.Graph, base: str, w: np.ndarray,
+                 quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[ir.Value, ir.Value, ir.Value]:
         o = self.options
-        q, scale, zp = quantize_weight(w, per_channel=o.per_channel, symmetric=o.symmetric,
-                                       reduce_range=o.reduce_range)
+        q, scale, zp = quantized if quantized is not None else quantize_weight(
+            w, per_channel=o.per_channel, symmetric=o.symmetric, reduce_range=o.reduce_range)
         return (self._init(graph, f"{base}_quantized", q), self._init(graph, f"{base}_scale", scale),
                 self._init(graph, f"{base}_zero_point", zp))
 
@@ -551,15 +704,30 @@ class QuantizeDynamicPass(QuantizePassBase):
             # int8 weight and are multiplied in float on the gathered channels.
             w = w.copy()
             w[plan.side[1]] = 0.0
-        qw, scale, zp = self._qweight(graph, base + "_W", w)
-        inputs = [a, qw, scale, zp]
-        if bias is not None:
-            inputs.append(self._init(graph, base + "_bias", bias.astype(np.float32)))
-        new = ir.Node(_MS, "DynamicQuantizeMatMul", inputs, num_outputs=1,
-                      name=unique_name(graph, base + "_quant", self._taken))
-        graph.insert_before(node, new)
-        y = new.outputs[0]
-        y.name, y.shape, y.type = unique_name(graph, base + "_quant_out", self._taken), out.shape, out.type
+        qw, scale, zp = self._qweight(graph, base + "_W", w, plan.quantized)
+        if plan.per_token:
+            y, bias = self._per_token_matmul(graph, node, a, qw, scale, zp, base, bias, plan.center)
+            y.shape, y.type = out.shape, out.type
+            if bias is not None and self._absorb_bias(graph, out, bias, base):
+                bias = None
+            if bias is not None:
+                add = ir.Node("", "Add", [y, self._init(graph, base + "_bias", bias.astype(np.float32))],
+                              num_outputs=1, name=unique_name(graph, base + "_bias_add", self._taken))
+                graph.insert_before(node, add)
+                y = add.outputs[0]
+                y.name = unique_name(graph, base + "_quant_out", self._taken)
+            self.count("MatMulIntegerToFloat")
+        else:
+            inputs = [a, qw, scale, zp]
+            if bias is not None:
+                inputs.append(self._init(graph, base + "_bias", bias.astype(np.float32)))
+            new = ir.Node(_MS, "DynamicQuantizeMatMul", inputs, num_outputs=1,
+                          name=unique_name(graph, base + "_quant", self._taken))
+            graph.insert_before(node, new)
+            y = new.outputs[0]
+            y.name = unique_name(graph, base + "_quant_out", self._taken)
+            self.count("DynamicQuantizeMatMul")
+        y.shape, y.type = out.shape, out.type
         if plan.side is not None:
             gathered, idx = plan.side
             w_side = self._init(graph, base + "_outlier_W", np.ascontiguousarray(plan.weight[idx]))
@@ -576,7 +744,43 @@ class QuantizeDynamicPass(QuantizePassBase):
         _swap_output(graph, out, y)
         for n in [*remove, node]:
             graph.remove(n, safe=True)
-        self.count("DynamicQuantizeMatMul")
+
+    def _absorb_bias(self, graph: ir.Graph, out: ir.Value, bias: np.ndarray, base: str) -> bool:
+        """Add ``bias`` to the bias input of the op that is ``out``'s only consumer (through
+        reshapes that keep the last axis): a skip-normalization (BERT/GPT-2 output projections) or
+        BiasGelu/FastGelu (FFN input projections). Saves an Add over the whole output; False when
+        there is no such consumer."""
+        value = out
+        for _ in range(4):
+            uses = value.uses()
+            if value.is_graph_output() or len(uses) != 1:
+                return False
+            user, index = uses[0].node, uses[0].idx
+            if user.op_type not in ("Reshape", "Squeeze", "Unsqueeze") or user.domain not in ("", "ai.onnx"):
+                break
+            nxt = user.outputs[0]
+            if index != 0 or nxt.shape is None or len(nxt.shape) == 0 or nxt.shape[-1] != bias.shape[0]:
+                return False  # a reshape that moves the last axis would misplace the bias
+            value = nxt
+        else:
+            return False
+        slots = {"SkipLayerNormalization": (4, (0, 1)), "SkipSimplifiedLayerNormalization": (3, (0, 1)),
+                 "BiasGelu": (1, (0,)), "FastGelu": (1, (0,))}
+        if user.domain != _MS or user.op_type not in slots:
+            return False
+        slot, data_inputs = slots[user.op_type]
+        if index not in data_inputs or len(user.inputs) < slot:
+            return False
+        current = user.inputs[slot] if slot < len(user.inputs) else None
+        old = np.zeros(bias.shape) if current is None else constant_array(current)
+        if old is None or old.shape != bias.shape:
+            return False
+        new = self._init(graph, base + "_folded_bias", (old.astype(np.float64) + bias).astype(np.float32))
+        if current is None:
+            user.resize_inputs(slot + 1)
+        user.replace_input_with(slot, new)
+        self.count("bias:absorbed")
+        return True
 
     def _emit_gather(self, graph: ir.Graph, node: ir.Node, table: np.ndarray) -> None:
         base = node.name or "gather"
@@ -614,10 +818,14 @@ class QuantizeDynamicPass(QuantizePassBase):
         graph.remove(node, safe=True)
         self.count("Gather")
 
-    def _emit_qattention(self, graph: ir.Graph, node: ir.Node, x: ir.Value, w: np.ndarray, b: np.ndarray,
+    def _emit_qattention(self, graph: ir.Graph, node: ir.Node, x: ir.Value, plan: _Plan, b: np.ndarray,
                          mask: ir.Value | None, mask_plan: Any) -> None:
         base = node.name or "attention"
-        qw, scale, zp = self._qweight(graph, base + "_W", w)
+        qw, scale, zp = self._qweight(graph, base + "_W", plan.weight, plan.quantized)
+        if plan.v_shift is not None:
+            b = b.astype(np.float64).copy()
+            b[2 * (b.shape[0] // 3):] -= plan.v_shift
+            b = b.astype(np.float32)
         dql = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3,
                       name=unique_name(graph, base + "_input_quant", self._taken))
         for i, suffix in enumerate(("quantized", "scale", "zero_point")):
@@ -642,6 +850,222 @@ class QuantizeDynamicPass(QuantizePassBase):
         graph.remove(node, safe=True)
         self.count("QAttention")
 
+    # --- per-token activations ---------------------------------------------------------------
+    def _shared_const(self, graph: ir.Graph, key: str, array: np.ndarray) -> ir.Value:
+        if key not in self._consts:
+            self._consts[key] = self._init(graph, key, array)
+        return self._consts[key]
+
+    def _decide_per_token(self, plans: list[_Plan], token_ratio: dict[str, float]) -> None:
+        """``activations=auto``: per token where a few tokens set the range (the probed largest
+        token maximum exceeds ``token_outlier_ratio`` times the median token's: trained transformers'
+        norm outputs, where [CLS]/[SEP]-like tokens carry massive activations), per tensor elsewhere
+        (fewer nodes; models without such tokens lose nothing)."""
+        limit = self.options.token_outlier_ratio
+        for plan in plans:
+            ratio = token_ratio.get(plan.node.inputs[0].name)
+            if plan.node.op_type == "Gather" or ratio is None:
+                continue
+            plan.per_token = plan.can_per_token and ratio > limit
+            self.details.setdefault("token_ratio", {})[plan.node.inputs[0].name] = round(ratio, 2)
+
+    def _per_token_for(self, a: ir.Value) -> bool:
+        mode = self.options.activations
+        if mode != "auto":
+            return mode == "per-token"
+        producer = a.producer()
+        for _ in range(4):  # a heuristic only (both forms are exact): look through any reshape
+            if producer is None or producer.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+                break
+            producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+        return producer is None or producer.op_type not in _ATTENTION_OPS
+
+    def _per_token_input(self, graph: ir.Graph, x: ir.Value, before: ir.Node) -> _TokenLevels:
+        """``x`` quantized per row (token), made once per value and shared by its consumers.
+
+        Two-sided inputs: ``q = round(127·x / max|x|) + 128`` (uint8 with one zero point, so ORT
+        runs its fast u8×s8 kernels). Inputs with a known lower bound ``-c`` (GELU, SiLU, ReLU
+        outputs, see :func:`_lower_bound`): ``q = round(255·(x + c) / max(x + c))`` with zero point 0,
+        twice as fine; the shift comes back out of the bias (``c·Σ_k W``).
+
+        A row of zeros divides 0 by 0; its levels are then arbitrary but finite, and the output row
+        is multiplied by its maximum, 0, so it comes out exact (the bias alone), as in float."""
+        hit = self._per_token.get(id(x))
+        if hit is not None:
+            return hit
+        base = x.name or "activation"
+        shift = _lower_bound(x)
+        nodes: list[ir.Node] = []
+
+        def node(op: str, inputs: list[ir.Value], suffix: str, attrs: list[ir.Attr] | None = None) -> ir.Value:
+            n = ir.Node("", op, inputs, attributes=attrs or [], num_outputs=1,
+                        name=unique_name(graph, f"{base}_{suffix}", self._taken))
+            n.outputs[0].name = unique_name(graph, f"{base}_{suffix}", self._taken)
+            n.outputs[0].type = x.type
+            nodes.append(n)
+            return n.outputs[0]
+
+        def row_max(v: ir.Value) -> ir.Value:
+            if self._opset >= 18:
+                axes = self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))
+                return node("ReduceMax", [v, axes], "rowmax", [ir.AttrInt64("keepdims", 1)])
+            return node("ReduceMax", [v], "rowmax", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+
+        if shift is None:
+            v, levels, zero = x, 127.0, 128
+            rmax = row_max(node("Abs", [x], "abs"))
+        else:
+            v, levels, zero = x, 255.0, 0
+            if shift > 0:
+                v = node("Add", [x, self._shared_const(graph, f"per_token_shift_{shift:g}",
+                                                       np.array(shift, np.float32))], "shifted")
+            rmax = row_max(v)
+        scale = self._shared_const(graph, f"per_token_scale_{levels:g}", np.array(1.0 / levels, np.float32))
+        zp = self._shared_const(graph, f"per_token_zero_point_{zero}", np.array(zero, np.uint8))
+        quant = node("QuantizeLinear", [node("Div", [v, rmax], "rownorm"), scale, zp], "levels")
+        quant.type = ir.TensorType(ir.DataType.UINT8)
+        for n in nodes:
+            graph.insert_before(before, n)
+        hit = _TokenLevels(quant, rmax, scale, zp, shift or 0.0)
+        self._per_token[id(x)] = hit
+        self.count("per_token_inputs")
+        return hit
+
+    def _per_token_matmul(self, graph: ir.Graph, node: ir.Node, a: ir.Value, qw: ir.Value, scale: ir.Value,
+                          zp: ir.Value, base: str, bias: np.ndarray | None, center: np.ndarray | None = None
+                          ) -> tuple[ir.Value, np.ndarray | None]:
+        """``MatMulIntegerToFloat`` of the per-token levels times the row maxima; returns the output
+        and the bias to add after it (the input shift folded in)."""
+        t = self._per_token_input(graph, a, node)
+        inputs: list[ir.Value | None] = [t.levels, qw, t.scale, scale, t.zero_point]
+        if not self.options.symmetric:
+            inputs.append(zp)
+        mm = ir.Node(_MS, "MatMulIntegerToFloat", inputs, num_outputs=1,
+                     name=unique_name(graph, base + "_quant", self._taken))
+        mm.outputs[0].name = unique_name(graph, base + "_int_out", self._taken)
+        mul = ir.Node("", "Mul", [mm.outputs[0], t.rowmax], num_outputs=1,
+                      name=unique_name(graph, base + "_rowscale", self._taken))
+        mul.outputs[0].name = unique_name(graph, base + "_quant_out", self._taken)
+        graph.insert_before(node, mm)
+        graph.insert_before(node, mul)
+        if t.shift or center is not None:
+            # x·W = (x + c)·W − c·Σ_k W[k, :] and (x − δ)·W + δ·W, with W as the kernel sees it.
+            wq = qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)
+            wq *= scale.const_value.numpy().astype(np.float64)
+            bias = np.zeros(wq.shape[1]) if bias is None else bias.astype(np.float64)
+            if t.shift:
+                bias = bias - t.shift * wq.sum(axis=0)
+            if center is not None:
+                bias = bias + center @ wq
+        return mul.outputs[0], bias
+
+    def _emit_mha(self, graph: ir.Graph, node: ir.Node, plan: _Plan, b: np.ndarray,
+                  attn_bias: ir.Value | None) -> None:
+        """Packed-QKV ``Attention`` with per-token activations: the QKV projection as a per-token
+        int8 MatMul, split into Q, K, V, then ``MultiHeadAttention`` with the QKV bias (ORT's CPU
+        MultiHeadAttention has no packed-QKV form; QAttention takes one per-tensor input scale)."""
+        base = node.name or "attention"
+        x = node.inputs[0]
+        qw, scale, zp = self._qweight(graph, base + "_W", plan.weight, plan.quantized)
+        if plan.v_shift is not None:
+            b = b.astype(np.float64).copy()
+            b[2 * (b.shape[0] // 3):] -= plan.v_shift
+        qkv, b = self._per_token_matmul(graph, node, x, qw, scale, zp, base, b, plan.center)
+        d = plan.weight.shape[1] // 3
+        split = ir.Node("", "Split", [qkv, self._init(graph, base + "_qkv_split", np.array([d, d, d], np.int64))],
+                        attributes=[ir.AttrInt64("axis", -1)], num_outputs=3,
+                        name=unique_name(graph, base + "_qkv_split", self._taken))
+        for v, part in zip(split.outputs, "qkv", strict=True):
+            v.name, v.type = unique_name(graph, f"{base}_{part}", self._taken), x.type
+        graph.insert_before(node, split)
+        attrs = [a for k, a in node.attributes.items() if k in ("num_heads", "scale", "mask_filter_value",
+                                                                  "unidirectional")]
+        inputs = [*split.outputs, self._init(graph, base + "_bias", b.astype(np.float32)), None, attn_bias]
+        while inputs[-1] is None:
+            inputs.pop()
+        mha = ir.Node(_MS, "MultiHeadAttention", inputs, attributes=attrs, num_outputs=1,
+                      name=unique_name(graph, base + "_mha", self._taken))
+        graph.insert_before(node, mha)
+        out = node.outputs[0]
+        y = mha.outputs[0]
+        y.name, y.shape, y.type = unique_name(graph, base + "_quant_out", self._taken), out.shape, out.type
+        _swap_output(graph, out, y)
+        graph.remove(node, safe=True)
+        self.count("MultiHeadAttention")
+
+    # --- GPTQ --------------------------------------------------------------------------------
+    def _gptq(self, model: ir.Model, plans: list[_Plan], data: Any) -> None:
+        """Quantize each weight with GPTQ against its input's Hessian ``X^T X`` from the calibration
+        data (float model), transformed as the input is: divided by the SmoothQuant scale, outlier
+        channels removed. Weights whose input has no Hessian keep round-to-nearest."""
+        o = self.options
+        need: dict[str, int] = {}
+        for p in plans:
+            if p.node.op_type != "Gather" and p.source:
+                need[p.source] = p.weight.shape[0]
+        done = 0
+        for hess in _hessians(model, need, data, o.hessian_memory_mb * 2**20, self.details):
+            for p in plans:
+                h = hess.get(p.source)
+                if h is None or p.node.op_type == "Gather":
+                    continue
+                h = h.copy()
+                if p.smooth is not None:
+                    h /= np.outer(p.smooth, p.smooth)
+                w = p.weight
+                if p.smooth is not None:
+                    w = (w.astype(np.float64) * p.smooth[:, None]).astype(np.float32)
+                if p.outliers is not None:
+                    w = w.copy()
+                    w[p.outliers] = 0.0
+                    h[p.outliers, :] = 0.0
+                    h[:, p.outliers] = 0.0
+                p.quantized = gptq_int8(w, h, damp=o.damp, reduce_range=o.reduce_range)
+                done += 1
+        self.count("gptq", done)
+
+
+@dataclasses.dataclass
+class _TokenLevels:
+    """A per-token quantized activation: uint8 levels, row maxima, the scalar scale and zero point
+    the kernel dequantizes the levels with, and the shift added before quantizing."""
+
+    levels: ir.Value
+    rowmax: ir.Value
+    scale: ir.Value
+    zero_point: ir.Value
+    shift: float
+
+
+#: Ops whose outputs have a lower bound -c (c = the shift that makes them non-negative). GELU:
+#: min x·Φ(x) = -0.16997 (erf), -0.17004 (tanh form); x·σ(αx): -0.27846/α.
+_LOWER_BOUNDS = {"Relu": 0.0, "Sigmoid": 0.0, "Softmax": 0.0, "Gelu": 0.1701, "BiasGelu": 0.1701,
+                 "FastGelu": 0.1701}
+_ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention"})
+
+
+def _lower_bound(x: ir.Value) -> float | None:
+    """``c`` such that ``x >= -c`` everywhere, from the op that made ``x`` (looking through
+    reshapes and the outlier split's 0/1 mask), or None when nothing bounds it."""
+    node = x.producer()
+    for _ in range(6):
+        if node is None:
+            return None
+        if node.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+            continue
+        if node.op_type == "Mul" and len(node.inputs) == 2:
+            mask = constant_array(node.inputs[1])
+            if mask is not None and mask.size and float(mask.min()) >= 0.0 and float(mask.max()) <= 1.0:
+                node = node.inputs[0].producer() if node.inputs[0] is not None else None
+                continue  # x·m with m in [0, 1] keeps x's lower bound
+            return None
+        if node.op_type == "QuickGelu" and node.domain == _MS:
+            alpha = node.attributes.get_float("alpha", 1.702)
+            return 0.27847 / alpha if alpha > 0 else None
+        return _LOWER_BOUNDS.get(node.op_type)
+    return None
+
 
 @dataclasses.dataclass
 class _Plan:
@@ -652,6 +1076,24 @@ class _Plan:
     weight: np.ndarray
     #: (gathered outlier channels of the input, their indices) when the input is split.
     side: tuple[ir.Value, np.ndarray] | None = None
+    #: Input channels computed in float (decided by the probe, applied by _apply_split).
+    outliers: np.ndarray | None = None
+    #: Whether the plan's activations are quantized per token.
+    per_token: bool = True
+    #: Whether they can be (an attention with a mask_index cannot).
+    can_per_token: bool = True
+    #: Per-channel shift subtracted from the (smoothed) input, in the kernel's input units.
+    center: np.ndarray | None = None
+    #: The center is subtracted by a graph edit (norm-fed inputs), not through a V bias.
+    center_in_graph: bool = False
+    #: For an attention plan: shift to subtract from its V bias (the consumer centers its output).
+    v_shift: np.ndarray | None = None
+    #: The input's name in the float model (Hessians are collected there).
+    source: str = ""
+    #: SmoothQuant scale ``s`` folded into the weight (the input is divided by it).
+    smooth: np.ndarray | None = None
+    #: The weight already quantized by GPTQ: (int8 levels, scale, zero point).
+    quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def _swap_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
@@ -721,10 +1163,13 @@ def _ensure_opset(model: ir.Model, domain: str, version: int) -> None:
         model.graph.opset_imports[domain] = version
 
 
-def _probe(model: ir.Model, names: list[str], calibration: Any, batches: int) -> dict[str, np.ndarray] | None:
-    """Per-channel (last axis) max |x| of the named values over a few batches of the float model:
-    calibration data when given, else generated inputs (outlier channels of trained transformers
-    come from their weights and norms, so random tokens show them too)."""
+def _probe(model: ir.Model, names: list[str], calibration: Any, batches: int,
+           ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+           token_ratio: dict[str, float] | None = None) -> dict[str, np.ndarray] | None:
+    """Per-channel (last axis) max |x| of the named values of the float model (and, into
+    ``ranges``, per-channel (min, max)): over all the calibration data when given, else over
+    ``batches`` generated inputs (outlier channels of trained transformers come from their weights
+    and norms, so random tokens show them too)."""
     from graphopt.calibration import CalibrationData, stream_tensors
 
     if calibration is None:
@@ -739,14 +1184,90 @@ def _probe(model: ir.Model, names: list[str], calibration: Any, batches: int) ->
         data = calibration
     out: dict[str, np.ndarray] = {}
     try:
-        for tensors in stream_tensors(model, names, data, limit=batches):
+        for tensors in stream_tensors(model, names, data, limit=batches if calibration is None else None):
             for k, arr in tensors.items():
                 a = np.asarray(arr)
                 if a.ndim == 0 or a.size == 0:
                     continue
-                m = np.abs(a.reshape(-1, a.shape[-1]).astype(np.float64)).max(axis=0)
-                out[k] = m if k not in out or out[k].shape != m.shape else np.maximum(out[k], m)
+                a2 = a.reshape(-1, a.shape[-1]).astype(np.float64)
+                lo, hi = a2.min(axis=0), a2.max(axis=0)
+                if token_ratio is not None:
+                    rows = np.abs(a2).max(axis=1)
+                    med = float(np.median(rows))
+                    r = float(rows.max() / med) if med > 0 else 1.0
+                    token_ratio[k] = max(token_ratio.get(k, 0.0), r)
+                m = np.maximum(-lo, hi)
+                if k not in out or out[k].shape != m.shape:
+                    out[k] = m
+                    if ranges is not None:
+                        ranges[k] = (lo, hi)
+                else:
+                    out[k] = np.maximum(out[k], m)
+                    if ranges is not None:
+                        ranges[k] = (np.minimum(ranges[k][0], lo), np.maximum(ranges[k][1], hi))
     except Exception as exc:  # noqa: BLE001
         logger.warning("quantize-dynamic probe failed (%s)", exc)
         return None
     return out
+
+
+def gptq_int8(w: np.ndarray, h: np.ndarray, *, damp: float = 0.01, reduce_range: bool = False,
+              act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ for the int8 weights of the dynamic kernels: ``w (K, N)``, one symmetric scale per
+    output channel (fixed from the weight's range, as round-to-nearest picks it), ``h = X^T X (K, K)``.
+
+    Returns ``(q int8 (K, N), scale float32 (N,), zero_point int8 (N,))`` like
+    :func:`quantize_weight`. An input channel that never fires (zero diagonal) gets a zero weight."""
+    W = np.asarray(w, dtype=np.float64).T.copy()  # (N, K): one row per output channel
+    H = np.asarray(h, dtype=np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    qmax = 63 if reduce_range else 127
+    scale = (np.abs(W).max(axis=1) / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0
+    s64 = scale.astype(np.float64)
+    # The scales are fixed per output channel, so the columns can go in any order: the largest
+    # activations first ("act order"), whose errors the most later columns can absorb.
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(H.shape[0])
+    W, H = W[:, perm], H[perm][:, perm]
+    levels = np.zeros_like(W)
+
+    def quantize_column(col: int, window: np.ndarray, i: int) -> np.ndarray:
+        q = np.clip(np.round(window[:, i] / s64), -qmax, qmax)
+        levels[:, col] = q
+        return q * s64
+
+    gptq_sweep(W, gptq_inverse_factor(H, damp), quantize_column)
+    levels = levels[:, np.argsort(perm)]
+    return np.ascontiguousarray(levels.T).astype(np.int8), scale, np.zeros(scale.shape, np.int8)
+
+
+def _hessians(model: ir.Model, need: dict[str, int], data: Any, budget: int, details: dict[str, Any]
+              ) -> Any:
+    """Yield ``{name: X^T X}`` (float64) for the named float-model values over the calibration
+    data, in groups that fit ``budget`` bytes (one calibration run per group)."""
+    from graphopt.calibration import stream_tensors
+
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, k in need.items():
+        size = k * k * 8
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    details["calibration_runs"] = len(groups)
+    tokens = 0
+    for names in groups:
+        acc: dict[str, np.ndarray] = {}
+        tokens = 0
+        for values in stream_tensors(model, names, data, description="gptq"):
+            for name in names:
+                x = np.asarray(values[name], dtype=np.float64)
+                x = x.reshape(-1, x.shape[-1])
+                acc[name] = acc[name] + x.T @ x if name in acc else x.T @ x
+            tokens += x.shape[0]
+        details["calibration_tokens"] = tokens
+        yield acc

@@ -56,7 +56,9 @@ __all__ = [
     "WeightOnlyOptions",
     "QuantizedWeight",
     "quantize_rtn",
+    "gptq_inverse_factor",
     "gptq_quantize",
+    "gptq_sweep",
     "dequantize",
     "pack_blocks",
     "unpack_blocks",
@@ -221,6 +223,40 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     return w.reshape(w.shape[0], -1)[:, : qw.k]
 
 
+def gptq_inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1`` (float64; H is modified in
+    place), the matrix GPTQ's column sweep divides by. A singular H gets a stronger damping."""
+    k = h.shape[0]
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    try:
+        return np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        h[np.diag_indices(k)] += float(np.mean(np.diag(h)))
+        return np.linalg.cholesky(np.linalg.inv(h)).T
+
+
+def gptq_sweep(W: np.ndarray, hinv: np.ndarray, quantize_column: Any, lazy: int = 128) -> None:
+    """GPTQ's column sweep (Frantar et al. 2022) over ``W [N, K]`` (float64, updated in place).
+
+    ``quantize_column(col, window, i)`` returns the dequantized column ``window[:, i]`` (``window``
+    is ``W[:, i1:i2]`` with the error updates so far, so a quantizer may pick block scales from it)
+    and records its levels; the rounding error of each column is spread over the later columns in
+    proportion to the inverse Hessian, which is what makes GPTQ better than rounding each weight."""
+    kp = W.shape[1]
+    for i1 in range(0, kp, lazy):
+        i2 = min(i1 + lazy, kp)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        Hi = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = W1[:, i]
+            err = (x - quantize_column(i1 + i, W1, i)) / Hi[i, i]
+            W1[:, i:] -= np.outer(err, Hi[i, i:])
+            E1[:, i] = err
+        if i2 < kp:
+            W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+
+
 def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
                   damp: float = 0.01, act_order: bool = False, scale_dtype: Any = np.float32,
                   search: bool = False, lazy: int = 128) -> QuantizedWeight:
@@ -249,12 +285,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
         perm = np.arange(kp)
     W = W[:, perm]
     H = H[perm][:, perm]
-    H[np.diag_indices(kp)] += damp * float(np.mean(np.diag(H)))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper factor of H^-1
-    except np.linalg.LinAlgError:
-        H[np.diag_indices(kp)] += float(np.mean(np.diag(H)))
-        hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+    hinv = gptq_inverse_factor(H, damp)
     lazy = max(block_size, (lazy // block_size) * block_size)
     Q = np.zeros((n, kp), np.float64)
     scales = np.zeros((n, nb), np.float64)
@@ -262,31 +293,22 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
     if static is not None:
         scales, zps = static
     maxq = (1 << bits) - 1
-    for i1 in range(0, kp, lazy):
-        i2 = min(i1 + lazy, kp)
-        W1 = W[:, i1:i2].copy()
-        E1 = np.zeros_like(W1)
-        Hi = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is None:
-                g = col // block_size
-                if col % block_size == 0:
-                    s, z = block_params(W1[:, i : i + block_size].astype(np.float32), bits, symmetric,
-                                        scale_dtype, search)
-                    scales[:, g], zps[:, g] = s, z
-                s, z = scales[:, g], zps[:, g]
-            else:
-                g = perm[col] // block_size
-                s, z = scales[:, g], zps[:, g]
-            x = W1[:, i]
-            q = np.clip(np.round(x / s) + z, 0, maxq)
-            Q[:, col] = q
-            err = (x - (q - z) * s) / Hi[i, i]
-            W1[:, i:] -= np.outer(err, Hi[i, i:])
-            E1[:, i] = err
-        if i2 < kp:
-            W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+
+    def quantize_column(col: int, window: np.ndarray, i: int) -> np.ndarray:
+        if static is None:
+            g = col // block_size
+            if col % block_size == 0:
+                s, z = block_params(window[:, i : i + block_size].astype(np.float32), bits, symmetric,
+                                    scale_dtype, search)
+                scales[:, g], zps[:, g] = s, z
+        else:
+            g = perm[col] // block_size
+        s, z = scales[:, g], zps[:, g]
+        q = np.clip(np.round(window[:, i] / s) + z, 0, maxq)
+        Q[:, col] = q
+        return (q - z) * s
+
+    gptq_sweep(W, hinv, quantize_column, lazy)
     inv = np.argsort(perm)
     Q = Q[:, inv]
     qz = None if symmetric else zps.astype(np.uint8)

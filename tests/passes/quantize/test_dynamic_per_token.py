@@ -1,0 +1,219 @@
+"""quantize-dynamic per-token activations, centering and GPTQ: ONNX Runtime's output equals a numpy
+model of the scheme, zero rows stay exact, centering and GPTQ lower the error they target, and
+the options that need calibration data or per-channel weights say so."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from scipy.special import erf
+
+from graphopt.calibration import CalibrationData
+from graphopt.errors import PipelineError
+from graphopt.passes.quantize.dynamic import QuantizeDynamicPass, gptq_int8, quantize_weight
+from graphopt.pipeline import Pipeline
+from graphopt.verify import run_model
+
+K, N = 64, 48
+
+
+@pytest.fixture(scope="module")
+def bert_tiny():
+    from models import build
+
+    built = build("bert", "tiny")
+    model, _ = Pipeline.parse("cleanup,fuse,cleanup").run(built.export())
+    return built, model
+
+
+def _mlp(act: str | None, ln_shift: float | None = None) -> ir.Model:
+    """[norm ->] [act ->] MatMul + Add(bias): one quantizable node whose input the test controls."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")]
+    nodes, src = [], "x"
+    if ln_shift is not None:
+        beta = np.full(K, ln_shift, np.float32)
+        beta[::2] = -ln_shift / 4  # channels sitting on different sides of zero
+        inits += [numpy_helper.from_array(np.ones(K, np.float32), "g"), numpy_helper.from_array(beta, "beta")]
+        nodes.append(helper.make_node("LayerNormalization", ["x", "g", "beta"], ["n"], axis=-1))
+        src = "n"
+    if act:
+        nodes.append(helper.make_node(act, [src], ["a"], domain="com.microsoft" if act == "Gelu" else ""))
+        src = "a"
+    nodes += [helper.make_node("MatMul", [src, "W"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["y"])]
+    vi = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, 5, K]) for v in ("n", "a") if v != "x"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, N])], inits, value_info=vi)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return ir.serde.deserialize_model(model)
+
+
+def _quantize(model: ir.Model, **options) -> tuple[ir.Model, dict]:
+    m = model.clone()
+    p = QuantizeDynamicPass(**options)
+    p(m)
+    return m, p.stats
+
+
+def _out(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    return dict(run_model(model, {"x": x}))["y"]
+
+
+@pytest.mark.parametrize("act", [None, "Relu", "Gelu"])
+def test_ort_output_is_the_per_token_scheme(act):
+    """Two-sided inputs: q = round(127·x / max|x|) (+128); inputs bounded below by -c (ReLU: 0,
+    GELU: 0.1701): q = round(255·(x + c) / max(x + c)), the shift taken back out of the bias."""
+    model = _mlp(act)
+    q, stats = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token")
+    assert collections.Counter(n.op_type for n in q.graph)["MatMulIntegerToFloat"] == 1
+    x = (np.random.default_rng(1).standard_normal((2, 5, K)) * 3).astype(np.float32)
+    a = {None: x, "Relu": np.maximum(x, 0), "Gelu": x * 0.5 * (1 + erf(x / np.sqrt(2)))}[act].astype(np.float64)
+    w = model.graph.initializers["W"].const_value.numpy()
+    b = model.graph.initializers["b"].const_value.numpy()
+    lv, scale, _ = quantize_weight(w)
+    wd = lv.astype(np.float64) * scale
+    if act is None:
+        r = np.abs(a).max(-1, keepdims=True)
+        ad = np.clip(np.round(a / r * 127), -127, 127) / 127 * r
+    else:
+        c = 0.0 if act == "Relu" else 0.1701
+        r = (a + c).max(-1, keepdims=True)
+        ad = np.clip(np.round((a + c) / r * 255), 0, 255) / 255 * r - c
+    np.testing.assert_allclose(_out(q, x), ad @ wd + b, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_goes_per_token_where_a_few_tokens_set_the_range():
+    """Two projections of the same kind of input, one with a massive first token (as trained
+    transformers' [CLS]/[SEP] tokens): only that one is quantized per token."""
+    rng = np.random.default_rng(6)
+    gain = np.ones((1, 8, 1), np.float32)
+    gain[0, 0] = 20.0
+    inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), n) for n in ("w1", "w2")]
+    inits.append(numpy_helper.from_array(gain, "gain"))
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gain"], ["hot"]),
+         helper.make_node("MatMul", ["hot", "w1"], ["y1"], name="hot_tokens"),
+         helper.make_node("MatMul", ["x", "w2"], ["y2"], name="even_tokens")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, K])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8, N]) for n in ("y1", "y2")], inits,
+        value_info=[helper.make_tensor_value_info("hot", TensorProto.FLOAT, [2, 8, K])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    m = ir.serde.deserialize_model(model)
+    p = QuantizeDynamicPass(outlier_channels=0.0)
+    p(m)
+    kinds = {n.outputs[0].name: n.op_type for n in m.graph if n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")}
+    assert sorted(kinds.values()) == ["DynamicQuantizeMatMul", "MatMulIntegerToFloat"]
+    assert p.details["token_ratio"]["hot"] > 10 > 2 > p.details["token_ratio"]["x"]
+    y = dict(run_model(m, {"x": rng.standard_normal((2, 8, K)).astype(np.float32)}))
+    assert np.isfinite(y["y1"]).all() and np.isfinite(y["y2"]).all()
+
+
+def test_zero_rows_come_out_exact():
+    model = _mlp(None)
+    q, _ = _quantize(model, outlier_channels=0.0, activations="per-token")
+    x = np.random.default_rng(2).standard_normal((2, 5, K)).astype(np.float32)
+    x[1, 3] = 0.0  # 0 / 0 in the row normalization: the row's levels are garbage, times a max of 0
+    y = _out(q, x)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y[1, 3], model.graph.initializers["b"].const_value.numpy(), atol=1e-6)
+
+
+def test_centering_a_one_sided_norm_output_lowers_the_error():
+    """A LayerNorm whose shift puts channels far from zero: per-token symmetric levels waste half
+    their range unless each channel is first centered (and the shift returned through the bias)."""
+    model = _mlp(None, ln_shift=6.0)
+    x = np.random.default_rng(3).standard_normal((2, 5, K)).astype(np.float32)
+    # The reference has the int8 weights already, so the error measured is the activations' alone.
+    w = model.graph.initializers["W"]
+    lv, scale, _ = quantize_weight(w.const_value.numpy())
+    reference = model.clone()
+    reference.graph.initializers["W"].const_value = ir.tensor((lv * scale).astype(np.float32), name="W")
+    ref = _out(reference, x)
+
+    def err(m: ir.Model) -> float:
+        return float(np.linalg.norm(_out(m, x) - ref) / np.linalg.norm(ref))
+
+    centered, stats = _quantize(model, smooth=0.0, activations="per-token")
+    plain, _ = _quantize(model, smooth=0.0, center=False, activations="per-token")
+    assert stats.get("center") == 1 and stats.get("center:folded") == 1  # into the norm's shift
+    assert collections.Counter(n.op_type for n in centered.graph)["Add"] == 1  # only the bias add
+    assert err(centered) < err(plain) / 2, (err(centered), err(plain))
+
+
+def test_gptq_int8_lowers_the_output_error_on_correlated_inputs():
+    rng = np.random.default_rng(4)
+    basis = rng.standard_normal((8, K))
+    x = rng.standard_normal((512, 8)) @ basis + 0.05 * rng.standard_normal((512, K))  # low-rank inputs
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    h = x.T @ x
+    lv, scale, zp = gptq_int8(w, h)
+    rlv, rscale, _ = quantize_weight(w)
+    assert lv.dtype == np.int8 and np.abs(lv).max() <= 127 and not zp.any()
+    np.testing.assert_array_equal(scale, rscale)  # same per-channel grid as round-to-nearest
+    e_gptq = np.linalg.norm(x @ (lv * scale - w))
+    e_rtn = np.linalg.norm(x @ (rlv * rscale - w))
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_calibration_data_switches_weights_to_gptq(bert_tiny):
+    built, fused = bert_tiny
+    feeds = [built.feeds(2, 12, seed=s) for s in range(3)]
+    ctx = {"calibration": CalibrationData.from_any(feeds)}
+    m, report = Pipeline.parse("quantize-dynamic").run(fused.clone(), context=ctx)
+    row = report.passes[0]
+    assert row.details["weights"] == "gptq" and row.stats["gptq"] == row.stats["quantized"]
+    m_rtn, report = Pipeline.parse("quantize-dynamic(method=rtn)").run(fused.clone(), context=ctx)
+    assert report.passes[0].details["weights"] == "rtn"
+    test = built.feeds(3, 16, seed=9)
+
+    def cos(a: ir.Model) -> float:
+        r, c = dict(run_model(fused, test)), dict(run_model(a, test))
+        return min(float(np.dot(r[k].ravel(), c[k].ravel()) / np.linalg.norm(r[k]) / np.linalg.norm(c[k]))
+                   for k in r)
+
+    assert cos(m) >= 0.99 and cos(m_rtn) >= 0.99
+
+
+def test_gptq_needs_calibration_and_per_channel_symmetric_weights(bert_tiny):
+    _, fused = bert_tiny
+    with pytest.raises(PipelineError, match="needs calibration data"):
+        Pipeline.parse("quantize-dynamic(method=gptq)").run(fused.clone())
+    with pytest.raises(PipelineError, match="per_channel"):
+        QuantizeDynamicPass(method="gptq", per_channel=False)
+
+
+def test_output_projection_bias_goes_into_the_skip_norm(bert_tiny):
+    _, fused = bert_tiny
+    q, stats = _quantize(fused, activations="per-token")
+    assert stats.get("bias:absorbed", 0) >= 2
+    for node in q.graph:
+        if node.op_type == "SkipLayerNormalization":
+            assert node.inputs[0].producer().op_type != "Add" or node.inputs[0].producer().inputs[1].const_value is None
+
+
+def test_attention_with_mask_index_stays_per_tensor():
+    rng = np.random.default_rng(5)
+    d, heads = 16, 2
+    w = rng.standard_normal((d, 3 * d)).astype(np.float32)
+    b = rng.standard_normal(3 * d).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Attention", ["x", "w", "b", "mask"], ["y"], domain="com.microsoft", num_heads=heads,
+                          name="att")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, d]),
+         helper.make_tensor_value_info("mask", TensorProto.INT32, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, d])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    q, stats = _quantize(ir.serde.deserialize_model(model), min_size=0)
+    assert collections.Counter(n.op_type for n in q.graph)["QAttention"] == 1
+    assert stats.get("per-tensor:attention mask_index") == 1
