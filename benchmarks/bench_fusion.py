@@ -69,7 +69,8 @@ SCREEN_INTERLEAVE_BYTES = 3 << 30
 GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                   "PackedMultiHeadAttention"),
-    "skip_norm": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    # Sum: graphopt's ort-cpu output lowers each skip-norm to Sum + the plain norm (faster on CPU).
+    "skip_norm": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "Sum"),
     "norm": ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"),
     "embed_norm": ("EmbedLayerNormalization",),
     "activation": ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "GemmFastGelu"),

@@ -164,7 +164,7 @@ def test_report_has_one_consistent_row_per_pass(case: Case) -> None:
     for prev, row in zip(rows, rows[1:]):
         assert row.before == prev.after, f"{row.name} starts from a different model than {prev.name} left"
     for row in rows:
-        assert row.name.startswith(("cleanup/", "fuse-")), row.name
+        assert row.name.startswith(("cleanup/", "fuse-", "lower-")), row.name
         assert isinstance(row.before.nodes, int) and isinstance(row.after.nodes, int)
         assert row.wall_s >= 0
         if not row.modified:

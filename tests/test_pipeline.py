@@ -256,7 +256,7 @@ def test_default_pipeline_places_prune_and_quantize() -> None:
     backend = default_registry().backend("ort-cpu")
     dyn = backend.default_pipeline(2, quantize={"mode": "dynamic"}, prune={"sparsity": 0.5, "mode": "2:4"})
     assert dyn.startswith('cleanup,prune(mode="2:4",sparsity=0.5),fuse-batchnorm')
-    assert "fuse-ort" in dyn and dyn.endswith("quantize(mode=dynamic),cleanup")
+    assert "fuse-ort" in dyn and dyn.endswith("quantize(mode=dynamic),lower-ort-cpu,cleanup")
     static = backend.default_pipeline(2, quantize={"mode": "static"})
     assert "fuse-ort" not in static and "fuse-gemm" in static  # QDQ needs the standard ops
     assert backend.default_pipeline(0, quantize={"mode": "int4"}) == "quantize(mode=int4)"
