@@ -358,7 +358,8 @@ def inspect_model(model: ir.Model) -> dict[str, Any]:
                 float_params += n
     quant_nodes = sum(c for k, c in ops.items() if k.split("::")[-1] in (
         "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
-        "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QGemm"))
+        "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QGemm", "MatMulIntegerToFloat",
+        "QAttention"))
 
     def io(values: Sequence[ir.Value]) -> list[dict[str, Any]]:
         out = []
