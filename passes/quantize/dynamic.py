@@ -811,12 +811,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             nodes.append(last)
         for n in nodes:
             graph.insert_before(node, n)
-        out = node.outputs[0]
-        y = last.outputs[0]
-        y.name, y.shape, y.type = unique_name(graph, base + "_dequant_out", self._taken), out.shape, out.type
-        _swap_output(graph, out, y)
-        graph.remove(node, safe=True)
-        self.count("Gather")
+        self._take_place(graph, node, last.outputs[0], base + "_dequant_out", "Gather")
 
     def _emit_qattention(self, graph: ir.Graph, node: ir.Node, x: ir.Value, plan: _Plan, b: np.ndarray,
                          mask: ir.Value | None, mask_plan: Any) -> None:
@@ -843,12 +838,15 @@ class QuantizeDynamicPass(QuantizePassBase):
                      name=unique_name(graph, base + "_quant", self._taken))
         graph.insert_before(node, qa)
         nodes.append(qa)
+        self._take_place(graph, node, qa.outputs[0], base + "_quant_out", "QAttention")
+
+    def _take_place(self, graph: ir.Graph, node: ir.Node, y: ir.Value, name: str, counter: str) -> None:
+        """``y`` replaces ``node``'s output (its consumers, graph-output slot and name); ``node`` goes."""
         out = node.outputs[0]
-        y = qa.outputs[0]
-        y.name, y.shape, y.type = unique_name(graph, base + "_quant_out", self._taken), out.shape, out.type
+        y.name, y.shape, y.type = unique_name(graph, name, self._taken), out.shape, out.type
         _swap_output(graph, out, y)
         graph.remove(node, safe=True)
-        self.count("QAttention")
+        self.count(counter)
 
     # --- per-token activations ---------------------------------------------------------------
     def _shared_const(self, graph: ir.Graph, key: str, array: np.ndarray) -> ir.Value:
@@ -986,12 +984,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         mha = ir.Node(_MS, "MultiHeadAttention", inputs, attributes=attrs, num_outputs=1,
                       name=unique_name(graph, base + "_mha", self._taken))
         graph.insert_before(node, mha)
-        out = node.outputs[0]
-        y = mha.outputs[0]
-        y.name, y.shape, y.type = unique_name(graph, base + "_quant_out", self._taken), out.shape, out.type
-        _swap_output(graph, out, y)
-        graph.remove(node, safe=True)
-        self.count("MultiHeadAttention")
+        self._take_place(graph, node, mha.outputs[0], base + "_quant_out", "MultiHeadAttention")
 
     # --- GPTQ --------------------------------------------------------------------------------
     def _gptq(self, model: ir.Model, plans: list[_Plan], data: Any) -> None:
