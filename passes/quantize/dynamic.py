@@ -3,12 +3,15 @@
 Lowering (the fastest forms ORT's CPU kernels offer), per activation:
 
 * **per token** (one scale per row, where a few tokens would otherwise set the range): the input is
-  quantized in the graph, ``q = round(127·x / max|x|) + 128`` (``Abs``, ``ReduceMax``, ``Div``,
-  ``QuantizeLinear``; shared by the input's consumers), multiplied by the int8 weight in
-  ``com.microsoft.MatMulIntegerToFloat`` and rescaled by the row maxima (``Mul``). ORT has no
-  kernel with a per-row activation scale (``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``
-  take one scalar), hence the extra nodes. Inputs bounded below by ``-c`` (GELU, SiLU, ReLU) use
-  all 256 levels: ``q = round(255·(x + c) / max(x + c))``, ``c·ΣW`` comes back through the bias.
+  quantized in the graph, ``q = round(255·(x − lo) / (hi − lo))`` per row with ``lo = min(min x,
+  0)`` (``ReduceMin``, ``Min``, ``ReduceMax``, ``Sub``, ``Sub``, ``Div``, ``QuantizeLinear``; shared
+  by the input's consumers), multiplied by the int8 weight in ``com.microsoft.MatMulIntegerToFloat``,
+  rescaled by the row ranges (``Mul``), and ``lo ⊗ ΣW`` added back (``Mul``, ``Add``). ORT has no
+  kernel with a per-row activation scale or zero point (``MatMulIntegerToFloat`` and
+  ``DynamicQuantizeMatMul`` take scalars), hence the extra nodes. Inputs bounded below by ``-c``
+  (GELU, SiLU, ReLU) need no row minimum: ``q = round(255·(x + c) / max(x + c))``, ``c·ΣW`` comes
+  back through the bias. ``asymmetric=false``: ``q = round(127·x / max|x|) + 128`` after centering
+  (fewer nodes).
   Packed-QKV ``Attention`` becomes a per-token QKV projection + ``Split`` + ``MultiHeadAttention``
   (ORT's CPU MultiHeadAttention has no packed-QKV form; QAttention takes one input scale).
 * **per tensor** (elsewhere): ``MatMul`` + bias and ``Gemm`` → ``DynamicQuantizeMatMul``;
@@ -28,9 +31,9 @@ probe run of the float model on generated inputs, or on the calibration data):
 * ``smooth``: inputs made by a normalization are divided per channel by ``s = max|x|^a /
   max|w|^(1-a)`` and ``s`` is folded into the weights (SmoothQuant); folded into the norm's scale
   and shift when the norm feeds only these nodes (pre-LN), else one Mul.
-* ``center``: per-token inputs made by a norm or an attention op are shifted per channel to the
-  middle of their probed range (Outlier Suppression+-style): per-token levels are symmetric, a
-  norm's output is not. The shift returns exactly through the bias (``δ·W`` with W as the kernel
+* ``center`` (with ``asymmetric=false``): per-token inputs made by a norm or an attention op are
+  shifted per channel to the middle of their probed range (Outlier Suppression+-style): symmetric
+  levels, a norm's output is not. The shift returns exactly through the bias (``δ·W`` with W as the kernel
   sees it); it is folded into the norm's shift, or the attention's V bias (attention rows are convex
   combinations of V rows), else one Add.
 * ``outlier_channels``: for other inputs (GELU/ReLU outputs), the few channels whose probed maximum
@@ -38,11 +41,10 @@ probe run of the float model on generated inputs, or on the calibration data):
   float on their own (Gather + a thin MatMul), LLM.int8()-style.
 
 Measured on all-MiniLM-L6-v2 (72 real sentences, min cosine of the mean-pooled embeddings, see
-benchmarks/results/quantize_dynamic.md): per-tensor with smoothing and outlier channels 0.9936,
-per-token (auto) 0.996-0.997, every input per token 0.9975; ORT's quantize_dynamic 0.970 at its best
-setting. What is left is split about evenly between the weights (int8 per channel: 0.998 alone
-round-to-nearest, 0.999 with GPTQ) and the activations: asymmetric per-token levels would halve the
-activation part (measured in a numpy model), but need a per-row zero point that no ORT kernel takes.
+benchmarks/results/quantize_dynamic.md): per-tensor with smoothing and outlier channels 0.9936;
+per-token, symmetric with centering 0.996; asymmetric 0.9965 data-free and 0.998 with calibration
+text (GPTQ weights, every input per token); ORT's quantize_dynamic 0.970 at its best setting. The
+data-free rest is mostly the weights (int8 per channel, round-to-nearest: 0.998 alone).
 Extra bias terms go into the bias input of the consumer where it has one (SkipLayerNormalization,
 BiasGelu, FastGelu) instead of an Add. Every candidate node's decision and the reason are in the
 report (``details["nodes"]``), with the smoothed inputs, the float outlier channels and the probed
@@ -122,6 +124,11 @@ class DynamicOptions(CommonOptions):
             "per-tensor: one scale per tensor (DynamicQuantizeMatMul / QAttention: fewer nodes, much less "
             "accurate on trained transformers); auto: per-token where the probe finds a few tokens setting "
             "the range (see token_outlier_ratio), per-tensor elsewhere"))
+    asymmetric: bool = dataclasses.field(
+        default=True, metadata=_doc(
+            "per-token inputs without a known lower bound get asymmetric levels (row minimum to row "
+            "maximum; the minimum comes back as rowmin ⊗ ΣW, 2 nodes over the output); false: "
+            "symmetric levels after per-channel centering (fewer nodes, about twice the activation error)"))
     token_outlier_ratio: float = dataclasses.field(
         default=1.6, metadata=_doc(
             "activations=auto: an input is quantized per token when its probed largest token maximum "
@@ -285,7 +292,7 @@ class QuantizeDynamicPass(QuantizePassBase):
                     self._decide_smooth(graph, plans, stats)
                 if self.options.outlier_channels > 0:
                     self._decide_split(graph, plans, stats)
-                if o.center and o.activations != "per-tensor":
+                if o.center and o.activations != "per-tensor" and not o.asymmetric:
                     self._decide_center(graph, plans, ranges)
         use_gptq = o.method == "gptq" or (o.method == "auto" and calibration is not None
                                            and o.per_channel and o.symmetric)
@@ -909,7 +916,18 @@ class QuantizeDynamicPass(QuantizePassBase):
                 return node("ReduceMax", [v, axes], "rowmax", [ir.AttrInt64("keepdims", 1)])
             return node("ReduceMax", [v], "rowmax", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
 
-        if shift is None:
+        rmin = None
+        if shift is None and self.options.asymmetric:
+            # x = lo + range·q/255 per row (lo <= 0): the row minimum comes back after the kernel
+            # as lo ⊗ ΣW (MatMulIntegerToFloat takes one scalar zero point).
+            v, levels, zero = x, 255.0, 0
+            axes = self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))
+            low = node("ReduceMin", [x, axes], "rowmin", [ir.AttrInt64("keepdims", 1)]) if self._opset >= 18 else \
+                node("ReduceMin", [x], "rowmin", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+            rmin = node("Min", [low, self._shared_const(graph, "per_token_zero", np.array(0.0, np.float32))], "rowlow")
+            v = node("Sub", [x, rmin], "from_low")
+            rmax = node("Sub", [row_max(x), rmin], "rowrange")
+        elif shift is None:
             v, levels, zero = x, 127.0, 128
             rmax = row_max(node("Abs", [x], "abs"))
         else:
@@ -924,7 +942,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         quant.type = ir.TensorType(ir.DataType.UINT8)
         for n in nodes:
             graph.insert_before(before, n)
-        hit = _TokenLevels(quant, rmax, scale, zp, shift or 0.0)
+        hit = _TokenLevels(quant, rmax, scale, zp, shift or 0.0, rmin)
         self._per_token[id(x)] = hit
         self.count("per_token_inputs")
         return hit
@@ -946,6 +964,20 @@ class QuantizeDynamicPass(QuantizePassBase):
         mul.outputs[0].name = unique_name(graph, base + "_quant_out", self._taken)
         graph.insert_before(node, mm)
         graph.insert_before(node, mul)
+        result = mul.outputs[0]
+        if t.rowmin is not None:
+            wd = (qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)) \
+                * scale.const_value.numpy().astype(np.float64)
+            colsum = self._init(graph, base + "_colsum", wd.sum(axis=0).astype(np.float32))
+            low = ir.Node("", "Mul", [t.rowmin, colsum], num_outputs=1,
+                          name=unique_name(graph, base + "_low_term", self._taken))
+            low.outputs[0].name = unique_name(graph, base + "_low_term", self._taken)
+            add = ir.Node("", "Add", [result, low.outputs[0]], num_outputs=1,
+                          name=unique_name(graph, base + "_low_add", self._taken))
+            add.outputs[0].name = unique_name(graph, base + "_quant_asym", self._taken)
+            graph.insert_before(node, low)
+            graph.insert_before(node, add)
+            result = add.outputs[0]
         if t.shift or center is not None:
             # x·W = (x + c)·W − c·Σ_k W[k, :] and (x − δ)·W + δ·W, with W as the kernel sees it.
             wq = qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)
@@ -955,7 +987,7 @@ class QuantizeDynamicPass(QuantizePassBase):
                 bias = bias - t.shift * wq.sum(axis=0)
             if center is not None:
                 bias = bias + center @ wq
-        return mul.outputs[0], bias
+        return result, bias
 
     def _emit_mha(self, graph: ir.Graph, node: ir.Node, plan: _Plan, b: np.ndarray,
                   attn_bias: ir.Value | None) -> None:
@@ -1028,6 +1060,8 @@ class _TokenLevels:
     scale: ir.Value
     zero_point: ir.Value
     shift: float
+    #: Row minima (asymmetric levels): added back as rowmin ⊗ ΣW after the kernel.
+    rowmin: ir.Value | None = None
 
 
 #: Ops whose outputs have a lower bound -c (c = the shift that makes them non-negative). GELU:

@@ -66,12 +66,15 @@ def _out(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return dict(run_model(model, {"x": x}))["y"]
 
 
-@pytest.mark.parametrize("act", [None, "Relu", "Gelu"])
+@pytest.mark.parametrize("act", [None, "symmetric", "Relu", "Gelu"])
 def test_ort_output_is_the_per_token_scheme(act):
-    """Two-sided inputs: q = round(127·x / max|x|) (+128); inputs bounded below by -c (ReLU: 0,
-    GELU: 0.1701): q = round(255·(x + c) / max(x + c)), the shift taken back out of the bias."""
+    """Two-sided inputs: q = round(255·(x − lo) / (max x − lo)) with lo = min(min x, 0), or with
+    asymmetric=false q = round(127·x / max|x|) (+128); inputs bounded below by -c (ReLU: 0, GELU:
+    0.1701): q = round(255·(x + c) / max(x + c)), the shift taken back out of the bias."""
+    symmetric = act == "symmetric"
+    act = None if symmetric else act
     model = _mlp(act)
-    q, stats = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token")
+    q, stats = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token", asymmetric=not symmetric)
     assert collections.Counter(n.op_type for n in q.graph)["MatMulIntegerToFloat"] == 1
     x = (np.random.default_rng(1).standard_normal((2, 5, K)) * 3).astype(np.float32)
     a = {None: x, "Relu": np.maximum(x, 0), "Gelu": x * 0.5 * (1 + erf(x / np.sqrt(2)))}[act].astype(np.float64)
@@ -79,9 +82,13 @@ def test_ort_output_is_the_per_token_scheme(act):
     b = model.graph.initializers["b"].const_value.numpy()
     lv, scale, _ = quantize_weight(w)
     wd = lv.astype(np.float64) * scale
-    if act is None:
+    if symmetric:
         r = np.abs(a).max(-1, keepdims=True)
         ad = np.clip(np.round(a / r * 127), -127, 127) / 127 * r
+    elif act is None:
+        lo = np.minimum(a.min(-1, keepdims=True), 0)
+        r = a.max(-1, keepdims=True) - lo
+        ad = np.clip(np.round((a - lo) / r * 255), 0, 255) / 255 * r + lo
     else:
         c = 0.0 if act == "Relu" else 0.1701
         r = (a + c).max(-1, keepdims=True)
@@ -141,11 +148,15 @@ def test_centering_a_one_sided_norm_output_lowers_the_error():
     def err(m: ir.Model) -> float:
         return float(np.linalg.norm(_out(m, x) - ref) / np.linalg.norm(ref))
 
-    centered, stats = _quantize(model, smooth=0.0, activations="per-token")
-    plain, _ = _quantize(model, smooth=0.0, center=False, activations="per-token")
+    centered, stats = _quantize(model, smooth=0.0, activations="per-token", asymmetric=False)
+    plain, _ = _quantize(model, smooth=0.0, center=False, activations="per-token", asymmetric=False)
+    asym, _ = _quantize(model, smooth=0.0, activations="per-token")
     assert stats.get("center") == 1 and stats.get("center:folded") == 1  # into the norm's shift
     assert collections.Counter(n.op_type for n in centered.graph)["Add"] == 1  # only the bias add
     assert err(centered) < err(plain) / 2, (err(centered), err(plain))
+    # Asymmetric levels (the default) fit each row's own range, less tightly than per-channel
+    # centering does when the channels sit on both sides, but better than plain symmetric levels.
+    assert err(asym) < err(plain), (err(asym), err(plain))
 
 
 def test_gptq_int8_lowers_the_output_error_on_correlated_inputs():
