@@ -3,8 +3,8 @@
 Lowering (the fastest forms ORT's CPU kernels offer), per activation:
 
 * **per token** (one scale per row, where a few tokens would otherwise set the range): the input is
-  quantized in the graph, ``q = round(255·(x − lo) / (hi − lo))`` per row with ``lo = min(min x,
-  0)`` (``ReduceMin``, ``Min``, ``ReduceMax``, ``Sub``, ``Sub``, ``Div``, ``QuantizeLinear``; shared
+  quantized in the graph, ``q = round(255·(x − lo) / (hi − lo))`` per row, ``lo`` and ``hi`` the
+  row's minimum and maximum (``ReduceMin``, ``ReduceMax``, ``Sub``, ``Sub``, ``Div``, ``QuantizeLinear``; shared
   by the input's consumers), multiplied by the int8 weight in ``com.microsoft.MatMulIntegerToFloat``,
   rescaled by the row ranges (``Mul``), and ``lo ⊗ ΣW`` added back (``Mul``, ``Add``). ORT has no
   kernel with a per-row activation scale or zero point (``MatMulIntegerToFloat`` and
@@ -918,13 +918,14 @@ class QuantizeDynamicPass(QuantizePassBase):
 
         rmin = None
         if shift is None and self.options.asymmetric:
-            # x = lo + range·q/255 per row (lo <= 0): the row minimum comes back after the kernel
-            # as lo ⊗ ΣW (MatMulIntegerToFloat takes one scalar zero point).
+            # x = lo + range·q/255 per row: the row minimum comes back after the kernel as lo ⊗ ΣW
+            # (MatMulIntegerToFloat takes one scalar zero point). Zero need not be a level: these
+            # are MatMul inputs, not padded images. A constant row has range 0; its levels are
+            # arbitrary, times 0, and lo ⊗ ΣW alone is its exact product.
             v, levels, zero = x, 255.0, 0
             axes = self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))
-            low = node("ReduceMin", [x, axes], "rowmin", [ir.AttrInt64("keepdims", 1)]) if self._opset >= 18 else \
+            rmin = node("ReduceMin", [x, axes], "rowmin", [ir.AttrInt64("keepdims", 1)]) if self._opset >= 18 else \
                 node("ReduceMin", [x], "rowmin", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
-            rmin = node("Min", [low, self._shared_const(graph, "per_token_zero", np.array(0.0, np.float32))], "rowlow")
             v = node("Sub", [x, rmin], "from_low")
             rmax = node("Sub", [row_max(x), rmin], "rowrange")
         elif shift is None:

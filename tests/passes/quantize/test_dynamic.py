@@ -332,16 +332,17 @@ def test_minilm_min_cosine():
     ref = P.mean_pool(dict(run_model(raw, feeds))["last_hidden_state"], feeds["attention_mask"])
     tok = P.load_tokenizer()
     calibration = [P.minilm_feeds([s], tok) for s in P.CALIBRATION_SENTENCES]
-    for kw in ({}, {"calibration": calibration}):
+    for kw, floor in (({}, MINILM_MIN_COSINE), ({"calibration": calibration}, MINILM_MIN_COSINE_CALIBRATED)):
         r = graphopt.optimize(raw, "ort-cpu", quantize="dynamic", **kw)
         got = P.mean_pool(dict(run_model(r.model, feeds))["last_hidden_state"], feeds["attention_mask"])
-        assert P.min_cosine(ref, got) >= MINILM_MIN_COSINE, kw.keys()
+        assert P.min_cosine(ref, got) >= floor, kw.keys()
 
 
-#: What the default reaches on SENTENCES (see benchmarks/results/quantize_dynamic.md: 0.9968
-#: data-free, 0.9974 calibrated); ORT's quantize_dynamic reaches 0.97 at its best setting on the
-#: same export.
+#: What the default reaches on SENTENCES, with a little room for other CPUs' integer kernels (see
+#: benchmarks/results/quantize_dynamic.md: 0.9965 data-free, 0.9983 with the calibration text);
+#: ORT's quantize_dynamic reaches 0.97 at its best setting on the same export.
 MINILM_MIN_COSINE = 0.996
+MINILM_MIN_COSINE_CALIBRATED = 0.9975
 
 
 def test_gather_embedding_opt_in(bert):

@@ -68,7 +68,7 @@ def _out(model: ir.Model, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("act", [None, "symmetric", "Relu", "Gelu"])
 def test_ort_output_is_the_per_token_scheme(act):
-    """Two-sided inputs: q = round(255·(x − lo) / (max x − lo)) with lo = min(min x, 0), or with
+    """Two-sided inputs: q = round(255·(x − lo) / (max x − lo)) with lo the row minimum, or with
     asymmetric=false q = round(127·x / max|x|) (+128); inputs bounded below by -c (ReLU: 0, GELU:
     0.1701): q = round(255·(x + c) / max(x + c)), the shift taken back out of the bias."""
     symmetric = act == "symmetric"
@@ -86,7 +86,7 @@ def test_ort_output_is_the_per_token_scheme(act):
         r = np.abs(a).max(-1, keepdims=True)
         ad = np.clip(np.round(a / r * 127), -127, 127) / 127 * r
     elif act is None:
-        lo = np.minimum(a.min(-1, keepdims=True), 0)
+        lo = a.min(-1, keepdims=True)
         r = a.max(-1, keepdims=True) - lo
         ad = np.clip(np.round((a - lo) / r * 255), 0, 255) / 255 * r + lo
     else:
@@ -127,10 +127,14 @@ def test_zero_rows_come_out_exact():
     model = _mlp(None)
     q, _ = _quantize(model, outlier_channels=0.0, activations="per-token")
     x = np.random.default_rng(2).standard_normal((2, 5, K)).astype(np.float32)
-    x[1, 3] = 0.0  # 0 / 0 in the row normalization: the row's levels are garbage, times a max of 0
+    x[1, 3] = 0.0  # 0 / 0 in the row normalization: the row's levels are garbage, times a range of 0
+    x[0, 2] = 3.0  # a constant row: range 0 too; its minimum times the weight's column sums is exact
     y = _out(q, x)
     assert np.isfinite(y).all()
-    np.testing.assert_allclose(y[1, 3], model.graph.initializers["b"].const_value.numpy(), atol=1e-6)
+    b = model.graph.initializers["b"].const_value.numpy()
+    np.testing.assert_allclose(y[1, 3], b, atol=1e-6)
+    lv, scale, _ = quantize_weight(model.graph.initializers["W"].const_value.numpy())
+    np.testing.assert_allclose(y[0, 2], 3.0 * (lv * scale).sum(axis=0) + b, rtol=1e-5, atol=1e-4)
 
 
 def test_centering_a_one_sided_norm_output_lowers_the_error():
