@@ -126,7 +126,7 @@ class DynamicOptions(CommonOptions):
             "the range (see token_outlier_ratio), per-tensor elsewhere"))
     asymmetric: bool = dataclasses.field(
         default=True, metadata=_doc(
-            "per-token inputs without a known lower bound get asymmetric levels (row minimum to row "
+            "per-token inputs made by a normalization get asymmetric levels (row minimum to row "
             "maximum; the minimum comes back as rowmin ⊗ ΣW, 2 nodes over the output); false: "
             "symmetric levels after per-channel centering (fewer nodes, about twice the activation error)"))
     token_outlier_ratio: float = dataclasses.field(
@@ -292,8 +292,8 @@ class QuantizeDynamicPass(QuantizePassBase):
                     self._decide_smooth(graph, plans, stats)
                 if self.options.outlier_channels > 0:
                     self._decide_split(graph, plans, stats)
-                if o.center and o.activations != "per-tensor" and not o.asymmetric:
-                    self._decide_center(graph, plans, ranges)
+                if o.activations != "per-tensor":
+                    self._decide_levels(graph, plans, ranges)
         use_gptq = o.method == "gptq" or (o.method == "auto" and calibration is not None
                                            and o.per_channel and o.symmetric)
         self.details["weights"] = "gptq" if use_gptq and plans else "rtn"
@@ -541,38 +541,43 @@ class QuantizeDynamicPass(QuantizePassBase):
                 plan.side = (g, idx)
             self.details.setdefault("outlier_channels", {})[name] = [int(i) for i in idx]
 
-    def _decide_center(self, graph: ir.Graph, plans: list[_Plan],
+    def _decide_levels(self, graph: ir.Graph, plans: list[_Plan],
                        ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Per-channel centering of per-token inputs (Outlier Suppression+-style shifting): int8
-        levels are symmetric per token, but a norm's output is not (its shift β and the residual
-        stream's outlier channels put a channel's values mostly on one side). Subtracting each
-        channel's probed mid-range δ makes every token about symmetric; ``x·W = (x − δ)·W + δ·W``
-        and ``δ·W`` (with W as the kernel sees it) goes into the bias. Attention outputs are
-        centered through the V bias: each output row is a convex combination of V rows."""
+        """How two-sided per-token inputs get their levels.
+
+        Attention outputs: symmetric levels after per-channel centering (Outlier Suppression+-
+        style shifting) through the V bias (each output row is a convex combination of V rows), which
+        costs nothing at run time. Other inputs, norm outputs above all (their shift β and the
+        residual stream's outlier channels put a channel's values mostly on one side, and massive
+        tokens make rows lopsided): asymmetric levels from each row's own range (``asymmetric``),
+        else symmetric levels after centering folded into the norm's shift or one Add. Either way
+        ``x·W = (x − δ)·W + δ·W`` and ``δ·W`` (W as the kernel sees it) goes into the bias."""
+        o = self.options
         by_node = {id(p.node): p for p in plans}
         for x, group, _first in self._groups(graph, plans, ("MatMul", "Gemm", "Attention")):
             if any(not p.per_token or p.outliers is not None for p in group):
                 continue
+            for p in group:
+                p.asymmetric = o.asymmetric
             r = ranges.get(x.name)
             k = group[0].weight.shape[0]
-            if r is None or r[0].shape != (k,) or any(p.weight.shape[0] != k for p in group):
+            producer = _source(x)
+            if (not o.center or producer is None or r is None or r[0].shape != (k,)
+                    or any(p.weight.shape[0] != k for p in group)):
                 continue
             delta = (r[0] + r[1]) / 2.0
-            producer = _source(x)
-            if producer is None:
-                continue
-            if producer.op_type in _NORMS:
-                for p in group:
-                    p.center = delta / (p.smooth if p.smooth is not None else 1.0)
-                    p.center_in_graph = True
-            elif producer.op_type == "Attention" and id(producer) in by_node and x.producer() is producer:
+            if producer.op_type == "Attention" and id(producer) in by_node and x.producer() is producer:
                 if x.is_graph_output() or {id(u.node) for u in x.uses()} != {id(p.node) for p in group}:
                     continue
                 if producer.outputs.index(x) != 0:
                     continue
                 by_node[id(producer)].v_shift = delta
                 for p in group:
-                    p.center = delta
+                    p.center, p.asymmetric = delta, False
+            elif producer.op_type in _NORMS and not o.asymmetric:
+                for p in group:
+                    p.center = delta / (p.smooth if p.smooth is not None else 1.0)
+                    p.center_in_graph = True
             else:
                 continue
             self.count("center")
@@ -713,7 +718,8 @@ class QuantizeDynamicPass(QuantizePassBase):
             w[plan.side[1]] = 0.0
         qw, scale, zp = self._qweight(graph, base + "_W", w, plan.quantized)
         if plan.per_token:
-            y, bias = self._per_token_matmul(graph, node, a, qw, scale, zp, base, bias, plan.center)
+            y, bias = self._per_token_matmul(graph, node, a, qw, scale, zp, base, bias, plan.center,
+                                             plan.asymmetric)
             y.shape, y.type = out.shape, out.type
             if bias is not None and self._absorb_bias(graph, out, bias, base):
                 bias = None
@@ -885,7 +891,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
         return producer is None or producer.op_type not in _ATTENTION_OPS
 
-    def _per_token_input(self, graph: ir.Graph, x: ir.Value, before: ir.Node) -> _TokenLevels:
+    def _per_token_input(self, graph: ir.Graph, x: ir.Value, before: ir.Node, asymmetric: bool) -> _TokenLevels:
         """``x`` quantized per row (token), made once per value and shared by its consumers.
 
         Two-sided inputs: ``q = round(127·x / max|x|) + 128`` (uint8 with one zero point, so ORT
@@ -917,7 +923,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             return node("ReduceMax", [v], "rowmax", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
 
         rmin = None
-        if shift is None and self.options.asymmetric:
+        if shift is None and asymmetric:
             # x = lo + range·q/255 per row: the row minimum comes back after the kernel as lo ⊗ ΣW
             # (MatMulIntegerToFloat takes one scalar zero point). Zero need not be a level: these
             # are MatMul inputs, not padded images. A constant row has range 0; its levels are
@@ -949,11 +955,11 @@ class QuantizeDynamicPass(QuantizePassBase):
         return hit
 
     def _per_token_matmul(self, graph: ir.Graph, node: ir.Node, a: ir.Value, qw: ir.Value, scale: ir.Value,
-                          zp: ir.Value, base: str, bias: np.ndarray | None, center: np.ndarray | None = None
-                          ) -> tuple[ir.Value, np.ndarray | None]:
+                          zp: ir.Value, base: str, bias: np.ndarray | None, center: np.ndarray | None = None,
+                          asymmetric: bool = False) -> tuple[ir.Value, np.ndarray | None]:
         """``MatMulIntegerToFloat`` of the per-token levels times the row maxima; returns the output
         and the bias to add after it (the input shift folded in)."""
-        t = self._per_token_input(graph, a, node)
+        t = self._per_token_input(graph, a, node, asymmetric)
         inputs: list[ir.Value | None] = [t.levels, qw, t.scale, scale, t.zero_point]
         if not self.options.symmetric:
             inputs.append(zp)
@@ -1001,7 +1007,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         if plan.v_shift is not None:
             b = b.astype(np.float64).copy()
             b[2 * (b.shape[0] // 3):] -= plan.v_shift
-        qkv, b = self._per_token_matmul(graph, node, x, qw, scale, zp, base, b, plan.center)
+        qkv, b = self._per_token_matmul(graph, node, x, qw, scale, zp, base, b, plan.center, plan.asymmetric)
         d = plan.weight.shape[1] // 3
         split = ir.Node("", "Split", [qkv, self._init(graph, base + "_qkv_split", np.array([d, d, d], np.int64))],
                         attributes=[ir.AttrInt64("axis", -1)], num_outputs=3,
@@ -1110,6 +1116,8 @@ class _Plan:
     per_token: bool = True
     #: Whether they can be (an attention with a mask_index cannot).
     can_per_token: bool = True
+    #: Per-token levels from the row's own range (norm outputs), else symmetric.
+    asymmetric: bool = False
     #: Per-channel shift subtracted from the (smoothed) input, in the kernel's input units.
     center: np.ndarray | None = None
     #: The center is subtracted by a graph edit (norm-fed inputs), not through a V bias.
