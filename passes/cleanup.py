@@ -39,6 +39,7 @@ __all__ = [
     "ShapeInferencePass",
     "LiftConstantsPass",
     "replace_value",
+    "take_place",
 ]
 
 
@@ -77,6 +78,17 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
             return None
         dims.append(d)
     return tuple(dims)
+
+
+def take_place(old: ir.Value, new: ir.Value) -> None:
+    """Make ``new`` take ``old``'s place: every use, and its graph-output slot and name (the model's
+    interface keeps its names). Unlike :func:`replace_value`, the producer of ``old`` stays (it may
+    have other outputs to hand over); ``new`` must be made inside the same graph."""
+    name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if name is not None:
+        old.name = None
+        new.name = name
 
 
 def replace_value(node: ir.Node, old: ir.Value, new: ir.Value) -> bool:

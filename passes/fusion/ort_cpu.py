@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
+from ..cleanup import take_place
 from ._base import CONTRIB, FusionPass, FusionRule, model_opset
 from .ort_extra import graph_nodes
 
@@ -89,25 +90,12 @@ def lower_skip_norms(model: ir.Model) -> int:
         graph.insert_before(node, [total, norm])
         y = norm.outputs[0]
         y.type, y.shape = outs[0].type, outs[0].shape
-        _take_over(graph, outs[0], y)
+        take_place(outs[0], y)
         if len(outs) > 3 and (outs[3].uses() or outs[3].is_graph_output()):
-            _take_over(graph, outs[3], s)
+            take_place(outs[3], s)
         graph.remove(node, safe=True)
         count += 1
     return count
-
-
-def _take_over(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Point the uses of ``old`` at ``new``; a graph output keeps its name."""
-    if old.is_graph_output():
-        name = old.name
-        outputs = graph.outputs
-        for i, v in enumerate(outputs):
-            if v is old:
-                outputs[i] = new
-        old.name = f"{name}_replaced"
-        new.name = name
-    old.replace_all_uses_with(new)
 
 
 class LowerOrtCpuPass(FusionPass):

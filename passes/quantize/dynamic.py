@@ -67,6 +67,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PipelineError
 
+from ..cleanup import take_place
 from .base import CommonOptions, QuantizePassBase, constant_array, unique_name
 from .weight_only import gptq_inverse_factor, gptq_sweep
 
@@ -755,7 +756,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             y = add.outputs[0]
             y.name, y.shape, y.type = unique_name(graph, base + "_quant_sum", self._taken), out.shape, out.type
             self.count("outlier_split")
-        _swap_output(graph, out, y)
+        take_place(out, y)
         for n in [*remove, node]:
             graph.remove(n, safe=True)
 
@@ -858,7 +859,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         """``y`` replaces ``node``'s output (its consumers, graph-output slot and name); ``node`` goes."""
         out = node.outputs[0]
         y.name, y.shape, y.type = unique_name(graph, name, self._taken), out.shape, out.type
-        _swap_output(graph, out, y)
+        take_place(out, y)
         graph.remove(node, safe=True)
         self.count(counter)
 
@@ -893,15 +894,17 @@ class QuantizeDynamicPass(QuantizePassBase):
         return producer is None or producer.op_type not in _ATTENTION_OPS
 
     def _per_token_input(self, graph: ir.Graph, x: ir.Value, before: ir.Node, asymmetric: bool) -> _TokenLevels:
-        """``x`` quantized per row (token), made once per value and shared by its consumers.
+        """``x`` quantized per row (token), made once per value and shared by its consumers; the
+        levels are uint8 with one scalar zero point, so ORT runs its fast u8×s8 kernels.
 
-        Two-sided inputs: ``q = round(127·x / max|x|) + 128`` (uint8 with one zero point, so ORT
-        runs its fast u8×s8 kernels). Inputs with a known lower bound ``-c`` (GELU, SiLU, ReLU
-        outputs, see :func:`_lower_bound`): ``q = round(255·(x + c) / max(x + c))`` with zero point 0,
-        twice as fine; the shift comes back out of the bias (``c·Σ_k W``).
+        * ``asymmetric``: ``q = round(255·(x − lo) / (hi − lo))`` from the row's own minimum and
+          maximum; ``lo ⊗ ΣW`` is added back after the kernel (:meth:`_per_token_matmul`).
+        * symmetric: ``q = round(127·x / max|x|) + 128``.
+        * a known lower bound ``-c`` (GELU, SiLU, ReLU outputs, see :func:`_lower_bound`) overrides
+          both: ``q = round(255·(x + c) / max(x + c))``, the shift back out of the bias (``c·ΣW``).
 
-        A row of zeros divides 0 by 0; its levels are then arbitrary but finite, and the output row
-        is multiplied by its maximum, 0, so it comes out exact (the bias alone), as in float."""
+        A row of zeros (or a constant row, asymmetric) divides 0 by 0; its levels are then
+        arbitrary but finite and are multiplied by a range of 0, so the row comes out exact."""
         hit = self._per_token.get(id(x))
         if hit is not None:
             return hit
@@ -917,11 +920,12 @@ class QuantizeDynamicPass(QuantizePassBase):
             nodes.append(n)
             return n.outputs[0]
 
-        def row_max(v: ir.Value) -> ir.Value:
+        def row(op: str, v: ir.Value, suffix: str) -> ir.Value:
+            """ReduceMax/ReduceMin over the last axis, kept (axes an input from opset 18 on)."""
             if self._opset >= 18:
                 axes = self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))
-                return node("ReduceMax", [v, axes], "rowmax", [ir.AttrInt64("keepdims", 1)])
-            return node("ReduceMax", [v], "rowmax", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+                return node(op, [v, axes], suffix, [ir.AttrInt64("keepdims", 1)])
+            return node(op, [v], suffix, [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
 
         rmin = None
         if shift is None and asymmetric:
@@ -929,21 +933,19 @@ class QuantizeDynamicPass(QuantizePassBase):
             # (MatMulIntegerToFloat takes one scalar zero point). Zero need not be a level: these
             # are MatMul inputs, not padded images. A constant row has range 0; its levels are
             # arbitrary, times 0, and lo ⊗ ΣW alone is its exact product.
-            v, levels, zero = x, 255.0, 0
-            axes = self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))
-            rmin = node("ReduceMin", [x, axes], "rowmin", [ir.AttrInt64("keepdims", 1)]) if self._opset >= 18 else \
-                node("ReduceMin", [x], "rowmin", [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
+            levels, zero = 255.0, 0
+            rmin = row("ReduceMin", x, "rowmin")
             v = node("Sub", [x, rmin], "from_low")
-            rmax = node("Sub", [row_max(x), rmin], "rowrange")
+            rmax = node("Sub", [row("ReduceMax", x, "rowmax"), rmin], "rowrange")
         elif shift is None:
             v, levels, zero = x, 127.0, 128
-            rmax = row_max(node("Abs", [x], "abs"))
+            rmax = row("ReduceMax", node("Abs", [x], "abs"), "rowmax")
         else:
             v, levels, zero = x, 255.0, 0
             if shift > 0:
                 v = node("Add", [x, self._shared_const(graph, f"per_token_shift_{shift:g}",
                                                        np.array(shift, np.float32))], "shifted")
-            rmax = row_max(v)
+            rmax = row("ReduceMax", v, "rowmax")
         scale = self._shared_const(graph, f"per_token_scale_{levels:g}", np.array(1.0 / levels, np.float32))
         zp = self._shared_const(graph, f"per_token_zero_point_{zero}", np.array(zero, np.uint8))
         quant = node("QuantizeLinear", [node("Div", [v, rmax], "rownorm"), scale, zp], "levels")
@@ -958,8 +960,9 @@ class QuantizeDynamicPass(QuantizePassBase):
     def _per_token_matmul(self, graph: ir.Graph, node: ir.Node, a: ir.Value, qw: ir.Value, scale: ir.Value,
                           zp: ir.Value, base: str, bias: np.ndarray | None, center: np.ndarray | None = None,
                           asymmetric: bool = False) -> tuple[ir.Value, np.ndarray | None]:
-        """``MatMulIntegerToFloat`` of the per-token levels times the row maxima; returns the output
-        and the bias to add after it (the input shift folded in)."""
+        """``MatMulIntegerToFloat`` of the per-token levels, times the row scale (maximum or range),
+        plus the row minimum's term (asymmetric); returns the output and the bias to add after it
+        (input shift and centering folded in)."""
         t = self._per_token_input(graph, a, node, asymmetric)
         inputs: list[ir.Value | None] = [t.levels, qw, t.scale, scale, t.zero_point]
         if not self.options.symmetric:
@@ -973,9 +976,12 @@ class QuantizeDynamicPass(QuantizePassBase):
         graph.insert_before(node, mm)
         graph.insert_before(node, mul)
         result = mul.outputs[0]
-        if t.rowmin is not None:
-            wd = (qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)) \
-                * scale.const_value.numpy().astype(np.float64)
+        if t.rowmin is None and not t.shift and center is None:
+            return result, bias
+        # The weight as the kernel sees it: the terms below are exact against the int8 product.
+        wd = (qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)) \
+            * scale.const_value.numpy().astype(np.float64)
+        if t.rowmin is not None:  # x = lo + (x − lo): lo ⊗ ΣW after the kernel
             colsum = self._init(graph, base + "_colsum", wd.sum(axis=0).astype(np.float32))
             low = ir.Node("", "Mul", [t.rowmin, colsum], num_outputs=1,
                           name=unique_name(graph, base + "_low_term", self._taken))
@@ -986,15 +992,12 @@ class QuantizeDynamicPass(QuantizePassBase):
             graph.insert_before(node, low)
             graph.insert_before(node, add)
             result = add.outputs[0]
-        if t.shift or center is not None:
-            # x·W = (x + c)·W − c·Σ_k W[k, :] and (x − δ)·W + δ·W, with W as the kernel sees it.
-            wq = qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)
-            wq *= scale.const_value.numpy().astype(np.float64)
-            bias = np.zeros(wq.shape[1]) if bias is None else bias.astype(np.float64)
+        if t.shift or center is not None:  # x·W = (x + c)·W − c·ΣW and (x − δ)·W + δ·W
+            bias = np.zeros(wd.shape[1]) if bias is None else bias.astype(np.float64)
             if t.shift:
-                bias = bias - t.shift * wq.sum(axis=0)
+                bias = bias - t.shift * wd.sum(axis=0)
             if center is not None:
-                bias = bias + center @ wq
+                bias = bias + center @ wd
         return result, bias
 
     def _emit_mha(self, graph: ir.Graph, node: ir.Node, plan: _Plan, b: np.ndarray,
@@ -1131,15 +1134,6 @@ class _Plan:
     smooth: np.ndarray | None = None
     #: The weight already quantized by GPTQ: (int8 levels, scale, zero point).
     quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-
-def _swap_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Make ``new`` take ``old``'s place: its consumers, and its graph-output slot and name."""
-    name = old.name if old.is_graph_output() else None
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if name is not None:
-        old.name = None
-        new.name = name
 
 
 def _source(value: ir.Value) -> ir.Node | None:
