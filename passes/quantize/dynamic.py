@@ -128,8 +128,8 @@ class DynamicOptions(CommonOptions):
             "the range (see token_outlier_ratio), per-tensor elsewhere"))
     asymmetric: bool = dataclasses.field(
         default=True, metadata=_doc(
-            "per-token inputs made by a normalization get asymmetric levels (row minimum to row "
-            "maximum; the minimum comes back as rowmin ⊗ ΣW, 2 nodes over the output); false: "
+            "per-token inputs made by a normalization get asymmetric levels (the row's own range, "
+            "a zero point per row that the int8 kernel takes as a few extra columns); false: "
             "symmetric levels after per-channel centering (fewer nodes, about twice the activation error)"))
     token_outlier_ratio: float = dataclasses.field(
         default=1.6, metadata=_doc(
@@ -257,6 +257,8 @@ class QuantizeDynamicPass(QuantizePassBase):
         #: per-token quantized inputs, shared by their consumers: id(value) → (levels, row max)
         self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}
         self._consts: dict[str, ir.Value] = {}
+        #: asymmetric per-token inputs: id(value) → zero-point columns appended to their levels
+        self._zero_columns: dict[int, int] = {}
         o = self.options
         calibration = self.calibration_data()
         if o.method == "gptq" and calibration is None:
@@ -305,6 +307,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         self._apply_smooth(graph, plans)
         self._apply_center(graph, plans)
         self._apply_split(graph, plans)
+        self._zero_columns = self._plan_zero_columns(plans)
         modified = False
         for plan in plans:
             plan.rewrite(graph, plan)
@@ -882,6 +885,34 @@ class QuantizeDynamicPass(QuantizePassBase):
             plan.per_token = plan.can_per_token and ratio > limit
             self.details.setdefault("token_ratio", {})[plan.node.inputs[0].name] = round(ratio, 2)
 
+    def _plan_zero_columns(self, plans: list[_Plan]) -> dict[int, int]:
+        """How many zero-point columns each per-token input needs: enough that every consumer's
+        ``-ΣW_q`` per output column splits into int8 rows of magnitude ≤ 64 (u8·s8 pairs then stay
+        inside int16 on CPUs without VNNI, where x86 kernels add products in pairs with
+        saturation), a multiple of 4 (the kernels pack K by 4). Weights are quantized here (and
+        kept) because their column sums decide it. ORT's MatMulIntegerToFloat takes one scalar
+        zero point for A; the columns stand in for a per-row one. Asymmetric weights (a zero point
+        per column) keep the rowmin ⊗ ΣW term after the kernel instead."""
+        o = self.options
+        need: dict[int, int] = {}
+        if not o.symmetric:
+            return need
+        for p in plans:
+            if not p.per_token or p.node.op_type == "Gather":
+                continue
+            x = p.node.inputs[0]
+            if p.quantized is None:
+                w = p.weight
+                if p.side is not None:
+                    w = w.copy()
+                    w[p.side[1]] = 0.0
+                p.quantized = quantize_weight(w, per_channel=o.per_channel, symmetric=True,
+                                              reduce_range=o.reduce_range)
+            total = int(np.abs(p.quantized[0].astype(np.int64).sum(axis=0)).max(initial=0))
+            columns = -(-total // _ZERO_ROW_MAX)
+            need[id(x)] = max(need.get(id(x), 4), -(-columns // 4) * 4)  # ≥ 4: the padding holds 0
+        return need
+
     def _per_token_for(self, a: ir.Value) -> bool:
         mode = self.options.activations
         if mode != "auto":
@@ -897,8 +928,10 @@ class QuantizeDynamicPass(QuantizePassBase):
         """``x`` quantized per row (token), made once per value and shared by its consumers; the
         levels are uint8 with one scalar zero point, so ORT runs its fast u8×s8 kernels.
 
-        * ``asymmetric``: ``q = round(255·(x − lo) / (hi − lo))`` from the row's own minimum and
-          maximum; ``lo ⊗ ΣW`` is added back after the kernel (:meth:`_per_token_matmul`).
+        * ``asymmetric``: 255 levels over the row's own range with zero in it, an integer zero
+          point per row carried into the kernel by extra columns (:meth:`_plan_zero_columns`);
+          with asymmetric weights, ``q = round(255·(x − lo) / (hi − lo))`` from the row's minimum
+          and ``lo ⊗ ΣW`` added back after the kernel (:meth:`_per_token_matmul`).
         * symmetric: ``q = round(127·x / max|x|) + 128``.
         * a known lower bound ``-c`` (GELU, SiLU, ReLU outputs, see :func:`_lower_bound`) overrides
           both: ``q = round(255·(x + c) / max(x + c))``, the shift back out of the bias (``c·ΣW``).
@@ -928,6 +961,36 @@ class QuantizeDynamicPass(QuantizePassBase):
             return node(op, [v], suffix, [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
 
         rmin = None
+        columns = self._zero_columns.get(id(x)) if shift is None and asymmetric and self._opset >= 18 else None
+        if columns is not None:
+            # Integer zero point per row. x is padded with ``columns`` zeros first, so the row's
+            # minimum and maximum include 0 (zero is a level) and the padding turns into the zero
+            # point itself below. 255 levels over [lo, hi]: q = round(255·x / (hi − lo)) + z with
+            # z = round(−255·lo / (hi − lo)); in the padding q = z. The extra columns of z meet rows
+            # of W summing to −ΣW (see _plan_zero_columns), so nothing runs over the output but the
+            # row scale. A row of zeros divides 0 by 0: its levels are garbage, times a range of 0.
+            levels, zero = 255.0, 0
+            padded = node("Pad", [x, self._shared_const(graph, f"per_token_pads_{columns}",
+                                                        np.array([0, columns], np.int64)),
+                                  None, self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))],
+                          "padded")
+            lo = row("ReduceMin", padded, "rowmin")
+            rmax = node("Sub", [row("ReduceMax", padded, "rowmax"), lo], "rowrange")
+            neg_inv = node("Div", [self._shared_const(graph, "per_token_minus_255", np.array(-255.0, np.float32)),
+                                   rmax], "neg_inverse_step")
+            z = node("Round", [node("Mul", [lo, neg_inv], "zero_point_real")], "row_zero_point")
+            v = node("Sub", [z, node("Mul", [padded, neg_inv], "scaled")], "shifted_levels")
+            unit = self._shared_const(graph, "per_token_unit_step", np.array(1.0, np.float32))
+            scale = self._shared_const(graph, f"per_token_scale_{levels:g}", np.array(1.0 / levels, np.float32))
+            zp = self._shared_const(graph, f"per_token_zero_point_{zero}", np.array(zero, np.uint8))
+            quant = node("QuantizeLinear", [v, unit, zp], "levels")
+            quant.type = ir.TensorType(ir.DataType.UINT8)
+            for n in nodes:
+                graph.insert_before(before, n)
+            hit = _TokenLevels(quant, rmax, scale, zp, 0.0, None, columns)
+            self._per_token[id(x)] = hit
+            self.count("per_token_inputs")
+            return hit
         if shift is None and asymmetric:
             # x = lo + range·q/255 per row: the row minimum comes back after the kernel as lo ⊗ ΣW
             # (MatMulIntegerToFloat takes one scalar zero point). Zero need not be a level: these
@@ -960,10 +1023,17 @@ class QuantizeDynamicPass(QuantizePassBase):
     def _per_token_matmul(self, graph: ir.Graph, node: ir.Node, a: ir.Value, qw: ir.Value, scale: ir.Value,
                           zp: ir.Value, base: str, bias: np.ndarray | None, center: np.ndarray | None = None,
                           asymmetric: bool = False) -> tuple[ir.Value, np.ndarray | None]:
-        """``MatMulIntegerToFloat`` of the per-token levels, times the row scale (maximum or range),
-        plus the row minimum's term (asymmetric); returns the output and the bias to add after it
-        (input shift and centering folded in)."""
+        """``MatMulIntegerToFloat`` of the per-token levels, times the row scale (maximum or range);
+        asymmetric levels: the weight gains the zero-point rows, or (asymmetric weights) the row
+        minimum's term follows. Returns the output and the bias to add after it (input shift and
+        centering folded in)."""
         t = self._per_token_input(graph, a, node, asymmetric)
+        q = qw.const_value.numpy()
+        if t.zero_columns is not None:
+            # Σ(q_x − z)·W_q = [q_x, z, …, z]·[W_q; R] with the rows of R summing to −ΣW_q.
+            aug = np.concatenate([q, _zero_point_rows(q, t.zero_columns)]).astype(q.dtype)
+            qw.const_value = ir.tensor(aug, name=qw.name)
+            qw.shape = ir.Shape(aug.shape)
         inputs: list[ir.Value | None] = [t.levels, qw, t.scale, scale, t.zero_point]
         if not self.options.symmetric:
             inputs.append(zp)
@@ -979,7 +1049,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         if t.rowmin is None and not t.shift and center is None:
             return result, bias
         # The weight as the kernel sees it: the terms below are exact against the int8 product.
-        wd = (qw.const_value.numpy().astype(np.float64) - zp.const_value.numpy().astype(np.float64)) \
+        wd = (q.astype(np.float64) - zp.const_value.numpy().astype(np.float64)) \
             * scale.const_value.numpy().astype(np.float64)
         if t.rowmin is not None:  # x = lo + (x − lo): lo ⊗ ΣW after the kernel
             colsum = self._init(graph, base + "_colsum", wd.sum(axis=0).astype(np.float32))
@@ -1061,6 +1131,25 @@ class QuantizeDynamicPass(QuantizePassBase):
         self.count("gptq", done)
 
 
+#: Largest magnitude of a zero-point row entry (see QuantizeDynamicPass._plan_zero_columns).
+_ZERO_ROW_MAX = 64
+
+
+def _zero_point_rows(q: np.ndarray, rows: int) -> np.ndarray:
+    """``rows`` int8 rows whose sum per column is ``-Σ_k q[k]``, spread evenly (entries ≤ 64)."""
+    target = -q.astype(np.int64).sum(axis=0)
+    if rows == 0:
+        if target.any():
+            raise AssertionError("zero-point rows: the weight's column sums need rows")
+        return np.zeros((0, q.shape[1]), q.dtype)
+    size, sign = np.abs(target), np.sign(target)
+    base, extra = size // rows, size % rows
+    out = base[None, :] + (np.arange(rows)[:, None] < extra[None, :])
+    if out.max(initial=0) > _ZERO_ROW_MAX:
+        raise AssertionError("zero-point rows: too few rows for the weight's column sums")
+    return (out * sign[None, :]).astype(q.dtype)
+
+
 @dataclasses.dataclass
 class _TokenLevels:
     """A per-token quantized activation: uint8 levels, row maxima, the scalar scale and zero point
@@ -1073,6 +1162,9 @@ class _TokenLevels:
     shift: float
     #: Row minima (asymmetric levels): added back as rowmin ⊗ ΣW after the kernel.
     rowmin: ir.Value | None = None
+    #: Integer per-row zero point carried into the kernel by this many extra columns of the
+    #: levels (asymmetric levels with symmetric weights); None: not this scheme.
+    zero_columns: int | None = None
 
 
 #: Ops whose outputs have a lower bound -c (c = the shift that makes them non-negative). GELU:

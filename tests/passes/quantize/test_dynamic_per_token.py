@@ -68,7 +68,9 @@ def _out(model: ir.Model, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("act", [None, "symmetric", "Relu", "Gelu"])
 def test_ort_output_is_the_per_token_scheme(act):
-    """Two-sided inputs: q = round(255·(x − lo) / (max x − lo)) with lo the row minimum, or with
+    """Two-sided inputs: q = round(255·x / (hi − lo)) + z over the row's range with zero in it
+    (lo = min(row, 0), hi = max(row, 0), z = round(−255·lo / (hi − lo)), carried into the kernel by
+    extra columns of z against rows of W summing to −ΣW), or with
     asymmetric=false q = round(127·x / max|x|) (+128); inputs bounded below by -c (ReLU: 0, GELU:
     0.1701): q = round(255·(x + c) / max(x + c)), the shift taken back out of the bias."""
     symmetric = act == "symmetric"
@@ -77,6 +79,9 @@ def test_ort_output_is_the_per_token_scheme(act):
     q, stats = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token", asymmetric=not symmetric)
     assert collections.Counter(n.op_type for n in q.graph)["MatMulIntegerToFloat"] == 1
     x = (np.random.default_rng(1).standard_normal((2, 5, K)) * 3).astype(np.float32)
+    if act is None:  # rows on one side of zero
+        x[0, 0] = np.abs(x[0, 0]) + 5
+        x[1, 4] = -np.abs(x[1, 4]) - 5
     a = {None: x, "Relu": np.maximum(x, 0), "Gelu": x * 0.5 * (1 + erf(x / np.sqrt(2)))}[act].astype(np.float64)
     w = model.graph.initializers["W"].const_value.numpy()
     b = model.graph.initializers["b"].const_value.numpy()
@@ -85,15 +90,47 @@ def test_ort_output_is_the_per_token_scheme(act):
     if symmetric:
         r = np.abs(a).max(-1, keepdims=True)
         ad = np.clip(np.round(a / r * 127), -127, 127) / 127 * r
-    elif act is None:
-        lo = a.min(-1, keepdims=True)
-        r = a.max(-1, keepdims=True) - lo
-        ad = np.clip(np.round((a - lo) / r * 255), 0, 255) / 255 * r + lo
+    elif act is None:  # zero a level: an integer zero point per row, in float32 as the graph computes it
+        a32 = a.astype(np.float32)
+        lo = np.minimum(a32.min(-1, keepdims=True), 0)
+        r = np.maximum(a32.max(-1, keepdims=True), 0) - lo
+        neg_inv = np.float32(-255.0) / r
+        z = np.round(lo * neg_inv)
+        ad = (np.clip(np.round(z - a32 * neg_inv), 0, 255) - z).astype(np.float64) / 255 * r
     else:
         c = 0.0 if act == "Relu" else 0.1701
         r = (a + c).max(-1, keepdims=True)
         ad = np.clip(np.round((a + c) / r * 255), 0, 255) / 255 * r - c
     np.testing.assert_allclose(_out(q, x), ad @ wd + b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_row_zero_point_goes_into_the_kernel():
+    """Asymmetric levels with symmetric int8 weights: the padding columns carry each row's zero
+    point against int8 rows of W summing to −ΣW, so only the row scale runs over the output; the
+    rows stay within ±64 (u8·s8 pairs fit int16 without VNNI). Asymmetric weights keep the
+    rowmin ⊗ ΣW term after the kernel, and both are close to float."""
+    model = _mlp(None)
+    x = np.random.default_rng(3).standard_normal((2, 5, K)).astype(np.float32) + 0.5
+    ref = _out(model, x)
+    q, _ = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token")
+    ops = collections.Counter(n.op_type for n in q.graph)
+    mm = next(n for n in q.graph if n.op_type == "MatMulIntegerToFloat")
+    w = mm.inputs[1].const_value.numpy()
+    rows = w.shape[0] - K
+    assert rows >= 4 and rows % 4 == 0
+    lv, _, _ = quantize_weight(model.graph.initializers["W"].const_value.numpy())
+    np.testing.assert_array_equal(w[:K], lv)
+    np.testing.assert_array_equal(w[K:].astype(np.int64).sum(axis=0), -lv.astype(np.int64).sum(axis=0))
+    assert np.abs(w[K:].astype(np.int64)).max() <= 64
+    assert ops["Pad"] == 1 and ops["Mul"] == 3  # x·step, zero point·step, and the row scale
+    [user] = mm.outputs[0].uses()
+    assert user.node.op_type == "Mul"
+    err = np.abs(_out(q, x) - ref).max() / np.abs(ref).max()
+    aw, _ = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token", symmetric=False)
+    assert collections.Counter(n.op_type for n in aw.graph)["Pad"] == 0
+    assert next(n for n in aw.graph if n.op_type == "MatMulIntegerToFloat").inputs[1].const_value.numpy().shape[0] == K
+    err_aw = np.abs(_out(aw, x) - ref).max() / np.abs(ref).max()
+    assert err < 0.02 and err_aw < 0.02, (err, err_aw)
 
 
 def test_auto_goes_per_token_where_a_few_tokens_set_the_range():
@@ -128,13 +165,15 @@ def test_zero_rows_come_out_exact():
     q, _ = _quantize(model, outlier_channels=0.0, activations="per-token")
     x = np.random.default_rng(2).standard_normal((2, 5, K)).astype(np.float32)
     x[1, 3] = 0.0  # 0 / 0 in the row normalization: the row's levels are garbage, times a range of 0
-    x[0, 2] = 3.0  # a constant row: range 0 too; its minimum times the weight's column sums is exact
+    x[0, 2] = 3.0  # a constant row: zero is in its range too, so 3.0 is the top level, exact
+    x[1, 1] = -2.0  # and a negative one: the bottom level
     y = _out(q, x)
     assert np.isfinite(y).all()
     b = model.graph.initializers["b"].const_value.numpy()
     np.testing.assert_allclose(y[1, 3], b, atol=1e-6)
     lv, scale, _ = quantize_weight(model.graph.initializers["W"].const_value.numpy())
     np.testing.assert_allclose(y[0, 2], 3.0 * (lv * scale).sum(axis=0) + b, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(y[1, 1], -2.0 * (lv * scale).sum(axis=0) + b, rtol=1e-5, atol=1e-4)
 
 
 def test_centering_a_one_sided_norm_output_lowers_the_error():
