@@ -142,6 +142,13 @@ class DynamicOptions(CommonOptions):
             "middle of their probed range before quantization, so each token's values are about "
             "symmetric (int8 levels are symmetric); the shift comes back exactly through the bias "
             "(folded into the norm's shift or the attention's V bias where possible, else one Add)"))
+    channel_copies: int = dataclasses.field(
+        default=16, metadata=_doc(
+            "asymmetric per-token inputs: a channel whose (smoothed) probed maximum exceeds 1.5x the "
+            "8th largest is divided by c and appended c−1 more times, its weight row repeated "
+            "(outlier channel splitting: the same product, a c times smaller row range for tokens "
+            "where that channel is massive); with calibration data only; at most this many extra "
+            "columns per input, 0 = off"))
     method: Literal["auto", "rtn", "gptq"] = dataclasses.field(
         default="auto", metadata=_doc("weight rounding: rtn (round to nearest) or gptq (error compensation "
                                       "from the calibration data's activations); auto = gptq when the "
@@ -257,8 +264,10 @@ class QuantizeDynamicPass(QuantizePassBase):
         #: per-token quantized inputs, shared by their consumers: id(value) → (levels, row max)
         self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}
         self._consts: dict[str, ir.Value] = {}
-        #: asymmetric per-token inputs: id(value) → zero-point columns appended to their levels
+        #: asymmetric per-token inputs: id(value) → zero-point columns appended to their levels,
+        #: and the split channels appended before them (_decide_copies)
         self._zero_columns: dict[int, int] = {}
+        self._copies: dict[int, np.ndarray] = {}
         o = self.options
         calibration = self.calibration_data()
         if o.method == "gptq" and calibration is None:
@@ -298,6 +307,11 @@ class QuantizeDynamicPass(QuantizePassBase):
                     self._decide_split(graph, plans, stats)
                 if o.activations != "per-tensor":
                     self._decide_levels(graph, plans, ranges)
+                    if calibration is not None:
+                        # Generated tokens do not make the massive activations real text does
+                        # (token ratios 1.7-5.4 vs 3.2-9.6 on all-MiniLM-L6-v2): the split would be
+                        # sized for the wrong tokens (measured: no gain without calibration data).
+                        self._decide_copies(graph, plans, stats)
         use_gptq = o.method == "gptq" or (o.method == "auto" and calibration is not None
                                            and o.per_channel and o.symmetric)
         self.details["weights"] = "gptq" if use_gptq and plans else "rtn"
@@ -587,6 +601,43 @@ class QuantizeDynamicPass(QuantizePassBase):
                 continue
             self.count("center")
 
+    def _decide_copies(self, graph: ir.Graph, plans: list[_Plan], stats: dict[str, np.ndarray]) -> None:
+        """Outlier channel splitting for asymmetric per-token inputs (norm outputs): the residual
+        stream's massive channel (all-MiniLM-L6-v2: channel 99 at [CLS]/[SEP]-like tokens, 3-5x
+        the next channel after smoothing) sets those tokens' row range, so every other channel
+        of those rows gets coarse levels. Divided by c and present c times (weight row repeated),
+        it contributes the same product and the row range shrinks; the copies cost c−1 columns
+        of K and no pass over the output. Decides ``plan.copies``; the smoothing divides."""
+        o = self.options
+        if o.channel_copies <= 0 or not o.symmetric or self._opset < 18:
+            return
+        for x, group, _first in self._groups(graph, plans, ("MatMul", "Gemm", "Attention")):
+            if any(not p.per_token or not p.asymmetric or p.outliers is not None or p.smooth is None
+                   or p.center is not None for p in group) or _lower_bound(x) is not None:
+                continue
+            act = stats.get(x.name)
+            k = group[0].weight.shape[0]
+            if act is None or act.shape != (k,) or k < 16:
+                continue
+            act = act / group[0].smooth
+            target = float(np.sort(act)[-_COPY_RANK])
+            if target <= 0:
+                continue
+            counts = np.ones(k, np.int64)
+            budget = o.channel_copies
+            for j in np.argsort(-act, kind="stable"):
+                if act[j] <= _COPY_RATIO * target or budget <= 0:
+                    break
+                c = min(int(np.ceil(act[j] / target)), budget + 1)
+                counts[j] = c
+                budget -= c - 1
+            if budget == o.channel_copies:
+                continue
+            copies = np.repeat(np.arange(k), counts - 1).astype(np.int64)
+            for p in group:
+                p.copies, p.copy_counts = copies, counts
+            self.count("channel_copies", int(copies.size))
+
     def _apply_center(self, graph: ir.Graph, plans: list[_Plan]) -> None:
         """Subtract the centers of norm-fed inputs in the graph: folded into the norm's shift when
         the norm feeds only these nodes, else one Add shared by them."""
@@ -679,10 +730,13 @@ class QuantizeDynamicPass(QuantizePassBase):
         for x, group, first in self._groups(graph, [p for p in plans if p.smooth is not None]):
             name, s = x.name, group[0].smooth
             producer = _source(x)
-            if self._fold_into_norm(graph, producer, x, group, 1.0 / s):
+            # Split channels (see _decide_copies) are divided by their count too; their weight
+            # rows are not scaled by it: the c copies add up to the whole product.
+            divisor = s * group[0].copy_counts if group[0].copy_counts is not None else s
+            if self._fold_into_norm(graph, producer, x, group, 1.0 / divisor):
                 self.count("smooth:folded")
             else:
-                inv = self._init(graph, f"{first.name or 'smooth'}_smooth_scale", (1.0 / s).astype(np.float32))
+                inv = self._init(graph, f"{first.name or 'smooth'}_smooth_scale", (1.0 / divisor).astype(np.float32))
                 mul = ir.Node("", "Mul", [x, inv], num_outputs=1,
                               name=unique_name(graph, f"{name}_smooth", self._taken))
                 y = mul.outputs[0]
@@ -908,7 +962,11 @@ class QuantizeDynamicPass(QuantizePassBase):
                     w[p.side[1]] = 0.0
                 p.quantized = quantize_weight(w, per_channel=o.per_channel, symmetric=True,
                                               reduce_range=o.reduce_range)
-            total = int(np.abs(p.quantized[0].astype(np.int64).sum(axis=0)).max(initial=0))
+            q = p.quantized[0].astype(np.int64)
+            if p.copies is not None:
+                q = np.concatenate([q, q[p.copies]])
+                self._copies[id(x)] = p.copies
+            total = int(np.abs(q.sum(axis=0)).max(initial=0))
             columns = -(-total // _ZERO_ROW_MAX)
             need[id(x)] = max(need.get(id(x), 4), -(-columns // 4) * 4)  # ≥ 4: the padding holds 0
         return need
@@ -970,10 +1028,19 @@ class QuantizeDynamicPass(QuantizePassBase):
             # of W summing to −ΣW (see _plan_zero_columns), so nothing runs over the output but the
             # row scale. A row of zeros divides 0 by 0: its levels are garbage, times a range of 0.
             levels, zero = 255.0, 0
-            padded = node("Pad", [x, self._shared_const(graph, f"per_token_pads_{columns}",
-                                                        np.array([0, columns], np.int64)),
-                                  None, self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))],
-                          "padded")
+            copies = self._copies.get(id(x))
+            if copies is None:
+                padded = node("Pad", [x, self._shared_const(graph, f"per_token_pads_{columns}",
+                                                            np.array([0, columns], np.int64)),
+                                      None, self._shared_const(graph, "per_token_axes", np.array([-1], np.int64))],
+                              "padded")
+            else:  # split channels, then the zero columns (channel 0 times 0)
+                index = np.concatenate([copies, np.zeros(columns, np.int64)])
+                keep = np.concatenate([np.ones(copies.size, np.float32), np.zeros(columns, np.float32)])
+                extra = node("Gather", [x, self._init(graph, f"{base}_copy_index", index)], "copies",
+                             [ir.AttrInt64("axis", -1)])
+                extra = node("Mul", [extra, self._init(graph, f"{base}_copy_keep", keep)], "copies_kept")
+                padded = node("Concat", [x, extra], "padded", [ir.AttrInt64("axis", -1)])
             lo = row("ReduceMin", padded, "rowmin")
             rmax = node("Sub", [row("ReduceMax", padded, "rowmax"), lo], "rowrange")
             neg_inv = node("Div", [self._shared_const(graph, "per_token_minus_255", np.array(-255.0, np.float32)),
@@ -987,7 +1054,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             quant.type = ir.TensorType(ir.DataType.UINT8)
             for n in nodes:
                 graph.insert_before(before, n)
-            hit = _TokenLevels(quant, rmax, scale, zp, 0.0, None, columns)
+            hit = _TokenLevels(quant, rmax, scale, zp, 0.0, None, columns, copies)
             self._per_token[id(x)] = hit
             self.count("per_token_inputs")
             return hit
@@ -1031,7 +1098,8 @@ class QuantizeDynamicPass(QuantizePassBase):
         q = qw.const_value.numpy()
         if t.zero_columns is not None:
             # Σ(q_x − z)·W_q = [q_x, z, …, z]·[W_q; R] with the rows of R summing to −ΣW_q.
-            aug = np.concatenate([q, _zero_point_rows(q, t.zero_columns)]).astype(q.dtype)
+            body = q if t.copies is None else np.concatenate([q, q[t.copies]])
+            aug = np.concatenate([body, _zero_point_rows(body, t.zero_columns)]).astype(q.dtype)
             qw.const_value = ir.tensor(aug, name=qw.name)
             qw.shape = ir.Shape(aug.shape)
         inputs: list[ir.Value | None] = [t.levels, qw, t.scale, scale, t.zero_point]
@@ -1131,6 +1199,9 @@ class QuantizeDynamicPass(QuantizePassBase):
         self.count("gptq", done)
 
 
+#: Channel splitting: a channel is split when its maximum exceeds _COPY_RATIO x the _COPY_RANK-th largest.
+_COPY_RANK, _COPY_RATIO = 8, 1.5
+
 #: Largest magnitude of a zero-point row entry (see QuantizeDynamicPass._plan_zero_columns).
 _ZERO_ROW_MAX = 64
 
@@ -1165,6 +1236,8 @@ class _TokenLevels:
     #: Integer per-row zero point carried into the kernel by this many extra columns of the
     #: levels (asymmetric levels with symmetric weights); None: not this scheme.
     zero_columns: int | None = None
+    #: Split channels appended (once per extra copy) before the zero columns.
+    copies: np.ndarray | None = None
 
 
 #: Ops whose outputs have a lower bound -c (c = the shift that makes them non-negative). GELU:
@@ -1224,6 +1297,10 @@ class _Plan:
     source: str = ""
     #: SmoothQuant scale ``s`` folded into the weight (the input is divided by it).
     smooth: np.ndarray | None = None
+    #: Split channels (_decide_copies): the input channels appended once more per extra copy,
+    #: and each channel's count (the divisor of its values).
+    copies: np.ndarray | None = None
+    copy_counts: np.ndarray | None = None
     #: The weight already quantized by GPTQ: (int8 levels, scale, zero point).
     quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 

@@ -271,3 +271,42 @@ def test_attention_with_mask_index_stays_per_tensor():
     q, stats = _quantize(ir.serde.deserialize_model(model), min_size=0)
     assert collections.Counter(n.op_type for n in q.graph)["QAttention"] == 1
     assert stats.get("per-tensor:attention mask_index") == 1
+
+
+def test_a_massive_norm_channel_is_split_into_copies_with_calibration_data():
+    """A LayerNorm output whose channel 3 is massive at some tokens (a [CLS]/[SEP]-like row: one
+    huge input channel, normalized): with calibration data the channel is divided by c and
+    appended c−1 times (its weight row repeated), which lowers the error of those rows; the
+    integer product stays exact (the copies' rows and the zero-point rows are in the weight)."""
+    model = _mlp(None, ln_shift=0.0)
+
+    def feeds(seed: int) -> dict[str, np.ndarray]:
+        x = np.random.default_rng(seed).standard_normal((2, 5, K)).astype(np.float32)
+        x[:, 0, 3] = 60.0  # LayerNorm turns it into ~sqrt(K) on channel 3, the rest of the row small
+        return {"x": x}
+
+    data = [feeds(s) for s in range(4)]
+    x = feeds(9)["x"]
+    ref = _out(model, x)
+
+    def run(copies: int) -> tuple[ir.Model, dict]:
+        m = model.clone()
+        p = QuantizeDynamicPass(outlier_channels=0.0, activations="per-token", method="rtn",
+                                channel_copies=copies)
+        p.context = {"calibration": CalibrationData.from_any(data)}
+        p(m)
+        return m, p.stats
+
+    split, stats = run(16)
+    plain, plain_stats = run(0)
+    assert stats["channel_copies"] > 0 and "channel_copies" not in plain_stats
+    w = next(n for n in split.graph if n.op_type == "MatMulIntegerToFloat").inputs[1].const_value.numpy()
+    w0 = next(n for n in plain.graph if n.op_type == "MatMulIntegerToFloat").inputs[1].const_value.numpy()
+    assert w.shape[0] > w0.shape[0]
+    np.testing.assert_array_equal(w[K:K + stats["channel_copies"]], np.repeat(w[3:4], stats["channel_copies"], axis=0))
+    err = np.abs(_out(split, x) - ref)[:, 0].max()
+    err0 = np.abs(_out(plain, x) - ref)[:, 0].max()
+    assert err < 0.7 * err0, (err, err0)
+    # generated inputs (no calibration data) do not split
+    _, free = _quantize(model, outlier_channels=0.0, activations="per-token")
+    assert "channel_copies" not in free
