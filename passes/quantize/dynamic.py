@@ -1020,6 +1020,8 @@ class QuantizeDynamicPass(QuantizePassBase):
 
         rmin = None
         columns = self._zero_columns.get(id(x)) if shift is None and asymmetric and self._opset >= 18 else None
+        if columns is None and id(x) in self._copies:  # the smoothing divided split channels
+            raise AssertionError(f"quantize-dynamic: split channels of '{x.name}' without zero-point columns")
         if columns is not None:
             # Integer zero point per row. x is padded with ``columns`` zeros first, so the row's
             # minimum and maximum include 0 (zero is a level) and the padding turns into the zero
