@@ -264,10 +264,9 @@ class QuantizeDynamicPass(QuantizePassBase):
         #: per-token quantized inputs, shared by their consumers: id(value) → (levels, row max)
         self._per_token: dict[int, tuple[ir.Value, ir.Value]] = {}
         self._consts: dict[str, ir.Value] = {}
-        #: asymmetric per-token inputs: id(value) → zero-point columns appended to their levels,
-        #: and the split channels appended before them (_decide_copies)
-        self._zero_columns: dict[int, int] = {}
-        self._copies: dict[int, np.ndarray] = {}
+        #: per-token inputs: id(value) → (zero-point columns appended to asymmetric levels, the
+        #: split channels appended before them (_decide_copies) or None)
+        self._zero_columns: dict[int, tuple[int, np.ndarray | None]] = {}
         o = self.options
         calibration = self.calibration_data()
         if o.method == "gptq" and calibration is None:
@@ -939,16 +938,17 @@ class QuantizeDynamicPass(QuantizePassBase):
             plan.per_token = plan.can_per_token and ratio > limit
             self.details.setdefault("token_ratio", {})[plan.node.inputs[0].name] = round(ratio, 2)
 
-    def _plan_zero_columns(self, plans: list[_Plan]) -> dict[int, int]:
+    def _plan_zero_columns(self, plans: list[_Plan]) -> dict[int, tuple[int, np.ndarray | None]]:
         """How many zero-point columns each per-token input needs: enough that every consumer's
         ``-ΣW_q`` per output column splits into int8 rows of magnitude ≤ 64 (u8·s8 pairs then stay
         inside int16 on CPUs without VNNI, where x86 kernels add products in pairs with
         saturation), a multiple of 4 (the kernels pack K by 4). Weights are quantized here (and
-        kept) because their column sums decide it. ORT's MatMulIntegerToFloat takes one scalar
+        kept) because their column sums decide it. Returns, per input, the column count and the
+        input's split channels (the same for all its consumers: decided per input). ORT's MatMulIntegerToFloat takes one scalar
         zero point for A; the columns stand in for a per-row one. Asymmetric weights (a zero point
         per column) keep the rowmin ⊗ ΣW term after the kernel instead."""
         o = self.options
-        need: dict[int, int] = {}
+        need: dict[int, tuple[int, np.ndarray | None]] = {}
         if not o.symmetric:
             return need
         for p in plans:
@@ -965,10 +965,11 @@ class QuantizeDynamicPass(QuantizePassBase):
             q = p.quantized[0].astype(np.int64)
             if p.copies is not None:
                 q = np.concatenate([q, q[p.copies]])
-                self._copies[id(x)] = p.copies
             total = int(np.abs(q.sum(axis=0)).max(initial=0))
-            columns = -(-total // _ZERO_ROW_MAX)
-            need[id(x)] = max(need.get(id(x), 4), -(-columns // 4) * 4)  # ≥ 4: the padding holds 0
+            rows = -(-total // _ZERO_ROW_MAX)  # ceil
+            columns = -(-rows // 4) * 4
+            previous = need.get(id(x), (4, None))[0]  # ≥ 4: the padding holds 0
+            need[id(x)] = (max(previous, columns), p.copies)
         return need
 
     def _per_token_for(self, a: ir.Value) -> bool:
@@ -1019,8 +1020,10 @@ class QuantizeDynamicPass(QuantizePassBase):
             return node(op, [v], suffix, [ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 1)])
 
         rmin = None
-        columns = self._zero_columns.get(id(x)) if shift is None and asymmetric and self._opset >= 18 else None
-        if columns is None and id(x) in self._copies:  # the smoothing divided split channels
+        columns, copies = self._zero_columns.get(id(x), (None, None))
+        if shift is not None or not asymmetric or self._opset < 18:
+            columns = None
+        if columns is None and copies is not None:  # the smoothing divided split channels
             raise AssertionError(f"quantize-dynamic: split channels of '{x.name}' without zero-point columns")
         if columns is not None:
             # Integer zero point per row. x is padded with ``columns`` zeros first, so the row's
@@ -1030,7 +1033,6 @@ class QuantizeDynamicPass(QuantizePassBase):
             # of W summing to −ΣW (see _plan_zero_columns), so nothing runs over the output but the
             # row scale. A row of zeros divides 0 by 0: its levels are garbage, times a range of 0.
             levels, zero = 255.0, 0
-            copies = self._copies.get(id(x))
             if copies is None:
                 padded = node("Pad", [x, self._shared_const(graph, f"per_token_pads_{columns}",
                                                             np.array([0, columns], np.int64)),
