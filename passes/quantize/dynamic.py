@@ -3,14 +3,18 @@
 Lowering (the fastest forms ORT's CPU kernels offer), per activation:
 
 * **per token** (one scale per row, where a few tokens would otherwise set the range): the input is
-  quantized in the graph, ``q = round(255·(x − lo) / (hi − lo))`` per row, ``lo`` and ``hi`` the
-  row's minimum and maximum (``ReduceMin``, ``ReduceMax``, ``Sub``, ``Sub``, ``Div``, ``QuantizeLinear``; shared
-  by the input's consumers), multiplied by the int8 weight in ``com.microsoft.MatMulIntegerToFloat``,
-  rescaled by the row ranges (``Mul``), and ``lo ⊗ ΣW`` added back (``Mul``, ``Add``). ORT has no
-  kernel with a per-row activation scale or zero point (``MatMulIntegerToFloat`` and
-  ``DynamicQuantizeMatMul`` take scalars), hence the extra nodes. Inputs bounded below by ``-c``
-  (GELU, SiLU, ReLU) need no row minimum: ``q = round(255·(x + c) / max(x + c))``, ``c·ΣW`` comes
-  back through the bias. ``asymmetric=false``: ``q = round(127·x / max|x|) + 128`` after centering
+  quantized in the graph and shared by its consumers. A norm's output gets 255 levels over its
+  row's own range with zero a level, ``q = round(255·x / (hi − lo)) + z`` per row: x is padded with
+  a few zero columns (``Pad``), ``ReduceMin``/``ReduceMax`` give ``lo``/``hi`` and a few row-sized
+  ops the integer zero point ``z``, ``QuantizeLinear`` the uint8 levels (the padding becomes ``z``).
+  The int8 weight gains matching rows that sum to ``−ΣW_q`` per column, so
+  ``com.microsoft.MatMulIntegerToFloat`` computes ``Σ(q − z)·W_q`` exactly in int32 and only the
+  row-range ``Mul`` runs over its output (see ``_plan_zero_columns``). ORT has no kernel with a
+  per-row activation scale or zero point (``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``
+  take scalars), hence the extra nodes. Asymmetric weights or opsets below 18 add ``lo ⊗ ΣW``
+  back after the kernel instead. Inputs bounded below by ``-c`` (GELU, SiLU, ReLU) need no row
+  minimum: ``q = round(255·(x + c) / max(x + c))``, ``c·ΣW`` comes back through the bias.
+  ``asymmetric=false`` and attention outputs: ``q = round(127·x / max|x|) + 128`` after centering
   (fewer nodes).
   Packed-QKV ``Attention`` becomes a per-token QKV projection + ``Split`` + ``MultiHeadAttention``
   (ORT's CPU MultiHeadAttention has no packed-QKV form; QAttention takes one input scale).
@@ -25,8 +29,10 @@ Lowering (the fastest forms ORT's CPU kernels offer), per activation:
 
 Weights are int8, per output channel and symmetric by default: round-to-nearest, or GPTQ (error
 compensation with the Hessian ``XᵀX`` of the input, columns in decreasing-activation order) when the
-pipeline has calibration data. Three probe-driven transforms shrink the activation error (a
-probe run of the float model on generated inputs, or on the calibration data):
+pipeline has calibration data. Probe-driven transforms shrink the activation error (a probe run
+of the float model on the calibration data, else on ``probe_batches`` generated inputs of
+``probe_length`` tokens: the first token's massive activations show once per input, and 16 tokens
+in all, the old default, left MiniLM's worst sentence at 0.9969 instead of 0.998):
 
 * ``smooth``: inputs made by a normalization are divided per channel by ``s = max|x|^a /
   max|w|^(1-a)`` and ``s`` is folded into the weights (SmoothQuant); folded into the norm's scale
@@ -39,13 +45,15 @@ probe run of the float model on generated inputs, or on the calibration data):
 * ``outlier_channels``: for other inputs (GELU/ReLU outputs), the few channels whose probed maximum
   exceeds that many times the median channel's are masked out of the int8 kernel and multiplied in
   float on their own (Gather + a thin MatMul), LLM.int8()-style.
+* ``channel_copies`` (with calibration data): a norm output's massive channel is divided by c and
+  appended c−1 more times, its weight row repeated (outlier channel splitting).
 
 Measured on all-MiniLM-L6-v2 (72 real sentences, min cosine of the mean-pooled embeddings, see
 benchmarks/results/quantize_dynamic.md): per-tensor with smoothing and outlier channels 0.9936;
-per-token, symmetric with centering 0.996; asymmetric 0.9965 data-free and 0.9981 with calibration
-text (GPTQ weights, every input per token); ORT's quantize_dynamic 0.970 at its best setting. The
-data-free rest is mostly the weights (int8 per channel, round-to-nearest: 0.998 alone). The extra
-per-token nodes put MiniLM at about ORT's per-channel latency (1.00-1.03x); asymmetric=false 0.96x.
+per-token, symmetric with centering 0.996; asymmetric with the zero point in the kernel 0.998
+data-free (0.9975-0.9982 over other seeds of the probe's generated inputs) and 0.9985 with
+calibration text (GPTQ weights, split massive channel); ORT's quantize_dynamic 0.970 at its best
+setting. The extra per-token nodes put MiniLM at about ORT's per-channel latency.
 Extra bias terms go into the bias input of the consumer where it has one (SkipLayerNormalization,
 BiasGelu, FastGelu) instead of an Add. Every candidate node's decision and the reason are in the
 report (``details["nodes"]``), with the smoothed inputs, the float outlier channels and the probed
@@ -118,7 +126,13 @@ class DynamicOptions(CommonOptions):
         default=0.0, metadata=_doc("keep in float MatMuls whose input range / typical magnitude exceeds this "
                                     "(probe run); 0 turns the check off"))
     probe_batches: int = dataclasses.field(
-        default=2, metadata=_doc("batches of generated (or calibration) inputs for the outlier probe"))
+        default=32, metadata=_doc("without calibration data: how many generated inputs the probe runs (it sets "
+                                  "smoothing, centering, outlier channels and per-token choices)"))
+    probe_length: int = dataclasses.field(
+        default=64, metadata=_doc("without calibration data: the size given to the generated inputs' symbolic "
+                                  "non-batch dims (sequence length); all-MiniLM-L6-v2's worst sentence: "
+                                  "0.9969 with 2 inputs of 8 tokens, 0.9975-0.9982 with 32 of 64 "
+                                  "(5 generator seeds)"))
     activations: Literal["auto", "per-token", "per-tensor"] = dataclasses.field(
         default="auto", metadata=_doc(
             "per-token: one 8-bit scale per row (token) of each activation, computed in the graph (ReduceMax, "
@@ -132,10 +146,11 @@ class DynamicOptions(CommonOptions):
             "a zero point per row that the int8 kernel takes as a few extra columns); false: "
             "symmetric levels after per-channel centering (fewer nodes, about twice the activation error)"))
     token_outlier_ratio: float = dataclasses.field(
-        default=1.6, metadata=_doc(
+        default=2.0, metadata=_doc(
             "activations=auto: an input is quantized per token when its probed largest token maximum "
-            "exceeds this many times the median token's (all-MiniLM-L6-v2's norm outputs: 1.7-5.4 on "
-            "generated inputs, 3.2-9.6 on text; random-weight BERT/GPT-2: 1.1-1.5)"))
+            "exceeds this many times the median token's (probe of 32 generated inputs of 64 tokens: "
+            "all-MiniLM-L6-v2's inputs 1.8-14, the lowest one's choice does not matter; random-weight "
+            "BERT-base 1.0-1.8, GPT-2 1.2-2.0 and one input at 6.1; text: MiniLM 3.2-9.6)"))
     center: bool = dataclasses.field(
         default=True, metadata=_doc(
             "per-token inputs made by a normalization or an attention op are shifted per channel to the "
@@ -240,6 +255,8 @@ class QuantizeDynamicPass(QuantizePassBase):
             raise PipelineError("quantize-dynamic: outlier_channels and max_outlier_channels must be >= 0 (0 = off)")
         if o.probe_batches < 1:
             raise PipelineError("quantize-dynamic: probe_batches must be >= 1")
+        if o.probe_length < 1:
+            raise PipelineError("quantize-dynamic: probe_length must be >= 1")
         if o.method == "gptq" and not (o.per_channel and o.symmetric):
             raise PipelineError("quantize-dynamic: method=gptq needs per_channel=true and symmetric=true")
         if o.damp <= 0 or o.hessian_memory_mb < 1:
@@ -292,7 +309,8 @@ class QuantizeDynamicPass(QuantizePassBase):
         if plans and (o.outlier_ratio > 0 or o.smooth > 0 or o.outlier_channels > 0 or o.center
                       or o.activations == "auto"):
             names = sorted({p.node.inputs[0].name for p in plans if p.node.op_type != "Gather"})
-            stats = _probe(model, names, calibration, self.options.probe_batches, ranges, token_ratio)
+            stats = _probe(model, names, calibration, self.options.probe_batches, ranges, token_ratio,
+                           self.options.probe_length)
             if o.activations == "auto" and stats is not None:
                 self._decide_per_token(plans, token_ratio)
             if stats is None:
@@ -1369,49 +1387,86 @@ def _ensure_opset(model: ir.Model, domain: str, version: int) -> None:
 
 def _probe(model: ir.Model, names: list[str], calibration: Any, batches: int,
            ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-           token_ratio: dict[str, float] | None = None) -> dict[str, np.ndarray] | None:
+           token_ratio: dict[str, float] | None = None, length: int = 64) -> dict[str, np.ndarray] | None:
     """Per-channel (last axis) max |x| of the named values of the float model (and, into
-    ``ranges``, per-channel (min, max)): over all the calibration data when given, else over
-    ``batches`` generated inputs (outlier channels of trained transformers come from their weights
-    and norms, so random tokens show them too)."""
-    from graphopt.calibration import CalibrationData, stream_tensors
+    ``ranges``, per-channel (min, max), into ``token_ratio`` the largest row maximum over the
+    median one): over all the calibration data when given, else over ``batches`` generated inputs
+    of ``length`` tokens (outlier channels of trained transformers come from their weights and
+    norms, so random tokens show them too; the first token's massive activations show once per
+    input). If the model cannot run generated inputs of that size, the default sizes are tried."""
+    from graphopt.calibration import CalibrationData
 
-    if calibration is None:
+    if calibration is not None:
         try:
-            from graphopt.verify import generate_inputs
-
-            data = CalibrationData.from_any([generate_inputs(model, seed=i) for i in range(batches)])
+            return _probe_stats(model, names, calibration, None, ranges, token_ratio)
         except Exception as exc:  # noqa: BLE001 - the probe is optional; the report counts the failure
-            logger.warning("quantize-dynamic probe: cannot generate inputs (%s)", exc)
+            logger.warning("quantize-dynamic probe failed (%s)", exc)
             return None
-    else:
-        data = calibration
+    from graphopt.verify import generate_inputs
+
+    failure: Exception | None = None
+    for dims in (_probe_dims(model, length), None):
+        part_ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        part_ratio: dict[str, float] = {}
+        try:
+            data = CalibrationData.from_any([generate_inputs(model, dims=dims, seed=i) for i in range(batches)])
+            stats = _probe_stats(model, names, data, batches, part_ranges, part_ratio)
+        except Exception as exc:  # noqa: BLE001 - the next sizes, else no probe (the report counts it)
+            failure = exc
+            continue
+        if ranges is not None:
+            ranges.update(part_ranges)
+        if token_ratio is not None:
+            token_ratio.update(part_ratio)
+        return stats
+    logger.warning("quantize-dynamic probe failed on generated inputs (%s)", failure)
+    return None
+
+
+def _probe_dims(model: ir.Model, length: int) -> dict[str, int]:
+    """Sizes for generated probe inputs: a symbolic dim that is some input's first axis or is
+    named like a batch gets 1, every other symbolic dim (sequence, image side) gets ``length``."""
+    dims: dict[str, int] = {}
+    for value in model.graph.inputs:
+        if value.shape is None:
+            continue
+        for axis, d in enumerate(value.shape):
+            if not isinstance(d, ir.SymbolicDim) or d.value is None:
+                continue
+            batch = axis == 0 or "batch" in d.value.lower()
+            if batch or d.value not in dims:
+                dims[d.value] = 1 if batch else length
+    return dims
+
+
+def _probe_stats(model: ir.Model, names: list[str], data: Any, limit: int | None,
+                 ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+                 token_ratio: dict[str, float] | None) -> dict[str, np.ndarray]:
+    """The statistics of :func:`_probe` over ``data``; raises when the model cannot run it."""
+    from graphopt.calibration import stream_tensors
+
     out: dict[str, np.ndarray] = {}
-    try:
-        for tensors in stream_tensors(model, names, data, limit=batches if calibration is None else None):
-            for k, arr in tensors.items():
-                a = np.asarray(arr)
-                if a.ndim == 0 or a.size == 0:
-                    continue
-                a2 = a.reshape(-1, a.shape[-1]).astype(np.float64)
-                lo, hi = a2.min(axis=0), a2.max(axis=0)
-                if token_ratio is not None:
-                    rows = np.abs(a2).max(axis=1)
-                    med = float(np.median(rows))
-                    r = float(rows.max() / med) if med > 0 else 1.0
-                    token_ratio[k] = max(token_ratio.get(k, 0.0), r)
-                m = np.maximum(-lo, hi)
-                if k not in out or out[k].shape != m.shape:
-                    out[k] = m
-                    if ranges is not None:
-                        ranges[k] = (lo, hi)
-                else:
-                    out[k] = np.maximum(out[k], m)
-                    if ranges is not None:
-                        ranges[k] = (np.minimum(ranges[k][0], lo), np.maximum(ranges[k][1], hi))
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("quantize-dynamic probe failed (%s)", exc)
-        return None
+    for tensors in stream_tensors(model, names, data, limit=limit):
+        for k, arr in tensors.items():
+            a = np.asarray(arr)
+            if a.ndim == 0 or a.size == 0:
+                continue
+            a2 = a.reshape(-1, a.shape[-1]).astype(np.float64)
+            lo, hi = a2.min(axis=0), a2.max(axis=0)
+            if token_ratio is not None:
+                rows = np.abs(a2).max(axis=1)
+                med = float(np.median(rows))
+                r = float(rows.max() / med) if med > 0 else 1.0
+                token_ratio[k] = max(token_ratio.get(k, 0.0), r)
+            m = np.maximum(-lo, hi)
+            if k not in out or out[k].shape != m.shape:
+                out[k] = m
+                if ranges is not None:
+                    ranges[k] = (lo, hi)
+            else:
+                out[k] = np.maximum(out[k], m)
+                if ranges is not None:
+                    ranges[k] = (np.minimum(ranges[k][0], lo), np.maximum(ranges[k][1], hi))
     return out
 
 

@@ -297,7 +297,7 @@ def test_reduce_range_and_per_tensor(bert):
 
 
 @pytest.mark.parametrize("options", ["op_types=[Conv]", "smooth=1.5", "min_size=-1", "probe_batches=0",
-                                     "outlier_channels=-1"])
+                                     "probe_length=0", "outlier_channels=-1"])
 def test_bad_options(options):
     with pytest.raises(PipelineError):
         Pipeline.parse(f"quantize-dynamic({options})")
@@ -339,9 +339,10 @@ def test_minilm_min_cosine():
 
 
 #: What the default reaches on SENTENCES, with a little room for other CPUs' integer kernels (see
-#: benchmarks/results/quantize_dynamic.md: 0.9969 data-free, 0.9985 with the calibration text);
+#: benchmarks/results/quantize_dynamic.md: 0.998 data-free, 0.9985 with the calibration text; other
+#: seeds of the data-free probe's generated inputs give 0.9975-0.9982);
 #: ORT's quantize_dynamic reaches 0.97 at its best setting on the same export.
-MINILM_MIN_COSINE = 0.996
+MINILM_MIN_COSINE = 0.9975
 MINILM_MIN_COSINE_CALIBRATED = 0.998
 
 

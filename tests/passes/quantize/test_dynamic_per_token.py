@@ -310,3 +310,42 @@ def test_a_massive_norm_channel_is_split_into_copies_with_calibration_data():
     # generated inputs (no calibration data) do not split
     _, free = _quantize(model, outlier_channels=0.0, activations="per-token")
     assert "channel_copies" not in free
+
+
+def _symbolic(name: str, dims: list[str | int], op: str = "MatMul") -> ir.Model:
+    """x [dims] → Reshape to its own declared size where every symbolic dim is 8 → MatMul: runs
+    only at the default generated sizes (the model of one that cannot run longer inputs)."""
+    rng = np.random.default_rng(7)
+    fixed = [8 if isinstance(d, str) else d for d in dims]
+    inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(fixed, np.int64), "fixed")]
+    nodes = [helper.make_node("Reshape", [name, "fixed"], ["r"]) if op == "Reshape"
+             else helper.make_node("Identity", [name], ["r"]),
+             helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+                              value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, dims)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return ir.serde.deserialize_model(model)
+
+
+def test_the_generated_probe_runs_long_sequences_and_falls_back_to_default_sizes(caplog):
+    """Without calibration data the probe's generated inputs get ``probe_length`` tokens (a first or
+    batch-named axis gets 1): 16 tokens in all left all-MiniLM-L6-v2's worst sentence at 0.9969, 32
+    inputs of 64 at 0.998. A model that cannot run those sizes is probed at the default ones
+    instead of not at all, without a warning."""
+    from graphopt.passes.quantize.dynamic import _probe_dims
+
+    assert _probe_dims(_symbolic("x", ["s0", "s1", K]), 64) == {"s0": 1, "s1": 64}
+    assert _probe_dims(_symbolic("x", [2, "batch", "seq", K]), 32) == {"batch": 1, "seq": 32}
+    for op in ("Identity", "Reshape"):
+        m = _symbolic("x", ["b", "seq", K], op)
+        p = QuantizeDynamicPass(activations="per-token")
+        with caplog.at_level("WARNING"):
+            p(m)
+        assert "probe:failed" not in p.stats and p.stats["quantized"] == 1, op
+        assert not [r for r in caplog.records if "probe" in r.getMessage()], op
+    p = QuantizeDynamicPass(activations="per-token", probe_length=8)
+    p(_symbolic("x", ["batch", 3, K], "Reshape"))  # wants 8 rows, every size gives 1: no probe
+    assert p.stats["probe:failed"] == 1
