@@ -958,7 +958,8 @@ class QuantizeDynamicPass(QuantizePassBase):
 
     def _plan_zero_columns(self, plans: list[_Plan]) -> dict[int, tuple[int, np.ndarray | None]]:
         """How many zero-point columns each per-token input needs: enough that every consumer's
-        ``-ΣW_q`` per output column splits into int8 rows of magnitude ≤ 64 (u8·s8 pairs then stay
+        ``-ΣW_q`` per output column splits into int8 rows of magnitude ≤ 127 (zero points ≤ 128,
+        see :meth:`_per_token_input`: u8·s8 pairs of padding columns then stay
         inside int16 on CPUs without VNNI, where x86 kernels add products in pairs with
         saturation), a multiple of 4 (the kernels pack K by 4). Weights are quantized here (and
         kept) because their column sums decide it. Returns, per input, the column count and the
@@ -1047,9 +1048,11 @@ class QuantizeDynamicPass(QuantizePassBase):
             # Integer zero point per row. x is padded with ``columns`` zeros first, so the row's
             # minimum and maximum include 0 (zero is a level) and the padding turns into the zero
             # point itself below. 255 levels over [lo, hi]: q = round(255·x / (hi − lo)) + z with
-            # z = round(−255·lo / (hi − lo)); in the padding q = z. The extra columns of z meet rows
-            # of W summing to −ΣW (see _plan_zero_columns), so nothing runs over the output but the
-            # row scale. A row of zeros divides 0 by 0: its levels are garbage, times a range of 0.
+            # z = round(−255·lo / (hi − lo)) (mirrored rows: q = z − round(255·x / (hi − lo)),
+            # z = round(255·hi / (hi − lo)), times −(hi − lo) after the kernel); in the padding
+            # q = z. The extra columns of z meet rows of W summing to −ΣW (see
+            # _plan_zero_columns), so nothing runs over the output but the row scale. A row of
+            # zeros divides 0 by 0: its levels are garbage, times a range of 0.
             levels, zero = 255.0, 0
             if copies is None:
                 padded = node("Pad", [x, self._shared_const(graph, f"per_token_pads_{columns}",
@@ -1064,10 +1067,20 @@ class QuantizeDynamicPass(QuantizePassBase):
                 extra = node("Mul", [extra, self._init(graph, f"{base}_copy_keep", keep)], "copies_kept")
                 padded = node("Concat", [x, extra], "padded", [ir.AttrInt64("axis", -1)])
             lo = row("ReduceMin", padded, "rowmin")
-            rmax = node("Sub", [row("ReduceMax", padded, "rowmax"), lo], "rowrange")
+            hi = row("ReduceMax", padded, "rowmax")
+            span = node("Sub", [hi, lo], "rowrange")
+            # A row reaching further below zero than above is quantized mirrored (levels of −x,
+            # range negated): every zero point is then ≤ 128, so a pair of padding columns
+            # (z·r + z·r) stays inside int16 with rows up to ±127 (half the columns of ±64).
+            flip = node("Less", [node("Add", [hi, lo], "row_balance"),
+                                 self._shared_const(graph, "per_token_zero", np.array(0.0, np.float32))],
+                        "row_mirrored")
+            flip.type = ir.TensorType(ir.DataType.BOOL)
+            rmax = node("Where", [flip, node("Neg", [span], "rowrange_negated"), span], "rowrange_signed")
+            base = node("Where", [flip, hi, lo], "row_far_side")
             neg_inv = node("Div", [self._shared_const(graph, "per_token_minus_255", np.array(-255.0, np.float32)),
                                    rmax], "neg_inverse_step")
-            z = node("Round", [node("Mul", [lo, neg_inv], "zero_point_real")], "row_zero_point")
+            z = node("Round", [node("Mul", [base, neg_inv], "zero_point_real")], "row_zero_point")
             v = node("Sub", [z, node("Mul", [padded, neg_inv], "scaled")], "shifted_levels")
             unit = self._shared_const(graph, "per_token_unit_step", np.array(1.0, np.float32))
             scale = self._shared_const(graph, f"per_token_scale_{levels:g}", np.array(1.0 / levels, np.float32))
@@ -1225,11 +1238,11 @@ class QuantizeDynamicPass(QuantizePassBase):
 _COPY_RANK, _COPY_RATIO = 8, 1.5
 
 #: Largest magnitude of a zero-point row entry (see QuantizeDynamicPass._plan_zero_columns).
-_ZERO_ROW_MAX = 64
+_ZERO_ROW_MAX = 127
 
 
 def _zero_point_rows(q: np.ndarray, rows: int) -> np.ndarray:
-    """``rows`` int8 rows whose sum per column is ``-Σ_k q[k]``, spread evenly (entries ≤ 64)."""
+    """``rows`` int8 rows whose sum per column is ``-Σ_k q[k]``, spread evenly (entries ≤ 127)."""
     target = -q.astype(np.int64).sum(axis=0)
     if rows == 0:
         if target.any():
