@@ -9,7 +9,9 @@ Lowering (the fastest forms ORT's CPU kernels offer), per activation:
   ops the integer zero point ``z``, ``QuantizeLinear`` the uint8 levels (the padding becomes ``z``).
   The int8 weight gains matching rows that sum to ``−ΣW_q`` per column, so
   ``com.microsoft.MatMulIntegerToFloat`` computes ``Σ(q − z)·W_q`` exactly in int32 and only the
-  row-range ``Mul`` runs over its output (see ``_plan_zero_columns``). ORT has no kernel with a
+  row-range ``Mul`` runs over its output (see ``_plan_zero_columns``). Rows reaching further below
+  zero than above are quantized mirrored (levels of ``−x``, range negated), so every zero point is
+  ≤ 128 and those rows may reach ±127 without int16 overflow on CPUs without VNNI. ORT has no kernel with a
   per-row activation scale or zero point (``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``
   take scalars), hence the extra nodes. Asymmetric weights or opsets below 18 add ``lo ⊗ ΣW``
   back after the kernel instead. Inputs bounded below by ``-c`` (GELU, SiLU, ReLU) need no row
@@ -309,8 +311,10 @@ class QuantizeDynamicPass(QuantizePassBase):
         if plans and (o.outlier_ratio > 0 or o.smooth > 0 or o.outlier_channels > 0 or o.center
                       or o.activations == "auto"):
             names = sorted({p.node.inputs[0].name for p in plans if p.node.op_type != "Gather"})
+            probe: dict[str, Any] = {}
             stats = _probe(model, names, calibration, self.options.probe_batches, ranges, token_ratio,
-                           self.options.probe_length)
+                           self.options.probe_length, probe)
+            self.details["probe"] = probe
             if o.activations == "auto" and stats is not None:
                 self._decide_per_token(plans, token_ratio)
             if stats is None:
@@ -1400,16 +1404,20 @@ def _ensure_opset(model: ir.Model, domain: str, version: int) -> None:
 
 def _probe(model: ir.Model, names: list[str], calibration: Any, batches: int,
            ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-           token_ratio: dict[str, float] | None = None, length: int = 64) -> dict[str, np.ndarray] | None:
+           token_ratio: dict[str, float] | None = None, length: int = 64,
+           used: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
     """Per-channel (last axis) max |x| of the named values of the float model (and, into
     ``ranges``, per-channel (min, max), into ``token_ratio`` the largest row maximum over the
     median one): over all the calibration data when given, else over ``batches`` generated inputs
     of ``length`` tokens (outlier channels of trained transformers come from their weights and
     norms, so random tokens show them too; the first token's massive activations show once per
-    input). If the model cannot run generated inputs of that size, the default sizes are tried."""
+    input). If the model cannot run generated inputs of that size, the default sizes are tried.
+    ``used`` receives what was run (for the report)."""
     from graphopt.calibration import CalibrationData
 
     if calibration is not None:
+        if used is not None:
+            used["data"] = "calibration"
         try:
             return _probe_stats(model, names, calibration, None, ranges, token_ratio)
         except Exception as exc:  # noqa: BLE001 - the probe is optional; the report counts the failure
@@ -1431,6 +1439,8 @@ def _probe(model: ir.Model, names: list[str], calibration: Any, batches: int,
             ranges.update(part_ranges)
         if token_ratio is not None:
             token_ratio.update(part_ratio)
+        if used is not None:
+            used.update(data="generated", inputs=batches, dims=dims if dims is not None else "default")
         return stats
     logger.warning("quantize-dynamic probe failed on generated inputs (%s)", failure)
     return None

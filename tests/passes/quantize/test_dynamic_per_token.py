@@ -315,14 +315,13 @@ def test_a_massive_norm_channel_is_split_into_copies_with_calibration_data():
     assert "channel_copies" not in free
 
 
-def _symbolic(name: str, dims: list[str | int], op: str = "MatMul") -> ir.Model:
-    """x [dims] → Reshape to its own declared size where every symbolic dim is 8 → MatMul: runs
-    only at the default generated sizes (the model of one that cannot run longer inputs)."""
+def _symbolic(name: str, dims: list[str | int], op: str = "Identity") -> ir.Model:
+    """x [dims] → Identity, or Add of a (1, 8, K) constant (then it runs only with 8 rows, as a
+    model that cannot take longer inputs) → MatMul."""
     rng = np.random.default_rng(7)
-    fixed = [8 if isinstance(d, str) else d for d in dims]
     inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.array(fixed, np.int64), "fixed")]
-    nodes = [helper.make_node("Reshape", [name, "fixed"], ["r"]) if op == "Reshape"
+             numpy_helper.from_array(np.zeros((1, 8, K), np.float32), "eight_rows")]
+    nodes = [helper.make_node("Add", [name, "eight_rows"], ["r"]) if op == "Add"
              else helper.make_node("Identity", [name], ["r"]),
              helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)],
@@ -342,13 +341,15 @@ def test_the_generated_probe_runs_long_sequences_and_falls_back_to_default_sizes
 
     assert _probe_dims(_symbolic("x", ["s0", "s1", K]), 64) == {"s0": 1, "s1": 64}
     assert _probe_dims(_symbolic("x", [2, "batch", "seq", K]), 32) == {"batch": 1, "seq": 32}
-    for op in ("Identity", "Reshape"):
+    for op in ("Identity", "Add"):
         m = _symbolic("x", ["b", "seq", K], op)
         p = QuantizeDynamicPass(activations="per-token")
         with caplog.at_level("WARNING"):
             p(m)
         assert "probe:failed" not in p.stats and p.stats["quantized"] == 1, op
         assert not [r for r in caplog.records if "probe" in r.getMessage()], op
+        dims = {"b": 1, "seq": 64} if op == "Identity" else "default"
+        assert p.details["probe"] == {"data": "generated", "inputs": 32, "dims": dims}, op
     p = QuantizeDynamicPass(activations="per-token", probe_length=8)
-    p(_symbolic("x", ["batch", 3, K], "Reshape"))  # wants 8 rows, every size gives 1: no probe
+    p(_symbolic("x", ["batch", 3, K], "Add"))  # 3 rows where 8 are needed at every size: no probe
     assert p.stats["probe:failed"] == 1
