@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, PipelineError, UnsupportedModelError
+from graphopt.passes.ir_helpers import STANDARD_DOMAINS as _STANDARD_DOMAINS
+from graphopt.passes.ir_helpers import all_nodes
 from graphopt.spec import PassSpec, format_text
 
 __all__ = ["Backend", "LoweringError", "SETTINGS_FORMAT", "load_session", "load_settings", "session_from_settings",
@@ -32,7 +34,6 @@ logger = logging.getLogger("graphopt.backends")
 SETTINGS_FORMAT = "graphopt.settings/1"
 #: Model metadata key holding JSON backend options (``Backend.from_model`` reads it).
 OPTIONS_KEY = "graphopt.target_options"
-_STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class LoweringError(UnsupportedModelError):
@@ -145,7 +146,7 @@ class Backend:
     def check(self, model: ir.Model) -> list[str]:
         """What the target cannot run in ``model``, one line per (domain, op) with its node count."""
         found: dict[tuple[str, str], int] = {}
-        for node in _all_nodes(model):
+        for node in all_nodes(model):
             domain = "" if node.domain in _STANDARD_DOMAINS else node.domain
             key = (domain, node.op_type)
             foreign = bool(domain) and not self.allows_contrib_ops and not _is_local_function(model, node)
@@ -201,7 +202,7 @@ class Backend:
     def notes(self, model: ir.Model) -> list[str]:
         """Things a deployer should know: ops that fall back to the CPU (also logged)."""
         found: dict[tuple[str, str], int] = {}
-        for node in _all_nodes(model):
+        for node in all_nodes(model):
             key = ("" if node.domain in _STANDARD_DOMAINS else node.domain, node.op_type)
             if key in self.fallback_ops:
                 found[key] = found.get(key, 0) + 1
@@ -350,13 +351,6 @@ def load_session(model_path: str | os.PathLike, settings: str | os.PathLike | di
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _all_nodes(model: ir.Model) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for f in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
-    return nodes
 
 
 def _is_local_function(model: ir.Model, node: ir.Node) -> bool:

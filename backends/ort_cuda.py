@@ -11,13 +11,13 @@ import onnx_ir as ir
 
 from graphopt.backends.base import Backend, io_description
 from graphopt.errors import PipelineError
+from graphopt.passes.ir_helpers import MS_DOMAIN as _MS
 from graphopt.spec import PassSpec, format_text
 
 __all__ = ["OrtCudaBackend"]
 
 logger = logging.getLogger("graphopt.backends.ort_cuda")
 
-_MS = "com.microsoft"
 
 
 @dataclasses.dataclass

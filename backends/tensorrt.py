@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.backends.base import Backend, _all_nodes
+from graphopt.backends.base import Backend
 from graphopt.errors import PipelineError
+from graphopt.passes.ir_helpers import all_nodes
 
 __all__ = ["TensorRTBackend", "sparse_24_weights", "optimization_profile"]
 
@@ -113,7 +114,7 @@ class TensorRTBackend(Backend):
         problems = super().check(model)
         int32: list[str] = []
         asym: list[str] = []
-        for n in _all_nodes(model):
+        for n in all_nodes(model):
             if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain not in ("", "ai.onnx"):
                 continue
             x = n.inputs[0] if n.inputs else None

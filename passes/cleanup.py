@@ -8,7 +8,7 @@ what they lack (each place says why):
   aborts the whole pass. :class:`FoldConstantsPass` pre-estimates output sizes, skips nodes whose
   evaluation fails, and refuses results whose dtype/shape disagree with the node's declared type.
 * onnx_ir's identity elimination renames an input that is already a graph output, which loses
-  that output; :func:`replace_value` keeps the node in such cases.
+  that output; :func:`~graphopt.passes.ir_helpers.replace_value` keeps the node in such cases.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,8 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 
 from graphopt.pipeline import CompositePass, Pass, Pipeline
+
+from .ir_helpers import all_nodes, replace_value
 
 logger = logging.getLogger("graphopt.passes.cleanup")
 
@@ -38,21 +40,11 @@ __all__ = [
     "TopologicalSortPass",
     "ShapeInferencePass",
     "LiftConstantsPass",
-    "replace_value",
-    "take_place",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _nodes(model: ir.Model) -> Iterator[ir.Node]:
-    """Every node, subgraphs and functions included (snapshot, safe to mutate while iterating)."""
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for f in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
-    return iter(nodes)
 
 
 def _is_std(node: ir.Node, *op_types: str) -> bool:
@@ -78,56 +70,6 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
             return None
         dims.append(d)
     return tuple(dims)
-
-
-def take_place(old: ir.Value, new: ir.Value) -> None:
-    """Make ``new`` take ``old``'s place: every use, and its graph-output slot and name (the model's
-    interface keeps its names). Unlike :func:`replace_value`, the producer of ``old`` stays (it may
-    have other outputs to hand over); ``new`` must be made inside the same graph."""
-    name = old.name if old.is_graph_output() else None
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if name is not None:
-        old.name = None
-        new.name = name
-
-
-def replace_value(node: ir.Node, old: ir.Value, new: ir.Value) -> bool:
-    """Make every user of ``old`` (``node``'s output) use ``new`` and drop ``node``.
-
-    Returns False (and changes nothing) when that is unsafe: ``old`` is an output of its graph
-    and ``new`` cannot take its name (it is a graph input, an initializer, another graph output,
-    or comes from an outer scope).
-    """
-    graph = node.graph
-    if graph is None:
-        return False
-    if old.is_graph_output():
-        producer = new.producer()
-        if (
-            new.is_graph_input()
-            or new.is_initializer()
-            or new.is_graph_output()
-            or producer is None
-            or producer.graph is not graph
-        ):
-            return False
-        outputs = graph.outputs
-        # Keep the richer type/shape.
-        if new.type is None:
-            new.type = old.type
-        if new.shape is None:
-            new.shape = old.shape
-        name = old.name
-        old.name = None
-        new.name = name
-        for i, v in enumerate(outputs):
-            if v is old:
-                outputs[i] = new
-    old.replace_all_uses_with(new)
-    if any(o.uses() or o.is_graph_output() for o in node.outputs):
-        return True  # another output still in use (e.g. a Dropout mask); DCE decides later
-    graph.remove(node, safe=True)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +327,7 @@ class FoldConstantsPass(Pass):
 
 
 def _type_annotations(model: ir.Model) -> list[tuple[str, str]]:
-    return [(repr(v.type), repr(v.shape)) for n in _nodes(model) for v in n.outputs]
+    return [(repr(v.type), repr(v.shape)) for n in all_nodes(model) for v in n.outputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +394,7 @@ class RemoveNoOpsPass(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for node in _nodes(model):
+        for node in all_nodes(model):
             if node.graph is None or not node.outputs:
                 continue  # already removed by an earlier rewrite in this walk
             replacement = self._noop_input(node)
@@ -571,7 +513,7 @@ class SimplifyPass(Pass):
             ]
         )
         def shape() -> tuple[int, int, int]:
-            nodes = list(_nodes(model))
+            nodes = list(all_nodes(model))
             inits = sum(len(g.initializers) for g in model.graphs())
             return len(nodes), sum(len(n.inputs) for n in nodes), inits
 
@@ -599,11 +541,11 @@ class RemoveUnusedPass(Pass):
     name = "remove-unused"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = sum(1 for _ in _nodes(model)) + sum(len(g.initializers) for g in model.graphs())
+        before = sum(1 for _ in all_nodes(model)) + sum(len(g.initializers) for g in model.graphs())
         modified = common.RemoveUnusedNodesPass()(model).modified
         modified |= common.RemoveUnusedFunctionsPass()(model).modified
         modified |= common.RemoveUnusedOpsetsPass()(model).modified
-        after = sum(1 for _ in _nodes(model)) + sum(len(g.initializers) for g in model.graphs())
+        after = sum(1 for _ in all_nodes(model)) + sum(len(g.initializers) for g in model.graphs())
         if before != after:
             self.count("removed", before - after)
         return ir.passes.PassResult(model, modified)
@@ -625,9 +567,9 @@ class CSEPass(Pass):
     Options = CSEOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = sum(1 for _ in _nodes(model))
+        before = sum(1 for _ in all_nodes(model))
         result = common.CommonSubexpressionEliminationPass(size_limit=self.options.size_limit)(model)
-        self.count("merged", before - sum(1 for _ in _nodes(model)))
+        self.count("merged", before - sum(1 for _ in all_nodes(model)))
         return ir.passes.PassResult(model, result.modified)
 
 
@@ -715,9 +657,9 @@ class TopologicalSortPass(Pass):
     name = "topological-sort"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        order = [id(n) for n in _nodes(model)]
+        order = [id(n) for n in all_nodes(model)]
         common.TopologicalSortPass()(model)
-        return ir.passes.PassResult(model, order != [id(n) for n in _nodes(model)])
+        return ir.passes.PassResult(model, order != [id(n) for n in all_nodes(model)])
 
 
 class ShapeInferencePass(Pass):
@@ -740,7 +682,7 @@ class ShapeInferencePass(Pass):
         # output of sequence type as a tensor there (seen on test_loop16_seq_none), which
         # ONNX Runtime then rejects. Main-graph annotations are checked by ORT's own inference.
         saved = []
-        for node in _nodes(model):
+        for node in all_nodes(model):
             if node.graph is not model.graph:
                 for v in node.outputs:
                     saved.append((v, v.type, v.shape))

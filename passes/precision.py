@@ -50,7 +50,9 @@ import onnx_ir as ir
 from graphopt.errors import PipelineError
 from graphopt.pipeline import Pass
 
-from .fusion._base import RULE_KEY, constant_array
+from .fusion._base import RULE_KEY
+from .ir_helpers import MS_DOMAIN as _MS
+from .ir_helpers import constant_array
 
 __all__ = ["ConvertFloat16Pass", "CONVERTIBLE", "KEEP_FP32"]
 
@@ -61,7 +63,6 @@ FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-05
 #: Constants at least this large are "infinity" sentinels (finfo(float32).min masks): clamped.
 SENTINEL = 1e30
 
-_MS = "com.microsoft"
 
 #: (domain, op) that run in reduced precision. Compute ops have fp16 kernels in ONNX Runtime's
 #: CUDA provider that accumulate in float32 (MatMul/Gemm/Conv via cuBLAS/cuDNN, Softmax, the

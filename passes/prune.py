@@ -53,7 +53,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PipelineError
 from graphopt.ir import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores sparse weights
-from graphopt.passes.fusion._base import constant_array
+from graphopt.passes.ir_helpers import constant_array
 from graphopt.pipeline import Pass
 
 __all__ = [
@@ -1278,7 +1278,7 @@ class PrunePass(Pass):
 
     # --- structured ---------------------------------------------------------------------------
     def _groups(self, model: ir.Model) -> tuple[list[_Group], list[dict[str, Any]]]:
-        from graphopt.passes.fusion.batchnorm import infer_shapes
+        from graphopt.passes.ir_helpers import infer_shapes
 
         infer_shapes(model)
         graph = model.graph
@@ -1475,7 +1475,7 @@ class PrunePass(Pass):
 
             common.RemoveUnusedNodesPass()(model)
             if need_inference:
-                from graphopt.passes.fusion.batchnorm import infer_shapes
+                from graphopt.passes.ir_helpers import infer_shapes
 
                 infer_shapes(model)
         self.details["groups"] = report

@@ -17,14 +17,15 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
 import onnx_ir as ir
 
 from graphopt.pipeline import Pass
 
+from ..ir_helpers import all_nodes, model_opset
+
 logger = logging.getLogger("graphopt.passes.fusion")
 
-__all__ = ["FusionRule", "FusionPass", "from_onnxscript", "model_opset", "RULE_KEY", "STANDARD", "CONTRIB"]
+__all__ = ["FusionRule", "FusionPass", "from_onnxscript", "RULE_KEY", "STANDARD", "CONTRIB"]
 
 #: Metadata key stamped on every node a fusion rule creates.
 RULE_KEY = "graphopt.rule"
@@ -73,29 +74,6 @@ def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[i
         return count
 
     return apply
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """Constant content of an initializer or Constant output; never a graph input's (overridable)."""
-    if value is None or value.is_graph_input():
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-        return None if tensor is None else tensor.numpy()
-    except Exception:  # malformed Constant, unreadable external data
-        return None
-
-
-def model_opset(model: ir.Model) -> int:
-    """The model's default-domain opset version (0 when it imports none)."""
-    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0)
-
-
-def _all_nodes(model: ir.Model) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for f in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
-    return nodes
 
 
 @dataclasses.dataclass
@@ -160,13 +138,13 @@ class FusionPass(Pass):
             return ir.passes.PassResult(model, False)
         modified = self.prepare(model)
         for rule in rules:
-            before = {id(n) for n in _all_nodes(model)}
+            before = {id(n) for n in all_nodes(model)}
             n = rule.apply(model)
             if not n:
                 continue
             modified = True
             self.count(rule.name, n)
-            for node in _all_nodes(model):
+            for node in all_nodes(model):
                 if id(node) not in before:
                     node.metadata_props[RULE_KEY] = f"{self.name}/{rule.name}"
             logger.debug("%s/%s: %d match(es)", self.name, rule.name, n)

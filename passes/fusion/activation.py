@@ -34,9 +34,9 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
 
-from ..cleanup import replace_value
+from ..ir_helpers import constant_array as _constant
+from ..ir_helpers import replace_value
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
-from ._base import constant_array as _constant
 
 __all__ = ["FuseActivationsPass"]
 

@@ -26,9 +26,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from ..cleanup import replace_value
+from ..ir_helpers import constant_array as _constant
+from ..ir_helpers import replace_value
 from ._base import STANDARD, FusionPass, FusionRule
-from ._base import constant_array as _constant
 
 __all__ = ["FuseConstantChainsPass"]
 

@@ -153,6 +153,6 @@ class FuseAttentionPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from .batchnorm import infer_shapes
+        from ..ir_helpers import infer_shapes
 
         return infer_shapes(model)  # the checks compare Q/K/V/mask dims

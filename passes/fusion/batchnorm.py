@@ -32,34 +32,12 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _fuse_batchnorm as osbn
 
-from ._base import STANDARD, FusionPass, FusionRule, constant_array, from_onnxscript, model_opset
+from ..ir_helpers import constant_array, fresh_name, infer_shapes, model_opset
+from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
 
 __all__ = ["FuseBatchNormPass", "BATCHNORM_RULES"]
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
-
-
-def infer_shapes(model: ir.Model) -> bool:
-    """Shape inference for the rank/shape checks (graphopt's wrapper, which keeps subgraph types
-    and the initializer order); returns whether it added or changed shapes (a pass that ran it
-    must then say "modified")."""
-    from graphopt.passes.cleanup import ShapeInferencePass
-
-    return ShapeInferencePass()(model).modified
-
-
-def fresh_name(graph: ir.Graph | ir.Function, base: str) -> str:
-    """``base`` or ``base_<k>``, whichever first names no value of ``graph`` (initializers,
-    inputs, node outputs): onnxscript overwrites an initializer of the same name."""
-    taken = {v.name for v in graph.inputs}
-    if isinstance(graph, ir.Graph):
-        taken.update(graph.initializers)
-    taken.update(v.name for n in graph for v in n.outputs)
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
 
 
 def batchnorm_reason(model: ir.Model, bn: ir.Node) -> str | None:

@@ -25,8 +25,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _matmul_add_to_gemm as osgemm
 
+from ..ir_helpers import fresh_name, infer_shapes
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
-from .batchnorm import fresh_name, infer_shapes
 
 __all__ = ["FuseGemmPass", "GEMM_RULES"]
 

@@ -38,8 +38,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
 
+from ..ir_helpers import constant_array as _constant
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
-from ._base import constant_array as _constant
 
 __all__ = ["FuseNormalizationPass"]
 

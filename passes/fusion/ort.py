@@ -184,7 +184,7 @@ class FuseOrtPass(FusionPass):
     def prepare(self, model: ir.Model) -> bool:
         from onnxscript.rewriter.ort_fusions import shape_optimization
 
-        from .batchnorm import infer_shapes
+        from ..ir_helpers import infer_shapes
 
         # The attention patterns check ranks and head dimensions; they need inferred shapes and
         # the Shape→Gather→Concat chains that the exporter emits rewritten to direct dims.

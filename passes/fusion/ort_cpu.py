@@ -27,13 +27,11 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from ..cleanup import take_place
-from ._base import CONTRIB, FusionPass, FusionRule, model_opset
-from .ort_extra import graph_nodes
+from ..ir_helpers import MS_DOMAIN, graph_nodes, model_opset, take_place
+from ._base import CONTRIB, FusionPass, FusionRule
 
 __all__ = ["LowerOrtCpuPass"]
 
-MS_DOMAIN = "com.microsoft"
 #: The contrib ops' default epsilon when the attribute is absent (contrib_defs.cc).
 _SKIP_EPSILON = 1e-12
 #: (fused op, plain norm op, its domain, number of params after the two data inputs)

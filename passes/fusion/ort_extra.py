@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
 
-from ..cleanup import replace_value
-from ._base import CONTRIB, FusionRule, model_opset
-from ._base import constant_array as constant
+from ..ir_helpers import MS_DOMAIN, graph_nodes, model_opset, replace_value
+from ..ir_helpers import constant_array as constant
+from ._base import CONTRIB, FusionRule
 
 __all__ = ["EARLY_RULES", "GELU_RULES", "LATE_RULES"]
 
-MS_DOMAIN = "com.microsoft"
 _RTOL = 1e-5
 #: What ONNX Runtime's own Conv+Clip fusion uses for a missing Clip bound.
 _FLOAT_MAX = float(np.finfo(np.float32).max)
@@ -49,12 +47,6 @@ _FLOAT_MAX = float(np.finfo(np.float32).max)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers over onnx_ir nodes (shared with ort_rotary)
-
-
-def graph_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    """Every node of the main graph and its subgraphs (snapshot, safe to mutate while iterating).
-    Functions are left alone: their opset imports are their own."""
-    return iter(list(ir.traversal.RecursiveGraphIterator(model.graph)))
 
 
 def is_op(node: ir.Node | None, *op_types: str) -> bool:

@@ -35,8 +35,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _basic_rules as osbasic
 
+from ..ir_helpers import constant_array, fresh_name, infer_shapes
 from ._base import RULE_KEY, STANDARD, FusionPass, FusionRule
-from .batchnorm import constant_array, fresh_name, infer_shapes
 
 __all__ = ["FuseShapeChainsPass", "SHAPE_RULES"]
 
@@ -303,7 +303,7 @@ class FuseShapeChainsPass(FusionPass):
     def finish(self, model: ir.Model, modified: bool) -> bool:
         if not modified:
             return False
-        from graphopt.passes.cleanup import replace_value
+        from ..ir_helpers import replace_value
 
         changed = False
         for graph in model.graphs():

@@ -16,16 +16,13 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from graphopt.calibration import CalibrationData
-from graphopt.passes.fusion._base import constant_array  # noqa: F401  (re-exported for the mode passes)
 from graphopt.pipeline import Pass
 
 __all__ = [
     "CommonOptions",
     "Decision",
     "QuantizePassBase",
-    "constant_array",
     "matches_any",
-    "unique_name",
 ]
 
 
@@ -64,25 +61,6 @@ def matches_any(node: ir.Node, patterns: list[str]) -> bool:
     """True when a pattern equals the node's op type or matches its name (fnmatch)."""
     name = node.name or ""
     return any(p == node.op_type or p == name or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    """A value/initializer name not used in ``graph`` (``taken`` collects names made so far)."""
-    if not taken:
-        taken.update(graph.initializers.keys())
-        for v in graph.inputs:
-            if v.name:
-                taken.add(v.name)
-        for n in ir.traversal.RecursiveGraphIterator(graph):
-            for o in n.outputs:
-                if o.name:
-                    taken.add(o.name)
-    name, i = base, 1
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    taken.add(name)
-    return name
 
 
 class QuantizePassBase(Pass):

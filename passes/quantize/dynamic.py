@@ -77,15 +77,15 @@ import onnx_ir as ir
 
 from graphopt.errors import PipelineError
 
-from ..cleanup import take_place
-from .base import CommonOptions, QuantizePassBase, constant_array, unique_name
+from ..ir_helpers import MS_DOMAIN as _MS
+from ..ir_helpers import constant_array, take_place, unique_name
+from .base import CommonOptions, QuantizePassBase
 from .weight_only import gptq_inverse_factor, gptq_sweep
 
 logger = logging.getLogger("graphopt.passes.quantize.dynamic")
 
 __all__ = ["QuantizeDynamicPass", "gptq_int8", "quantize_weight"]
 
-_MS = "com.microsoft"
 _OP_TYPES = ("MatMul", "Gemm", "Attention", "Gather")
 #: Inputs of each normalization that scale its output per channel: (scale, shift).
 _NORM_PARAMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3), "RMSNormalization": (1, None),

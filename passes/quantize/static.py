@@ -31,7 +31,8 @@ import onnx_ir as ir
 from graphopt.calibration import CalibrationError, stream_tensors
 from graphopt.errors import PipelineError
 
-from .base import CommonOptions, QuantizePassBase, constant_array, matches_any, unique_name
+from ..ir_helpers import constant_array, unique_name
+from .base import CommonOptions, QuantizePassBase, matches_any
 from .calibrators import CALIBRATORS, ChannelAbsMax, Histogram, MinMax, compute_range
 
 __all__ = ["PLACEMENTS", "Placement", "QuantizeStaticPass", "StaticOptions"]
@@ -271,7 +272,7 @@ class QuantizeStaticPass(QuantizePassBase):
         if opset < 13:
             raise PipelineError(f"quantize-static needs opset >= 13 (per-axis QDQ); the model has {opset}: "
                                 "run the upgrade-opset pass first")
-        from graphopt.passes.fusion.batchnorm import infer_shapes
+        from ..ir_helpers import infer_shapes
 
         modified = infer_shapes(model)
         graph = model.graph

@@ -49,7 +49,8 @@ import onnx_ir as ir
 
 from graphopt.errors import PipelineError
 
-from .base import CommonOptions, QuantizePassBase, constant_array, unique_name
+from ..ir_helpers import MS_DOMAIN, constant_array, unique_name
+from .base import CommonOptions, QuantizePassBase
 
 __all__ = [
     "QuantizeWeightOnlyPass",
@@ -66,7 +67,6 @@ __all__ = [
 
 logger = logging.getLogger("graphopt.passes.quantize.weight_only")
 
-MS_DOMAIN = "com.microsoft"
 _FLOAT_DTYPES = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 
 

@@ -1,0 +1,162 @@
+"""IR helpers every pass family shares: node walks, constants, fresh names, opsets, and the two
+ways of handing a value's uses to another.
+
+One home for what the cleanup, fusion, quantization, pruning and precision passes (and the
+backends' checks) all need, so that none of them borrows helpers from another pass's module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = [
+    "MS_DOMAIN",
+    "STANDARD_DOMAINS",
+    "all_nodes",
+    "constant_array",
+    "fresh_name",
+    "graph_nodes",
+    "infer_shapes",
+    "is_standard",
+    "model_opset",
+    "replace_value",
+    "take_place",
+    "unique_name",
+]
+
+#: ONNX Runtime's contrib-op domain.
+MS_DOMAIN = "com.microsoft"
+#: The two spellings of the default ONNX domain.
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: ir.Node, *op_types: str) -> bool:
+    """True for a default-domain node of one of ``op_types``."""
+    return node.domain in STANDARD_DOMAINS and node.op_type in op_types
+
+
+def all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node of the main graph, its subgraphs and the model's functions (a snapshot: safe to
+    mutate the model while iterating)."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for f in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
+    return nodes
+
+
+def graph_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node of the main graph and its subgraphs (snapshot, safe to mutate while iterating).
+    Functions are left out: their opset imports are their own."""
+    return iter(list(ir.traversal.RecursiveGraphIterator(model.graph)))
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """Constant content of an initializer or Constant output; never a graph input's (overridable)."""
+    if value is None or value.is_graph_input():
+        return None
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+        return None if tensor is None else tensor.numpy()
+    except Exception:  # malformed Constant, unreadable external data
+        return None
+
+
+def model_opset(model: ir.Model) -> int:
+    """The model's default-domain opset version (0 when it imports none)."""
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0)
+
+
+def fresh_name(graph: ir.Graph | ir.Function, base: str) -> str:
+    """``base`` or ``base_<k>``, whichever first names no value of ``graph`` (initializers,
+    inputs, node outputs): onnxscript overwrites an initializer of the same name."""
+    taken = {v.name for v in graph.inputs}
+    if isinstance(graph, ir.Graph):
+        taken.update(graph.initializers)
+    taken.update(v.name for n in graph for v in n.outputs)
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    """A value/initializer name not used in ``graph`` or its subgraphs; ``taken`` collects the
+    names made so far (filled from the graph on first use), so many names cost one walk."""
+    if not taken:
+        taken.update(graph.initializers.keys())
+        for v in graph.inputs:
+            if v.name:
+                taken.add(v.name)
+        for n in ir.traversal.RecursiveGraphIterator(graph):
+            for o in n.outputs:
+                if o.name:
+                    taken.add(o.name)
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def take_place(old: ir.Value, new: ir.Value) -> None:
+    """Make ``new`` take ``old``'s place: every use, and its graph-output slot and name (the model's
+    interface keeps its names). Unlike :func:`replace_value`, the producer of ``old`` stays (it may
+    have other outputs to hand over); ``new`` must be made inside the same graph."""
+    name = old.name if old.is_graph_output() else None
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if name is not None:
+        old.name = None
+        new.name = name
+
+
+def replace_value(node: ir.Node, old: ir.Value, new: ir.Value) -> bool:
+    """Make every user of ``old`` (``node``'s output) use ``new`` and drop ``node``.
+
+    Returns False (and changes nothing) when that is unsafe: ``old`` is an output of its graph
+    and ``new`` cannot take its name (it is a graph input, an initializer, another graph output,
+    or comes from an outer scope).
+    """
+    graph = node.graph
+    if graph is None:
+        return False
+    if old.is_graph_output():
+        producer = new.producer()
+        if (
+            new.is_graph_input()
+            or new.is_initializer()
+            or new.is_graph_output()
+            or producer is None
+            or producer.graph is not graph
+        ):
+            return False
+        outputs = graph.outputs
+        # Keep the richer type/shape.
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape
+        name = old.name
+        old.name = None
+        new.name = name
+        for i, v in enumerate(outputs):
+            if v is old:
+                outputs[i] = new
+    old.replace_all_uses_with(new)
+    if any(o.uses() or o.is_graph_output() for o in node.outputs):
+        return True  # another output still in use (e.g. a Dropout mask); DCE decides later
+    graph.remove(node, safe=True)
+    return True
+
+
+def infer_shapes(model: ir.Model) -> bool:
+    """Shape inference for the rank/shape checks (graphopt's wrapper, which keeps subgraph types
+    and the initializer order); returns whether it added or changed shapes (a pass that ran it
+    must then say "modified")."""
+    from graphopt.passes.cleanup import ShapeInferencePass  # cleanup imports this module
+
+    return ShapeInferencePass()(model).modified
