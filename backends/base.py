@@ -3,8 +3,10 @@
 A backend chooses passes and their options; it never implements a rewrite itself.
 Backends are built from phase functions, the same shape for every target (TVM's
 ``relax/backend/<target>/pipeline.py``): ``cleanup_passes``, ``prune_passes``, ``fusion_passes``,
-``quantize_passes``, ``precision_passes``, ``finalize_passes``; ``default_pipeline`` strings them
-together. After lowering, :meth:`Backend.check` lists what the target cannot run, and
+``quantize_passes``, ``precision_passes``, ``finalize_passes``, each returning pass specs;
+``default_pipeline`` strings them together into pipeline text. What a target supports is data on
+the class (``unsupported_quantize``, ``qdq_placement``, ``unsupported_ops``), handed to the passes
+as options. After lowering, :meth:`Backend.check` lists what the target cannot run, and
 :meth:`Backend.settings` describes how to run the model (providers, their options, session
 options, shapes): ``graphopt.save`` writes it beside the model as ``NAME.settings.json`` and
 :func:`load_session` turns model + settings back into an ``onnxruntime.InferenceSession``.
@@ -23,7 +25,7 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError, PipelineError, UnsupportedModelError
 from graphopt.passes.ir_helpers import STANDARD_DOMAINS as _STANDARD_DOMAINS
 from graphopt.passes.ir_helpers import all_nodes
-from graphopt.spec import PassSpec, format_text
+from graphopt.spec import PassSpec, Step, format_text, parse_text
 
 __all__ = ["Backend", "LoweringError", "SETTINGS_FORMAT", "load_session", "load_settings", "session_from_settings",
            "settings_path"]
@@ -58,6 +60,13 @@ class Backend:
     fallback_ops: ClassVar[dict[tuple[str, str], str]] = {}
     #: Typed target options (a dataclass, like a pass's ``Options``).
     Options: ClassVar[type] = NoBackendOptions
+    #: The quantization modes the target runs (None: every installed mode but ``unsupported_quantize``).
+    supported_quantize: ClassVar[tuple[str, ...] | None] = None
+    #: Quantization mode → why the target cannot run it and what to use instead.
+    unsupported_quantize: ClassVar[dict[str, str]] = {}
+    #: quantize-static's Q/DQ placement rules for this target (None: the pass's default, ONNX
+    #: Runtime CPU's integer kernels).
+    qdq_placement: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         from graphopt.registry import coerce_options
@@ -83,13 +92,13 @@ class Backend:
         return cls(**options)
 
     # --- pipeline phases -----------------------------------------------------------------------
-    def cleanup_passes(self, level: int) -> list[str]:
-        return ["cleanup"] if level > 0 else []
+    def cleanup_passes(self, level: int) -> list[Step]:
+        return [PassSpec("cleanup")] if level > 0 else []
 
-    def prune_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
+    def prune_passes(self, level: int, options: dict[str, Any] | None) -> list[Step]:
         """Pruning runs on the cleaned, unfused graph, where its units (channels, FFN neurons,
         heads) are plain Conv/MatMul/Gemm weights that the later fusions and quantization keep."""
-        return [format_text([PassSpec("prune", dict(options))])] if options else []
+        return [PassSpec("prune", dict(options))] if options else []
 
     def fusion_domains(self, quantize: dict[str, Any] | None) -> list[str]:
         """Op domains the fusions may emit before quantization.
@@ -101,29 +110,39 @@ class Backend:
             return ["standard"]
         return ["standard", "contrib"]
 
-    def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
+    def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
         """The fusion rule sets in dependency order (one list, shared with the ``fuse`` pass);
         com.microsoft contrib fusions only for targets that run them."""
         if level < 2:
             return []
         from graphopt.passes.fusion.composite import fusion_steps
 
-        return fusion_steps(self.fusion_domains(quantize))
+        return list(parse_text(",".join(fusion_steps(self.fusion_domains(quantize)))))
 
     def quantize_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The target's lowering choices for a quantization request (user options win)."""
-        return dict(options)
+        """The target's lowering choices for a quantization request (user options win): a mode the
+        target cannot run is refused with the reason; static Q/DQ gets the target's placement."""
+        mode = options.get("mode")
+        if mode in self.unsupported_quantize:
+            raise PipelineError(self.unsupported_quantize[mode])
+        if self.supported_quantize is not None and mode not in self.supported_quantize:
+            raise PipelineError(f"{self.name}: quantize={mode} is not supported; use quantize="
+                                + " or ".join(self.supported_quantize))
+        opts = dict(options)
+        if mode == "static" and self.qdq_placement is not None:
+            opts.setdefault("placement", self.qdq_placement)
+        return opts
 
-    def quantize_passes(self, level: int, options: dict[str, Any] | None) -> list[str]:
-        return [format_text([PassSpec("quantize", self.quantize_options(options))])] if options else []
+    def quantize_passes(self, level: int, options: dict[str, Any] | None) -> list[Step]:
+        return [PassSpec("quantize", self.quantize_options(options))] if options else []
 
-    def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
+    def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
         """Reduced-precision conversion (fp16/bf16) after quantization; none by default."""
         return []
 
-    def finalize_passes(self, level: int) -> list[str]:
+    def finalize_passes(self, level: int) -> list[Step]:
         # Fusions leave dead shape arithmetic and duplicate constants behind.
-        return ["cleanup"] if level >= 2 else []
+        return [PassSpec("cleanup")] if level >= 2 else []
 
     def default_pipeline(
         self, level: int = 2, *, quantize: dict[str, Any] | None = None, prune: dict[str, Any] | None = None
@@ -139,8 +158,8 @@ class Backend:
         ]
         final = self.finalize_passes(level)
         if not final and (quantize or prune) and level > 0:
-            final = ["cleanup"]
-        return ",".join([*steps, *final])
+            final = [PassSpec("cleanup")]
+        return format_text([*steps, *final])
 
     # --- lowering checks -----------------------------------------------------------------------
     def check(self, model: ir.Model) -> list[str]:

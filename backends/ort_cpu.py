@@ -8,6 +8,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.backends.base import Backend
+from graphopt.spec import PassSpec, Step
 
 __all__ = ["OrtCpuBackend"]
 
@@ -17,7 +18,7 @@ class OrtCpuBackend(Backend):
     (FusedConv, SkipLayerNormalization, Attention, ...); weight-only quantization lowers to
     MatMulNBits (the quantize passes emit it). Last, ``lower-ort-cpu`` turns the fused forms that
     ORT's CPU kernels run slower than the plain ops back into those ops (SkipLayerNormalization →
-    Sum + LayerNormalization, about 3x faster; see passes/fusion/ort_cpu.py).
+    Sum + LayerNormalization, which ORT's CPU kernels run faster).
 
     Session settings: ORT's own level-ALL optimizations stay on (they add CPU-only layout
     transforms such as NCHWc for convolutions that graphopt does not do). Intra-op threads are left
@@ -30,9 +31,11 @@ class OrtCpuBackend(Backend):
     providers = ("CPUExecutionProvider",)
     allows_contrib_ops = True
 
-    def finalize_passes(self, level: int) -> list[str]:
+    def finalize_passes(self, level: int) -> list[Step]:
         # After quantization: dynamic quantization folds SmoothQuant scales into the fused norms.
-        return ["lower-ort-cpu", "cleanup"] if level >= 2 else super().finalize_passes(level)
+        if level >= 2:
+            return [PassSpec("lower-ort-cpu"), PassSpec("cleanup")]
+        return super().finalize_passes(level)
 
     def session_options(self, model: ir.Model | None = None) -> dict[str, Any]:
         return {"graph_optimization_level": "ORT_ENABLE_ALL"}

@@ -10,9 +10,8 @@ from typing import Any, ClassVar, Literal
 import onnx_ir as ir
 
 from graphopt.backends.base import Backend, io_description
-from graphopt.errors import PipelineError
 from graphopt.passes.ir_helpers import MS_DOMAIN as _MS
-from graphopt.spec import PassSpec, format_text
+from graphopt.spec import PassSpec, Step
 
 __all__ = ["OrtCudaBackend"]
 
@@ -57,37 +56,39 @@ class OrtCudaBackend(Backend):
         (_MS, "MatMulIntegerToFloat"): "CPU-only contrib op",
         (_MS, "FusedConv"): "float32 only on CUDA (no fp16 kernel)",
     }
+    unsupported_quantize: ClassVar[dict[str, str]] = {
+        "dynamic": "ort-cuda: dynamic int8 quantization has no CUDA kernels (DynamicQuantizeLinear runs on the "
+                   "CPU); use quantize=int4 or int8-weight (MatMulNBits), or target tensorrt with quantize=static",
+    }
 
-    def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
+    def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
         # FusedConv has no fp16 CUDA kernel: keep Conv + activation standard so that the fp16
         # conversion can take the convolutions (ORT fuses Conv+Relu on CUDA itself).
         steps = super().fusion_passes(level, quantize)
         if self.options.precision != "float32":
-            steps = [format_text([PassSpec("fuse-ort", {"exclude": ["fused-conv"]})]) if s == "fuse-ort" else s
+            steps = [PassSpec("fuse-ort", {"exclude": ["fused-conv"]}) if s == PassSpec("fuse-ort") else s
                      for s in steps]
         return steps
 
     def quantize_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        mode = options.get("mode")
-        if mode == "dynamic":
-            raise PipelineError(
-                "ort-cuda: dynamic int8 quantization has no CUDA kernels (DynamicQuantizeLinear runs on the "
-                "CPU); use quantize=int4 or int8-weight (MatMulNBits), or target tensorrt with quantize=static"
-            )
-        if mode == "static":
+        opts = super().quantize_options(options)
+        if opts.get("mode") == "static":
             logger.warning("ort-cuda: static Q/DQ runs as float compute between Q/DQ nodes on the CUDA "
                            "provider (no int8 speed-up); target tensorrt for int8 kernels")
-        return dict(options)
+        return opts
 
-    def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[str]:
+    def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
         """Runs on the cleaned graph (see :meth:`finalize_passes`), where constants are folded into
         initializers that convert once instead of being cast at run time."""
         return []
 
-    def finalize_passes(self, level: int) -> list[str]:
-        return ["cleanup", *self._precision(level), "cleanup"] if self._precision(level) else super().finalize_passes(level)
+    def finalize_passes(self, level: int) -> list[Step]:
+        precision = self._precision(level)
+        if precision:
+            return [PassSpec("cleanup"), *precision, PassSpec("cleanup")]
+        return super().finalize_passes(level)
 
-    def _precision(self, level: int) -> list[str]:
+    def _precision(self, level: int) -> list[Step]:
         if level < 2 or self.options.precision == "float32":
             return []
         opts: dict[str, Any] = {}
@@ -95,7 +96,7 @@ class OrtCudaBackend(Backend):
             opts["dtype"] = self.options.precision
         if not self.options.fp32_io:
             opts["keep_io_types"] = False
-        return [format_text([PassSpec("convert-float16", opts)])]
+        return [PassSpec("convert-float16", opts)]
 
     def provider_options(self, model: ir.Model | None = None,
                          model_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from typing import Any, ClassVar
 
@@ -13,6 +12,7 @@ import onnx_ir as ir
 from graphopt.backends.base import Backend
 from graphopt.errors import PipelineError
 from graphopt.passes.ir_helpers import all_nodes
+from graphopt.spec import PassSpec, Step
 
 __all__ = ["TensorRTBackend", "sparse_24_weights", "optimization_profile"]
 
@@ -85,28 +85,19 @@ class TensorRTBackend(Backend):
         if o.max_workspace_size < 0:
             raise PipelineError("tensorrt: max_workspace_size must be >= 0 bytes")
 
-    def quantize_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        mode = options.get("mode")
-        if mode != "static":
-            raise PipelineError(
-                f"tensorrt: quantize={mode} is not a TensorRT format ("
-                + ("MatMulNBits is a com.microsoft op" if mode in ("int4", "int8-weight") else
-                   "integer ops are not explicit Q/DQ")
-                + "); use quantize=static with calibration data"
-            )
-        opts = dict(options)
-        if "placement" not in opts:
-            if not static_has_tensorrt_placement():
-                raise PipelineError(
-                    "tensorrt: quantize=static needs quantize-static's placement=tensorrt preset (symmetric "
-                    "int8, zero points 0), which this install lacks; quantize for ort-cpu instead"
-                )
-            opts["placement"] = "tensorrt"
-        return opts
+    #: Explicit Q/DQ only; symmetric int8 (zero points 0) on the inputs of the ops TensorRT runs in int8.
+    supported_quantize: ClassVar[tuple[str, ...] | None] = ("static",)
+    unsupported_quantize: ClassVar[dict[str, str]] = {
+        mode: f"tensorrt: quantize={mode} is not a TensorRT format ({why}); use quantize=static with calibration data"
+        for mode, why in [("int4", "MatMulNBits is a com.microsoft op"),
+                          ("int8-weight", "MatMulNBits is a com.microsoft op"),
+                          ("dynamic", "integer ops are not explicit Q/DQ")]
+    }
+    qdq_placement: ClassVar[str | None] = "tensorrt"
 
-    def finalize_passes(self, level: int) -> list[str]:
+    def finalize_passes(self, level: int) -> list[Step]:
         if self.options.fp16_graph and level >= 2:
-            return ["cleanup", "convert-float16", "cleanup"]
+            return [PassSpec("cleanup"), PassSpec("convert-float16"), PassSpec("cleanup")]
         return super().finalize_passes(level)
 
     # --- checks --------------------------------------------------------------------------------
@@ -276,12 +267,3 @@ def _symmetric_int8(node: ir.Node) -> bool:
     except Exception:  # unreadable constant: not provably symmetric
         return False
 
-
-def static_has_tensorrt_placement() -> bool:
-    """True when quantize-static offers ``placement="tensorrt"`` (written in parallel; checked at run time)."""
-    try:
-        module = importlib.import_module("graphopt.passes.quantize.static")
-    except ImportError:
-        return False
-    placements = getattr(module, "PLACEMENTS", None)
-    return isinstance(placements, dict) and "tensorrt" in placements

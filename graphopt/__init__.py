@@ -35,6 +35,7 @@ __all__ = [
     "list_passes",
     "load",
     "optimize",
+    "quantize_modes",
     "save",
     "to_bytes",
     "verify",
@@ -55,13 +56,17 @@ class OptimizeResult:
     report: Report
 
 
-QUANTIZE_MODES = ("dynamic", "static", "int4", "int8-weight")
 PRUNE_MODES = ("unstructured", "2:4", "structured")
 #: The default fidelity criterion of ``verify=True`` for quantized/pruned models (cosine per output).
 DEFAULT_MIN_COSINE = 0.99
 
 
-def _quantize_request(quantize: str | dict[str, Any] | None) -> dict[str, Any] | None:
+def quantize_modes(registry: Registry | None = None) -> list[str]:
+    """The quantization modes the installed passes implement (``quantize-*`` passes' ``modes``)."""
+    return list((registry or default_registry()).modes("quantize"))
+
+
+def _quantize_request(quantize: str | dict[str, Any] | None, registry: Registry) -> dict[str, Any] | None:
     if quantize is None:
         return None
     if isinstance(quantize, str):
@@ -70,8 +75,9 @@ def _quantize_request(quantize: str | dict[str, Any] | None) -> dict[str, Any] |
         raise GraphoptError(f"quantize= must be a mode name or a dict of options, got {type(quantize).__name__}")
     opts = dict(quantize)
     mode = opts.get("mode")
-    if mode not in QUANTIZE_MODES:
-        raise GraphoptError(f"quantize mode {mode!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}")
+    modes = quantize_modes(registry)
+    if mode not in modes:
+        raise GraphoptError(f"quantize mode {mode!r} is unknown; use one of {', '.join(modes)}")
     return opts
 
 
@@ -129,7 +135,8 @@ def optimize(
     the model so that ``save`` writes matching run settings. The result is checked against what
     the target can run (a TensorRT model with a contrib op is an error, not a file).
     """
-    qopts = _quantize_request(quantize)
+    reg = registry or default_registry()
+    qopts = _quantize_request(quantize, reg)
     popts = _prune_request(prune)
     if pipeline is not None and (qopts or popts):
         raise GraphoptError(
@@ -141,7 +148,6 @@ def optimize(
             "static quantization needs calibration data: pass calibration= (.npz file, folder of "
             ".npy/.npz, or a list of feed dicts) or --calibration on the command line"
         )
-    reg = registry or default_registry()
     backend = reg.backend(target)
     if target_options:
         backend = type(backend)(**target_options)

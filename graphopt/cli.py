@@ -69,7 +69,9 @@ def _build_parser() -> _Parser:
     o.add_argument("--allow-custom-domains", action="store_true",
                    help="accept ops of unknown custom domains (left untouched; verification impossible)")
     q = o.add_argument_group("quantization")
-    q.add_argument("--quantize", choices=["dynamic", "static", "int4", "int8-weight"], help="quantization mode")
+    # No argparse choices: the modes are the installed quantize-* passes' (checked by optimize).
+    q.add_argument("--quantize", metavar="MODE",
+                   help="quantization mode: dynamic, static, int4, int8-weight, or a plugin's (`graphopt passes`)")
     q.add_argument("--calibration", help="calibration data: .npz file or folder of .npy/.npz (static needs it)")
     q.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
                    help="activation range calibrator (static)")

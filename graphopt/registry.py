@@ -101,7 +101,7 @@ class Registry:
         cls = self.pass_class(name)
         options = dict(options or {})
         opts_cls = getattr(cls, "Options", None)
-        if dataclasses.is_dataclass(opts_cls):
+        if isinstance(opts_cls, type) and dataclasses.is_dataclass(opts_cls):
             return cls(**coerce_options(name, opts_cls, options))
         # A foreign onnx_ir pass: its constructor's keyword arguments are its options.
         params = inspect.signature(cls.__init__).parameters
@@ -145,6 +145,25 @@ class Registry:
             for r in (cls.rule_list() if hasattr(cls, "rule_list") else ())
         )
         return PassInfo(name, summary, tuple(opts), f"{cls.__module__}.{cls.__qualname__}", rules)
+
+    def modes(self, family: str) -> dict[str, tuple[str, dict[str, Any]]]:
+        """mode → (pass name, fixed options) for the passes named ``FAMILY-*`` that declare
+        ``modes`` (a dict mode → the options that mode fixes, e.g. the weight-only pass's
+        ``{"int4": {"bits": 4}, "int8-weight": {"bits": 8}}``), in pass-name order.
+
+        The one place the list of, say, quantization modes comes from: a plugin that registers
+        ``quantize-fp8`` with ``modes = {"fp8": {}}`` adds a mode without touching the core.
+        """
+        found: dict[str, tuple[str, dict[str, Any]]] = {}
+        for name in self.pass_names():
+            if not name.startswith(family + "-"):
+                continue
+            declared = getattr(self.pass_class(name), "modes", None)
+            if not isinstance(declared, dict):
+                continue
+            for mode, fixed in declared.items():
+                found.setdefault(mode, (name, dict(fixed)))
+        return found
 
     # --- backends -------------------------------------------------------------------------
     def register_backend(self, name: str, factory: Any) -> None:

@@ -11,56 +11,46 @@ an option that does not apply to the chosen mode is an error, not ignored.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import typing
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, PipelineError
 from graphopt.pipeline import Pass
-from graphopt.registry import coerce_options
+from graphopt.registry import coerce_options, default_registry
 
 from .accuracy import Fidelity, fidelity, greedy_keep_float
 
-__all__ = ["MODES", "QuantizePass", "mode_pass"]
+__all__ = ["QuantizePass", "mode_pass", "modes"]
 
 logger = logging.getLogger("graphopt.passes.quantize")
 
-#: mode → (module, class, fixed options). The weight-only pass serves two modes by bit width.
-MODES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "dynamic": ("graphopt.passes.quantize.dynamic", "QuantizeDynamicPass", {}),
-    "static": ("graphopt.passes.quantize.static", "QuantizeStaticPass", {}),
-    "int4": ("graphopt.passes.quantize.weight_only", "QuantizeWeightOnlyPass", {"bits": 4}),
-    "int8-weight": ("graphopt.passes.quantize.weight_only", "QuantizeWeightOnlyPass", {"bits": 8}),
-}
-
-Mode = Literal["dynamic", "static", "int4", "int8-weight"]
+def modes() -> dict[str, tuple[str, dict[str, Any]]]:
+    """mode → (mode pass name, the options the mode fixes), from the registry: every
+    ``quantize-*`` pass declares the modes it implements (the weight-only pass serves two, by bit
+    width), so a plugin adds a mode by registering its pass."""
+    return default_registry().modes("quantize")
 
 
 def mode_pass(mode: str) -> type[Pass]:
     """The pass class that implements ``mode``."""
-    if mode not in MODES:
-        raise PipelineError(f"unknown quantization mode '{mode}'; use one of {list(MODES)}")
-    module, cls, _ = MODES[mode]
-    return getattr(importlib.import_module(module), cls)
+    known = modes()
+    if mode not in known:
+        raise PipelineError(f"unknown quantization mode '{mode}'; use one of {list(known)}")
+    return typing.cast(type[Pass], default_registry().pass_class(known[mode][0]))
 
 
 def _mode_classes() -> dict[str, type]:
-    out = {}
-    for mode in MODES:
-        try:
-            out[mode] = mode_pass(mode)
-        except ImportError:  # a mode module missing from a partial install: its mode errors when used
-            continue
-    return out
+    return {mode: mode_pass(mode) for mode in modes()}
 
 
 @dataclasses.dataclass
 class _ControlOptions:
-    mode: Mode = dataclasses.field(
-        default="dynamic", metadata={"doc": "dynamic | static (needs calibration) | int4 | int8-weight"})
+    mode: str = dataclasses.field(
+        default="dynamic", metadata={"doc": "dynamic | static (needs calibration) | int4 | int8-weight | a "
+                                            "plugin's (the quantize-* passes' modes)"})
     min_cosine: float | None = dataclasses.field(
         default=None, metadata={"doc": "fidelity target: keep the most sensitive layers in float until the "
                                        "outputs' worst per-row cosine to the float model reaches it"})
@@ -76,11 +66,12 @@ def _union_options() -> type:
     """``_ControlOptions`` plus every mode pass's options, each defaulting to None (= the mode's default)."""
     fields: list[tuple[str, Any, Any]] = []
     seen: dict[str, Any] = {}
-    for cls in _mode_classes().values():
+    for mode, cls in _mode_classes().items():
+        fixed = modes()[mode][1]
         opts = cls.Options
         hints = typing.get_type_hints(opts)
         for f in dataclasses.fields(opts):
-            if f.name in _CONTROL_FIELDS or f.name == "bits" and cls.__name__ == "QuantizeWeightOnlyPass":
+            if f.name in _CONTROL_FIELDS or f.name in fixed:
                 continue
             t = hints[f.name]
             if f.name in seen:
@@ -114,6 +105,7 @@ class QuantizePass(Pass):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
+        mode_pass(self.options.mode)  # an unknown mode fails now
         self.mode_options()  # options that do not apply to the mode fail now, before any work
 
     # --- options -----------------------------------------------------------------------------
@@ -127,13 +119,14 @@ class QuantizePass(Pass):
             for f in dataclasses.fields(self.options)
             if f.name not in _CONTROL_FIELDS and getattr(self.options, f.name) is not None
         }
-        wrong = sorted(k for k in given if k not in own)
+        fixed = modes()[mode][1]
+        wrong = sorted(k for k in given if k not in own or k in fixed)
         if wrong:
             raise PipelineError(
                 f"quantize: option(s) {wrong} do not apply to mode={mode} "
-                f"(its options: {sorted(own - {'bits'} if MODES[mode][2] else own)})"
+                f"(its options: {sorted(own - set(fixed))})"
             )
-        given.update(MODES[mode][2])
+        given.update(fixed)
         for key, value in extra.items():
             if key == "exclude":  # accuracy control adds to the user's exclusions
                 value = [*(given.get(key) or []), *value]

@@ -66,8 +66,9 @@ def matches_any(node: ir.Node, patterns: list[str]) -> bool:
 class QuantizePassBase(Pass):
     """Base of the quantization mode passes (see the module docstring for the contract)."""
 
-    #: The ``optimize(quantize=...)`` modes this pass implements.
-    modes: ClassVar[tuple[str, ...]] = ()
+    #: The ``optimize(quantize=...)`` modes this pass implements, each with the options it fixes
+    #: (read through the registry: ``Registry.modes("quantize")``).
+    modes: ClassVar[dict[str, dict[str, Any]]] = {}
     Options: ClassVar[type] = CommonOptions
 
     def __init__(self, **options: Any) -> None:

@@ -238,7 +238,7 @@ class QuantizeDynamicPass(QuantizePassBase):
     """
 
     name: ClassVar[str] = "quantize-dynamic"
-    modes: ClassVar[tuple[str, ...]] = ("dynamic",)
+    modes: ClassVar[dict[str, dict[str, Any]]] = {"dynamic": {}}
     Options: ClassVar[type] = DynamicOptions
 
     def __init__(self, **options: Any) -> None:

@@ -223,7 +223,7 @@ class QuantizeStaticPass(QuantizePassBase):
     Needs calibration data (``calibration=`` / ``--calibration``)."""
 
     name = "quantize-static"
-    modes: ClassVar[tuple[str, ...]] = ("static",)
+    modes: ClassVar[dict[str, dict[str, Any]]] = {"static": {}}
     Options = StaticOptions
 
     # --- options ----------------------------------------------------------------------------

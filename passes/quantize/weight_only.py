@@ -360,7 +360,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
     """
 
     name = "quantize-weight-only"
-    modes: ClassVar[tuple[str, ...]] = ("int4", "int8-weight")
+    modes: ClassVar[dict[str, dict[str, Any]]] = {"int4": {"bits": 4}, "int8-weight": {"bits": 8}}
     Options: ClassVar[type] = WeightOnlyOptions
 
     def __init__(self, **options: Any) -> None:

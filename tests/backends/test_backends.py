@@ -21,7 +21,7 @@ from models import build_bert, build_cnn, build_llama
 import graphopt
 from graphopt.backends.base import LoweringError, load_session, settings_path
 from graphopt.backends.ort_cuda import OrtCudaBackend
-from graphopt.backends.tensorrt import TensorRTBackend, sparse_24_weights, static_has_tensorrt_placement
+from graphopt.backends.tensorrt import TensorRTBackend, sparse_24_weights
 from graphopt.errors import GraphoptError, OutputError, PipelineError
 from graphopt.ir import to_proto
 from graphopt.passes.precision import ConvertFloat16Pass
@@ -228,7 +228,6 @@ def test_ort_cuda_bad_option_is_a_clear_error() -> None:
         OrtCudaBackend(precision="int3")
 
 
-@pytest.mark.skipif(not static_has_tensorrt_placement(), reason="quantize-static has no tensorrt placement")
 def test_tensorrt_static_quantization_is_symmetric_int8(exported) -> None:
     model, ex = exported["cnn"]
     calib = [feeds_for("cnn", ex, seed=s) for s in range(4)]
@@ -247,7 +246,6 @@ def test_tensorrt_static_quantization_is_symmetric_int8(exported) -> None:
     assert settings["trt_int8_enable"] is True
 
 
-@pytest.mark.skipif(not static_has_tensorrt_placement(), reason="quantize-static has no tensorrt placement")
 @pytest.mark.parametrize("kind", ["cnn", "bert"])
 def test_tensorrt_static_output_passes_the_tensorrt_check_and_saves(exported, kind: str, tmp_path) -> None:
     model, ex = exported[kind]
