@@ -413,7 +413,7 @@ def _initializer_values(model: ir.Model) -> list[ir.Value]:
 
 def total_tensor_bytes(model: ir.Model) -> int:
     """Bytes of initializer data, counting external data without reading it."""
-    return sum(_tensor_nbytes(v.const_value) for v in _initializer_values(model))  # type: ignore[arg-type]
+    return sum(_tensor_nbytes(v.const_value) for v in _initializer_values(model) if v.const_value is not None)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
@@ -687,7 +687,7 @@ def _save_external(
                         offset,
                         length,
                         t.dtype,
-                        shape=ir.Shape(t.shape),
+                        shape=ir.Shape(list(t.shape)),  # type: ignore[arg-type]  # dims of a tensor are ints
                         name=t.name or v.name or "",
                         doc_string=t.doc_string,
                         base_dir=folder,

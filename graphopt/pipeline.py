@@ -66,7 +66,7 @@ class Pass(ir.passes.InPlacePass):
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
-    def __call__(self, model: ir.Model) -> ir.passes.PassResult:
+    def __call__(self, model: ir.Model) -> ir.passes.PassResult:  # type: ignore[override]  # models only
         self.stats = {}
         self.details = {}
         return super().__call__(model)
@@ -355,7 +355,7 @@ class _Runner:
 
 
 def _adopt(dst: ir.Model, src: ir.Model) -> None:
-    dst.graph = src.graph  # type: ignore[misc]
+    dst.graph = src.graph
     dst.functions.clear()
     dst.functions.update(src.functions)
     dst.metadata_props.clear()

@@ -71,7 +71,7 @@ def _real_inputs(model: ir.Model) -> list[ir.Value]:
 def _constant_shape(value: ir.Value) -> tuple[int, ...] | None:
     """Shape of ``value`` if it is an initializer or a Constant's output, else None."""
     if value.const_value is not None:
-        return tuple(int(d) for d in value.const_value.shape)
+        return tuple(value.const_value.shape.numpy())
     node = value.producer()
     if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
         attr = node.attributes.get("value")
