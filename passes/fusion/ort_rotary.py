@@ -45,26 +45,14 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from .ort_extra import (
-    MS_DOMAIN,
-    constant,
-    graph_nodes,
-    is_op,
-    other,
-    producer,
-    rank,
-    replace_with,
-    same_dim,
-    scalar,
-    single_use,
-)
+from ..ir_helpers import MS_DOMAIN, graph_nodes
+from ..ir_helpers import constant_array as constant
+from .matching import PRIVATE_DOMAIN, is_op, other, producer, rank, replace_with, same_dim, scalar, single_use
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
 __all__ = ["fuse_rotary_embedding", "sequence_bounds"]
 
-#: onnxscript's intermediate domain (its rotary rule's output).
-PRIVATE_DOMAIN = "ai.onnxruntime._fusion"
 #: Graph metadata the torch exporter writes: the value range of every symbolic dim.
 RANGE_CONSTRAINTS_KEY = "pkg.torch.export.ExportedProgram.range_constraints"
 #: Largest constant cache (elements per table); above it the cache is computed at run time.
@@ -411,3 +399,18 @@ def fuse_rotary_embedding(model: ir.Model) -> int:
                        domain=MS_DOMAIN, name=final.name)
         count += replace_with(model, final, rope, site.nodes)
     return count
+
+
+def fuse_cos_sin_cache_then_cse(model: ir.Model) -> int:
+    """onnxscript's ``cos-sin-cache`` rule (transformers 4's MatMul-form angles), then CSE.
+
+    Each layer's rotary embedding gets its own copy of the cache; CSE merges them so that the
+    partial-rotary rule after it sees one shared cache (as ``fuse_xformers`` does).
+    """
+    import onnx_ir.passes.common as common
+    from onnxscript.rewriter.ort_fusions import cos_sin_cache
+
+    n = cos_sin_cache.fuse_cos_sin_cache(model)
+    if n:
+        common.CommonSubexpressionEliminationPass()(model)
+    return n
