@@ -23,6 +23,7 @@ __all__ = [
     "is_standard",
     "model_opset",
     "replace_value",
+    "static_shape",
     "take_place",
     "unique_name",
 ]
@@ -62,6 +63,18 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
         return None if tensor is None else tensor.numpy()
     except Exception:  # malformed Constant, unreadable external data
         return None
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape when every dim is a known int, else None."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if not isinstance(d, int):
+            return None
+        dims.append(d)
+    return tuple(dims)
 
 
 def model_opset(model: ir.Model) -> int:

@@ -34,9 +34,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
 
+from ..ir_helpers import all_nodes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
-from ..ir_helpers import replace_value
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
+from .matching import only_consumer, single_use
 
 __all__ = ["FuseActivationsPass"]
 
@@ -50,20 +51,9 @@ _RTOL = 1e-5
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     node = None if value is None else value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type != op_type:
+    if node is None or not is_standard(node, op_type):
         return None
     if len(node.inputs) != (1 if op_type in ("Erf", "Tanh", "Sigmoid") else 2) or None in node.inputs:
-        return None
-    return node
-
-
-def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
-    """The single consumer of ``value`` if it is an ``op_type`` node (and value is no graph output)."""
-    uses = value.uses()
-    if value.is_graph_output() or len(uses) != 1:
-        return None
-    node = uses[0].node
-    if node.domain not in ("", "ai.onnx") or node.op_type != op_type or None in node.inputs:
         return None
     return node
 
@@ -146,24 +136,20 @@ def _tanh_argument(site_input: ir.Value) -> tuple[ir.Value, list[ir.Node]] | Non
         return None
     for inner_value, c in (outer.inputs, outer.inputs[::-1]):
         add = _producer(inner_value, "Add")
-        if add is None or not _single(inner_value):
+        if add is None or not single_use(inner_value):
             continue
         for x, term in (add.inputs, add.inputs[::-1]):
             scaled = _producer(term, "Mul")
-            if x is None or scaled is None or not _single(term) or _constant(x) is not None:
+            if x is None or scaled is None or not single_use(term) or _constant(x) is not None:
                 continue
             site = _Site(x)
             if not site.const(c, math.sqrt(2.0 / math.pi)):
                 continue
             for cube, c3 in (scaled.inputs, scaled.inputs[::-1]):
                 nodes: list[ir.Node] = []
-                if site.const(c3, 0.044715) and cube is not None and _single(cube) and _is_cube(cube, x, nodes):
+                if site.const(c3, 0.044715) and cube is not None and single_use(cube) and _is_cube(cube, x, nodes):
                     return x, [outer, add, scaled, *nodes]
     return None
-
-
-def _single(value: ir.Value | None) -> bool:
-    return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
 
 
 @dataclasses.dataclass
@@ -176,7 +162,7 @@ class _GeluMatch:
 def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
     """Match ``½ · x · (1 + f(arg(x)))`` around the Erf/Tanh node ``f_node``."""
     f_in = f_node.inputs[0]
-    if f_in is None or not _single(f_in):
+    if f_in is None or not single_use(f_in):
         return None
     if approximate == "none":
         found = _erf_argument(f_in)
@@ -193,49 +179,46 @@ def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
         return None
     site = _Site(x)
     f_out = f_node.outputs[0]
-    add = _only_use(f_out, "Add")
+    add = only_consumer(f_out, "Add")
     if add is None or not site.const(site.other(add, f_out), 1.0):
         return None
     one_plus = add.outputs[0]
     nodes = [*arg_nodes, f_node, add]
-    m1 = _only_use(one_plus, "Mul")
+    m1 = only_consumer(one_plus, "Mul")
     if m1 is None:
-        d = _only_use(one_plus, "Div")  # (1 + f) / 2 · x
+        d = only_consumer(one_plus, "Div")  # (1 + f) / 2 · x
         if d is None or d.inputs[0] is not one_plus or not site.const(d.inputs[1], 2.0):
             return None
-        m2 = _only_use(d.outputs[0], "Mul")
+        m2 = only_consumer(d.outputs[0], "Mul")
         if m2 is None or site.other(m2, d.outputs[0]) is not x:
             return None
         return _GeluMatch(x, [*nodes, d, m2], m2)
     o = site.other(m1, one_plus)
     if o is x:  # (x · (1 + f)) · ½   or   (x · (1 + f)) / 2
         m1_out = m1.outputs[0]
-        m2 = _only_use(m1_out, "Mul")
+        m2 = only_consumer(m1_out, "Mul")
         if m2 is not None and site.const(site.other(m2, m1_out), 0.5):
             return _GeluMatch(x, [*nodes, m1, m2], m2)
-        d2 = _only_use(m1_out, "Div")
+        d2 = only_consumer(m1_out, "Div")
         if d2 is not None and d2.inputs[0] is m1_out and site.const(d2.inputs[1], 2.0):
             return _GeluMatch(x, [*nodes, m1, d2], d2)
         return None
     if site.const(o, 0.5):  # x · (½ · (1 + f))
         m1_out = m1.outputs[0]
-        m2 = _only_use(m1_out, "Mul")
+        m2 = only_consumer(m1_out, "Mul")
         if m2 is None or site.other(m2, m1_out) is not x:
             return None
         return _GeluMatch(x, [*nodes, m1, m2], m2)
     half = _producer(o, "Mul")  # (½ · x) · (1 + f)
-    if half is not None and _single(o) and site.other(half, x) is not None and site.const(site.other(half, x), 0.5):
+    if half is not None and single_use(o) and site.other(half, x) is not None and site.const(site.other(half, x), 0.5):
         return _GeluMatch(x, [*nodes, half, m1], m1)
     return None
 
 
 def _fuse_gelu(model: ir.Model, op_type: str, approximate: str) -> int:
     count = 0
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for f in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
-    for node in nodes:
-        if node.graph is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+    for node in all_nodes(model):
+        if node.graph is None or not is_standard(node, op_type):
             continue
         match = _match_gelu(node, approximate)
         if match is None or any(n.graph is not node.graph for n in match.nodes):

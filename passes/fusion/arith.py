@@ -26,8 +26,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from ..ir_helpers import all_nodes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
-from ..ir_helpers import replace_value
 from ._base import STANDARD, FusionPass, FusionRule
 
 __all__ = ["FuseConstantChainsPass"]
@@ -73,7 +73,7 @@ def _dtype(arr: np.ndarray) -> ir.DataType | None:
 
 def _node_form(node: ir.Node) -> tuple[str, ir.Value, ir.Value, np.ndarray] | None:
     """(form, x, constant value, constant array) of a binary Mul/Div/Add/Sub with one constant operand."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Div", "Add", "Sub"):
+    if not is_standard(node, "Mul", "Div", "Add", "Sub"):
         return None
     if len(node.inputs) != 2 or len(node.outputs) != 1 or None in node.inputs:
         return None
@@ -182,9 +182,7 @@ def _apply_chains(model: ir.Model, table: dict[tuple[str, str], tuple[str, str]]
     changed = True
     while changed:  # a chain of n ops merges pairwise; topological order usually does it in one walk
         changed = False
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)) + [
-            n for f in model.functions.values() for n in ir.traversal.RecursiveGraphIterator(f)
-        ]:
+        for node in all_nodes(model):
             graph = node.graph
             if graph is None:
                 continue  # removed earlier in this walk

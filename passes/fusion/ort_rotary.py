@@ -45,7 +45,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, graph_nodes
+from ..ir_helpers import MS_DOMAIN, graph_nodes, unique_name
 from ..ir_helpers import constant_array as constant
 from .matching import PRIVATE_DOMAIN, is_op, other, producer, rank, replace_with, same_dim, scalar, single_use
 
@@ -272,18 +272,12 @@ class _Builder:
         self.model = model
         self.graph = model.graph
         self.bounds = sequence_bounds(model)
-        self.names = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
-        for node in graph_nodes(model):
-            self.names.update(o.name for o in node.outputs if o.name)
+        self.names: set[str] = set()  # filled by unique_name on first use
         self.cache: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.position_ids: ir.Value | None = None
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
+        name = unique_name(self.graph, base, self.names)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                          const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)

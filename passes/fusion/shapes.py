@@ -35,14 +35,11 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _basic_rules as osbasic
 
-from ..ir_helpers import constant_array, fresh_name, infer_shapes
+from ..ir_helpers import constant_array, fresh_name, infer_shapes, static_shape
 from ._base import RULE_KEY, STANDARD, FusionPass, FusionRule
+from .matching import rank as _rank
 
 __all__ = ["FuseShapeChainsPass", "SHAPE_RULES"]
-
-
-def _rank(value: ir.Value | None) -> int | None:
-    return None if value is None or value.shape is None else value.shape.rank()
 
 
 def _raw_axes(node: ir.Node) -> tuple[bool, list[int] | None]:
@@ -69,19 +66,13 @@ def _normalize(axes: list[int], rank: int | None) -> list[int] | None:
     return sorted(axes)
 
 
-def _static_dims(value: ir.Value) -> list[int] | None:
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
-        return None
-    return [int(d) for d in value.shape]  # type: ignore[arg-type]
-
-
 def _squeeze_axes(node: ir.Node, x: ir.Value) -> list[int] | None:
     """Normalized axes a Squeeze of ``x`` removes (for no axes: the 1-dims of a static shape)."""
     known, axes = _raw_axes(node)
     if not known:
         return None
     if axes is None:
-        dims = _static_dims(x)
+        dims = static_shape(x)
         return None if dims is None else [i for i, d in enumerate(dims) if d == 1]
     return _normalize(axes, _rank(x))
 
@@ -112,7 +103,7 @@ class _SqueezeUnsqueeze(pattern.RewriteRuleClassBase):
             return result.fail("Squeeze axes not constant")
         if axes is None:
             # Squeeze() also removes x's own 1-dims: only safe when x provably has none.
-            dims = _static_dims(x)
+            dims = static_shape(x)
             if dims is None or 1 in dims:
                 return result.fail("Squeeze without axes and x may have 1-dims")
             return result
