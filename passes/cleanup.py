@@ -26,7 +26,7 @@ from onnxscript.optimizer import _constant_folding
 
 from graphopt.pipeline import CompositePass, Pass, Pipeline
 
-from .ir_helpers import all_nodes, replace_value
+from .ir_helpers import all_nodes, infer_shapes, replace_value
 
 logger = logging.getLogger("graphopt.passes.cleanup")
 
@@ -672,37 +672,7 @@ class ShapeInferencePass(Pass):
     name = "shape-inference"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from graphopt.ir import PROTOBUF_LIMIT, total_tensor_bytes
-
-        if total_tensor_bytes(model) >= PROTOBUF_LIMIT // 2:
-            # onnx's C++ inference needs the whole proto; onnx_ir strips large tensors first,
-            # which works, but is slow on multi-GB models for little gain.
-            pass
-        # Values inside subgraphs keep their declared types: onnx's inference can type an If
-        # output of sequence type as a tensor there (seen on test_loop16_seq_none), which
-        # ONNX Runtime then rejects. Main-graph annotations are checked by ORT's own inference.
-        saved = []
-        for node in all_nodes(model):
-            if node.graph is not model.graph:
-                for v in node.outputs:
-                    saved.append((v, v.type, v.shape))
-        # onnx_ir's pass takes large initializers out and puts them back at the end, which
-        # reorders graph.initializers (different output bytes although nothing changed).
-        orders = [(g, list(g.initializers.values())) for g in model.graphs()]
-        try:
-            result = common.ShapeInferencePass(strict_mode=False)(model)
-        except Exception as e:
-            logger.info("shape inference failed, model left unchanged: %s", e)
-            return ir.passes.PassResult(model, False)
-        for graph, values in orders:
-            if list(graph.initializers.values()) != values and set(graph.initializers.values()) == set(values):
-                graph.initializers.clear()
-                for v in values:
-                    graph.initializers[v.name] = v
-        for v, t, shape in saved:
-            v.type = t
-            v.shape = shape
-        return ir.passes.PassResult(model, result.modified)
+        return ir.passes.PassResult(model, infer_shapes(model))
 
 
 class LiftConstantsPass(Pass):

@@ -34,7 +34,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
 
-from ..ir_helpers import all_nodes, is_standard, replace_value
+from ..ir_helpers import all_nodes, infer_shapes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
 from .matching import only_consumer, single_use
@@ -410,6 +410,4 @@ class FuseActivationsPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..cleanup import ShapeInferencePass
-
-        return ShapeInferencePass()(model).modified  # constants are checked against the rank of x
+        return infer_shapes(model)  # constants are checked against the rank of x

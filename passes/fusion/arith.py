@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from ..ir_helpers import all_nodes, is_standard, replace_value
+from ..ir_helpers import all_nodes, infer_shapes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
 from ._base import STANDARD, FusionPass, FusionRule
 
@@ -251,9 +251,7 @@ class FuseConstantChainsPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..cleanup import ShapeInferencePass
-
-        return ShapeInferencePass()(model).modified  # the broadcast proof needs the rank of x
+        return infer_shapes(model)  # the broadcast proof needs the rank of x
 
     def finish(self, model: ir.Model, modified: bool) -> bool:
         if not modified:

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
+from ..ir_helpers import infer_shapes
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
 
 __all__ = ["FuseAttentionPass"]
@@ -153,6 +154,4 @@ class FuseAttentionPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..ir_helpers import infer_shapes
-
         return infer_shapes(model)  # the checks compare Q/K/V/mask dims

@@ -39,6 +39,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
 
 from ..ir_helpers import constant_array as _constant
+from ..ir_helpers import infer_shapes
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
 
 __all__ = ["FuseNormalizationPass"]
@@ -274,6 +275,4 @@ class FuseNormalizationPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..cleanup import ShapeInferencePass
-
-        return ShapeInferencePass()(model).modified  # the checks need the input's rank and the parameters' shapes
+        return infer_shapes(model)  # the checks need the input's rank and the parameters' shapes

@@ -35,7 +35,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _basic_rules as osbasic
 
-from ..ir_helpers import constant_array, fresh_name, infer_shapes, static_shape
+from ..ir_helpers import constant_array, fresh_name, infer_shapes, replace_value, static_shape
 from ._base import RULE_KEY, STANDARD, FusionPass, FusionRule
 from .matching import rank as _rank
 
@@ -294,8 +294,6 @@ class FuseShapeChainsPass(FusionPass):
     def finish(self, model: ir.Model, modified: bool) -> bool:
         if not modified:
             return False
-        from ..ir_helpers import replace_value
-
         changed = False
         for graph in model.graphs():
             for node in list(graph):
