@@ -136,7 +136,11 @@ class FusionPass(Pass):
             return ir.passes.PassResult(model, False)
         modified = self.prepare(model)
         for rule in rules:
-            before = {id(n) for n in all_nodes(model)}
+            # The snapshot keeps every node alive while the rule runs, so that no node it creates can
+            # reuse the id() of one it removed (ids of freed objects are recycled): which nodes are
+            # new, and so the provenance stamps, must not depend on memory addresses.
+            existing = all_nodes(model)
+            before = {id(n) for n in existing}
             n = rule.apply(model)
             if not n:
                 continue
