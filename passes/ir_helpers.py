@@ -24,6 +24,7 @@ __all__ = [
     "infer_shapes",
     "is_standard",
     "model_opset",
+    "rank",
     "replace_value",
     "static_shape",
     "take_place",
@@ -68,6 +69,11 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
         return None if tensor is None else tensor.numpy()
     except Exception:  # malformed Constant, unreadable external data
         return None
+
+
+def rank(value: ir.Value | None) -> int | None:
+    """The value's rank, None when its shape (or the value) is unknown."""
+    return None if value is None or value.shape is None else len(value.shape)
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:

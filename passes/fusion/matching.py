@@ -13,7 +13,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, constant_array, is_standard, replace_value
+from ..ir_helpers import MS_DOMAIN, constant_array, is_standard, rank, replace_value
 
 __all__ = [
     "PRIVATE_DOMAIN",
@@ -23,7 +23,6 @@ __all__ = [
     "only_consumer",
     "other",
     "producer",
-    "rank",
     "replace_with",
     "same_dim",
     "same_shape",
@@ -60,11 +59,6 @@ def only_consumer(value: ir.Value, *op_types: str) -> ir.Node | None:
         return None
     node = value.uses()[0].node
     return node if is_op(node, *op_types) and None not in node.inputs else None
-
-
-def rank(value: ir.Value | None) -> int | None:
-    """The value's rank, None when its shape (or the value) is unknown."""
-    return None if value is None or value.shape is None else len(value.shape)
 
 
 def scalar(value: ir.Value | None, like: ir.Value) -> float | None:

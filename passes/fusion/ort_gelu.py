@@ -18,9 +18,9 @@ import math
 
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, graph_nodes
+from ..ir_helpers import MS_DOMAIN, graph_nodes, rank
 from ..ir_helpers import constant_array as constant
-from .matching import close, is_op, only_consumer, other, producer, rank, replace_with, scalar, single_use
+from .matching import close, is_op, only_consumer, other, producer, replace_with, scalar, single_use
 
 __all__ = ["fuse_fast_gelu", "fuse_quick_gelu"]
 

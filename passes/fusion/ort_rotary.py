@@ -45,9 +45,9 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, graph_nodes, unique_name
+from ..ir_helpers import MS_DOMAIN, graph_nodes, rank, unique_name
 from ..ir_helpers import constant_array as constant
-from .matching import PRIVATE_DOMAIN, is_op, other, producer, rank, replace_with, same_dim, scalar, single_use
+from .matching import PRIVATE_DOMAIN, is_op, other, producer, replace_with, same_dim, scalar, single_use
 
 logger = logging.getLogger("graphopt.passes.fusion")
 

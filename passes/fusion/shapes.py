@@ -36,8 +36,8 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _basic_rules as osbasic
 
 from ..ir_helpers import constant_array, fresh_name, infer_shapes, replace_value, static_shape
+from ..ir_helpers import rank as _rank
 from ._base import RULE_KEY, STANDARD, FusionPass, FusionRule
-from .matching import rank as _rank
 
 __all__ = ["FuseShapeChainsPass", "SHAPE_RULES"]
 
