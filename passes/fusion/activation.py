@@ -1,26 +1,10 @@
 """Decomposed activations → standard ONNX ops: GELU (erf and tanh forms) → ``Gelu`` (opset 20),
 HardSwish/HardSigmoid, Relu/Clip chains, and x·Sigmoid(x) → ``Swish`` (opset 24).
 
-GELU is own code: onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the
-``com.microsoft`` ops and match one association each, while exporters write the same formula in
-several (GPT-2's ``NewGELUActivation`` gives ``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
-BERT-style code ``x · 0.5 · (1 + erf(x/√2))`` or ``x·(1+erf(x·0.7071))·0.5``). Matching starts at
-the ``Erf``/``Tanh`` node and walks out to the product of x, ½ and (1 + f) in any of the
-associations below; constants match within 1e-5 relative, ``x³`` is ``Pow(x, 3)`` or ``x·x·x``.
-
-HardSwish and Relu/Clip chains are onnxscript's rules (``rules.common``) with guards they lack:
-
-* ``FuseSuccessiveClip``/``ClipRelu``/``ReluClip`` intersect the ranges without checking that the
-  intersection is non-empty: ``Relu(Clip(x, -5, -1))`` is 0 everywhere, the merged
-  ``Clip(x, 0, -1)`` is -1 (ONNX Clip returns ``max`` when ``min > max``). They also read Clip's
-  bounds from inputs only, so an opset < 11 Clip (bounds as attributes) counts as unbounded;
-  the rule is limited to opset ≥ 11.
-* the HardSwish/HardSigmoid rules accept single-element constants of any rank, and
-  ``x + [[[3]]]`` broadcasts a rank-1 x to rank 3; and ONNX Runtime has no double HardSigmoid or
-  HardSwish kernel, so the rule is limited to float and float16 (the decomposition runs in double).
-
-SiLU: the standard ``Swish`` op exists only from opset 24 (checked in ``onnx.defs``; opset 24 is
-its first version), so ``x·Sigmoid(x)`` stays as it is below that.
+GELU matching is our own: onnxscript's GELU rules emit com.microsoft ops and match one association
+each, while exporters write the formula in several. HardSwish and Relu/Clip chains are
+onnxscript's rules (``rules.common``) with guards they lack; each guard's docstring says why.
+``Swish`` exists only from opset 24, so SiLU stays decomposed below that.
 """
 
 from __future__ import annotations
@@ -216,6 +200,16 @@ def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
 
 
 def _fuse_gelu(model: ir.Model, op_type: str, approximate: str) -> int:
+    """Decomposed GELU around each ``op_type`` (Erf/Tanh) node → ``Gelu(approximate)``.
+
+    GELU is own code: onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the
+    ``com.microsoft`` ops and match one association each, while exporters write the same formula in
+    several (GPT-2's ``NewGELUActivation`` gives ``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
+    BERT-style code ``x · 0.5 · (1 + erf(x/√2))`` or ``x·(1+erf(x·0.7071))·0.5``). Matching starts at
+    the ``Erf``/``Tanh`` node and walks out to the product of x, ½ and (1 + f) in any of the
+    associations :func:`_match_gelu` handles; constants match within 1e-5 relative, ``x³`` is
+    ``Pow(x, 3)`` or ``x·x·x``.
+    """
     count = 0
     for node in all_nodes(model):
         if node.graph is None or not is_standard(node, op_type):
@@ -252,6 +246,11 @@ _HARD_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 
 
 def _hard_guard(result: pattern.MatchResult, x: ir.Value, *consts: ir.Value) -> pattern.MatchResult:
+    """The guard onnxscript's HardSwish/HardSigmoid rules lack: they accept single-element
+    constants of any rank, and ``x + [[[3]]]`` broadcasts a rank-1 x to rank 3; and ONNX Runtime
+    has no double HardSigmoid or HardSwish kernel, so the rule is limited to float and float16
+    (the decomposition runs in double).
+    """
     if not result:
         return result
     if x.dtype not in _HARD_TYPES:
@@ -315,6 +314,12 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 def _clip_guard(result: pattern.MatchResult, x: ir.Value,
                 b1: tuple[float, float] | None, b2: tuple[float, float] | None) -> pattern.MatchResult:
+    """The guard onnxscript's Relu/Clip chain rules lack: ``FuseSuccessiveClip``/``ClipRelu``/
+    ``ReluClip`` intersect the ranges without checking that the intersection is non-empty:
+    ``Relu(Clip(x, -5, -1))`` is 0 everywhere, the merged ``Clip(x, 0, -1)`` is -1 (ONNX Clip
+    returns ``max`` when ``min > max``). They also read Clip's bounds from inputs only, so an
+    opset < 11 Clip (bounds as attributes) counts as unbounded; the rule is limited to opset ≥ 11.
+    """
     if not result:
         return result
     if x.dtype is None:
@@ -369,7 +374,11 @@ def _clip_rules() -> pattern.RewriteRuleSet:
 
 
 class _SiLU(pattern.RewriteRuleClassBase):
-    """x · Sigmoid(x) → Swish(x) (alpha = 1)."""
+    """x · Sigmoid(x) → Swish(x) (alpha = 1).
+
+    The standard ``Swish`` op exists only from opset 24 (checked in ``onnx.defs``; opset 24 is
+    its first version), so ``x·Sigmoid(x)`` stays as it is below that.
+    """
 
     def pattern(self, op, x):
         return op.Mul(x, op.Sigmoid(x))

@@ -1,19 +1,8 @@
 """Gemm formation: ``MatMul + Add(bias)`` → Gemm, Transpose folded into ``transA``/``transB``, and
 a Transpose of a constant weight folded into the weight. Standard ONNX, for every backend.
 
-* ``matmul-add``: onnxscript's ``matmul_add_to_gemm_rule`` and its ``transpose_a/b/ab`` variants
-  (``rules.common._matmul_add_to_gemm``). They check that A and B are 2-D but not the bias: Add
-  broadcasts both ways, Gemm's C only one way to ``[M, N]``, so ``MatMul([M,K],[K,N]) + c[B,M,N]``
-  (or ``c[1,1,N]``) would become a Gemm of the wrong rank. We add that check (C of rank ≤ 2 whose
-  dims are 1 or provably equal to M/N), a dtype check (float, float16, double: what the Gemm
-  kernels implement), and apply them with Add's operands in either order.
-* ``transpose-into-gemm`` (own): ``Gemm(Transpose(A))`` → ``Gemm(A, transA=1-transA)``, the same
-  for B. Over onnx_ir nodes rather than a pattern, because it only rewires one Gemm input: the
-  Transpose may keep other consumers (the pattern matcher would refuse those), and is deleted
-  when none is left.
-* ``transpose-weight`` (own): ``MatMul(x, Transpose(W))`` with W a constant initializer whose
-  only use is that Transpose → ``MatMul(x, Wᵀ)`` with a transposed copy of W. Only then: a W used
-  elsewhere would have to be kept too, doubling its memory.
+onnxscript's MatMul+Add rules with the bias and dtype checks they lack, and two own rules
+(see :func:`_rules`).
 """
 
 from __future__ import annotations
@@ -161,6 +150,22 @@ def fold_transposed_weights(model: ir.Model) -> int:
 
 
 def _rules() -> list[FusionRule]:
+    """The rules in order, and why each is ours or checked:
+
+    * ``matmul-add``: onnxscript's ``matmul_add_to_gemm_rule`` and its ``transpose_a/b/ab`` variants
+      (``rules.common._matmul_add_to_gemm``). They check that A and B are 2-D but not the bias: Add
+      broadcasts both ways, Gemm's C only one way to ``[M, N]``, so ``MatMul([M,K],[K,N]) + c[B,M,N]``
+      (or ``c[1,1,N]``) would become a Gemm of the wrong rank. We add that check (C of rank ≤ 2 whose
+      dims are 1 or provably equal to M/N), a dtype check (float, float16, double: what the Gemm
+      kernels implement), and apply them with Add's operands in either order.
+    * ``transpose-into-gemm`` (own): ``Gemm(Transpose(A))`` → ``Gemm(A, transA=1-transA)``, the same
+      for B. Over onnx_ir nodes rather than a pattern, because it only rewires one Gemm input: the
+      Transpose may keep other consumers (the pattern matcher would refuse those), and is deleted
+      when none is left.
+    * ``transpose-weight`` (own): ``MatMul(x, Transpose(W))`` with W a constant initializer whose
+      only use is that Transpose → ``MatMul(x, Wᵀ)`` with a transposed copy of W. Only then: a W used
+      elsewhere would have to be kept too, doubling its memory.
+    """
     matmul_add = pattern.RewriteRuleSet(
         [_TransABMatMulAdd.rule(), _TransAMatMulAdd.rule(), _TransBMatMulAdd.rule(), _MatMulAdd.rule()],
         commute=True)

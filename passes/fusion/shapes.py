@@ -1,29 +1,9 @@
 """Collapse chains of Reshape, Transpose, Squeeze and Unsqueeze into one node (or none).
 
-Standard ONNX, for every backend. Exporters leave such chains behind (``view`` after ``view``,
-``unsqueeze(0).unsqueeze(1)``, a transpose undone later); each costs a kernel launch or a copy.
-
-* ``transpose-transpose``: onnxscript's ``transpose_transpose_rule`` (composed perm, Identity when
-  that is the identity; it refuses a Transpose without a ``perm`` attribute, which is safe).
-* ``squeeze-unsqueeze`` / ``unsqueeze-squeeze`` (own): the pair cancels when both name the same
-  axes (normalized against the ranks they apply to; a Squeeze without axes only when the input's
-  shape is fully static). ``Unsqueeze(Squeeze(x))`` also removes the Squeeze's failure on a
-  non-1 dim, which is the only behaviour it changes.
-* ``unsqueeze-unsqueeze`` (own): one Unsqueeze with the combined axes. onnxscript's rule handles
-  only one non-negative axis per node; ours takes any constant axes (negative ones when the rank
-  is known) and the opset < 13 attribute form.
-* ``squeeze-reshape-1d``: onnxscript's ``Reshape(Squeeze(x), [-1])`` → x for 1-D x.
-* ``reshape-of-squeeze`` (own): ``Reshape(Squeeze|Unsqueeze(x), shape)`` → ``Reshape(x, shape)``:
-  a Reshape only needs the element count, which (Un)squeeze keeps. Not when ``shape`` has a 0
-  (with ``allowzero=0`` it copies the *intermediate's* dim) unless the output's static shape
-  says what it is.
-* ``reshape-reshape``: onnxscript's ``reshape_reshape_rule``. Checked: it reads ``allowzero``
-  from the outer Reshape, fills 0/−1 from a static output shape, refuses 0 together with −1 and
-  more than one 0, and turns a single 0 into −1, which is right because with all other entries
-  fixed the element count determines that dim. It names the new shape ``<output>/shape`` and
-  onnxscript's driver overwrites an initializer of that name; we name it freshly.
-
-Identity nodes the rules leave are removed at the end where that keeps graph outputs intact.
+Exporters leave such chains behind (``view`` after ``view``, ``unsqueeze(0).unsqueeze(1)``, a
+transpose undone later); each costs a kernel launch or a copy. Standard ONNX, for every backend.
+onnxscript's rules where they are exact, our own where they miss forms or name initializers
+unsafely (see :func:`_rules`).
 """
 
 from __future__ import annotations
@@ -259,6 +239,31 @@ def _apply(rules: Any):
 
 
 def _rules() -> list[FusionRule]:
+    """The rules in order; which are onnxscript's, which are ours, and why:
+
+    * ``transpose-transpose``: onnxscript's ``transpose_transpose_rule`` (composed perm, Identity when
+      that is the identity; it refuses a Transpose without a ``perm`` attribute, which is safe).
+    * ``squeeze-unsqueeze`` / ``unsqueeze-squeeze`` (own): the pair cancels when both name the same
+      axes (normalized against the ranks they apply to; a Squeeze without axes only when the input's
+      shape is fully static). ``Unsqueeze(Squeeze(x))`` also removes the Squeeze's failure on a
+      non-1 dim, which is the only behaviour it changes.
+    * ``unsqueeze-unsqueeze`` (own): one Unsqueeze with the combined axes. onnxscript's rule handles
+      only one non-negative axis per node; ours takes any constant axes (negative ones when the rank
+      is known) and the opset < 13 attribute form.
+    * ``squeeze-reshape-1d``: onnxscript's ``Reshape(Squeeze(x), [-1])`` → x for 1-D x.
+    * ``reshape-of-squeeze`` (own): ``Reshape(Squeeze|Unsqueeze(x), shape)`` → ``Reshape(x, shape)``:
+      a Reshape only needs the element count, which (Un)squeeze keeps. Not when ``shape`` has a 0
+      (with ``allowzero=0`` it copies the *intermediate's* dim) unless the output's static shape
+      says what it is.
+    * ``reshape-reshape``: onnxscript's ``reshape_reshape_rule``. Checked: it reads ``allowzero``
+      from the outer Reshape, fills 0/−1 from a static output shape, refuses 0 together with −1 and
+      more than one 0, and turns a single 0 into −1, which is right because with all other entries
+      fixed the element count determines that dim. It names the new shape ``<output>/shape`` and
+      onnxscript's driver overwrites an initializer of that name; we name it freshly.
+
+    Identity nodes the rules leave are removed at the end (:meth:`FuseShapeChainsPass.finish`) where
+    that keeps graph outputs intact.
+    """
     def r(name: str, summary: str, rule: Any) -> FusionRule:
         return FusionRule(name, summary, _apply(rule), STANDARD)
 
