@@ -24,6 +24,8 @@ import onnx_ir as ir
 from graphopt.errors import PassFailedError
 from graphopt.pipeline import Pass
 
+from .ir_helpers import all_nodes, is_standard, model_opset
+
 __all__ = ["UpgradeOpsetPass"]
 
 logger = logging.getLogger("graphopt.passes.opset")
@@ -32,10 +34,6 @@ logger = logging.getLogger("graphopt.passes.opset")
 @dataclasses.dataclass
 class UpgradeOpsetOptions:
     version: int = dataclasses.field(default=23, metadata={"doc": "target default-domain opset (never lowered)"})
-
-
-def _opset(model: ir.Model) -> int:
-    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0)
 
 
 class _Collect(logging.Handler):
@@ -59,12 +57,7 @@ def _nested_nodes_with_adapters(model: ir.Model) -> list[str]:
     top = {id(n) for n in model.graph}
     for f in model.functions.values():
         top.update(id(n) for n in f)
-    graphs = [model.graph, *model.functions.values()]
-    found = set()
-    for g in graphs:
-        for n in ir.traversal.RecursiveGraphIterator(g):
-            if id(n) not in top and n.domain in ("", "ai.onnx") and n.op_type in adapted:
-                found.add(n.op_type)
+    found = {n.op_type for n in all_nodes(model) if id(n) not in top and is_standard(n, *adapted)}
     return sorted(found)
 
 
@@ -84,7 +77,7 @@ class UpgradeOpsetPass(Pass):
         from onnxscript.version_converter import convert_version
 
         target = int(self.options.version)
-        current = _opset(model)
+        current = model_opset(model)
         if current >= target:
             return ir.passes.PassResult(model, False)
         newest = min(onnx.defs.onnx_opset_version(), vc.SUPPORTED_MAX_ONNX_OPSET)
@@ -111,8 +104,8 @@ class UpgradeOpsetPass(Pass):
                 lg.removeHandler(collect)
         if collect.messages:
             raise PassFailedError(f"upgrade-opset: opset {current} → {target} failed: {collect.messages[0]}")
-        if _opset(model) != target:
-            raise PassFailedError(f"upgrade-opset: the converter left the model at opset {_opset(model)}, not {target}")
+        if model_opset(model) != target:
+            raise PassFailedError(f"upgrade-opset: the converter left the model at opset {model_opset(model)}, not {target}")
         proto = ir.serde.serialize_model(model)
         if proto.ByteSize() < 2**31 - 1:  # the checker cannot take larger protos in memory
             try:

@@ -52,7 +52,7 @@ from graphopt.pipeline import Pass
 
 from .fusion._base import RULE_KEY
 from .ir_helpers import MS_DOMAIN as _MS
-from .ir_helpers import constant_array
+from .ir_helpers import STANDARD_DOMAINS, constant_array, model_opset
 
 __all__ = ["ConvertFloat16Pass", "CONVERTIBLE", "KEEP_FP32"]
 
@@ -176,8 +176,7 @@ class ConvertFloat16Pass(Pass):
         #: ids of float32 values cast down through a Clip to ±65504 (mask sentinels); Clip takes its
         #: bounds as inputs from opset 11.
         self._clamped: set[int] = set()
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) or 0
-        self._can_clip = opset >= 11
+        self._can_clip = model_opset(model) >= 11
         graph = model.graph
         nodes = list(graph)
         filled = _fill_contrib_types(nodes)
@@ -453,7 +452,7 @@ class ConvertFloat16Pass(Pass):
 
 def _starts_position_chain(node: ir.Node) -> bool:
     """Cast from an integer/bool to float, or Range: float values that are really indices."""
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in STANDARD_DOMAINS:
         return False
     if node.op_type == "Range":
         return True

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from graphopt.pipeline import Pass
 
-from ..ir_helpers import all_nodes, model_opset
+from ..ir_helpers import all_nodes, infer_shapes, model_opset
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
@@ -68,9 +68,7 @@ def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[i
         count = int(rules.apply_to_model(model))
         if count and shape_inference:
             # graphopt's wrapper: keeps subgraph types and the initializer order.
-            from graphopt.passes.cleanup import ShapeInferencePass
-
-            ShapeInferencePass()(model)
+            infer_shapes(model)
         return count
 
     return apply

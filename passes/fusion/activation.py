@@ -1,26 +1,10 @@
 """Decomposed activations → standard ONNX ops: GELU (erf and tanh forms) → ``Gelu`` (opset 20),
 HardSwish/HardSigmoid, Relu/Clip chains, and x·Sigmoid(x) → ``Swish`` (opset 24).
 
-GELU is own code: onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the
-``com.microsoft`` ops and match one association each, while exporters write the same formula in
-several (GPT-2's ``NewGELUActivation`` gives ``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
-BERT-style code ``x · 0.5 · (1 + erf(x/√2))`` or ``x·(1+erf(x·0.7071))·0.5``). Matching starts at
-the ``Erf``/``Tanh`` node and walks out to the product of x, ½ and (1 + f) in any of the
-associations below; constants match within 1e-5 relative, ``x³`` is ``Pow(x, 3)`` or ``x·x·x``.
-
-HardSwish and Relu/Clip chains are onnxscript's rules (``rules.common``) with guards they lack:
-
-* ``FuseSuccessiveClip``/``ClipRelu``/``ReluClip`` intersect the ranges without checking that the
-  intersection is non-empty: ``Relu(Clip(x, -5, -1))`` is 0 everywhere, the merged
-  ``Clip(x, 0, -1)`` is -1 (ONNX Clip returns ``max`` when ``min > max``). They also read Clip's
-  bounds from inputs only, so an opset < 11 Clip (bounds as attributes) counts as unbounded;
-  the rule is limited to opset ≥ 11.
-* the HardSwish/HardSigmoid rules accept single-element constants of any rank, and
-  ``x + [[[3]]]`` broadcasts a rank-1 x to rank 3; and ONNX Runtime has no double HardSigmoid or
-  HardSwish kernel, so the rule is limited to float and float16 (the decomposition runs in double).
-
-SiLU: the standard ``Swish`` op exists only from opset 24 (checked in ``onnx.defs``; opset 24 is
-its first version), so ``x·Sigmoid(x)`` stays as it is below that.
+GELU matching is our own: onnxscript's GELU rules emit com.microsoft ops and match one association
+each, while exporters write the formula in several. HardSwish and Relu/Clip chains are
+onnxscript's rules (``rules.common``) with guards they lack; each guard's docstring says why.
+``Swish`` exists only from opset 24, so SiLU stays decomposed below that.
 """
 
 from __future__ import annotations
@@ -34,9 +18,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
 
+from ..ir_helpers import all_nodes, infer_shapes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
-from ..ir_helpers import replace_value
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
+from .matching import only_consumer, single_use
 
 __all__ = ["FuseActivationsPass"]
 
@@ -50,20 +35,9 @@ _RTOL = 1e-5
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     node = None if value is None else value.producer()
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type != op_type:
+    if node is None or not is_standard(node, op_type):
         return None
     if len(node.inputs) != (1 if op_type in ("Erf", "Tanh", "Sigmoid") else 2) or None in node.inputs:
-        return None
-    return node
-
-
-def _only_use(value: ir.Value, op_type: str) -> ir.Node | None:
-    """The single consumer of ``value`` if it is an ``op_type`` node (and value is no graph output)."""
-    uses = value.uses()
-    if value.is_graph_output() or len(uses) != 1:
-        return None
-    node = uses[0].node
-    if node.domain not in ("", "ai.onnx") or node.op_type != op_type or None in node.inputs:
         return None
     return node
 
@@ -146,24 +120,20 @@ def _tanh_argument(site_input: ir.Value) -> tuple[ir.Value, list[ir.Node]] | Non
         return None
     for inner_value, c in (outer.inputs, outer.inputs[::-1]):
         add = _producer(inner_value, "Add")
-        if add is None or not _single(inner_value):
+        if add is None or not single_use(inner_value):
             continue
         for x, term in (add.inputs, add.inputs[::-1]):
             scaled = _producer(term, "Mul")
-            if x is None or scaled is None or not _single(term) or _constant(x) is not None:
+            if x is None or scaled is None or not single_use(term) or _constant(x) is not None:
                 continue
             site = _Site(x)
             if not site.const(c, math.sqrt(2.0 / math.pi)):
                 continue
             for cube, c3 in (scaled.inputs, scaled.inputs[::-1]):
                 nodes: list[ir.Node] = []
-                if site.const(c3, 0.044715) and cube is not None and _single(cube) and _is_cube(cube, x, nodes):
+                if site.const(c3, 0.044715) and cube is not None and single_use(cube) and _is_cube(cube, x, nodes):
                     return x, [outer, add, scaled, *nodes]
     return None
-
-
-def _single(value: ir.Value | None) -> bool:
-    return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
 
 
 @dataclasses.dataclass
@@ -176,7 +146,7 @@ class _GeluMatch:
 def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
     """Match ``½ · x · (1 + f(arg(x)))`` around the Erf/Tanh node ``f_node``."""
     f_in = f_node.inputs[0]
-    if f_in is None or not _single(f_in):
+    if f_in is None or not single_use(f_in):
         return None
     if approximate == "none":
         found = _erf_argument(f_in)
@@ -193,49 +163,56 @@ def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
         return None
     site = _Site(x)
     f_out = f_node.outputs[0]
-    add = _only_use(f_out, "Add")
+    add = only_consumer(f_out, "Add")
     if add is None or not site.const(site.other(add, f_out), 1.0):
         return None
     one_plus = add.outputs[0]
     nodes = [*arg_nodes, f_node, add]
-    m1 = _only_use(one_plus, "Mul")
+    m1 = only_consumer(one_plus, "Mul")
     if m1 is None:
-        d = _only_use(one_plus, "Div")  # (1 + f) / 2 · x
+        d = only_consumer(one_plus, "Div")  # (1 + f) / 2 · x
         if d is None or d.inputs[0] is not one_plus or not site.const(d.inputs[1], 2.0):
             return None
-        m2 = _only_use(d.outputs[0], "Mul")
+        m2 = only_consumer(d.outputs[0], "Mul")
         if m2 is None or site.other(m2, d.outputs[0]) is not x:
             return None
         return _GeluMatch(x, [*nodes, d, m2], m2)
     o = site.other(m1, one_plus)
     if o is x:  # (x · (1 + f)) · ½   or   (x · (1 + f)) / 2
         m1_out = m1.outputs[0]
-        m2 = _only_use(m1_out, "Mul")
+        m2 = only_consumer(m1_out, "Mul")
         if m2 is not None and site.const(site.other(m2, m1_out), 0.5):
             return _GeluMatch(x, [*nodes, m1, m2], m2)
-        d2 = _only_use(m1_out, "Div")
+        d2 = only_consumer(m1_out, "Div")
         if d2 is not None and d2.inputs[0] is m1_out and site.const(d2.inputs[1], 2.0):
             return _GeluMatch(x, [*nodes, m1, d2], d2)
         return None
     if site.const(o, 0.5):  # x · (½ · (1 + f))
         m1_out = m1.outputs[0]
-        m2 = _only_use(m1_out, "Mul")
+        m2 = only_consumer(m1_out, "Mul")
         if m2 is None or site.other(m2, m1_out) is not x:
             return None
         return _GeluMatch(x, [*nodes, m1, m2], m2)
     half = _producer(o, "Mul")  # (½ · x) · (1 + f)
-    if half is not None and _single(o) and site.other(half, x) is not None and site.const(site.other(half, x), 0.5):
+    if half is not None and single_use(o) and site.other(half, x) is not None and site.const(site.other(half, x), 0.5):
         return _GeluMatch(x, [*nodes, half, m1], m1)
     return None
 
 
 def _fuse_gelu(model: ir.Model, op_type: str, approximate: str) -> int:
+    """Decomposed GELU around each ``op_type`` (Erf/Tanh) node → ``Gelu(approximate)``.
+
+    GELU is own code: onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the
+    ``com.microsoft`` ops and match one association each, while exporters write the same formula in
+    several (GPT-2's ``NewGELUActivation`` gives ``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
+    BERT-style code ``x · 0.5 · (1 + erf(x/√2))`` or ``x·(1+erf(x·0.7071))·0.5``). Matching starts at
+    the ``Erf``/``Tanh`` node and walks out to the product of x, ½ and (1 + f) in any of the
+    associations :func:`_match_gelu` handles; constants match within 1e-5 relative, ``x³`` is
+    ``Pow(x, 3)`` or ``x·x·x``.
+    """
     count = 0
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for f in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(f))
-    for node in nodes:
-        if node.graph is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+    for node in all_nodes(model):
+        if node.graph is None or not is_standard(node, op_type):
             continue
         match = _match_gelu(node, approximate)
         if match is None or any(n.graph is not node.graph for n in match.nodes):
@@ -269,6 +246,11 @@ _HARD_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 
 
 def _hard_guard(result: pattern.MatchResult, x: ir.Value, *consts: ir.Value) -> pattern.MatchResult:
+    """The guard onnxscript's HardSwish/HardSigmoid rules lack: they accept single-element
+    constants of any rank, and ``x + [[[3]]]`` broadcasts a rank-1 x to rank 3; and ONNX Runtime
+    has no double HardSigmoid or HardSwish kernel, so the rule is limited to float and float16
+    (the decomposition runs in double).
+    """
     if not result:
         return result
     if x.dtype not in _HARD_TYPES:
@@ -332,6 +314,12 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 def _clip_guard(result: pattern.MatchResult, x: ir.Value,
                 b1: tuple[float, float] | None, b2: tuple[float, float] | None) -> pattern.MatchResult:
+    """The guard onnxscript's Relu/Clip chain rules lack: ``FuseSuccessiveClip``/``ClipRelu``/
+    ``ReluClip`` intersect the ranges without checking that the intersection is non-empty:
+    ``Relu(Clip(x, -5, -1))`` is 0 everywhere, the merged ``Clip(x, 0, -1)`` is -1 (ONNX Clip
+    returns ``max`` when ``min > max``). They also read Clip's bounds from inputs only, so an
+    opset < 11 Clip (bounds as attributes) counts as unbounded; the rule is limited to opset ≥ 11.
+    """
     if not result:
         return result
     if x.dtype is None:
@@ -386,7 +374,11 @@ def _clip_rules() -> pattern.RewriteRuleSet:
 
 
 class _SiLU(pattern.RewriteRuleClassBase):
-    """x · Sigmoid(x) → Swish(x) (alpha = 1)."""
+    """x · Sigmoid(x) → Swish(x) (alpha = 1).
+
+    The standard ``Swish`` op exists only from opset 24 (checked in ``onnx.defs``; opset 24 is
+    its first version), so ``x·Sigmoid(x)`` stays as it is below that.
+    """
 
     def pattern(self, op, x):
         return op.Mul(x, op.Sigmoid(x))
@@ -427,6 +419,4 @@ class FuseActivationsPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..cleanup import ShapeInferencePass
-
-        return ShapeInferencePass()(model).modified  # constants are checked against the rank of x
+        return infer_shapes(model)  # constants are checked against the rank of x

@@ -1,21 +1,10 @@
-"""Merge chains of elementwise arithmetic with constant operands into one node.
+"""Merge chains of elementwise arithmetic with constant operands into one node:
+``(x*c1)*c2 → x*(c1*c2)``, ``(x/c1)*c2 → x*(c2/c1)``, ``(x+c1)-c2 → x+(c1-c2)``, …
 
-``(x*c1)*c2 → x*(c1*c2)``, ``(x/c1)*c2 → x*(c2/c1)``, ``(x+c1)-c2 → x+(c1-c2)``, … and the
-forms with the constant first: ``Mul(c, x)``/``Add(c, x)`` are the same as ``x*c``/``x+c``, while
-``c/x`` and ``c-x`` are kept apart from ``x/c`` and ``x-c`` (they compose into ``c'/x``, ``c'-x``
-or, for ``c2/(c1/x)`` and ``c2-(c1-x)``, back into ``x*c'`` and ``x+c'``). Exporters leave such
-chains behind after scale folding and attention-scale rewrites (``q*s*s'``, ``(x-m)/σ*γ``).
-
-Own code: onnxscript's rewriter has no rule that merges constant chains (its ``basic_rules``
-only drop ``x*1``/``x+0``), and the rule is simplest over onnx_ir nodes directly.
-
-Safety: only floating-point tensors (integer ``(x/2)/2`` is not ``x/4``); the intermediate value
-has exactly one consumer and is not a graph output; constants are initializers or Constant
-outputs (never graph inputs, which a caller can override); broadcasting must be provably
-harmless (see :func:`_shapes_ok`); and constants that are 0, inf or NaN (or merge into one) are
-left alone, because reassociating ``x*0*inf`` or an overflowing product changes results.
-Reassociation itself changes rounding by an ulp or so of the intermediate value, which is the
-usual cost of constant reassociation.
+Exporters leave such chains behind after scale folding and attention-scale rewrites (``q*s*s'``,
+``(x-m)/σ*γ``). Own code: onnxscript's rewriter has no rule that merges constant chains (its
+``basic_rules`` only drop ``x*1``/``x+0``), and the rule is simplest over onnx_ir nodes directly.
+Floating point only; the forms and safety conditions are in :func:`_apply_chains`.
 """
 
 from __future__ import annotations
@@ -26,8 +15,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from ..ir_helpers import all_nodes, infer_shapes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
-from ..ir_helpers import replace_value
 from ._base import STANDARD, FusionPass, FusionRule
 
 __all__ = ["FuseConstantChainsPass"]
@@ -73,7 +62,7 @@ def _dtype(arr: np.ndarray) -> ir.DataType | None:
 
 def _node_form(node: ir.Node) -> tuple[str, ir.Value, ir.Value, np.ndarray] | None:
     """(form, x, constant value, constant array) of a binary Mul/Div/Add/Sub with one constant operand."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Div", "Add", "Sub"):
+    if not is_standard(node, "Mul", "Div", "Add", "Sub"):
         return None
     if len(node.inputs) != 2 or len(node.outputs) != 1 or None in node.inputs:
         return None
@@ -177,14 +166,27 @@ def _merge_site(node: ir.Node, table: dict[tuple[str, str], tuple[str, str]]) ->
 
 
 def _apply_chains(model: ir.Model, table: dict[tuple[str, str], tuple[str, str]]) -> int:
+    """Merge every chain of two ops of ``table`` (pairwise, until none is left); the count.
+
+    Forms: ``(x*c1)*c2 → x*(c1*c2)``, ``(x/c1)*c2 → x*(c2/c1)``, ``(x+c1)-c2 → x+(c1-c2)``, … and the
+    forms with the constant first: ``Mul(c, x)``/``Add(c, x)`` are the same as ``x*c``/``x+c``, while
+    ``c/x`` and ``c-x`` are kept apart from ``x/c`` and ``x-c`` (they compose into ``c'/x``, ``c'-x``
+    or, for ``c2/(c1/x)`` and ``c2-(c1-x)``, back into ``x*c'`` and ``x+c'``).
+
+    Safety: only floating-point tensors (integer ``(x/2)/2`` is not ``x/4``); the intermediate value
+    has exactly one consumer and is not a graph output; constants are initializers or Constant
+    outputs (never graph inputs, which a caller can override); broadcasting must be provably
+    harmless (see :func:`_shapes_ok`); and constants that are 0, inf or NaN (or merge into one) are
+    left alone, because reassociating ``x*0*inf`` or an overflowing product changes results.
+    Reassociation itself changes rounding by an ulp or so of the intermediate value, which is the
+    usual cost of constant reassociation.
+    """
     namer: _Namer | None = None
     count = 0
     changed = True
     while changed:  # a chain of n ops merges pairwise; topological order usually does it in one walk
         changed = False
-        for node in list(ir.traversal.RecursiveGraphIterator(model.graph)) + [
-            n for f in model.functions.values() for n in ir.traversal.RecursiveGraphIterator(f)
-        ]:
+        for node in all_nodes(model):
             graph = node.graph
             if graph is None:
                 continue  # removed earlier in this walk
@@ -253,9 +255,7 @@ class FuseConstantChainsPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..cleanup import ShapeInferencePass
-
-        return ShapeInferencePass()(model).modified  # the broadcast proof needs the rank of x
+        return infer_shapes(model)  # the broadcast proof needs the rank of x
 
     def finish(self, model: ir.Model, modified: bool) -> bool:
         if not modified:

@@ -1,33 +1,9 @@
 """Scaled dot-product attention → the standard ONNX ``Attention`` op (opset 23), for targets that
 cannot run com.microsoft contrib ops (TensorRT) but can run the standard op.
 
-Recognition is onnxscript's ``ort_fusions.sdpa.SDPA`` rule (MatMul(Q, Kᵀ) · scale [+ mask] →
-Softmax → MatMul(·, V), with the key transposes and Q/K/score scalings exporters write). That
-rule replaces the match with a private ``ai.onnxruntime._fusion`` SDPA op meant for later contrib
-rules; we subclass it so that the replacement is the standard ``Attention`` directly (nothing
-private is ever created), and add the checks it lacks (each says why in :meth:`_Sdpa.check`):
-
-* shapes: onnxscript compares dims with ``==``, and two *unknown* dims compare equal, so
-  Q/K/V of unknown batch or heads pass; MatMul broadcasts them, ``Attention`` does not. We want
-  every Q/K/V dim known (a number or a named symbol) and the score/output shapes to be exactly
-  ``[B, H, S, Skv]`` / ``[B, H, S, Dv]``.
-* the key: the Reshape→Transpose→Reshape form is accepted without looking at the reshapes; we
-  require the 3-D key to be ``[·, Skv, Dh]`` and the transposed key ``[B, H, Dh, Skv]``.
-* the mask: any value added to the scores is taken, including one that broadcasts the scores
-  to a larger shape. We require a float mask of the query's type, rank 2–4, last two dims
-  exactly ``[S, Skv]`` (ONNX Runtime's Attention kernel rejects a broadcast query or key axis
-  there, although the spec allows it) and leading dims 1 or equal to ``B``/``H``.
-* the scale: the product of the Q, K and score scalings is taken as is, any sign; ``Attention``
-  scales Q and K by ``sqrt(scale)``, so we require a finite positive scale, and pass it
-  explicitly (onnxscript drops it when it is within 1e-5 of the default ``1/sqrt(Dh)``).
-
-Grouped-query attention: onnxscript's rule requires K/V to have Q's head count, so on Llama-style
-models it matches *after* the repeat-kv Expand/Reshape, which stays in front of the ``Attention``
-(correct; the native GQA form of ``Attention`` is not used).
-
-A row the mask fully removes gives NaN in the decomposition (Softmax of all ``-inf``) and a zero
-row from ``Attention`` (spec errata); the ``Where(IsNaN(p), 0, p)`` form onnxscript also matches
-gives zeros too. Exporters use a finite minimum, not ``-inf``, so real masks are unaffected.
+Recognition is onnxscript's ``ort_fusions.sdpa.SDPA`` rule, subclassed so that the replacement is
+the standard ``Attention`` directly (never onnxscript's private SDPA op) and with the shape, key,
+mask and scale checks it lacks (see :class:`_Sdpa`).
 """
 
 from __future__ import annotations
@@ -38,6 +14,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
+from ..ir_helpers import infer_shapes
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
 
 __all__ = ["FuseAttentionPass"]
@@ -61,7 +38,36 @@ def _rules() -> pattern.RewriteRuleSet:
     from onnxscript.rewriter.ort_fusions import sdpa
 
     class _Sdpa(sdpa.SDPA):
-        """onnxscript's SDPA pattern, stricter checks, replaced by the standard ``Attention``."""
+        """onnxscript's SDPA pattern, stricter checks, replaced by the standard ``Attention``.
+
+        Recognition is onnxscript's ``ort_fusions.sdpa.SDPA`` rule (MatMul(Q, Kᵀ) · scale [+ mask] →
+        Softmax → MatMul(·, V), with the key transposes and Q/K/score scalings exporters write). That
+        rule replaces the match with a private ``ai.onnxruntime._fusion`` SDPA op meant for later contrib
+        rules; we subclass it so that the replacement is the standard ``Attention`` directly (nothing
+        private is ever created), and add the checks it lacks (each says why in :meth:`_Sdpa.check`):
+
+        * shapes: onnxscript compares dims with ``==``, and two *unknown* dims compare equal, so
+          Q/K/V of unknown batch or heads pass; MatMul broadcasts them, ``Attention`` does not. We want
+          every Q/K/V dim known (a number or a named symbol) and the score/output shapes to be exactly
+          ``[B, H, S, Skv]`` / ``[B, H, S, Dv]``.
+        * the key: the Reshape→Transpose→Reshape form is accepted without looking at the reshapes; we
+          require the 3-D key to be ``[·, Skv, Dh]`` and the transposed key ``[B, H, Dh, Skv]``.
+        * the mask: any value added to the scores is taken, including one that broadcasts the scores
+          to a larger shape. We require a float mask of the query's type, rank 2–4, last two dims
+          exactly ``[S, Skv]`` (ONNX Runtime's Attention kernel rejects a broadcast query or key axis
+          there, although the spec allows it) and leading dims 1 or equal to ``B``/``H``.
+        * the scale: the product of the Q, K and score scalings is taken as is, any sign; ``Attention``
+          scales Q and K by ``sqrt(scale)``, so we require a finite positive scale, and pass it
+          explicitly (onnxscript drops it when it is within 1e-5 of the default ``1/sqrt(Dh)``).
+
+        Grouped-query attention: onnxscript's rule requires K/V to have Q's head count, so on Llama-style
+        models it matches *after* the repeat-kv Expand/Reshape, which stays in front of the ``Attention``
+        (correct; the native GQA form of ``Attention`` is not used).
+
+        A row the mask fully removes gives NaN in the decomposition (Softmax of all ``-inf``) and a zero
+        row from ``Attention`` (spec errata); the ``Where(IsNaN(p), 0, p)`` form onnxscript also matches
+        gives zeros too. Exporters use a finite minimum, not ``-inf``, so real masks are unaffected.
+        """
 
         _attn_scale: float
 
@@ -153,6 +159,4 @@ class FuseAttentionPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..ir_helpers import infer_shapes
-
         return infer_shapes(model)  # the checks compare Q/K/V/mask dims

@@ -6,20 +6,9 @@ the same for ConvTranspose (grouped too), Gemm (its ``beta`` folded into the new
 normalizes the MatMul's output columns. Standard ONNX in and out, so every backend benefits.
 
 onnxscript has the Conv/ConvTranspose/Gemm rules (``rules.common._fuse_batchnorm``); we reuse
-their patterns and weight scaling (it handles grouped Conv and ConvTranspose and a missing bias)
-but replace their check and rewrite, because:
-
-* their rewrite writes the fused weight under the *original* weight's name, so it must refuse
-  any weight shared with another node; after ``cleanup``'s initializer dedup that is most of
-  them (the opset-9 model-zoo graphs fill every weight of a shape with the same constant: it
-  folded 8 of light_resnet50's 53 BNs). We write fresh names and leave the original to DCE;
-  their missing-bias name (``<weight>_bias``) could also overwrite an unrelated initializer;
-* they do not check ``training_mode`` (opset 14+), ``spatial=0`` (opset 7-8: per-activation
-  statistics) or ``is_test`` (opset < 7), nor that the statistics are 1-D per channel;
-* they accept initializers only, not Constant outputs, and compute in the parameters' dtype
-  (fp16 loses precision in ``γ/√(σ²+ε)``); we compute in float64 and cast to the weight dtype.
-
-The matcher refuses a layer output with another consumer or that is a graph output.
+their patterns and weight scaling (grouped Conv/ConvTranspose, missing bias) but replace their
+check and rewrite, which overwrite shared weights and miss mode and shape checks (see
+:class:`_FoldChecks`).
 """
 
 from __future__ import annotations
@@ -57,7 +46,22 @@ def batchnorm_reason(model: ir.Model, bn: ir.Node) -> str | None:
 
 class _FoldChecks:
     """Check and rewrite shared by the rules (mixed in before an onnxscript rule class, whose
-    pattern binds ``x``, ``inbound_out`` (the layer's output) and ``batchnorm_out``)."""
+    pattern binds ``x``, ``inbound_out`` (the layer's output) and ``batchnorm_out``).
+
+    Why not onnxscript's check and rewrite:
+
+    * their rewrite writes the fused weight under the *original* weight's name, so it must refuse
+      any weight shared with another node; after ``cleanup``'s initializer dedup that is most of
+      them (the opset-9 model-zoo graphs fill every weight of a shape with the same constant: it
+      folded 8 of light_resnet50's 53 BNs). We write fresh names and leave the original to DCE;
+      their missing-bias name (``<weight>_bias``) could also overwrite an unrelated initializer;
+    * they do not check ``training_mode`` (opset 14+), ``spatial=0`` (opset 7-8: per-activation
+      statistics) or ``is_test`` (opset < 7), nor that the statistics are 1-D per channel;
+    * they accept initializers only, not Constant outputs, and compute in the parameters' dtype
+      (fp16 loses precision in ``γ/√(σ²+ε)``); we compute in float64 and cast to the weight dtype.
+
+    The matcher refuses a layer output with another consumer or that is a graph output.
+    """
 
     op_type: ClassVar[str]
 

@@ -1,19 +1,8 @@
 """Gemm formation: ``MatMul + Add(bias)`` → Gemm, Transpose folded into ``transA``/``transB``, and
 a Transpose of a constant weight folded into the weight. Standard ONNX, for every backend.
 
-* ``matmul-add``: onnxscript's ``matmul_add_to_gemm_rule`` and its ``transpose_a/b/ab`` variants
-  (``rules.common._matmul_add_to_gemm``). They check that A and B are 2-D but not the bias: Add
-  broadcasts both ways, Gemm's C only one way to ``[M, N]``, so ``MatMul([M,K],[K,N]) + c[B,M,N]``
-  (or ``c[1,1,N]``) would become a Gemm of the wrong rank. We add that check (C of rank ≤ 2 whose
-  dims are 1 or provably equal to M/N), a dtype check (float, float16, double: what the Gemm
-  kernels implement), and apply them with Add's operands in either order.
-* ``transpose-into-gemm`` (own): ``Gemm(Transpose(A))`` → ``Gemm(A, transA=1-transA)``, the same
-  for B. Over onnx_ir nodes rather than a pattern, because it only rewires one Gemm input: the
-  Transpose may keep other consumers (the pattern matcher would refuse those), and is deleted
-  when none is left.
-* ``transpose-weight`` (own): ``MatMul(x, Transpose(W))`` with W a constant initializer whose
-  only use is that Transpose → ``MatMul(x, Wᵀ)`` with a transposed copy of W. Only then: a W used
-  elsewhere would have to be kept too, doubling its memory.
+onnxscript's MatMul+Add rules with the bias and dtype checks they lack, and two own rules
+(see :func:`_rules`).
 """
 
 from __future__ import annotations
@@ -27,21 +16,11 @@ from onnxscript.rewriter.rules.common import _matmul_add_to_gemm as osgemm
 
 from ..ir_helpers import fresh_name, infer_shapes
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
+from .matching import is_op, same_dim
 
 __all__ = ["FuseGemmPass", "GEMM_RULES"]
 
 _GEMM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
-
-
-def _is_std(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.domain in ("", "ai.onnx") and node.op_type == op_type
-
-
-def _same_dim(a: Any, b: Any) -> bool:
-    """Provably equal dims: equal ints, or the same named symbolic dim."""
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    return a.value is not None and a.value == b.value
 
 
 def bias_reason(c: ir.Value | None, m: Any, n: Any) -> str | None:
@@ -52,7 +31,7 @@ def bias_reason(c: ir.Value | None, m: Any, n: Any) -> str | None:
     if len(dims) > 2:
         return f"bias {c.shape} has rank > 2: the Add output is not [M, N]"
     for d, target in zip(reversed(dims), (n, m)):
-        if not (d == 1 or _same_dim(d, target)):
+        if not (d == 1 or same_dim(d, target)):
             return f"bias {c.shape} does not broadcast to [{m}, {n}]"
     return None
 
@@ -106,7 +85,7 @@ def fold_transpose_into_gemm(model: ir.Model) -> int:
     count = 0
     for graph in model.graphs():
         for node in list(graph):
-            if not _is_std(node, "Gemm") or len(node.inputs) < 2:
+            if not is_op(node, "Gemm") or len(node.inputs) < 2:
                 continue
             inputs = list(node.inputs)
             attrs = dict(node.attributes)
@@ -114,7 +93,7 @@ def fold_transpose_into_gemm(model: ir.Model) -> int:
             for slot, key in ((0, "transA"), (1, "transB")):
                 t = inputs[slot].producer() if inputs[slot] is not None else None
                 # A Gemm input is 2-D, so a Transpose without perm is the 2-D swap.
-                if not _is_std(t, "Transpose") or t.graph is not graph or _transpose_perm(t, 2) != [1, 0]:
+                if not is_op(t, "Transpose") or t.graph is not graph or _transpose_perm(t, 2) != [1, 0]:
                     continue
                 inputs[slot] = t.inputs[0]
                 attrs[key] = ir.AttrInt64(key, 1 - node.attributes.get_int(key, 0))
@@ -136,7 +115,7 @@ def fold_transposed_weights(model: ir.Model) -> int:
     count = 0
     for graph in model.graphs():
         for node in list(graph):
-            if not _is_std(node, "Transpose") or not node.inputs or node.inputs[0] is None:
+            if not is_op(node, "Transpose") or not node.inputs or node.inputs[0] is None:
                 continue
             w, out = node.inputs[0], node.outputs[0]
             if (
@@ -148,7 +127,7 @@ def fold_transposed_weights(model: ir.Model) -> int:
                 or len(w.uses()) != 1
                 or out.is_graph_output()
                 or not out.uses()
-                or not all(_is_std(u, "MatMul") or _is_std(u, "Gemm") for u, _ in out.uses())
+                or not all(is_op(u, "MatMul") or is_op(u, "Gemm") for u, _ in out.uses())
             ):
                 continue
             try:
@@ -171,6 +150,22 @@ def fold_transposed_weights(model: ir.Model) -> int:
 
 
 def _rules() -> list[FusionRule]:
+    """The rules in order, and why each is ours or checked:
+
+    * ``matmul-add``: onnxscript's ``matmul_add_to_gemm_rule`` and its ``transpose_a/b/ab`` variants
+      (``rules.common._matmul_add_to_gemm``). They check that A and B are 2-D but not the bias: Add
+      broadcasts both ways, Gemm's C only one way to ``[M, N]``, so ``MatMul([M,K],[K,N]) + c[B,M,N]``
+      (or ``c[1,1,N]``) would become a Gemm of the wrong rank. We add that check (C of rank ≤ 2 whose
+      dims are 1 or provably equal to M/N), a dtype check (float, float16, double: what the Gemm
+      kernels implement), and apply them with Add's operands in either order.
+    * ``transpose-into-gemm`` (own): ``Gemm(Transpose(A))`` → ``Gemm(A, transA=1-transA)``, the same
+      for B. Over onnx_ir nodes rather than a pattern, because it only rewires one Gemm input: the
+      Transpose may keep other consumers (the pattern matcher would refuse those), and is deleted
+      when none is left.
+    * ``transpose-weight`` (own): ``MatMul(x, Transpose(W))`` with W a constant initializer whose
+      only use is that Transpose → ``MatMul(x, Wᵀ)`` with a transposed copy of W. Only then: a W used
+      elsewhere would have to be kept too, doubling its memory.
+    """
     matmul_add = pattern.RewriteRuleSet(
         [_TransABMatMulAdd.rule(), _TransAMatMulAdd.rule(), _TransBMatMulAdd.rule(), _MatMulAdd.rule()],
         commute=True)

@@ -2,31 +2,9 @@
 ``RMSNormalization`` (opset 23) ops.
 
 Built on onnxscript's ``rules.fusion._layer_norm.LayerNormFusion`` and
-``_rms_normalization.RmsNormFusion``: we keep their dtype and epsilon checks (``super().check``)
-and their replacement ops, and widen or guard where they fall short on real graphs:
-
-* both match ``ReduceMean(x, [-1])`` only: a reduction written with its last axis as a positive
-  number, over several trailing axes, or (opset 17) with ``axes`` as an attribute is missed. We
-  bind the axes, accept any trailing run of axes ``[k, …, rank-1]`` (what the ops' ``axis`` can
-  express), require the two reductions to agree and ``keepdims=1``.
-* ``RmsNormFusion`` requires ``noop_with_empty_axes=0`` to be spelled out, and matches only
-  ``Pow(x, 2)`` and ``x * Reciprocal(rms)``; exporters also write ``x*x`` and ``x / rms``.
-* neither checks the scale (or, for ``LayerNormBiasFusion``, the bias): any tensor that
-  broadcasts is taken, e.g. a residual ``[B, S, D]`` becomes the LayerNormalization bias. The
-  ONNX spec allows unidirectional broadcasting there, but other backends (and older ONNX
-  Runtime) require the normalized shape, so we require ``scale.shape == bias.shape ==
-  x.shape[axis:]`` and the input's dtype.
-* ``RmsNormFusion`` accepts an up-cast of an fp16 input without the cast back (``Cast(x,
-  float) → … → Mul(scale_f32)``) and emits ``RMSNormalization(x_f16, scale_f32)``, which
-  ONNX Runtime rejects (the op's function multiplies an fp16 and a float32 tensor); we require
-  both casts (the Llama form: up to float32, back to the input's type) or neither.
-* ``Pow(d, 2)`` is matched with a tolerance; ``Pow(d, 2.00001)`` is NaN for negative ``d``, so
-  we want the exponent exactly 2.
-
-LayerNormalization computes in ``stash_type`` precision; a decomposition in float16 without
-casts computes in float16, so a fused op would be more precise than the original and differ from
-it: such sites are refused (the fp16 Cast→float32→…→Cast form matches with its casts kept
-around the fused op).
+``_rms_normalization.RmsNormFusion``: we keep their dtype and epsilon checks and their replacement
+ops, and widen or guard them where they fall short on real graphs (see
+:class:`FuseNormalizationPass`).
 """
 
 from __future__ import annotations
@@ -39,6 +17,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rms_normalization
 
 from ..ir_helpers import constant_array as _constant
+from ..ir_helpers import infer_shapes
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
 
 __all__ = ["FuseNormalizationPass"]
@@ -261,6 +240,31 @@ class FuseNormalizationPass(FusionPass):
     epsilon must be a single-element constant, the scale and bias must have exactly the
     normalized shape and the input's dtype, every intermediate must be used only inside the
     pattern, and low-precision decompositions match only with both casts (computed in float32).
+
+    Where onnxscript's rules fall short, and what we do instead:
+
+    * both match ``ReduceMean(x, [-1])`` only: a reduction written with its last axis as a positive
+      number, over several trailing axes, or (opset 17) with ``axes`` as an attribute is missed. We
+      bind the axes, accept any trailing run of axes ``[k, …, rank-1]`` (what the ops' ``axis`` can
+      express), require the two reductions to agree and ``keepdims=1``.
+    * ``RmsNormFusion`` requires ``noop_with_empty_axes=0`` to be spelled out, and matches only
+      ``Pow(x, 2)`` and ``x * Reciprocal(rms)``; exporters also write ``x*x`` and ``x / rms``.
+    * neither checks the scale (or, for ``LayerNormBiasFusion``, the bias): any tensor that
+      broadcasts is taken, e.g. a residual ``[B, S, D]`` becomes the LayerNormalization bias. The
+      ONNX spec allows unidirectional broadcasting there, but other backends (and older ONNX
+      Runtime) require the normalized shape, so we require ``scale.shape == bias.shape ==
+      x.shape[axis:]`` and the input's dtype.
+    * ``RmsNormFusion`` accepts an up-cast of an fp16 input without the cast back (``Cast(x,
+      float) → … → Mul(scale_f32)``) and emits ``RMSNormalization(x_f16, scale_f32)``, which
+      ONNX Runtime rejects (the op's function multiplies an fp16 and a float32 tensor); we require
+      both casts (the Llama form: up to float32, back to the input's type) or neither.
+    * ``Pow(d, 2)`` is matched with a tolerance; ``Pow(d, 2.00001)`` is NaN for negative ``d``, so
+      we want the exponent exactly 2.
+
+    LayerNormalization computes in ``stash_type`` precision; a decomposition in float16 without
+    casts computes in float16, so a fused op would be more precise than the original and differ from
+    it: such sites are refused (the fp16 Cast→float32→…→Cast form matches with its casts kept
+    around the fused op).
     """
 
     name = "fuse-normalization"
@@ -274,6 +278,4 @@ class FuseNormalizationPass(FusionPass):
     )
 
     def prepare(self, model: ir.Model) -> bool:
-        from ..cleanup import ShapeInferencePass
-
-        return ShapeInferencePass()(model).modified  # the checks need the input's rank and the parameters' shapes
+        return infer_shapes(model)  # the checks need the input's rank and the parameters' shapes

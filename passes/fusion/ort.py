@@ -1,34 +1,35 @@
-"""ONNX Runtime contrib fusions (``com.microsoft``): attention, skip-normalization, GELU, rotary
-embeddings, FusedMatMul and friends, for the ort-cpu and ort-cuda targets only.
+"""``fuse-ort``: ONNX Runtime contrib fusions (``com.microsoft``) for the ort-cpu and ort-cuda
+targets; this module only sets the rule order and the pass's set-up and final check.
 
-The rules are onnxscript's ``rewriter.ort_fusions`` (maintained with ONNX Runtime's kernels), run
-in the order ``onnxscript.rewriter.ort_fusions.fuse_xformers`` runs them, because later rules
-consume the ops earlier ones create (SDPA → MultiHeadAttention → Attention). What we add, and
-why, is in :mod:`passes.fusion.ort_extra`: patterns onnxscript misses on real exports.
+The rules are onnxscript's ``rewriter.ort_fusions`` (maintained with ONNX Runtime's kernels), in
+the order ``onnxscript.rewriter.ort_fusions.fuse_xformers`` runs them, because later rules consume
+the ops earlier ones create (SDPA → MultiHeadAttention → Attention). Our additions, each in its
+own module with its reasons: ``ort_attention`` (checks onnxscript's MHA/GQA rules lack),
+``ort_rotary``, ``ort_gelu`` and ``ort_conv`` (patterns onnxscript misses on real exports).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from graphopt.errors import PassFailedError
 
+from ..ir_helpers import graph_nodes, infer_shapes
+from . import ort_attention, ort_conv, ort_gelu, ort_rotary
 from ._base import CONTRIB, STANDARD, FusionPass, FusionRule, from_onnxscript
+from .matching import PRIVATE_DOMAIN
 
 __all__ = ["FuseOrtPass", "ORT_RULES"]
 
-#: onnxscript's private intermediate domain (SDPA etc.); nothing in it may survive the pass.
-_PRIVATE_DOMAIN = "ai.onnxruntime._fusion"
-
-
 def _rules() -> list[FusionRule]:
+    # Imported here: importing onnxscript's ort_fusions package costs about a second.
     from onnxscript.rewriter.ort_fusions import (
         attention,
         bias_gelu,
-        cos_sin_cache,
         erfgelu,
         fused_matmul_rule_sets,
         gelu,
@@ -43,21 +44,10 @@ def _rules() -> list[FusionRule]:
         skip_normalization,
         softmax,
     )
-
-    from . import ort_extra
-
-    def cos_sin_then_cse(model: ir.Model) -> int:
-        n = cos_sin_cache.fuse_cos_sin_cache(model)
-        if n:
-            # Each layer's rotary embedding gets its own copy of the cache; CSE merges them so
-            # that the partial-rotary rule below sees one shared cache (as fuse_xformers does).
-            common.CommonSubexpressionEliminationPass()(model)
-        return n
-
-    def r(name: str, summary: str, apply, **kw) -> FusionRule:
-        return FusionRule(name, summary, apply, CONTRIB, **kw)
-
     from onnxscript.rewriter.rules.common import gemm_to_matmul_add_rule
+
+    def r(name: str, summary: str, apply: Callable[[ir.Model], int], **kw: Any) -> FusionRule:
+        return FusionRule(name, summary, apply, CONTRIB, **kw)
 
     return [
         # Must run first: onnxscript's MHA rules drop the Reshape-to-2D that GPT-2's Conv1D (addmm)
@@ -66,7 +56,12 @@ def _rules() -> list[FusionRule]:
         FusionRule("gemm-to-matmul", "Reshape→Gemm→Reshape → MatMul + Add so attention patterns see the projections",
                    from_onnxscript(gemm_to_matmul_add_rule), STANDARD),
         r("erf-gelu", "x·½(1+erf(x/√2)) → com.microsoft Gelu", from_onnxscript(erfgelu.fuse_erfgelu)),
-        *ort_extra.EARLY_RULES,
+        # Before the normalization and attention rules, so that the attention rules see
+        # com.microsoft RotaryEmbedding and absorb the Q/K/V head reshapes too. That needs the
+        # guarded GQA rule below (onnxscript's accepts any mask once a RotaryEmbedding exists).
+        r("rotary-embedding-mul",
+          "rotate-half RoPE with angles = positions·inv_freq (transformers ≥ 5) → RotaryEmbedding + cos/sin cache",
+          ort_rotary.fuse_rotary_embedding),
         r("rms-norm", "decomposed RMSNorm → SimplifiedLayerNormalization",
           from_onnxscript(rms_normalization.fuse_rms_normalization)),
         r("skip-layer-norm", "Add + LayerNormalization → SkipLayerNormalization",
@@ -76,19 +71,19 @@ def _rules() -> list[FusionRule]:
         r("rotary-embedding", "rotate-half rotary embedding → RotaryEmbedding",
           from_onnxscript(rotary_embedding.fuse_rotary_embedding)),
         r("cos-sin-cache", "position-dependent cos/sin computation → a constant cos/sin cache",
-          cos_sin_then_cse),
+          ort_rotary.fuse_cos_sin_cache_then_cse),
         r("partial-rotary-embedding", "rotary embedding on part of the head → RotaryEmbedding",
           from_onnxscript(rotary_embedding.fuse_partial_rotary_embedding)),
         r("sdpa", "MatMul/Softmax/MatMul scaled dot-product attention → SDPA (intermediate)",
           from_onnxscript(sdpa.sdpa_rules, shape_inference=True)),
         r("gqa", "SDPA with shared KV heads and KV cache → GroupQueryAttention",
-          from_onnxscript(_checked_gqa_rules())),
+          from_onnxscript(ort_attention.checked_gqa_rules())),
         r("gqa-packed-qkv", "GroupQueryAttention on slices of one QKV projection → packed QKV input",
           from_onnxscript(gqa_packed_qkv.fuse_qkv_gqa)),
         r("mha-kv-cache", "SDPA with past/present key-value cache → MultiHeadAttention",
-          from_onnxscript(_checked_mha_rules(has_past_present=True))),
+          from_onnxscript(ort_attention.checked_mha_rules(has_past_present=True))),
         r("mha", "SDPA with head split/merge reshapes → MultiHeadAttention",
-          from_onnxscript(_checked_mha_rules(has_past_present=False))),
+          from_onnxscript(ort_attention.checked_mha_rules(has_past_present=False))),
         r("mha-scale", "query pre-scaled by a constant → MultiHeadAttention scale attribute",
           from_onnxscript(mha_scale.fuse_mha_scale)),
         r("mha-bias", "Q/K/V projection biases → MultiHeadAttention bias input",
@@ -97,7 +92,10 @@ def _rules() -> list[FusionRule]:
           from_onnxscript(attention.fuse_attention)),
         r("gelu", "tanh/erf GELU in the association onnxscript matches → FastGelu / Gelu",
           from_onnxscript(gelu.fuse_gelu)),
-        *ort_extra.GELU_RULES,
+        # After onnxscript's GELU rules (the forms they miss), before BiasGelu.
+        r("fast-gelu-tanh", "tanh GELU in the associations onnxscript misses (GPT-2's (½x)·(1+tanh…)) → FastGelu",
+          ort_gelu.fuse_fast_gelu),
+        r("quick-gelu", "x·Sigmoid(αx) (SiLU when α=1) → QuickGelu", ort_gelu.fuse_quick_gelu),
         r("bias-gelu", "Add(bias) + Gelu → BiasGelu", from_onnxscript(bias_gelu.fuse_bias_gelu)),
         r("sdpa-via-mha", "remaining SDPA → MultiHeadAttention", from_onnxscript(sdpa_via_mha.replace_sdpa_by_mha)),
         r("softmax", "Softmax patterns ONNX Runtime runs faster in another form",
@@ -106,70 +104,18 @@ def _rules() -> list[FusionRule]:
           from_onnxscript(instance_to_group_normalization.rules)),
         r("fused-matmul", "MatMul with transposed inputs or a constant scale → FusedMatMul",
           from_onnxscript(fused_matmul_rule_sets.fused_matmul_rule_sets())),
-        *ort_extra.LATE_RULES,
+        r("fused-conv", "Conv [+ Add(residual)] + Relu/Sigmoid/Tanh/LeakyRelu/Clip/HardSigmoid → FusedConv",
+          ort_conv.fuse_conv_activation),
     ]
-
-
-def _checked_mha_rules(has_past_present: bool):
-    """onnxscript's MultiHeadAttention rules with the output check they lack.
-
-    onnxscript 0.7's rule does not verify the Reshape after the head merge ("TODO: verify
-    Reshapes" in ort_fusions/mha.py). When that Reshape goes straight to 2-D ``[B*S, D]`` (GPT-2's
-    ``view(-1, nx)`` merged with the head merge by Reshape∘Reshape simplification), the rule
-    replaces a 2-D value with the op's 3-D output, and the next Gemm fails at run time. We accept
-    the match only when the replaced value is ``[B, S, D]`` like the query input.
-    """
-    from onnxscript.rewriter import pattern
-    from onnxscript.rewriter.ort_fusions import mha
-
-    class CheckedMultiHeadAttention(mha.MultiHeadAttention):
-        def check(self, op, query_BSD, attention_reshaped=None, **kw):  # type: ignore[override]
-            result = super().check(op, query_BSD=query_BSD, **kw)
-            if not result:
-                return result
-            q, out = query_BSD.shape, getattr(attention_reshaped, "shape", None)
-            if out is None or q is None or out.rank() != 3 or q.rank() != 3 or list(out)[:2] != list(q)[:2]:
-                return result.fail(f"attention output {out} is not [B, S, D] like the query {q}")
-            return result
-
-    combos = [(rot, cross) for rot in (False, True) for cross in ([False] if has_past_present else [False, True])]
-    return pattern.RewriteRuleSet([
-        CheckedMultiHeadAttention.rule(
-            f"MHA{'_Rotary' if rot else ''}{'_Past' if has_past_present else ''}{'_CrossAttention' if cross else ''}",
-            is_rotary=rot, has_past_present=has_past_present, is_cross_attention=cross)
-        for rot, cross in combos
-    ])
-
-
-def _checked_gqa_rules():
-    """onnxscript's GroupQueryAttention rule with a mask check that can fail.
-
-    onnxscript 0.7.2 (ort_fusions/gqa.py) tests ``_causal_mask_pattern.match(...) is None``, but a
-    failed match is a falsy MatchResult, never None: any mask passes. On transformers-5 Llama with
-    com.microsoft RotaryEmbedding present, that turns padded attention into GroupQueryAttention
-    with the padding mask dropped (wrong outputs for padded batches). GroupQueryAttention only
-    supports a causal mask, so we require the causal-mask pattern for real.
-    """
-    from onnxscript.rewriter import pattern
-    from onnxscript.rewriter.ort_fusions import gqa
-
-    class CheckedGroupQueryAttention(gqa.GroupQueryAttention):
-        def check(self, context, mask=None, **kw):  # type: ignore[override]
-            node = mask.producer() if mask is not None else None
-            if node is None or not gqa._causal_mask_pattern.match(
-                    context.model, context.graph_or_function, node, check_nodes_are_removable=False):
-                return pattern.MatchResult().fail("mask is not the causal-mask pattern", mask)
-            return super().check(context, mask=mask, **kw)
-
-    return pattern.RewriteRuleSet([CheckedGroupQueryAttention.rule()])
 
 
 class FuseOrtPass(FusionPass):
     """Fuse transformer and CNN subgraphs into ONNX Runtime contrib ops (com.microsoft).
 
     Safe because every rule checks shapes, constants and single-consumer intermediates before it
-    fires (onnxscript's checks, and ours in ``ort_extra``); an intermediate onnxscript op that no
-    later rule consumed makes the pass fail rather than emit a model ONNX Runtime cannot load.
+    fires (onnxscript's checks, and ours in the ``ort_*`` rule modules); an intermediate onnxscript
+    op that no later rule consumed makes the pass fail rather than emit a model ONNX Runtime cannot
+    load.
     """
 
     name = "fuse-ort"
@@ -184,8 +130,6 @@ class FuseOrtPass(FusionPass):
     def prepare(self, model: ir.Model) -> bool:
         from onnxscript.rewriter.ort_fusions import shape_optimization
 
-        from ..ir_helpers import infer_shapes
-
         # The attention patterns check ranks and head dimensions; they need inferred shapes and
         # the Shape→Gather→Concat chains that the exporter emits rewritten to direct dims.
         modified = infer_shapes(model)
@@ -195,8 +139,7 @@ class FuseOrtPass(FusionPass):
 
     def finish(self, model: ir.Model, modified: bool) -> bool:
         changed = _inline_private_functions(model)
-        left = sorted({n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)
-                       if n.domain == _PRIVATE_DOMAIN})
+        left = sorted({n.op_type for n in graph_nodes(model) if n.domain == PRIVATE_DOMAIN})
         if left:
             raise PassFailedError(
                 f"fuse-ort left intermediate ops {left} that no rule consumed; "
@@ -210,10 +153,10 @@ class FuseOrtPass(FusionPass):
 def _inline_private_functions(model: ir.Model) -> bool:
     """Inline the intermediate functions onnxscript's rules create (e.g. a rotary embedding that no
     cos/sin-cache rule turned into the contrib op) and leave the model's own functions alone."""
-    private = {k: f for k, f in model.functions.items() if k[0] == _PRIVATE_DOMAIN}
+    private = {k: f for k, f in model.functions.items() if k[0] == PRIVATE_DOMAIN}
     if not private:
         return False
-    own = {k: f for k, f in model.functions.items() if k[0] != _PRIVATE_DOMAIN}
+    own = {k: f for k, f in model.functions.items() if k[0] != PRIVATE_DOMAIN}
     model.functions.clear()
     model.functions.update(private)
     try:

@@ -1,39 +1,13 @@
 """Rotary embeddings of transformers ≥ 5 → ``com.microsoft.RotaryEmbedding`` with a cos/sin cache.
 
 Why onnxscript misses them: its ``cos-sin-cache`` rule (``ort_fusions/cos_sin_cache.py``) expects
-the angles of transformers 4, ``Transpose(MatMul(inv_freq[1,E,1], Cast(Unsqueeze(positions))),
-[0,2,1])``. transformers 5 computes ``position_ids[..., None].float() * inv_freq`` (LlamaRotaryEmbedding),
-which exports as ``Mul(Cast(Unsqueeze(positions)), inv_freq[E])`` already in ``[B, S, E]`` layout: no
-MatMul, no Transpose (MatchingTracer: "OpType mismatch: expected Transpose, got Mul" at the Mul).
-onnxscript's ``rotary-embedding`` then leaves private ``ai.onnxruntime._fusion.RotaryEmbedding``
-nodes that ``fuse-ort`` inlines back.
-
-This rule matches either the decomposed site, starting at the rotate-half ``Neg``, or onnxscript's
-intermediate op ``ai.onnxruntime._fusion.RotaryEmbedding(x, cos4d, sin4d)`` for the same site (when
-onnxscript's ``rotary-embedding`` ran first), so it works wherever ``fuse-ort`` places it::
-
-    x·Unsqueeze(cos, 1) + Concat(-x[..., h:], x[..., :h])·Unsqueeze(sin, 1)      x: [B, heads, S, 2h]
-    cos, sin = [Cast](Cos(emb)·[scale]), [Cast](Sin(emb)·[scale])     emb = Concat(freqs, freqs, -1)
-    freqs = Cast(Unsqueeze(p, [0, 2]), float) · inv_freq               p: 1-D positions [S]
-
-and emits ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=x.shape[1])``.
-The op reads cache row ``position_ids[0] + s`` for token ``s`` (position_ids of one element) or
-``position_ids[b, s]`` (``[B, S]``); a ``[1, S]`` tensor is rejected when the batch is > 1, so batch-
-shared positions are passed as the one-element form. Two ways to build the cache:
-
-* **constant** (what onnxscript does when it knows the largest position): ``p = Range(0, S, 1)`` and
-  the sequence length has a known bound ``N`` (a static dim, or the exporter's range constraint
-  ``pkg.torch.export.ExportedProgram.range_constraints``, i.e. the ``Dim(max=…)`` of the export,
-  normally ``max_position_embeddings``). The cache has ``N`` rows computed in float32 like the
-  graph; position_ids = ``[0]``. A longer sequence fails loudly in the kernel ("sequence_length >
-  max_sequence_length"), it is never read out of bounds.
-* **computed** (any other batch-shared positions, e.g. ``Range(past, past+S)``, or no bound): the
-  cache is ``Cos``/``Sin`` of ``freqs`` reshaped to ``[S, E]`` (row s = position p[s]), with
-  position_ids = ``[0]``. Exact for any position values.
-
-Per-batch positions (``[B, S]``, e.g. a ``position_ids`` input) are left alone: the kernel does not
-bound-check position ids, so a constant cache would be read out of bounds for positions past its
-end, and nothing in the graph bounds them.
+transformers 4's angles, ``Transpose(MatMul(inv_freq[1,E,1], Cast(Unsqueeze(positions))), [0,2,1])``;
+transformers 5 computes ``position_ids[..., None].float() * inv_freq``, which exports as
+``Mul(Cast(Unsqueeze(positions)), inv_freq[E])`` already in ``[B, S, E]`` layout (MatchingTracer:
+"OpType mismatch: expected Transpose, got Mul"), and onnxscript's ``rotary-embedding`` then leaves
+private ``ai.onnxruntime._fusion.RotaryEmbedding`` nodes that ``fuse-ort`` inlines back. The
+matched forms are in :func:`fuse_rotary_embedding`, the cache in :class:`_Builder`. Per-batch
+``[B, S]`` positions are left alone: nothing bounds them for a constant cache.
 """
 
 from __future__ import annotations
@@ -45,26 +19,14 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from .ort_extra import (
-    MS_DOMAIN,
-    constant,
-    graph_nodes,
-    is_op,
-    other,
-    producer,
-    rank,
-    replace_with,
-    same_dim,
-    scalar,
-    single_use,
-)
+from ..ir_helpers import MS_DOMAIN, graph_nodes, rank, unique_name
+from ..ir_helpers import constant_array as constant
+from .matching import PRIVATE_DOMAIN, is_op, other, producer, replace_with, same_dim, scalar, single_use
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
 __all__ = ["fuse_rotary_embedding", "sequence_bounds"]
 
-#: onnxscript's intermediate domain (its rotary rule's output).
-PRIVATE_DOMAIN = "ai.onnxruntime._fusion"
 #: Graph metadata the torch exporter writes: the value range of every symbolic dim.
 RANGE_CONSTRAINTS_KEY = "pkg.torch.export.ExportedProgram.range_constraints"
 #: Largest constant cache (elements per table); above it the cache is computed at run time.
@@ -278,24 +240,33 @@ def _why_not(site: _Site, f: _Freqs | str) -> str | None:
 
 
 class _Builder:
-    """Creates (once per angle table) the position ids and cos/sin caches."""
+    """Creates (once per angle table) the position ids and cos/sin caches.
+
+    The op reads cache row ``position_ids[0] + s`` for token ``s`` (position_ids of one element) or
+    ``position_ids[b, s]`` (``[B, S]``); a ``[1, S]`` tensor is rejected when the batch is > 1, so batch-
+    shared positions are passed as the one-element form. Two ways to build the cache:
+
+    * **constant** (what onnxscript does when it knows the largest position): ``p = Range(0, S, 1)`` and
+      the sequence length has a known bound ``N`` (a static dim, or the exporter's range constraint
+      ``pkg.torch.export.ExportedProgram.range_constraints``, i.e. the ``Dim(max=…)`` of the export,
+      normally ``max_position_embeddings``). The cache has ``N`` rows computed in float32 like the
+      graph; position_ids = ``[0]``. A longer sequence fails loudly in the kernel ("sequence_length >
+      max_sequence_length"), it is never read out of bounds.
+    * **computed** (any other batch-shared positions, e.g. ``Range(past, past+S)``, or no bound): the
+      cache is ``Cos``/``Sin`` of ``freqs`` reshaped to ``[S, E]`` (row s = position p[s]), with
+      position_ids = ``[0]``. Exact for any position values.
+    """
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
         self.graph = model.graph
         self.bounds = sequence_bounds(model)
-        self.names = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
-        for node in graph_nodes(model):
-            self.names.update(o.name for o in node.outputs if o.name)
+        self.names: set[str] = set()  # filled by unique_name on first use
         self.cache: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.position_ids: ir.Value | None = None
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
+        name = unique_name(self.graph, base, self.names)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                          const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
@@ -383,7 +354,22 @@ def _match_private(node: ir.Node) -> _Site | None:
 
 def fuse_rotary_embedding(model: ir.Model) -> int:
     """Rotary embeddings with Mul-form angles → ``com.microsoft.RotaryEmbedding``: the decomposed
-    rotate-half form, or onnxscript's intermediate op when its rotary rule ran first."""
+    rotate-half form, or onnxscript's intermediate op when its rotary rule ran first.
+
+    Matches either the decomposed site, starting at the rotate-half ``Neg``, or onnxscript's
+    intermediate op ``ai.onnxruntime._fusion.RotaryEmbedding(x, cos4d, sin4d)`` for the same site (when
+    onnxscript's ``rotary-embedding`` ran first), so it works wherever ``fuse-ort`` places it::
+
+        x·Unsqueeze(cos, 1) + Concat(-x[..., h:], x[..., :h])·Unsqueeze(sin, 1)      x: [B, heads, S, 2h]
+        cos, sin = [Cast](Cos(emb)·[scale]), [Cast](Sin(emb)·[scale])     emb = Concat(freqs, freqs, -1)
+        freqs = Cast(Unsqueeze(p, [0, 2]), float) · inv_freq               p: 1-D positions [S]
+
+    and emits ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=x.shape[1])``.
+
+    Per-batch positions (``[B, S]``, e.g. a ``position_ids`` input) are left alone: the kernel does not
+    bound-check position ids, so a constant cache would be read out of bounds for positions past its
+    end, and nothing in the graph bounds them.
+    """
     builder: _Builder | None = None
     count = 0
     for node in graph_nodes(model):
@@ -411,3 +397,18 @@ def fuse_rotary_embedding(model: ir.Model) -> int:
                        domain=MS_DOMAIN, name=final.name)
         count += replace_with(model, final, rope, site.nodes)
     return count
+
+
+def fuse_cos_sin_cache_then_cse(model: ir.Model) -> int:
+    """onnxscript's ``cos-sin-cache`` rule (transformers 4's MatMul-form angles), then CSE.
+
+    Each layer's rotary embedding gets its own copy of the cache; CSE merges them so that the
+    partial-rotary rule after it sees one shared cache (as ``fuse_xformers`` does).
+    """
+    import onnx_ir.passes.common as common
+    from onnxscript.rewriter.ort_fusions import cos_sin_cache
+
+    n = cos_sin_cache.fuse_cos_sin_cache(model)
+    if n:
+        common.CommonSubexpressionEliminationPass()(model)
+    return n

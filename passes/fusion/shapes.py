@@ -1,29 +1,9 @@
 """Collapse chains of Reshape, Transpose, Squeeze and Unsqueeze into one node (or none).
 
-Standard ONNX, for every backend. Exporters leave such chains behind (``view`` after ``view``,
-``unsqueeze(0).unsqueeze(1)``, a transpose undone later); each costs a kernel launch or a copy.
-
-* ``transpose-transpose``: onnxscript's ``transpose_transpose_rule`` (composed perm, Identity when
-  that is the identity; it refuses a Transpose without a ``perm`` attribute, which is safe).
-* ``squeeze-unsqueeze`` / ``unsqueeze-squeeze`` (own): the pair cancels when both name the same
-  axes (normalized against the ranks they apply to; a Squeeze without axes only when the input's
-  shape is fully static). ``Unsqueeze(Squeeze(x))`` also removes the Squeeze's failure on a
-  non-1 dim, which is the only behaviour it changes.
-* ``unsqueeze-unsqueeze`` (own): one Unsqueeze with the combined axes. onnxscript's rule handles
-  only one non-negative axis per node; ours takes any constant axes (negative ones when the rank
-  is known) and the opset < 13 attribute form.
-* ``squeeze-reshape-1d``: onnxscript's ``Reshape(Squeeze(x), [-1])`` → x for 1-D x.
-* ``reshape-of-squeeze`` (own): ``Reshape(Squeeze|Unsqueeze(x), shape)`` → ``Reshape(x, shape)``:
-  a Reshape only needs the element count, which (Un)squeeze keeps. Not when ``shape`` has a 0
-  (with ``allowzero=0`` it copies the *intermediate's* dim) unless the output's static shape
-  says what it is.
-* ``reshape-reshape``: onnxscript's ``reshape_reshape_rule``. Checked: it reads ``allowzero``
-  from the outer Reshape, fills 0/−1 from a static output shape, refuses 0 together with −1 and
-  more than one 0, and turns a single 0 into −1, which is right because with all other entries
-  fixed the element count determines that dim. It names the new shape ``<output>/shape`` and
-  onnxscript's driver overwrites an initializer of that name; we name it freshly.
-
-Identity nodes the rules leave are removed at the end where that keeps graph outputs intact.
+Exporters leave such chains behind (``view`` after ``view``, ``unsqueeze(0).unsqueeze(1)``, a
+transpose undone later); each costs a kernel launch or a copy. Standard ONNX, for every backend.
+onnxscript's rules where they are exact, our own where they miss forms or name initializers
+unsafely (see :func:`_rules`).
 """
 
 from __future__ import annotations
@@ -35,14 +15,11 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _basic_rules as osbasic
 
-from ..ir_helpers import constant_array, fresh_name, infer_shapes
+from ..ir_helpers import constant_array, fresh_name, infer_shapes, replace_value, static_shape
+from ..ir_helpers import rank as _rank
 from ._base import RULE_KEY, STANDARD, FusionPass, FusionRule
 
 __all__ = ["FuseShapeChainsPass", "SHAPE_RULES"]
-
-
-def _rank(value: ir.Value | None) -> int | None:
-    return None if value is None or value.shape is None else value.shape.rank()
 
 
 def _raw_axes(node: ir.Node) -> tuple[bool, list[int] | None]:
@@ -69,19 +46,13 @@ def _normalize(axes: list[int], rank: int | None) -> list[int] | None:
     return sorted(axes)
 
 
-def _static_dims(value: ir.Value) -> list[int] | None:
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
-        return None
-    return [int(d) for d in value.shape]  # type: ignore[arg-type]
-
-
 def _squeeze_axes(node: ir.Node, x: ir.Value) -> list[int] | None:
     """Normalized axes a Squeeze of ``x`` removes (for no axes: the 1-dims of a static shape)."""
     known, axes = _raw_axes(node)
     if not known:
         return None
     if axes is None:
-        dims = _static_dims(x)
+        dims = static_shape(x)
         return None if dims is None else [i for i, d in enumerate(dims) if d == 1]
     return _normalize(axes, _rank(x))
 
@@ -112,7 +83,7 @@ class _SqueezeUnsqueeze(pattern.RewriteRuleClassBase):
             return result.fail("Squeeze axes not constant")
         if axes is None:
             # Squeeze() also removes x's own 1-dims: only safe when x provably has none.
-            dims = _static_dims(x)
+            dims = static_shape(x)
             if dims is None or 1 in dims:
                 return result.fail("Squeeze without axes and x may have 1-dims")
             return result
@@ -268,6 +239,31 @@ def _apply(rules: Any):
 
 
 def _rules() -> list[FusionRule]:
+    """The rules in order; which are onnxscript's, which are ours, and why:
+
+    * ``transpose-transpose``: onnxscript's ``transpose_transpose_rule`` (composed perm, Identity when
+      that is the identity; it refuses a Transpose without a ``perm`` attribute, which is safe).
+    * ``squeeze-unsqueeze`` / ``unsqueeze-squeeze`` (own): the pair cancels when both name the same
+      axes (normalized against the ranks they apply to; a Squeeze without axes only when the input's
+      shape is fully static). ``Unsqueeze(Squeeze(x))`` also removes the Squeeze's failure on a
+      non-1 dim, which is the only behaviour it changes.
+    * ``unsqueeze-unsqueeze`` (own): one Unsqueeze with the combined axes. onnxscript's rule handles
+      only one non-negative axis per node; ours takes any constant axes (negative ones when the rank
+      is known) and the opset < 13 attribute form.
+    * ``squeeze-reshape-1d``: onnxscript's ``Reshape(Squeeze(x), [-1])`` → x for 1-D x.
+    * ``reshape-of-squeeze`` (own): ``Reshape(Squeeze|Unsqueeze(x), shape)`` → ``Reshape(x, shape)``:
+      a Reshape only needs the element count, which (Un)squeeze keeps. Not when ``shape`` has a 0
+      (with ``allowzero=0`` it copies the *intermediate's* dim) unless the output's static shape
+      says what it is.
+    * ``reshape-reshape``: onnxscript's ``reshape_reshape_rule``. Checked: it reads ``allowzero``
+      from the outer Reshape, fills 0/−1 from a static output shape, refuses 0 together with −1 and
+      more than one 0, and turns a single 0 into −1, which is right because with all other entries
+      fixed the element count determines that dim. It names the new shape ``<output>/shape`` and
+      onnxscript's driver overwrites an initializer of that name; we name it freshly.
+
+    Identity nodes the rules leave are removed at the end (:meth:`FuseShapeChainsPass.finish`) where
+    that keeps graph outputs intact.
+    """
     def r(name: str, summary: str, rule: Any) -> FusionRule:
         return FusionRule(name, summary, _apply(rule), STANDARD)
 
@@ -303,8 +299,6 @@ class FuseShapeChainsPass(FusionPass):
     def finish(self, model: ir.Model, modified: bool) -> bool:
         if not modified:
             return False
-        from ..ir_helpers import replace_value
-
         changed = False
         for graph in model.graphs():
             for node in list(graph):

@@ -1,4 +1,4 @@
-"""Contrib fusions of ``passes/fusion/ort_extra.py`` / ``ort_rotary.py`` inside ``fuse-ort``:
+"""Contrib fusions of ``passes/fusion/ort_gelu.py`` / ``ort_conv.py`` / ``ort_rotary.py`` inside ``fuse-ort``:
 FastGelu (tanh GELU in GPT-2's association, MatMul bias folded), QuickGelu (x·Sigmoid(αx)),
 FusedConv (Conv [+ residual Add] + activation) and RotaryEmbedding with a cos/sin cache for the
 transformers-5 angle form.

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.passes.fusion.ort_cpu import LowerOrtCpuPass
+from graphopt.passes.lowering.ort_cpu import LowerOrtCpuPass
 from graphopt.verify import run_model
 
 H = 16

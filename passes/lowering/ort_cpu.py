@@ -1,18 +1,17 @@
-"""``lower-ort-cpu``: rewrites that make ONNX Runtime's CPU provider faster than the fused
-contrib form does, run by the ort-cpu backend after fusion and quantization.
+"""``lower-ort-cpu``: contrib forms that ONNX Runtime's CPU provider runs slower than the plain
+ops they fuse, rewritten back into those ops; run by the ort-cpu backend after fusion and
+quantization.
 
 * ``skip-norm-to-sum``: ``SkipLayerNormalization(x, skip, gamma, beta, bias)`` →
   ``Sum(x, skip, bias)`` + ``LayerNormalization(gamma, beta)`` (and the RMS variant
   ``SkipSimplifiedLayerNormalization`` → ``Sum`` + ``SimplifiedLayerNormalization``).
 
-  Why: ONNX Runtime 1.32's CPU ``SkipLayerNormalization`` kernel is about 3x slower than its
-  ``LayerNormalization`` plus the element-wise add (measured, 2 threads, ``[1, 128, 384]``
-  float32: 261 µs fused vs 70 µs for Sum + LayerNormalization; 1 thread, 512 tokens: 1042 µs vs
-  360 µs). On all-MiniLM-L6-v2 at 128 tokens its 12 SkipLayerNormalization nodes were 15% of the
-  run. The RMS variant gains less (84 µs vs 66 µs) but does not lose. ``Sum`` rather than
-  ``Add`` because ONNX Runtime's session-level ``SkipLayerNormFusion`` matches ``Add`` +
-  ``LayerNormalization`` and would undo the rewrite at load time; ``Sum`` of two or three inputs
-  is the same computation (multidirectional broadcasting, float32 adds) and is left alone.
+  Why: ONNX Runtime 1.32's CPU ``SkipLayerNormalization`` kernel is slower than its
+  ``LayerNormalization`` plus the element-wise add (measurements in
+  ``benchmarks/results/lower_ort_cpu.md``). ``Sum`` rather than ``Add`` because ONNX Runtime's
+  session-level ``SkipLayerNormFusion`` matches ``Add`` + ``LayerNormalization`` and would undo
+  the rewrite at load time; ``Sum`` of two or three inputs is the same computation
+  (multidirectional broadcasting, float32 adds) and is left alone.
 
   The fused op stays the intermediate form for everything before this pass (quantization folds
   SmoothQuant scales into its gamma/beta) and for ort-cuda, whose SkipLayerNormalization kernel is
@@ -27,8 +26,8 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
+from ..fusion._base import CONTRIB, FusionPass, FusionRule
 from ..ir_helpers import MS_DOMAIN, graph_nodes, model_opset, take_place
-from ._base import CONTRIB, FusionPass, FusionRule
 
 __all__ = ["LowerOrtCpuPass"]
 
@@ -98,10 +97,14 @@ def lower_skip_norms(model: ir.Model) -> int:
 
 class LowerOrtCpuPass(FusionPass):
     """ONNX Runtime CPU lowering of contrib forms that its CPU kernels run slower than the plain
-    ops (see the module docstring for the measurements). Run after fusion and quantization."""
+    ops (see the module docstring for why). Run after fusion and quantization.
+
+    Reuses the fusion pass machinery (``FusionPass``/``FusionRule``) for rule selection,
+    provenance stamps and the per-rule counts in the report.
+    """
 
     name = "lower-ort-cpu"
     RULES: ClassVar = (
         FusionRule("skip-norm-to-sum", "SkipLayerNormalization → Sum + LayerNormalization (ORT CPU's fused "
-                   "kernel is ~3x slower; Sum keeps ORT from re-fusing)", lower_skip_norms, CONTRIB, min_opset=17),
+                   "kernel is slower; Sum keeps ORT from re-fusing)", lower_skip_norms, CONTRIB, min_opset=17),
     )
