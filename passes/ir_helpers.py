@@ -160,3 +160,13 @@ def infer_shapes(model: ir.Model) -> bool:
     from graphopt.passes.cleanup import ShapeInferencePass  # cleanup imports this module
 
     return ShapeInferencePass()(model).modified
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph``, named by :func:`unique_name` from
+    ``base`` (``taken`` as there), and return its value (typed and shaped like ``array``)."""
+    name = unique_name(graph, base, taken)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
