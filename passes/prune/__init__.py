@@ -56,6 +56,13 @@ from graphopt.ir import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores spa
 from graphopt.passes.ir_helpers import constant_array
 from graphopt.pipeline import Pass
 
+from .masks import global_prune, nm_axis, satisfies_nm, sparsity_of
+from .masks import magnitude_mask as _magnitude_mask
+from .masks import nm_prune as _nm_prune
+from .masks import out_axis as _out_axis
+from .masks import per_output_mask as _per_output_mask
+from .sparse import save_sparse, to_sparse_proto
+
 __all__ = [
     "PruneOptions",
     "PrunePass",
@@ -121,84 +128,6 @@ def parse_mode(mode: str) -> tuple[str, int, int]:
             return "nm", n, mm
     raise PipelineError(
         f"prune mode {mode!r} is not valid; use unstructured, structured, or N:M with 0 < N < M (e.g. 2:4)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Array helpers (public: tests and benchmarks use them)
-
-
-def sparsity_of(array: np.ndarray) -> float:
-    """Fraction of exact zeros."""
-    a = np.asarray(array)
-    return float((a == 0).sum() / a.size) if a.size else 0.0
-
-
-def satisfies_nm(array: np.ndarray, n: int, m: int, axis: int) -> bool:
-    """True when every group of ``m`` consecutive elements along ``axis`` has at most ``n`` non-zeros."""
-    a = np.moveaxis(np.asarray(array), axis, -1)
-    if a.shape[-1] % m:
-        return False
-    groups = a.reshape(-1, m)
-    return bool(((groups != 0).sum(axis=1) <= n).all())
-
-
-def nm_axis(op_type: str, weight_rank: int, attributes: dict[str, Any] | None = None) -> int | None:
-    """The reduction axis of a layer's weight along which N:M groups run (None: not a target)."""
-    attributes = attributes or {}
-    if op_type == "MatMul":
-        return weight_rank - 2 if weight_rank >= 2 else None
-    if op_type == "Gemm":
-        return 1 if attributes.get("transB", 0) else 0
-    if op_type == "Conv":
-        return 1 if weight_rank >= 3 else None
-    return None
-
-
-def _nm_prune(w: np.ndarray, n: int, m: int, axis: int, score: np.ndarray | None = None) -> np.ndarray:
-    """Keep the ``n`` highest-scoring (default: largest-magnitude) entries in each group of ``m``
-    along ``axis`` (ties: first)."""
-    moved = np.moveaxis(w, axis, -1)
-    shape = moved.shape
-    groups = moved.reshape(-1, m)
-    key = np.abs(groups) if score is None else np.moveaxis(score, axis, -1).reshape(-1, m)
-    order = np.argsort(-key, axis=1, kind="stable")
-    mask = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(mask, order[:, :n], True, axis=1)
-    out = np.where(mask, groups, 0).astype(w.dtype).reshape(shape)
-    return np.ascontiguousarray(np.moveaxis(out, -1, axis))
-
-
-def _per_output_mask(score: np.ndarray, out_axis: int, sparsity: float) -> np.ndarray:
-    """Mask of the lowest-scoring ``sparsity`` fraction within each output unit's weights (Wanda
-    compares weights of the same output, whose errors add up in the same activation)."""
-    moved = np.moveaxis(score, out_axis, 0)
-    rows = moved.reshape(moved.shape[0], -1)
-    k = int(np.floor(sparsity * rows.shape[1]))
-    mask = np.zeros(rows.shape, dtype=bool)
-    if k > 0:
-        order = np.argsort(rows, axis=1, kind="stable")
-        np.put_along_axis(mask, order[:, :k], True, axis=1)
-    return np.moveaxis(mask.reshape(moved.shape), 0, out_axis)
-
-
-def _out_axis(op_type: str, rank: int, trans_b: int) -> int:
-    if op_type == "MatMul":
-        return rank - 1
-    if op_type == "Gemm":
-        return 0 if trans_b else 1
-    return 0  # Conv
-
-
-def _magnitude_mask(w: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the ``k`` smallest-|w| entries (exact count; introselect, not a full sort:
-    deterministic for the same weights)."""
-    flat = np.abs(w).ravel()
-    mask = np.zeros(flat.size, dtype=bool)
-    if k >= flat.size:
-        mask[:] = True
-    elif k > 0:
-        mask[np.argpartition(flat, k - 1)[:k]] = True
-    return mask.reshape(w.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1151,23 +1080,7 @@ class PrunePass(Pass):
                     continue
                 new[w] = _nm_prune(a, self.n, self.m, axis, scores.get(w))
         elif o.scope == "global" and arrays:
-            total = sum(a.size for a in arrays.values())
-            k = int(np.floor(o.sparsity * total))
-            if k > 0:
-                mags = np.concatenate([(scores[w] if w in scores else np.abs(a)).ravel().astype(np.float32)
-                                       for w, a in arrays.items()])
-                thr = np.partition(mags, k - 1)[k - 1]
-                below = int((mags < thr).sum())
-                del mags
-                ties_left = k - below
-                for w, a in arrays.items():
-                    mag = (scores[w] if w in scores else np.abs(a)).astype(np.float32)
-                    mask = mag < thr
-                    if ties_left > 0:
-                        eq = np.flatnonzero((mag == thr).ravel())[:ties_left]
-                        mask.ravel()[eq] = True
-                        ties_left -= len(eq)
-                    new[w] = np.where(mask, 0, a).astype(a.dtype)
+            new = global_prune(arrays, scores, o.sparsity)
         else:
             out_axes = {w: _out_axis(nodes[0].op_type, a.ndim, nodes[0].attributes.get_int("transB", 0))
                         for w, nodes, _, _ in targets if (a := arrays.get(w)) is not None}
@@ -1535,24 +1448,3 @@ class PrunePass(Pass):
             start += n
         node.replace_input_with(index, clone.outputs[0])
 
-
-# ---------------------------------------------------------------------------------------------
-# Sparse storage
-
-
-def to_sparse_proto(model: ir.Model | Any, *, min_sparsity: float | None = None) -> Any:
-    """``onnx.ModelProto`` with mostly-zero weights as sparse initializers (graphopt.ir.to_sparse_proto)."""
-    from graphopt.ir import to_sparse_proto as _to_sparse
-
-    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
-    return _to_sparse(proto, min_sparsity=min_sparsity)
-
-
-def save_sparse(model: ir.Model, path: str) -> int:
-    """Write ``model`` atomically with sparse initializers (``graphopt.save(sparse=True)``); returns the file size."""
-    import os
-
-    from graphopt.ir import save
-
-    save(model, path, sparse=True, settings=False)
-    return os.path.getsize(path)
