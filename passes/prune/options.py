@@ -1,18 +1,23 @@
-"""The prune pass's options, mode parsing and include/exclude matching."""
+"""The prune pass's options, mode parsing, and the state of one run.
+
+:class:`PruneRun` is made afresh by each ``PrunePass.call``: it carries the options, the parsed
+mode, the run-time context (calibration data) and where statistics and report details go, so
+the modules doing the work never read or set attributes on the pass itself.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import re
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import onnx_ir as ir
 
 from graphopt.errors import PipelineError
 
-__all__ = ["MODES", "TARGETS", "FLOAT_TYPES", "PruneOptions", "parse_mode"]
+__all__ = ["MODES", "TARGETS", "FLOAT_TYPES", "PruneOptions", "PruneRun", "parse_mode"]
 
 MODES = ("unstructured", "2:4", "structured")
 TARGETS = ("channels", "ffn", "heads")
@@ -75,3 +80,43 @@ def _matches(patterns: Iterable[str], node: ir.Node, weight_name: str | None) ->
         if p == node.op_type or any(p == n or fnmatch.fnmatchcase(n, p) for n in names if n):
             return True
     return False
+
+
+@dataclasses.dataclass
+class PruneRun:
+    """One run of the pass: options, parsed mode, context, and the report sinks."""
+
+    options: PruneOptions
+    kind: str  # "unstructured" | "nm" | "structured"
+    n: int
+    m: int
+    #: Run-time inputs (calibration data); a single-use source is replaced by its materialized copy.
+    context: dict[str, Any]
+    #: ``count(key, n=1)``: the pass's statistics.
+    count: Callable[..., None]
+    #: The report details of this run.
+    details: dict[str, Any]
+
+    def selected(self, node: ir.Node, weight_name: str | None) -> str | None:
+        """None when include/exclude let ``node`` (or its weight) be pruned, else the reason."""
+        o = self.options
+        if o.include and not _matches(o.include, node, weight_name):
+            return "not in include"
+        if o.exclude and _matches(o.exclude, node, weight_name):
+            return "excluded"
+        return None
+
+    def calibration(self) -> Any:
+        """The calibration data for importance=activation (option, else the run's context)."""
+        from graphopt.calibration import CalibrationData
+
+        o = self.options
+        source = o.calibration if o.calibration is not None else self.context.get("calibration")
+        if source is None:
+            raise PipelineError("prune importance=activation needs calibration data: pass calibration= to "
+                                "optimize() or the prune option calibration=PATH")
+        data = CalibrationData.from_any(source)
+        if getattr(data, "_single_use", False):
+            data = data.materialize()
+            self.context["calibration"] = data
+        return data
