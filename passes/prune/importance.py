@@ -9,8 +9,6 @@ times the norm of the consumer's weights for that unit. Unstructured and N:M wei
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx_ir as ir
 
@@ -20,10 +18,10 @@ from graphopt.passes.ir_helpers import constant_array
 from .groups import Group
 from .options import PruneRun
 
-if TYPE_CHECKING:
-    from .unstructured import WeightTarget
+__all__ = ["WeightTarget", "activation_stats", "unit_scores", "weight_activation_scores"]
 
-__all__ = ["activation_stats", "unit_scores", "weight_activation_scores"]
+#: An unstructured / N:M target: (weight value, nodes using it, N:M axis, skip reason or None).
+WeightTarget = tuple[ir.Value, list[ir.Node], int | None, str | None]
 
 
 def unit_scores(run: PruneRun, model: ir.Model, groups: list[Group]) -> list[np.ndarray]:

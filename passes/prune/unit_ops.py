@@ -1,29 +1,37 @@
 """How a unit axis passes through the ops between a producer layer and its consumers.
 
-Each function takes the :class:`~.closure.Closure` being built, the node, and the unit axis
-(negative, from the end) and block (elements per unit on that axis) of the tracked value; it
-pushes the values the units reach, records the constant slices that must shrink with them
-(biases, BatchNorm parameters, shape literals), or blocks the group with the reason.
+Each function takes the walk building a group (:class:`~.closure.Closure`, seen through
+:class:`UnitWalk` so that this module does not import it), the node, and the unit axis (negative,
+from the end) and block (elements per unit on that axis) of the tracked value; it pushes the
+values the units reach, records the constant slices that must shrink with them (biases,
+BatchNorm parameters, shape literals), or blocks the group with the reason.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.ir_helpers import constant_array
 
-from .groups import Slice, dim, element, rank, shape_pieces
+from .groups import Group, Slice, dim, element, rank, shape_pieces
 
-if TYPE_CHECKING:
-    from .closure import Closure
-
-__all__ = ["binary", "flatten", "normalization", "pool", "reduction", "transpose", "unary"]
+__all__ = ["UnitWalk", "binary", "flatten", "normalization", "pool", "reduction", "transpose", "unary"]
 
 
-def unary(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
+class UnitWalk(Protocol):
+    """What the op handlers use of the walk building a group."""
+
+    group: Group
+
+    def block(self, reason: str) -> None: ...
+
+    def push(self, v: ir.Value, axis: int, block: int) -> None: ...
+
+
+def unary(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
     if node.op_type == "Clip":
         for extra in node.inputs[1:]:
             if extra is not None and (constant_array(extra) is None or constant_array(extra).size != 1):  # type: ignore[union-attr]
@@ -39,7 +47,7 @@ def unary(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
     closure.push(node.outputs[0], axis, block)
 
 
-def binary(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
+def binary(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
     full = closure.group.units * block
     for i, x in enumerate(node.inputs):
         if x is None:
@@ -63,7 +71,7 @@ def binary(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
     closure.push(node.outputs[0], axis, block)
 
 
-def normalization(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
+def normalization(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
     x = node.inputs[0]
     r = rank(x) if x is not None else None
     if r is None or axis != 1 - r or block != 1:
@@ -86,7 +94,7 @@ def normalization(closure: Closure, node: ir.Node, axis: int, block: int) -> Non
     closure.push(node.outputs[0], axis, block)
 
 
-def pool(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
+def pool(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
     x = node.inputs[0]
     r = rank(x) if x is not None else None
     if r is None or axis != 1 - r or (len(node.outputs) > 1 and node.outputs[1].uses()):
@@ -96,7 +104,7 @@ def pool(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
     closure.push(node.outputs[0], axis, block)
 
 
-def reduction(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
+def reduction(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
     x = node.inputs[0]
     r = rank(x) if x is not None else None
     if r is None:
@@ -125,7 +133,7 @@ def reduction(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
     closure.push(node.outputs[0], out_p - out_r, block)
 
 
-def transpose(closure: Closure, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
+def transpose(closure: UnitWalk, node: ir.Node, v: ir.Value, axis: int, block: int) -> None:
     x, y = node.inputs[0], node.outputs[0]
     r = rank(x) if x is not None else None
     attr = node.attributes.get("perm")
@@ -139,7 +147,7 @@ def transpose(closure: Closure, node: ir.Node, v: ir.Value, axis: int, block: in
         closure.push(x, perm[axis + r] - r, block)  # type: ignore[arg-type]
 
 
-def _reshape_keep_last(closure: Closure, node: ir.Node, x: ir.Value, y: ir.Value, block: int) -> None:
+def _reshape_keep_last(closure: UnitWalk, node: ir.Node, x: ir.Value, y: ir.Value, block: int) -> None:
     """A Reshape that keeps the unit axis last and whole (``[B*S, C]`` ⇄ ``[B, S, C]``): rows
     map to rows, so only a literal ``C`` in the shape tensor changes."""
     full = closure.group.units * block
@@ -165,7 +173,7 @@ def _reshape_keep_last(closure: Closure, node: ir.Node, x: ir.Value, y: ir.Value
     closure.push(y, -1, block)
 
 
-def flatten(closure: Closure, node: ir.Node, axis: int, block: int) -> None:
+def flatten(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
     """Flatten / Reshape that merges the unit axis with the static axes after it into the last axis."""
     x, y = node.inputs[0], node.outputs[0]
     if x is None or x.shape is None or y.shape is None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .importance import weight_activation_scores
+from .importance import WeightTarget, weight_activation_scores
 from .masks import (
     global_prune,
     magnitude_mask,
@@ -27,10 +27,7 @@ from .masks import (
 )
 from .options import FLOAT_TYPES, PruneRun
 
-__all__ = ["WeightTarget", "weight_targets", "zero_weights"]
-
-#: (weight value, nodes using it, N:M axis, skip reason or None).
-WeightTarget = tuple[ir.Value, list[ir.Node], int | None, str | None]
+__all__ = ["weight_targets", "zero_weights"]
 
 
 def weight_targets(run: PruneRun, model: ir.Model) -> list[WeightTarget]:
