@@ -182,12 +182,6 @@ def infer_shapes(model: ir.Model) -> bool:
     ``shape-inference`` pass runs): values inside subgraphs keep their declared types, and the
     initializer order is kept. Returns whether it added or changed shapes (a pass that ran it must
     then say "modified"); when inference fails the model is left unchanged."""
-    from graphopt.ir import PROTOBUF_LIMIT, total_tensor_bytes
-
-    if total_tensor_bytes(model) >= PROTOBUF_LIMIT // 2:
-        # onnx's C++ inference needs the whole proto; onnx_ir strips large tensors first,
-        # which works, but is slow on multi-GB models for little gain.
-        pass
     # Values inside subgraphs keep their declared types: onnx's inference can type an If
     # output of sequence type as a tensor there (seen on test_loop16_seq_none), which
     # ONNX Runtime then rejects. Main-graph annotations are checked by ORT's own inference.
@@ -213,3 +207,13 @@ def infer_shapes(model: ir.Model) -> bool:
         v.type = t
         v.shape = shape
     return result.modified
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) -> ir.Value:
+    """Register ``array`` as a new initializer of ``graph``, named by :func:`unique_name` from
+    ``base`` (``taken`` as there), and return its value (typed and shaped like ``array``)."""
+    name = unique_name(graph, base, taken)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
