@@ -20,7 +20,7 @@ from ...ir_helpers import constant_array
 from .graph import add_initializer
 from .norms import norm_of
 
-__all__ = ["RESHAPE_OPS", "channel_chain", "channel_params", "fold_into", "last_dim"]
+__all__ = ["RESHAPE_OPS", "channel_chain", "channel_params", "divided_by", "fold_into", "last_dim"]
 
 #: Ops that pass their first input's values through in order (a reshape of the same data).
 RESHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
@@ -85,3 +85,9 @@ def fold_into(graph: ir.Graph, node: ir.Node, inputs: list[int], new_value: Call
         arr = constant_array(old)
         assert arr is not None
         node.replace_input_with(i, add_initializer(graph, name(old, i), new_value(arr), taken))
+
+
+def divided_by(s: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``new_value`` for :func:`fold_into`: the constant divided by ``s`` per channel (in float32,
+    stored in the constant's dtype)."""
+    return lambda arr: (arr.astype(np.float32) / s).astype(arr.dtype)
