@@ -1,6 +1,7 @@
 """The normalization ops quantization folds per-channel factors into (SmoothQuant, AWQ, centering)
 and that mark a transformer's residual stream: one table of where each op keeps its per-channel
-scale (gamma) and shift (beta), so supporting another norm op is one line here."""
+scale (gamma) and shift (beta) (and, for the fused skip-norms, the bias added before
+normalizing), so supporting another norm op is one line here."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ class Norm:
     domains: tuple[str, ...]
     #: Fused residual add first (a second data input before the parameters, the sum as an output).
     skip: bool = False
+    #: Input index of the bias added before normalizing (fused skip-norms), None when it has none.
+    bias: int | None = None
 
     @property
     def params(self) -> tuple[int, ...]:
@@ -37,8 +40,8 @@ NORMS: dict[str, Norm] = {
     "LayerNormalization": Norm(1, 2, ("", MS_DOMAIN)),
     "RMSNormalization": Norm(1, None, ("",)),
     "SimplifiedLayerNormalization": Norm(1, None, ("", MS_DOMAIN)),
-    "SkipLayerNormalization": Norm(2, 3, (MS_DOMAIN,), skip=True),
-    "SkipSimplifiedLayerNormalization": Norm(2, None, (MS_DOMAIN,), skip=True),
+    "SkipLayerNormalization": Norm(2, 3, (MS_DOMAIN,), skip=True, bias=4),
+    "SkipSimplifiedLayerNormalization": Norm(2, None, (MS_DOMAIN,), skip=True, bias=3),
 }
 
 #: The op types of :data:`NORMS` (for checks that look at the op type alone).

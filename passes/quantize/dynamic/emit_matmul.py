@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir_helpers import MS_DOMAIN, constant_array, take_place
+from .._common.norms import norm_of
 from .emit_per_token import per_token_matmul
 
 if TYPE_CHECKING:
@@ -20,9 +21,19 @@ if TYPE_CHECKING:
 
 __all__ = ["absorb_bias", "emit_matmul"]
 
-#: Consumers with a bias input an extra bias term can go into: op → (bias input, data inputs).
-_BIAS_SLOTS = {"SkipLayerNormalization": (4, (0, 1)), "SkipSimplifiedLayerNormalization": (3, (0, 1)),
-               "BiasGelu": (1, (0,)), "FastGelu": (1, (0,))}
+#: Activations with a bias input an extra bias term can go into: op → (bias input, data inputs).
+_ACTIVATION_BIAS = {"BiasGelu": (1, (0,)), "FastGelu": (1, (0,))}
+
+
+def _bias_slot(node: ir.Node) -> tuple[int, tuple[int, ...]] | None:
+    """(bias input, data inputs) of a com.microsoft op that adds a bias to its data inputs: a
+    fused skip-normalization (data: the inputs before its scale) or BiasGelu/FastGelu."""
+    norm = norm_of(node)
+    if norm is not None and norm.bias is not None:
+        return norm.bias, tuple(range(norm.scale))
+    if node.domain == MS_DOMAIN:
+        return _ACTIVATION_BIAS.get(node.op_type)
+    return None
 
 
 def emit_matmul(run: Run, plan: Plan, bias: np.ndarray | None, out: ir.Value, remove: list[ir.Node]) -> None:
@@ -94,9 +105,10 @@ def absorb_bias(run: Run, out: ir.Value, bias: np.ndarray, base: str) -> bool:
         value = nxt
     else:
         return False
-    if user.domain != MS_DOMAIN or user.op_type not in _BIAS_SLOTS:
+    slots = _bias_slot(user)
+    if slots is None:
         return False
-    slot, data_inputs = _BIAS_SLOTS[user.op_type]
+    slot, data_inputs = slots
     if index not in data_inputs or len(user.inputs) < slot:
         return False
     current = user.inputs[slot] if slot < len(user.inputs) else None
