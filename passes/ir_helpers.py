@@ -24,6 +24,7 @@ __all__ = [
     "infer_shapes",
     "is_standard",
     "model_opset",
+    "new_initializer",
     "rank",
     "replace_value",
     "static_shape",

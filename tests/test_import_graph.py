@@ -1,7 +1,8 @@
 """The project's import graph: no cycles, and imports point one way (backends → passes → core).
 
 Every ``import`` counts, module-level or inside a function: a lazy import that closes a cycle is
-still two modules that cannot be understood one without the other.
+still two modules that cannot be understood one without the other. Imports under
+``if TYPE_CHECKING:`` only name types for annotations and are left out.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The project modules ``name`` imports (a package import names the package's __init__)."""
     is_package = path.name == "__init__.py"
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -46,6 +47,21 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
                 t = t.rpartition(".")[0]
             if t and t != name:
                 out.add(t)
+    return out
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under ``if TYPE_CHECKING:``."""
+    out: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
     return out
 
 

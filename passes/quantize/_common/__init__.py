@@ -7,6 +7,5 @@ from each other.
 * :mod:`.int8`: symmetric/asymmetric int8 weights, per channel or per tensor;
 * :mod:`.gptq`: GPTQ's inverse-Hessian factor and column sweep, and its per-channel int8 form;
 * :mod:`.hessians`: ``X^T X`` of activations streamed over calibration data, in runs that fit a
-  memory budget;
-* :mod:`.graph`: new initializers under fresh names.
+  memory budget.
 """

@@ -16,8 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import constant_array
-from .graph import add_initializer
+from ...ir_helpers import constant_array, new_initializer
 from .norms import norm_of
 
 __all__ = ["RESHAPE_OPS", "channel_chain", "channel_params", "divided_by", "fold_into", "last_dim"]
@@ -84,7 +83,7 @@ def fold_into(graph: ir.Graph, node: ir.Node, inputs: list[int], new_value: Call
         assert old is not None
         arr = constant_array(old)
         assert arr is not None
-        node.replace_input_with(i, add_initializer(graph, name(old, i), new_value(arr), taken))
+        node.replace_input_with(i, new_initializer(graph, name(old, i), new_value(arr), taken))
 
 
 def divided_by(s: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:

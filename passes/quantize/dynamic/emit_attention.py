@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import MS_DOMAIN, constant_array, unique_name
-from .._common.graph import add_initializer
+from ...ir_helpers import MS_DOMAIN, constant_array, new_initializer, unique_name
 from .emit_per_token import per_token_matmul
 
 if TYPE_CHECKING:
@@ -49,7 +48,7 @@ def raw_mask(attn_bias: ir.Value) -> MaskPlan | None:
     two_d = shape[2] == 1
 
     def plan(graph: ir.Graph, taken: set[str], base: str) -> tuple[ir.Value, list[ir.Node]]:
-        av = add_initializer(graph, base + "_mask_axes", np.array([1, 2] if two_d else [1], np.int64), taken)
+        av = new_initializer(graph, base + "_mask_axes", np.array([1, 2] if two_d else [1], np.int64), taken)
         sq = ir.Node("", "Squeeze", [keep, av], num_outputs=1, name=unique_name(graph, base + "_mask_squeeze", taken))
         sq.outputs[0].name = unique_name(graph, base + "_mask_bool", taken)
         cast = ir.Node("", "Cast", [sq.outputs[0]], attributes=[ir.AttrInt64("to", ir.DataType.INT32)],

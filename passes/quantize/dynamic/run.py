@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import take_place, unique_name
-from .._common.graph import add_initializer
+from ...ir_helpers import new_initializer, take_place, unique_name
 from .._common.int8 import quantize_weight
 from .options import DynamicOptions
 
@@ -63,7 +62,7 @@ class Run:
 
     def init(self, base: str, array: np.ndarray) -> ir.Value:
         """A new initializer holding ``array``."""
-        return add_initializer(self.graph, base, array, self.taken)
+        return new_initializer(self.graph, base, array, self.taken)
 
     def shared_const(self, key: str, array: np.ndarray) -> ir.Value:
         """The initializer for ``key``, made from ``array`` on first use."""

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import constant_array, unique_name
-from .._common.graph import add_initializer
+from ...ir_helpers import constant_array, new_initializer, unique_name
 from .._common.int8 import int8_symmetric
 from .plan import QT, Plan
 from .run import QRANGE, Run
@@ -78,8 +77,8 @@ def _insert_pairs(run: Run, plan: Plan, taken: set[str]) -> None:
         if src not in param_values:
             scale, zp = qt.params  # type: ignore[misc]
             stem = (src.name or "act").replace("/", "_")
-            param_values[src] = (add_initializer(graph, f"{stem}_scale", scale, taken),
-                                 add_initializer(graph, f"{stem}_zero_point", zp, taken))
+            param_values[src] = (new_initializer(graph, f"{stem}_scale", scale, taken),
+                                 new_initializer(graph, f"{stem}_zero_point", zp, taken))
         s_val, z_val = param_values[src]
         insert_qdq(graph, v, qt, s_val, z_val, qdq_domain(qt.wide), taken)
         run.count("qdq_pairs")
@@ -101,9 +100,9 @@ def _weights(run: Run, plan: Plan, taken: set[str]) -> dict[tuple[int, int], np.
             assert w is not None
             q, scale = _quantize_weight(w, axis)
             stem = (w_val.name or "weight").replace("/", "_")
-            q_v = add_initializer(graph, f"{stem}_quantized", q, taken)
-            s_v = add_initializer(graph, f"{stem}_scale", scale, taken)
-            z_v = add_initializer(graph, f"{stem}_zero_point", np.zeros(scale.shape, np.int8), taken)
+            q_v = new_initializer(graph, f"{stem}_quantized", q, taken)
+            s_v = new_initializer(graph, f"{stem}_scale", scale, taken)
+            z_v = new_initializer(graph, f"{stem}_zero_point", np.zeros(scale.shape, np.int8), taken)
             attrs = {"axis": axis} if axis is not None else {}
             out = ir.Value(name=unique_name(graph, f"{stem}_dequantized", taken),
                            shape=w_val.shape, type=w_val.type)
@@ -138,9 +137,9 @@ def _biases(run: Run, plan: Plan, w_scales: dict[tuple[int, int], np.ndarray], t
         safe = np.where(bscale > 0, bscale, 1.0)
         bq = np.clip(np.round(b.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)
         stem = (b_val.name or "bias").replace("/", "_")
-        q_v = add_initializer(graph, f"{stem}_quantized", bq, taken)
-        s_v = add_initializer(graph, f"{stem}_scale", bscale, taken)
-        z_v = add_initializer(graph, f"{stem}_zero_point", np.zeros(bscale.shape, np.int32), taken)
+        q_v = new_initializer(graph, f"{stem}_quantized", bq, taken)
+        s_v = new_initializer(graph, f"{stem}_scale", bscale, taken)
+        z_v = new_initializer(graph, f"{stem}_zero_point", np.zeros(bscale.shape, np.int32), taken)
         out = ir.Value(name=unique_name(graph, f"{stem}_dequantized", taken), shape=b_val.shape, type=b_val.type)
         dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], {"axis": 0}, outputs=[out],
                      name=unique_name(graph, f"{stem}_DequantizeLinear", taken))

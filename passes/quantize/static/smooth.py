@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import constant_array
+from ...ir_helpers import constant_array, new_initializer
 from .._common.fold import channel_chain, channel_params, divided_by, fold_into
-from .._common.graph import add_initializer
 from ..calibrators import ChannelAbsMax
 from .calibrate import stream
 from .run import Run
@@ -82,7 +81,7 @@ def smooth_quant(run: Run) -> tuple[tuple[Any, ...], bool]:
         for r, w in zip(readers, ws):
             transb = r.op_type == "Gemm" and r.attributes.get_int("transB", 0)
             scaled = w * (s[None, :] if transb else s[:, None])  # type: ignore[index]
-            r.replace_input_with(1, add_initializer(graph, f"{r.inputs[1].name}_smooth", scaled.astype(w.dtype), taken))
+            r.replace_input_with(1, new_initializer(graph, f"{r.inputs[1].name}_smooth", scaled.astype(w.dtype), taken))
         run.count("smooth_quant_sites")
     return ("smooth", alpha, tuple(names)), True
 

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import MS_DOMAIN
-from .._common.graph import add_initializer
+from ...ir_helpers import MS_DOMAIN, new_initializer
 from .blocks import QuantizedWeight, dequantize, pack_blocks, quantize_rtn
 from .options import WeightOnlyOptions
 from .sites import Site
@@ -23,11 +22,11 @@ def initializers(graph: ir.Graph, qw: QuantizedWeight, base: str, taken: set[str
     """The packed levels, scales and (asymmetric) packed zero points of ``qw`` as initializers."""
     n, nb, _ = qw.q.shape
     packed = pack_blocks(qw.q, qw.bits)
-    b = add_initializer(graph, f"{base}_q{qw.bits}", packed, taken)
-    s = add_initializer(graph, f"{base}_scales", qw.scales.reshape(n, nb), taken)
+    b = new_initializer(graph, f"{base}_q{qw.bits}", packed, taken)
+    s = new_initializer(graph, f"{base}_scales", qw.scales.reshape(n, nb), taken)
     z = None
     if qw.zero_points is not None:
-        z = add_initializer(graph, f"{base}_zero_points", pack_blocks(qw.zero_points, qw.bits), taken)
+        z = new_initializer(graph, f"{base}_zero_points", pack_blocks(qw.zero_points, qw.bits), taken)
     return b, s, z
 
 
@@ -38,7 +37,7 @@ def rewrite_matmul(graph: ir.Graph, site: Site, qw: QuantizedWeight,
     b, s, z = inits
     inputs: list[ir.Value | None] = [node.inputs[0], b, s, z]
     if site.bias is not None:
-        bias = add_initializer(graph, f"{node.inputs[1].name or 'weight'}_bias", site.bias, taken)
+        bias = new_initializer(graph, f"{node.inputs[1].name or 'weight'}_bias", site.bias, taken)
         inputs += [None, bias]
     while inputs and inputs[-1] is None:
         inputs.pop()
@@ -58,11 +57,11 @@ def rewrite_gather(graph: ir.Graph, node: ir.Node, w: np.ndarray, taken: set[str
     qw = quantize_rtn(w, o.bits, o.block_size, o.symmetric, w.dtype.type, o.scale_search)
     v, h = w.shape
     base = node.inputs[0].name or "embedding"
-    data = add_initializer(graph, f"{base}_q{o.bits}", pack_blocks(qw.q.reshape(v, h), o.bits), taken)
-    scales = add_initializer(graph, f"{base}_scales", qw.scales, taken)
+    data = new_initializer(graph, f"{base}_q{o.bits}", pack_blocks(qw.q.reshape(v, h), o.bits), taken)
+    scales = new_initializer(graph, f"{base}_scales", qw.scales, taken)
     inputs: list[ir.Value | None] = [data, node.inputs[1], scales]
     if qw.zero_points is not None:
-        inputs.append(add_initializer(graph, f"{base}_zero_points", pack_blocks(qw.zero_points, o.bits), taken))
+        inputs.append(new_initializer(graph, f"{base}_zero_points", pack_blocks(qw.zero_points, o.bits), taken))
     new = ir.Node(
         MS_DOMAIN, "GatherBlockQuantized", inputs,
         attributes=[ir.AttrInt64("bits", o.bits), ir.AttrInt64("block_size", o.block_size),
