@@ -3,12 +3,14 @@
 onnxscript's folder evaluates a node *before* checking the result's size, so a
 ``ConstantOfShape``/``Expand``/``Tile`` of gigabytes is materialised, and an evaluator error aborts
 the whole pass. Here output sizes are estimated first, nodes whose evaluation fails are skipped,
-integer arithmetic that could overflow is left alone, and results whose dtype/shape disagree with
-the node's declared type are refused.
+integer arithmetic that could overflow is left alone, integer division or modulo by zero (no value
+by the op's definition; ONNX Runtime refuses it) is never folded, and results whose dtype/shape
+disagree with the node's declared type are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -122,6 +124,9 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
         if _may_overflow(node):
             self.owner.count("skipped_int_overflow")
             return False
+        if _integer_division_by_zero(node):
+            self.owner.count("skipped_undefined")
+            return False
         n = estimate_output_elements(node)
         if n is not None:
             itemsize = _itemsize(node.outputs[0]) if node.outputs else _ITEMSIZE_GUESS
@@ -140,8 +145,12 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
         return None
 
     def process_node(self, node: ir.Node, is_function: bool) -> Any:
+        # numpy gives integer results where the op has none (x // 0 is 0, with a warning): with
+        # integer inputs, its floating-point errors raise, and the node is left alone below.
+        strict = np.errstate(all="raise") if _integer_inputs(node) else contextlib.nullcontext()
         try:
-            return super().process_node(node, is_function)
+            with strict:
+                return super().process_node(node, is_function)
         except Exception as e:  # an evaluator that cannot handle this node: leave it alone
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, e)
             self.owner.count("skipped_error")
@@ -229,6 +238,19 @@ def _may_overflow(node: ir.Node) -> bool:
         if a is None or b is None or bool(np.any(a.astype(np.float64) < b.astype(np.float64))):
             return True
     return not np.isfinite(bound) or bound >= float(info.max)
+
+
+def _integer_inputs(node: ir.Node) -> bool:
+    return any(v is not None and v.dtype is not None and v.dtype.is_integer() for v in node.inputs)
+
+
+def _integer_division_by_zero(node: ir.Node) -> bool:
+    """True for an integer Div/Mod whose constant divisor holds a zero: the op defines no result
+    (numpy would give 0, ONNX Runtime refuses to run it)."""
+    if node.op_type not in ("Div", "Mod") or len(node.inputs) < 2:
+        return False
+    divisor = _const(node.inputs[1])
+    return divisor is not None and divisor.dtype.kind in "iu" and not bool(np.all(divisor))
 
 
 def _itemsize(value: ir.Value) -> int:

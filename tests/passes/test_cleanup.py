@@ -291,6 +291,33 @@ def test_integer_overflow_in_folding_matches_onnxruntime() -> None:
     assert ops(m).count("ReduceProd") == 1
 
 
+@pytest.mark.parametrize("op", ["Div", "Mod"])
+def test_integer_division_by_zero_is_never_folded(op: str, recwarn: pytest.WarningsRecorder) -> None:
+    # numpy gives 0 (with a warning on stderr) where the op defines no value; ONNX Runtime refuses
+    # to run it. Folding it would turn a model that fails into one that silently adds 0.
+    m = graphopt.optimize(graphopt.load(parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1] x) => (int64[1] y)
+        <int64[1] a = {{7}}, int64[1] zero = {{0}}, int64[1] two = {{2}}>
+        {{
+            q = {op} (a, zero)
+            y0 = Add (x, q)
+            r = {op} (a, two)
+            y = Add (y0, r)
+        }}""")), pipeline="cleanup").model
+    assert ops(m).count(op) == 1  # a / 0 kept; a / 2 folded
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    rows = graphopt.optimize(graphopt.load(parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1] x) => (int64[1] y)
+        <int64[1] a = {{7}}, int64[1] zero = {{0}}>
+        {{
+            q = {op} (a, zero)
+            y = Add (x, q)
+        }}""")), pipeline="fold-constants").report.passes
+    assert rows[0].stats.get("skipped_undefined") == 1
+
+
 @pytest.mark.parametrize(
     "body",
     [
