@@ -8,6 +8,11 @@ changes. Each depth is exported once (cached), then optimized in a fresh interpr
 
     python benchmarks/bench_scaling.py            # 2..32 layers, 2 repeats -> results/scaling.json/.md/.png
     python benchmarks/bench_scaling.py --quick    # 2, 4, 8 layers, 1 repeat -> results/scaling_quick.*
+    python benchmarks/bench_scaling.py --chain    # Add/Relu chains of 1k..200k nodes -> results/scaling_chain.*
+
+``--chain`` is the stress case from a hostile-input run: one long Add/Relu chain (nothing fuses),
+where every per-node cost of the passes shows, and where the output file must stay the size of
+the input (no annotations the input did not have).
 """
 
 from __future__ import annotations
@@ -91,6 +96,68 @@ def run(quick: bool = False, repeats: int | None = None, timeout: float = 1800) 
             "repeats": repeats, "rows": rows, "ms_per_node_deepest_over_shallowest": flat}
 
 
+CHAIN_NODES = (1_000, 10_000, 100_000, 200_000)
+
+
+def chain_model(nodes: int) -> Any:
+    """``nodes`` nodes: (Add of a constant, Relu) repeated, on a [1, 16] float input."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    body, prev = [], "x"
+    init = helper.make_tensor("c", TensorProto.FLOAT, [16], np.ones(16, np.float32).tolist())
+    for i in range(nodes // 2):
+        out = "y" if i == nodes // 2 - 1 else f"r{i}"
+        body += [helper.make_node("Add", [prev, "c"], [f"a{i}"], name=f"add{i}"),
+                 helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}")]
+        prev = out
+    graph = helper.make_graph(body, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [init])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def chain_worker(nodes: int, folder: Path) -> dict[str, Any]:
+    """Optimize one chain in this (fresh) interpreter: load + optimize timed, peak RSS, sizes."""
+    import resource
+
+    import onnx
+
+    import graphopt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src, dst = folder / "chain.onnx", folder / "chain.opt.onnx"
+    onnx.save(chain_model(nodes), src)
+    t0 = time.perf_counter()
+    result = graphopt.optimize(graphopt.load(src))
+    optimize_s = time.perf_counter() - t0
+    graphopt.save(result.model, dst)
+    slowest = sorted(result.report.passes, key=lambda r: -r.wall_s)[:3]
+    return {"nodes": nodes, "optimize_s": optimize_s, "ms_per_node": optimize_s * 1000 / nodes,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "input_bytes": src.stat().st_size, "output_bytes": dst.stat().st_size,
+            "size_ratio": dst.stat().st_size / src.stat().st_size,
+            "slowest_passes": [[r.name, round(r.wall_s, 2)] for r in slowest]}
+
+
+def run_chain(timeout: float = 1800) -> dict[str, Any]:
+    cache = _bench.TMP / "scaling-chain"
+    rows = []
+    for n in CHAIN_NODES:
+        r = _bench.run_worker(SCRIPT, ["--chain-worker", str(n), str(cache / str(n))], cache / "result.json", timeout)
+        rows.append(r.data if r.ok else {"nodes": n, "error": r.error})
+        shutil.rmtree(cache / str(n), ignore_errors=True)
+        print(f"  chain {n}: {rows[-1]}", flush=True)
+    return {"architecture": "Add/Relu chain on [1, 16] float", "rows": rows}
+
+
+def chain_table(res: dict[str, Any]) -> str:
+    rows = [[r["nodes"], _f(r.get("optimize_s")), _f(r.get("ms_per_node"), ".3f"), _f(r.get("peak_mb"), ".0f"),
+             _f(r.get("size_ratio"), ".3f"), ", ".join(f"{n} {s}" for n, s in r.get("slowest_passes", [])),
+             r.get("error")] for r in res["rows"]]
+    return _bench.markdown_table(["nodes", "optimize s", "ms per node", "peak MB", "output / input size",
+                                  "slowest passes (s)", "error"], rows)
+
+
 def table(res: dict[str, Any]) -> str:
     rows = [[r["layers"], r.get("nodes"), r.get("nodes_after"), _f(r.get("optimize_s")), _f(r.get("ms_per_node"), ".3f"),
              _f(r.get("peak_mb"), ".0f"), r.get("error")] for r in res["rows"]]
@@ -146,11 +213,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=_bench.RESULTS)
     p.add_argument("--render", type=Path, metavar="JSON", help="rebuild Markdown and plot from an earlier JSON")
+    p.add_argument("--chain", action="store_true", help="Add/Relu chains of 1k..200k nodes (results/scaling_chain.*)")
     p.add_argument("--prepare", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--chain-worker", nargs=2, metavar=("NODES", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prepare:
         _bench.write_json(args.result_file, prepare(int(args.prepare[0]), Path(args.prepare[1])))
+        return 0
+    if args.chain_worker:
+        _bench.write_json(args.result_file, chain_worker(int(args.chain_worker[0]), Path(args.chain_worker[1])))
+        return 0
+    if args.chain:
+        res = {"benchmark": "scaling-chain", "command": "python benchmarks/bench_scaling.py --chain",
+               "environment": _bench.environment(), **run_chain(args.timeout)}
+        _bench.write_json(args.out / "scaling_chain.json", res)
+        md = "# Optimizer time and output size vs graph size (Add/Relu chain)\n\n" + chain_table(res) + "\n"
+        (args.out / "scaling_chain.md").write_text(md)
+        print(md)
         return 0
     if args.render:
         res = json.loads(args.render.read_text())
