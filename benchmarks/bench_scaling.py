@@ -99,23 +99,6 @@ def run(quick: bool = False, repeats: int | None = None, timeout: float = 1800) 
 CHAIN_NODES = (1_000, 10_000, 100_000, 200_000)
 
 
-def chain_model(nodes: int) -> Any:
-    """``nodes`` nodes: (Add of a constant, Relu) repeated, on a [1, 16] float input."""
-    import numpy as np
-    from onnx import TensorProto, helper
-
-    body, prev = [], "x"
-    init = helper.make_tensor("c", TensorProto.FLOAT, [16], np.ones(16, np.float32).tolist())
-    for i in range(nodes // 2):
-        out = "y" if i == nodes // 2 - 1 else f"r{i}"
-        body += [helper.make_node("Add", [prev, "c"], [f"a{i}"], name=f"add{i}"),
-                 helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}")]
-        prev = out
-    graph = helper.make_graph(body, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [init])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 def chain_worker(nodes: int, folder: Path) -> dict[str, Any]:
     """Optimize one chain in this (fresh) interpreter: load + optimize timed, peak RSS, sizes."""
     import resource
@@ -123,6 +106,9 @@ def chain_worker(nodes: int, folder: Path) -> dict[str, Any]:
     import onnx
 
     import graphopt
+
+    _bench.tests_on_path()
+    from models import chain_model
 
     folder.mkdir(parents=True, exist_ok=True)
     src, dst = folder / "chain.onnx", folder / "chain.opt.onnx"

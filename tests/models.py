@@ -30,6 +30,7 @@ __all__ = [
     "build_llama",
     "build_resnet",
     "build_vit",
+    "chain_model",
 ]
 
 #: Model kinds ``build`` knows, per size: "tiny" (unit tests), "mini" (benchmark --quick),
@@ -268,6 +269,23 @@ def build_resnet(size: str = "tiny", seed: int = 0) -> Exportable:
 
 #: Every kind ``build`` knows.
 KINDS = ("bert", "gpt2", "gpt2-lm", "llama", "vit", "resnet", "cnn")
+
+
+def chain_model(nodes: int) -> Any:
+    """``nodes`` nodes: (Add of a constant, Relu) repeated, on a [1, 16] float input: the long-graph
+    stress case (nothing fuses; every per-node cost of the passes shows)."""
+    from onnx import TensorProto, helper
+
+    body, prev = [], "x"
+    init = helper.make_tensor("c", TensorProto.FLOAT, [16], np.ones(16, np.float32).tolist())
+    for i in range(nodes // 2):
+        out = "y" if i == nodes // 2 - 1 else f"r{i}"
+        body += [helper.make_node("Add", [prev, "c"], [f"a{i}"], name=f"add{i}"),
+                 helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}")]
+        prev = out
+    graph = helper.make_graph(body, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [init])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def build(kind: str, size: str = "tiny", seed: int = 0) -> Exportable:
