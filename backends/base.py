@@ -27,8 +27,15 @@ from graphopt.passes.ir_helpers import STANDARD_DOMAINS as _STANDARD_DOMAINS
 from graphopt.passes.ir_helpers import all_nodes
 from graphopt.spec import PassSpec, Step, format_text, parse_text
 
-__all__ = ["Backend", "LoweringError", "SETTINGS_FORMAT", "load_session", "load_settings", "session_from_settings",
-           "settings_path"]
+__all__ = [
+    "Backend",
+    "LoweringError",
+    "SETTINGS_FORMAT",
+    "load_session",
+    "load_settings",
+    "session_from_settings",
+    "settings_path",
+]
 
 logger = logging.getLogger("graphopt.backends")
 
@@ -126,8 +133,10 @@ class Backend:
         if mode in self.unsupported_quantize:
             raise PipelineError(self.unsupported_quantize[mode])
         if self.supported_quantize is not None and mode not in self.supported_quantize:
-            raise PipelineError(f"{self.name}: quantize={mode} is not supported; use quantize="
-                                + " or ".join(self.supported_quantize))
+            raise PipelineError(
+                f"{self.name}: quantize={mode} is not supported; use quantize="
+                + " or ".join(self.supported_quantize)
+            )
         opts = dict(options)
         if mode == "static" and self.qdq_placement is not None:
             opts.setdefault("placement", self.qdq_placement)
@@ -187,8 +196,9 @@ class Backend:
             )
 
     # --- running -------------------------------------------------------------------------------
-    def provider_options(self, model: ir.Model | None = None,
-                         model_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    def provider_options(
+        self, model: ir.Model | None = None, model_path: str | os.PathLike | None = None
+    ) -> list[dict[str, Any]]:
         return [{} for _ in self.providers]
 
     def session_options(self, model: ir.Model | None = None) -> dict[str, Any]:
@@ -227,7 +237,9 @@ class Backend:
                 found[key] = found.get(key, 0) + 1
         notes = []
         for (domain, op), n in sorted(found.items()):
-            notes.append(f"{domain + '::' if domain else ''}{op} ×{n} runs on the CPU: {self.fallback_ops[(domain, op)]}")
+            notes.append(
+                f"{domain + '::' if domain else ''}{op} ×{n} runs on the CPU: {self.fallback_ops[(domain, op)]}"
+            )
         for line in notes:
             logger.warning("target %s: %s", self.name, line)
         return notes
@@ -261,8 +273,11 @@ def io_description(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
         if v.shape is not None:
             for d in v.shape:
                 dims.append(d if isinstance(d, int) else (d.value if d.value is not None else None))
-        return {"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None,
-                "shape": dims if v.shape is not None else None}
+        return {
+            "name": v.name,
+            "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+            "shape": dims if v.shape is not None else None,
+        }
 
     inputs = [v for v in model.graph.inputs if not v.is_initializer()]
     return {"inputs": [describe(v) for v in inputs], "outputs": [describe(v) for v in model.graph.outputs]}
@@ -284,15 +299,18 @@ def _session_options(settings: dict[str, Any]) -> Any:
                 value = getattr(enums[key], value)
             except AttributeError:
                 choices = [n for n in dir(enums[key]) if n.isupper()]
-                raise GraphoptError(f"settings: session option {key}={value!r} is not one of {choices}") from None
+                raise GraphoptError(
+                    f"settings: session option {key}={value!r} is not one of {choices}"
+                ) from None
         setattr(so, key, value)
     for key, value in (settings.get("session_config") or {}).items():
         so.add_session_config_entry(str(key), str(value))
     return so
 
 
-def session_from_settings(model: bytes | str | os.PathLike, settings: dict[str, Any], *,
-                          base_dir: str | os.PathLike | None = None) -> Any:
+def session_from_settings(
+    model: bytes | str | os.PathLike, settings: dict[str, Any], *, base_dir: str | os.PathLike | None = None
+) -> Any:
     """An InferenceSession for ``model`` (bytes or path) configured by a settings document.
 
     Providers this onnxruntime build lacks are dropped with a logged warning; when none is left,
@@ -308,7 +326,7 @@ def session_from_settings(model: bytes | str | os.PathLike, settings: dict[str, 
         )
     wanted = [(str(p), dict(o or {})) for p, o in settings.get("providers") or []]
     if not wanted:
-        raise GraphoptError("settings: no providers listed; add e.g. [\"CPUExecutionProvider\", {}]")
+        raise GraphoptError('settings: no providers listed; add e.g. ["CPUExecutionProvider", {}]')
     available = set(ort.get_available_providers())
     missing = [p for p, _ in wanted if p not in available]
     providers = [(p, _resolve_paths(o, base_dir)) for p, o in wanted if p in available]
@@ -319,7 +337,10 @@ def session_from_settings(model: bytes | str | os.PathLike, settings: dict[str, 
         logger.warning(
             "target %s: %s not available in this onnxruntime build (available: %s); running on %s. "
             "Install the matching onnxruntime package (onnxruntime-gpu for CUDA/TensorRT) for the target's speed",
-            target, ", ".join(missing), ", ".join(sorted(available)), ", ".join(p for p, _ in providers),
+            target,
+            ", ".join(missing),
+            ", ".join(sorted(available)),
+            ", ".join(p for p, _ in providers),
         )
     so = _session_options(settings)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
@@ -345,8 +366,10 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise GraphoptError(f"{path}: settings file not found; save the model with graphopt.save "
-                            "after graphopt.optimize(target=...)") from None
+        raise GraphoptError(
+            f"{path}: settings file not found; save the model with graphopt.save "
+            "after graphopt.optimize(target=...)"
+        ) from None
     except ValueError as e:
         raise GraphoptError(f"{path}: settings file is not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -354,7 +377,9 @@ def load_settings(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_session(model_path: str | os.PathLike, settings: str | os.PathLike | dict[str, Any] | None = None) -> Any:
+def load_session(
+    model_path: str | os.PathLike, settings: str | os.PathLike | dict[str, Any] | None = None
+) -> Any:
     """Deploy: an InferenceSession for a saved model, configured by the settings file beside it.
 
     ``settings`` defaults to ``settings_path(model_path)``; a dict is used as is. Missing providers
@@ -364,7 +389,9 @@ def load_session(model_path: str | os.PathLike, settings: str | os.PathLike | di
     if not os.path.exists(model_path):
         raise GraphoptError(f"{model_path}: no such model file; check the path")
     doc = settings if isinstance(settings, dict) else load_settings(settings or settings_path(model_path))
-    folder = os.path.dirname(os.path.abspath(settings if isinstance(settings, (str, os.PathLike)) else model_path))
+    folder = os.path.dirname(
+        os.path.abspath(settings if isinstance(settings, (str, os.PathLike)) else model_path)
+    )
     return session_from_settings(model_path, doc, base_dir=folder)
 
 

@@ -40,6 +40,7 @@ class OrtCpuBackend(Backend):
     def session_options(self, model: ir.Model | None = None) -> dict[str, Any]:
         return {"graph_optimization_level": "ORT_ENABLE_ALL"}
 
-    def provider_options(self, model: ir.Model | None = None,
-                         model_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    def provider_options(
+        self, model: ir.Model | None = None, model_path: str | os.PathLike | None = None
+    ) -> list[dict[str, Any]]:
         return [{}]

@@ -18,19 +18,26 @@ __all__ = ["OrtCudaBackend"]
 logger = logging.getLogger("graphopt.backends.ort_cuda")
 
 
-
 @dataclasses.dataclass
 class OrtCudaOptions:
     device_id: int = dataclasses.field(default=0, metadata={"doc": "CUDA device ordinal"})
     precision: Literal["float16", "bfloat16", "float32"] = dataclasses.field(
-        default="float16", metadata={"doc": "compute precision: float16 (convert-float16), bfloat16, float32"})
+        default="float16", metadata={"doc": "compute precision: float16 (convert-float16), bfloat16, float32"}
+    )
     fp32_io: bool = dataclasses.field(
-        default=True, metadata={"doc": "graph inputs/outputs stay float32 (false: fp16 I/O for fp16 IO binding)"})
+        default=True,
+        metadata={"doc": "graph inputs/outputs stay float32 (false: fp16 I/O for fp16 IO binding)"},
+    )
     cudnn_conv_algo_search: Literal["auto", "EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = dataclasses.field(
-        default="auto", metadata={"doc": "cuDNN algorithm search; auto: EXHAUSTIVE unless a Conv input has "
-                                         "dynamic spatial dims (then HEURISTIC: no new search per shape)"})
+        default="auto",
+        metadata={
+            "doc": "cuDNN algorithm search; auto: EXHAUSTIVE unless a Conv input has "
+            "dynamic spatial dims (then HEURISTIC: no new search per shape)"
+        },
+    )
     enable_cuda_graph: bool = dataclasses.field(
-        default=False, metadata={"doc": "capture a CUDA graph (static shapes and IO binding required)"})
+        default=False, metadata={"doc": "capture a CUDA graph (static shapes and IO binding required)"}
+    )
 
 
 class OrtCudaBackend(Backend):
@@ -58,7 +65,7 @@ class OrtCudaBackend(Backend):
     }
     unsupported_quantize: ClassVar[dict[str, str]] = {
         "dynamic": "ort-cuda: dynamic int8 quantization has no CUDA kernels (DynamicQuantizeLinear runs on the "
-                   "CPU); use quantize=int4 or int8-weight (MatMulNBits), or target tensorrt with quantize=static",
+        "CPU); use quantize=int4 or int8-weight (MatMulNBits), or target tensorrt with quantize=static",
     }
 
     def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
@@ -66,15 +73,19 @@ class OrtCudaBackend(Backend):
         # conversion can take the convolutions (ORT fuses Conv+Relu on CUDA itself).
         steps = super().fusion_passes(level, quantize)
         if self.options.precision != "float32":
-            steps = [PassSpec("fuse-ort", {"exclude": ["fused-conv"]}) if s == PassSpec("fuse-ort") else s
-                     for s in steps]
+            steps = [
+                PassSpec("fuse-ort", {"exclude": ["fused-conv"]}) if s == PassSpec("fuse-ort") else s
+                for s in steps
+            ]
         return steps
 
     def quantize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         opts = super().quantize_options(options)
         if opts.get("mode") == "static":
-            logger.warning("ort-cuda: static Q/DQ runs as float compute between Q/DQ nodes on the CUDA "
-                           "provider (no int8 speed-up); target tensorrt for int8 kernels")
+            logger.warning(
+                "ort-cuda: static Q/DQ runs as float compute between Q/DQ nodes on the CUDA "
+                "provider (no int8 speed-up); target tensorrt for int8 kernels"
+            )
         return opts
 
     def precision_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
@@ -98,8 +109,9 @@ class OrtCudaBackend(Backend):
             opts["keep_io_types"] = False
         return [PassSpec("convert-float16", opts)]
 
-    def provider_options(self, model: ir.Model | None = None,
-                         model_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    def provider_options(
+        self, model: ir.Model | None = None, model_path: str | os.PathLike | None = None
+    ) -> list[dict[str, Any]]:
         search = self.options.cudnn_conv_algo_search
         if search == "auto":
             search = "HEURISTIC" if model is not None and _dynamic_conv_input(model) else "EXHAUSTIVE"
@@ -127,7 +139,7 @@ class OrtCudaBackend(Backend):
                 "inputs": {i["name"]: i["dtype"] for i in io["inputs"]},
                 "outputs": {o["name"]: o["dtype"] for o in io["outputs"]},
                 "hint": "bind inputs/outputs on the device with these dtypes (io section for shapes); "
-                        "enable_cuda_graph needs fixed shapes and bound buffers",
+                "enable_cuda_graph needs fixed shapes and bound buffers",
             },
         }
 
@@ -135,7 +147,11 @@ class OrtCudaBackend(Backend):
 def _dynamic_conv_input(model: ir.Model) -> bool:
     """True when a Conv reads an activation whose spatial dims are not fixed numbers."""
     for node in model.graph:
-        if node.op_type in ("Conv", "FusedConv", "ConvTranspose") and node.inputs and node.inputs[0] is not None:
+        if (
+            node.op_type in ("Conv", "FusedConv", "ConvTranspose")
+            and node.inputs
+            and node.inputs[0] is not None
+        ):
             shape = node.inputs[0].shape
             if shape is None or any(not isinstance(d, int) for d in list(shape)[2:]):
                 return True

@@ -23,30 +23,47 @@ _INTEGER_OPS = "integer-op quantization: TensorRT runs explicit Q/DQ (quantize=s
 class TensorRTOptions:
     device_id: int = dataclasses.field(default=0, metadata={"doc": "CUDA device ordinal"})
     fp16: bool = dataclasses.field(
-        default=True, metadata={"doc": "let TensorRT choose fp16 kernels (trt_fp16_enable); the graph stays fp32"})
+        default=True,
+        metadata={"doc": "let TensorRT choose fp16 kernels (trt_fp16_enable); the graph stays fp32"},
+    )
     int8: bool | None = dataclasses.field(
-        default=None, metadata={"doc": "trt_int8_enable; default: on when the model has Q/DQ nodes"})
+        default=None, metadata={"doc": "trt_int8_enable; default: on when the model has Q/DQ nodes"}
+    )
     fp16_graph: bool = dataclasses.field(
-        default=False, metadata={"doc": "also convert the graph to fp16 (convert-float16, fp32 I/O), e.g. for "
-                                        "strongly typed TensorRT networks; default: builder flag only"})
+        default=False,
+        metadata={
+            "doc": "also convert the graph to fp16 (convert-float16, fp32 I/O), e.g. for "
+            "strongly typed TensorRT networks; default: builder flag only"
+        },
+    )
     fp8: bool = dataclasses.field(
-        default=False, metadata={"doc": "FP8 Q/DQ (not available: graphopt's quantize-static emits int8)"})
+        default=False, metadata={"doc": "FP8 Q/DQ (not available: graphopt's quantize-static emits int8)"}
+    )
     sparsity: bool | None = dataclasses.field(
-        default=None, metadata={"doc": "trt_sparsity_enable; default: on when weights are 2:4 sparse"})
+        default=None, metadata={"doc": "trt_sparsity_enable; default: on when weights are 2:4 sparse"}
+    )
     batch: list[int] = dataclasses.field(
-        default_factory=lambda: [1, 1, 8], metadata={"doc": "min, opt, max of dynamic batch (first) dims"})
+        default_factory=lambda: [1, 1, 8], metadata={"doc": "min, opt, max of dynamic batch (first) dims"}
+    )
     sequence: list[int] = dataclasses.field(
-        default_factory=lambda: [1, 128, 512], metadata={"doc": "min, opt, max of other dynamic dims"})
+        default_factory=lambda: [1, 128, 512], metadata={"doc": "min, opt, max of other dynamic dims"}
+    )
     dims: dict[str, list[int]] = dataclasses.field(
-        default_factory=dict, metadata={"doc": "min, opt, max per symbolic dim name (wins over batch/sequence)"})
+        default_factory=dict,
+        metadata={"doc": "min, opt, max per symbolic dim name (wins over batch/sequence)"},
+    )
     engine_cache: bool = dataclasses.field(default=True, metadata={"doc": "cache built engines on disk"})
     timing_cache: bool = dataclasses.field(default=True, metadata={"doc": "cache kernel timings on disk"})
     cache_dir: str = dataclasses.field(
-        default="", metadata={"doc": "cache folder, relative to the settings file (default: NAME.trt_cache)"})
+        default="", metadata={"doc": "cache folder, relative to the settings file (default: NAME.trt_cache)"}
+    )
     builder_optimization_level: int = dataclasses.field(
-        default=3, metadata={"doc": "TensorRT builder optimization level 0-5 (5: slowest build, best kernels)"})
+        default=3,
+        metadata={"doc": "TensorRT builder optimization level 0-5 (5: slowest build, best kernels)"},
+    )
     max_workspace_size: int = dataclasses.field(
-        default=0, metadata={"doc": "builder workspace bytes (0: TensorRT's default)"})
+        default=0, metadata={"doc": "builder workspace bytes (0: TensorRT's default)"}
+    )
 
 
 class TensorRTBackend(Backend):
@@ -77,11 +94,15 @@ class TensorRTBackend(Backend):
                 "use fp16 (default) or quantize=static (int8)"
             )
         if not isinstance(o.dims, dict):
-            raise PipelineError(f"tensorrt: dims must map symbolic dim names to [min, opt, max], got {o.dims!r}")
+            raise PipelineError(
+                f"tensorrt: dims must map symbolic dim names to [min, opt, max], got {o.dims!r}"
+            )
         for name, triple in [("batch", o.batch), ("sequence", o.sequence), *sorted(o.dims.items())]:
             _check_triple(name, triple)
         if not 0 <= o.builder_optimization_level <= 5:
-            raise PipelineError(f"tensorrt: builder_optimization_level must be 0-5, got {o.builder_optimization_level}")
+            raise PipelineError(
+                f"tensorrt: builder_optimization_level must be 0-5, got {o.builder_optimization_level}"
+            )
         if o.max_workspace_size < 0:
             raise PipelineError("tensorrt: max_workspace_size must be >= 0 bytes")
 
@@ -89,9 +110,11 @@ class TensorRTBackend(Backend):
     supported_quantize: ClassVar[tuple[str, ...] | None] = ("static",)
     unsupported_quantize: ClassVar[dict[str, str]] = {
         mode: f"tensorrt: quantize={mode} is not a TensorRT format ({why}); use quantize=static with calibration data"
-        for mode, why in [("int4", "MatMulNBits is a com.microsoft op"),
-                          ("int8-weight", "MatMulNBits is a com.microsoft op"),
-                          ("dynamic", "integer ops are not explicit Q/DQ")]
+        for mode, why in [
+            ("int4", "MatMulNBits is a com.microsoft op"),
+            ("int8-weight", "MatMulNBits is a com.microsoft op"),
+            ("dynamic", "integer ops are not explicit Q/DQ"),
+        ]
     }
     qdq_placement: ClassVar[str | None] = "tensorrt"
 
@@ -125,10 +148,13 @@ class TensorRTBackend(Backend):
         return problems
 
     # --- settings -----------------------------------------------------------------------------
-    def provider_options(self, model: ir.Model | None = None,
-                         model_path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    def provider_options(
+        self, model: ir.Model | None = None, model_path: str | os.PathLike | None = None
+    ) -> list[dict[str, Any]]:
         o = self.options
-        has_qdq = model is not None and any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
+        has_qdq = model is not None and any(
+            n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph
+        )
         sparse = model is not None and bool(sparse_24_weights(model))
         trt: dict[str, Any] = {
             "device_id": o.device_id,
@@ -140,7 +166,9 @@ class TensorRTBackend(Backend):
         if o.max_workspace_size:
             trt["trt_max_workspace_size"] = o.max_workspace_size
         cache = o.cache_dir or (
-            os.path.splitext(os.path.basename(os.fspath(model_path)))[0] + ".trt_cache" if model_path else "trt_cache"
+            os.path.splitext(os.path.basename(os.fspath(model_path)))[0] + ".trt_cache"
+            if model_path
+            else "trt_cache"
         )
         if o.engine_cache:
             trt["trt_engine_cache_enable"] = True
@@ -153,7 +181,8 @@ class TensorRTBackend(Backend):
             if profile:
                 for which in ("min", "opt", "max"):
                     trt[f"trt_profile_{which}_shapes"] = ",".join(
-                        f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items()
+                        f"{name}:{'x'.join(str(d) for d in shapes[which])}"
+                        for name, shapes in profile.items()
                     )
         cuda = {"device_id": o.device_id, "do_copy_in_default_stream": True}
         return [trt, cuda, {}]
@@ -172,7 +201,7 @@ class TensorRTBackend(Backend):
                 "sparse_weights": sparse_24_weights(model),
                 "explicit_quantization": any(n.op_type == "QuantizeLinear" for n in model.graph),
                 "hint": "the first session builds the engine (minutes for large models) into the cache "
-                        "folder; later sessions with the same model, profile and GPU load it",
+                "folder; later sessions with the same model, profile and GPU load it",
             }
         }
 
@@ -181,16 +210,20 @@ class TensorRTBackend(Backend):
 
 
 def _check_triple(name: str, triple: Any) -> None:
-    if (not isinstance(triple, (list, tuple)) or len(triple) != 3
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in triple)):
+    if (
+        not isinstance(triple, (list, tuple))
+        or len(triple) != 3
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in triple)
+    ):
         raise PipelineError(f"tensorrt: {name} must be [min, opt, max] integers, got {triple!r}")
     lo, opt, hi = triple
     if not 1 <= lo <= opt <= hi:
         raise PipelineError(f"tensorrt: {name} must satisfy 1 <= min <= opt <= max, got {list(triple)}")
 
 
-def optimization_profile(model: ir.Model, *, batch: list[int], sequence: list[int],
-                         dims: dict[str, list[int]]) -> dict[str, dict[str, list[int]]]:
+def optimization_profile(
+    model: ir.Model, *, batch: list[int], sequence: list[int], dims: dict[str, list[int]]
+) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shapes of every graph input with symbolic dims (empty when all are static).
 
     A symbolic dim takes ``dims[name]`` when given, else ``batch`` on axis 0 and ``sequence``
@@ -266,4 +299,3 @@ def _symmetric_int8(node: ir.Node) -> bool:
         return t is not None and not np.asarray(t.numpy()).astype(np.float32).any()
     except Exception:  # unreadable constant: not provably symmetric
         return False
-

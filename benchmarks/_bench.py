@@ -198,8 +198,17 @@ def environment() -> dict[str, Any]:
                 if line.startswith("MemTotal:"):
                     mem = round(int(line.split()[1]) / 1024 / 1024, 1)
     versions = {}
-    for pkg in ("graphopt", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxsim", "torch", "transformers",
-                "numpy"):
+    for pkg in (
+        "graphopt",
+        "onnx",
+        "onnx-ir",
+        "onnxscript",
+        "onnxruntime",
+        "onnxsim",
+        "torch",
+        "transformers",
+        "numpy",
+    ):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -252,6 +261,7 @@ def median(values: Sequence[float]) -> float | None:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; numbers right-aligned."""
+
     def cell(v: Any) -> str:
         return "–" if v is None else str(v)
 
@@ -292,10 +302,15 @@ def ort_session(model: Any, threads: int = 2, spinning: bool = False) -> Any:
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def interleaved_ms(sessions: dict[str, Any], feeds: dict[str, Any], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+def interleaved_ms(
+    sessions: dict[str, Any], feeds: dict[str, Any], rounds: int, warmup: int = 3
+) -> dict[str, list[float]]:
     """Milliseconds per run of each ``{name: session}``, every round running each session once in
     a rotated order (so machine noise hits all alike); feeds restricted to each session's inputs."""
-    own = {n: {k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}} for n, s in sessions.items()}
+    own = {
+        n: {k: v for k, v in feeds.items() if k in {i.name for i in s.get_inputs()}}
+        for n, s in sessions.items()
+    }
     for n, s in sessions.items():
         for _ in range(warmup):
             s.run(None, own[n])

@@ -127,8 +127,14 @@ def work(tool: str, model_dir: Path, out_dir: Path, check: bool) -> dict[str, An
         if tool == "graphopt":
             graphopt.save(out, dst, external_data=True)
         else:
-            onnx.save_model(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="model.onnx.data", size_threshold=1024)
+            onnx.save_model(
+                out,
+                str(dst),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location="model.onnx.data",
+                size_threshold=1024,
+            )
     data: dict[str, Any] = {
         "tool": tool,
         "memory_method": meter.method,
@@ -175,8 +181,10 @@ def _ratio(value: float | None, base: float | None, digits: int = 2) -> str | No
 
 def summarize(runs: list[dict[str, Any]], atol: float) -> dict[str, Any]:
     ok = [r for r in runs if "error" not in r]
-    med = {k: _bench.median([r[k] for r in ok]) for k in
-           ("optimize_s", "load_s", "save_s", "peak_mb", "optimize_extra_mb", "peak_optimize_mb")}
+    med = {
+        k: _bench.median([r[k] for r in ok])
+        for k in ("optimize_s", "load_s", "save_s", "peak_mb", "optimize_extra_mb", "peak_optimize_mb")
+    }
     total = _bench.median([r["load_s"] + r["optimize_s"] + r["save_s"] for r in ok])
     spread = [min(r["optimize_s"] for r in ok), max(r["optimize_s"] for r in ok)] if ok else None
     checked = [r for r in ok if "max_abs_err" in r or "check_error" in r]
@@ -196,48 +204,81 @@ def summarize(runs: list[dict[str, Any]], atol: float) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    header = ["model (export nodes)", "tool", "optimize s (min–max)", "time vs graphopt", "load+opt+save s", "nodes after",
-              "nodes vs graphopt", "peak RSS MB", "peak vs graphopt", "optimize +MB", "max abs err",
-              "matches export"]
+    header = [
+        "model (export nodes)",
+        "tool",
+        "optimize s (min–max)",
+        "time vs graphopt",
+        "load+opt+save s",
+        "nodes after",
+        "nodes vs graphopt",
+        "peak RSS MB",
+        "peak vs graphopt",
+        "optimize +MB",
+        "max abs err",
+        "matches export",
+    ]
     rows = []
     for kind, entry in results["models"].items():
         base = entry["tools"].get("graphopt", {})
         for tool, s in entry["tools"].items():
             if not s.get("runs"):
-                rows.append([LABELS.get(kind, kind), tool, *([None] * 9), "failed: " + "; ".join(s["failed_runs"])[:80]])
+                rows.append(
+                    [
+                        LABELS.get(kind, kind),
+                        tool,
+                        *([None] * 9),
+                        "failed: " + "; ".join(s["failed_runs"])[:80],
+                    ]
+                )
                 continue
             nodes = s["nodes_after"] if isinstance(s["nodes_after"], int) else None
-            rows.append([
-                f"{entry['label']} ({entry['export']['nodes']})",
-                tool,
-                f"{s['median_optimize_s']:.2f} ({s['optimize_s_min_max'][0]:.2f}–{s['optimize_s_min_max'][1]:.2f})",
-                _ratio(s["median_optimize_s"], base.get("median_optimize_s")),
-                f"{s['median_load_optimize_save_s']:.2f}",
-                s["nodes_after"],
-                _ratio(nodes, base.get("nodes_after") if isinstance(base.get("nodes_after"), int) else None),
-                f"{s['median_peak_mb']:.0f}",
-                _ratio(s["median_peak_mb"], base.get("median_peak_mb")),
-                f"{s['median_optimize_extra_mb']:.0f}",
-                "–" if s["max_abs_err"] is None else f"{s['max_abs_err']:.2e}",
-                ("yes" if s["matches"] else "NO") + (f" ({s['check_error']})" if s.get("check_error") else ""),
-            ])
+            rows.append(
+                [
+                    f"{entry['label']} ({entry['export']['nodes']})",
+                    tool,
+                    f"{s['median_optimize_s']:.2f} ({s['optimize_s_min_max'][0]:.2f}–{s['optimize_s_min_max'][1]:.2f})",
+                    _ratio(s["median_optimize_s"], base.get("median_optimize_s")),
+                    f"{s['median_load_optimize_save_s']:.2f}",
+                    s["nodes_after"],
+                    _ratio(
+                        nodes, base.get("nodes_after") if isinstance(base.get("nodes_after"), int) else None
+                    ),
+                    f"{s['median_peak_mb']:.0f}",
+                    _ratio(s["median_peak_mb"], base.get("median_peak_mb")),
+                    f"{s['median_optimize_extra_mb']:.0f}",
+                    "–" if s["max_abs_err"] is None else f"{s['max_abs_err']:.2e}",
+                    ("yes" if s["matches"] else "NO")
+                    + (f" ({s['check_error']})" if s.get("check_error") else ""),
+                ]
+            )
     return _bench.markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="bert,gpt2", help="comma-separated: bert, gpt2 (default: both)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per tool, interleaved (default 3, median taken)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs per tool, interleaved (default 3, median taken)"
+    )
     p.add_argument("--quick", action="store_true", help="small 4-layer, 256-wide models for a fast check")
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     p.add_argument("--atol", type=float, default=1e-4, help="max abs error that still counts as a match")
     p.add_argument("--re-export", action="store_true", help="export again even if the cache has the model")
     p.add_argument("--keep", action="store_true", help="keep the optimized models in results/tmp/cleanup/out")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker run")
-    p.add_argument("--out", type=Path, default=_bench.RESULTS,
-                   help="folder for cleanup.json / cleanup.md (cleanup_quick.* with --quick)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="only rebuild the summary and Markdown table from an earlier results JSON")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=_bench.RESULTS,
+        help="folder for cleanup.json / cleanup.md (cleanup_quick.* with --quick)",
+    )
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="only rebuild the summary and Markdown table from an earlier results JSON",
+    )
     # Internal: the per-run workers.
     p.add_argument("--prepare", nargs=3, metavar=("KIND", "SIZE", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=3, metavar=("TOOL", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
@@ -248,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         results = json.loads(args.render.read_text())
         for entry in results["models"].values():
-            entry["tools"] = {t: summarize(runs, results["settings"]["atol"]) for t, runs in entry["runs"].items()}
-        return _report(results, args.render.parent, "cleanup_quick" if results["settings"]["quick"] else "cleanup")
+            entry["tools"] = {
+                t: summarize(runs, results["settings"]["atol"]) for t, runs in entry["runs"].items()
+            }
+        return _report(
+            results, args.render.parent, "cleanup_quick" if results["settings"]["quick"] else "cleanup"
+        )
     if args.prepare:
         kind, size, folder = args.prepare
         _bench.write_json(args.result_file, prepare(kind, size, Path(folder)))
@@ -263,16 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     bad = [m for m in models if m not in MODELS] + [t for t in tools if t not in TOOLS]
     if bad or args.repeats < 1:
-        p.error(f"unknown models/tools {bad}; models: {','.join(MODELS)}; tools: {','.join(TOOLS)}; repeats >= 1")
+        p.error(
+            f"unknown models/tools {bad}; models: {','.join(MODELS)}; tools: {','.join(TOOLS)}; repeats >= 1"
+        )
     size = "mini" if args.quick else "base"
     cache = _bench.TMP / "cleanup"
     scratch = cache / "out"
     results: dict[str, Any] = {
         "benchmark": "cleanup",
-        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_cleanup.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.executable).name, "benchmarks/bench_cleanup.py", *(argv or sys.argv[1:])]
+        ),
         "environment": _bench.environment(),
-        "settings": {"repeats": args.repeats, "quick": args.quick, "atol": args.atol, "tools": tools,
-                     "check_inputs": {"batch": CHECK_BATCH, "sequence": CHECK_SEQ}},
+        "settings": {
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "atol": args.atol,
+            "tools": tools,
+            "check_inputs": {"batch": CHECK_BATCH, "sequence": CHECK_SEQ},
+        },
         "models": {},
     }
     for kind in models:
@@ -280,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         meta_file = folder / "meta.json"
         if args.re_export or not meta_file.exists():
             print(f"exporting {kind} ({size}) with graphopt.export ...", flush=True)
-            r = _bench.run_worker(SCRIPT, ["--prepare", kind, size, str(folder)], cache / "prepare.json", args.timeout)
+            r = _bench.run_worker(
+                SCRIPT, ["--prepare", kind, size, str(folder)], cache / "prepare.json", args.timeout
+            )
             if not r.ok:
                 print(f"export of {kind} failed: {r.error}", file=sys.stderr)
                 return 1
@@ -289,17 +345,36 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][kind] = {"label": label, "export": meta, "tools": {t: [] for t in tools}}
 
     for rep in range(args.repeats):
-        order = tools[rep % len(tools):] + tools[:rep % len(tools)]
+        order = tools[rep % len(tools) :] + tools[: rep % len(tools)]
         for kind in models:
             for tool in order:
                 folder = cache / f"{kind}-{size}"
-                r = _bench.run_worker(SCRIPT, ["--worker", tool, str(folder), str(scratch / f"{kind}-{tool}"),
-                                               *(["--check"] if rep == 0 else [])],
-                                      scratch / "result.json", args.timeout)
-                run = {**r.data, "rep": rep, "process_wall_s": r.wall_s} if r.ok else {"rep": rep, "error": r.error}
+                r = _bench.run_worker(
+                    SCRIPT,
+                    [
+                        "--worker",
+                        tool,
+                        str(folder),
+                        str(scratch / f"{kind}-{tool}"),
+                        *(["--check"] if rep == 0 else []),
+                    ],
+                    scratch / "result.json",
+                    args.timeout,
+                )
+                run = (
+                    {**r.data, "rep": rep, "process_wall_s": r.wall_s}
+                    if r.ok
+                    else {"rep": rep, "error": r.error}
+                )
                 results["models"][kind]["tools"][tool].append(run)
-                shown = (f"optimize {run['optimize_s']:.2f}s, peak {run['peak_mb']:.0f} MB, "
-                         f"{run['nodes_after']} nodes") if r.ok else run["error"]
+                shown = (
+                    (
+                        f"optimize {run['optimize_s']:.2f}s, peak {run['peak_mb']:.0f} MB, "
+                        f"{run['nodes_after']} nodes"
+                    )
+                    if r.ok
+                    else run["error"]
+                )
                 print(f"[{rep + 1}/{args.repeats}] {kind:5} {tool:10} {shown}", flush=True)
 
     if not args.keep:

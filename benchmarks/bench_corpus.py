@@ -104,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tool in tools:
         c = counts[tool]
-        rows.append([tool, runnable, c["ok"], c["crash"], c["broken"], c["mismatch"], round(seconds[tool], 1)])
-    table = markdown_table(["tool", "cases ORT runs", "same outputs", "crashed", "broken model",
-                            "wrong outputs", "tool time s"], rows)
+        rows.append(
+            [tool, runnable, c["ok"], c["crash"], c["broken"], c["mismatch"], round(seconds[tool], 1)]
+        )
+    table = markdown_table(
+        ["tool", "cases ORT runs", "same outputs", "crashed", "broken model", "wrong outputs", "tool time s"],
+        rows,
+    )
     lines = [table, ""]
     for tool in tools:
         for f in failures[tool]:
@@ -114,16 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "corpus.json", {
-        "benchmark": "corpus",
-        "command": "python benchmarks/bench_corpus.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": environment(),
-        "cases_total": len(cases),
-        "cases_ort_runs": runnable,
-        "counts": {t: dict(counts[t]) for t in tools},
-        "tool_seconds": seconds,
-        "failures": failures,
-    })
+    write_json(
+        RESULTS / "corpus.json",
+        {
+            "benchmark": "corpus",
+            "command": "python benchmarks/bench_corpus.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            "environment": environment(),
+            "cases_total": len(cases),
+            "cases_ort_runs": runnable,
+            "counts": {t: dict(counts[t]) for t in tools},
+            "tool_seconds": seconds,
+            "failures": failures,
+        },
+    )
     (RESULTS / "corpus.md").write_text(text + "\n")
     return 0
 

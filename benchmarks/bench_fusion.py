@@ -45,14 +45,25 @@ import _bench
 
 SCRIPT = Path(__file__).resolve()
 MODELS = ("bert", "gpt2", "llama", "vit", "resnet")
-LABELS = {"bert": "BERT-base", "gpt2": "GPT-2 small", "llama": "Llama-8L (GQA)", "vit": "ViT-base/16",
-          "resnet": "ResNet-50"}
+LABELS = {
+    "bert": "BERT-base",
+    "gpt2": "GPT-2 small",
+    "llama": "Llama-8L (GQA)",
+    "vit": "ViT-base/16",
+    "resnet": "ResNet-50",
+}
 TOOLS = ("original", "graphopt", "ort", "onnxscript")
 ANCHORS = ("ort", "onnxscript")
 #: ONNX Runtime transformers optimizer model types tried per model. It has no "llama" type; its
 #: decoder types are "gpt2" (Gpt2OnnxModel, with the rotary-attention fusion) and "qwen3" (the same
 #: class with Llama-like options). There is no CNN type: "bert" runs the generic fusions.
-ORT_MODEL_TYPES = {"bert": ("bert",), "gpt2": ("gpt2",), "llama": ("gpt2",), "vit": ("vit",), "resnet": ("bert",)}
+ORT_MODEL_TYPES = {
+    "bert": ("bert",),
+    "gpt2": ("gpt2",),
+    "llama": ("gpt2",),
+    "vit": ("vit",),
+    "resnet": ("bert",),
+}
 #: Tried too with ``--all-ort-types``; left out by default because they never win (onnxruntime 1.32):
 #: "qwen3" writes byte-identical files to "gpt2" on the Llama export, and "unet" turns every Conv
 #: into NhwcConv, which the CPU execution provider cannot run.
@@ -67,8 +78,13 @@ CONTROL = "graphopt#2"
 SCREEN_INTERLEAVE_BYTES = 3 << 30
 #: Op types per fused-op group (matched by op type in any domain).
 GROUPS: dict[str, tuple[str, ...]] = {
-    "attention": ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                  "PackedMultiHeadAttention"),
+    "attention": (
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "PackedAttention",
+        "PackedMultiHeadAttention",
+    ),
     # Sum: graphopt's ort-cpu output lowers each skip-norm to Sum + the plain norm (faster on CPU).
     "skip_norm": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "Sum"),
     "norm": ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"),
@@ -81,9 +97,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 #: Groups where more is better (a fusion happened); graphopt below an anchor there is "behind".
 MORE_IS_BETTER = ("attention", "skip_norm", "embed_norm", "activation", "rotary", "fused_conv")
-SHORT = {"attention": "attn", "skip_norm": "skip norm", "norm": "norm", "embed_norm": "embed LN",
-         "activation": "act", "rotary": "rotary", "fused_conv": "FusedConv", "conv": "Conv",
-         "batchnorm": "BN"}
+SHORT = {
+    "attention": "attn",
+    "skip_norm": "skip norm",
+    "norm": "norm",
+    "embed_norm": "embed LN",
+    "activation": "act",
+    "rotary": "rotary",
+    "fused_conv": "FusedConv",
+    "conv": "Conv",
+    "batchnorm": "BN",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,15 +227,23 @@ def optimize_one(variant: dict[str, Any], model_dir: Path, out_dir: Path) -> dic
             if tool == "graphopt":
                 result = graphopt.optimize(str(src), "ort-cpu")
                 out: Any = result.model
-                data["fusion_stats"] = {p.name: p.stats for p in result.report.passes
-                                        if p.name.startswith("fuse") and any(p.stats.values())}
+                data["fusion_stats"] = {
+                    p.name: p.stats
+                    for p in result.report.passes
+                    if p.name.startswith("fuse") and any(p.stats.values())
+                }
                 data["pipeline"] = result.report.pipeline
             elif tool == "onnxscript":
                 out, counts = optimize_for_ort(onnx_ir.load(str(src)))
                 data["fusion_stats"] = {k: v for k, v in counts.items() if v}
             else:
-                out = optimize_model(str(src), model_type=variant["model_type"], num_heads=variant["num_heads"],
-                                     hidden_size=variant["hidden_size"], opt_level=variant["opt_level"])
+                out = optimize_model(
+                    str(src),
+                    model_type=variant["model_type"],
+                    num_heads=variant["num_heads"],
+                    hidden_size=variant["hidden_size"],
+                    opt_level=variant["opt_level"],
+                )
                 stats = out.get_fused_operator_statistics()
                 data["fusion_stats"] = {k: v for k, v in stats.items() if v}
         with meter.phase("save"):
@@ -224,12 +256,14 @@ def optimize_one(variant: dict[str, Any], model_dir: Path, out_dir: Path) -> dic
     except Exception as e:  # an anchor that crashes is a result, not a benchmark failure
         data["crash"] = _one_line(e)
         return data
-    data.update({
-        "optimize_s": meter.wall["optimize"],
-        "save_s": meter.wall["save"],
-        "peak_mb": meter.overall / _bench.MB,
-        "optimize_extra_mb": (meter.peaks["optimize"] - meter.start["optimize"]) / _bench.MB,
-    })
+    data.update(
+        {
+            "optimize_s": meter.wall["optimize"],
+            "save_s": meter.wall["save"],
+            "peak_mb": meter.overall / _bench.MB,
+            "optimize_extra_mb": (meter.peaks["optimize"] - meter.start["optimize"]) / _bench.MB,
+        }
+    )
     del out
     data["ops"] = op_histogram(dst)
     data["counts"] = group_counts(data["ops"])
@@ -293,9 +327,11 @@ def _compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
             continue
         a, b = r.astype(np.float64).ravel(), g.astype(np.float64).ravel()
         denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-        per[name] = {"max_abs": float(np.max(np.abs(a - b))) if a.size else 0.0,
-                     "ref_max_abs": float(np.max(np.abs(a))) if a.size else 0.0,
-                     "cosine": float(a @ b / denom) if denom else (1.0 if not (a.any() or b.any()) else 0.0)}
+        per[name] = {
+            "max_abs": float(np.max(np.abs(a - b))) if a.size else 0.0,
+            "ref_max_abs": float(np.max(np.abs(a))) if a.size else 0.0,
+            "cosine": float(a @ b / denom) if denom else (1.0 if not (a.any() or b.any()) else 0.0),
+        }
     ok = [v for v in per.values() if "error" not in v]
     return {
         "compared": len(per),
@@ -319,8 +355,9 @@ def _fidelity(ref: dict[str, dict[str, Any]], runner: _Runner) -> dict[str, Any]
     }
 
 
-def latency(model_dir: Path, files: dict[str, str], rounds: int, interleave: bool = True,
-            spinning: bool = False) -> dict[str, Any]:
+def latency(
+    model_dir: Path, files: dict[str, str], rounds: int, interleave: bool = True, spinning: bool = False
+) -> dict[str, Any]:
     """Time ``files`` ({name: path}); the first is the export, whose outputs are the reference.
 
     Interleaved: all sessions open together, ``WARMUP`` runs each, then ``rounds`` rounds that run
@@ -336,7 +373,9 @@ def latency(model_dir: Path, files: dict[str, str], rounds: int, interleave: boo
     ref: dict[str, dict[str, Any]] | None = None
 
     def record(name: str, times: list[float]) -> None:
-        out[name].update(median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)), runs=times)
+        out[name].update(
+            median_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)), runs=times
+        )
 
     runners: dict[str, _Runner] = {}
     for name, path in files.items():
@@ -383,9 +422,19 @@ def ort_variants(kind: str, meta: dict[str, Any], all_types: bool = False) -> li
     heads = [("auto", 0, 0)]
     if meta.get("heads"):
         heads.insert(0, ("config", meta["heads"], meta["hidden"]))
-    return [{"tool": "ort", "name": f"ort:{mt}/o{lvl}/{h}", "model_type": mt, "num_heads": nh, "hidden_size": hs,
-             "opt_level": lvl}
-            for mt in types for h, nh, hs in heads for lvl in ORT_OPT_LEVELS]
+    return [
+        {
+            "tool": "ort",
+            "name": f"ort:{mt}/o{lvl}/{h}",
+            "model_type": mt,
+            "num_heads": nh,
+            "hidden_size": hs,
+            "opt_level": lvl,
+        }
+        for mt in types
+        for h, nh, hs in heads
+        for lvl in ORT_OPT_LEVELS
+    ]
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str | None:
@@ -401,16 +450,25 @@ def run_model(kind: str, size: str, folder: Path, args: argparse.Namespace) -> d
     meta = json.loads((folder / "meta.json").read_text())
     out_root = folder / "out"
     scratch = _bench.TMP / "fusion"
-    variants = [{"tool": "graphopt", "name": "graphopt"}, {"tool": "onnxscript", "name": "onnxscript"},
-                *ort_variants(kind, meta, args.all_ort_types)]
+    variants = [
+        {"tool": "graphopt", "name": "graphopt"},
+        {"tool": "onnxscript", "name": "onnxscript"},
+        *ort_variants(kind, meta, args.all_ort_types),
+    ]
     optimized: dict[str, Any] = {}
     for v in variants:
-        r = _bench.run_worker(SCRIPT, ["--optimize", json.dumps(v), str(folder), str(out_root / _slug(v["name"]))],
-                              scratch / "result.json", args.timeout)
+        r = _bench.run_worker(
+            SCRIPT,
+            ["--optimize", json.dumps(v), str(folder), str(out_root / _slug(v["name"]))],
+            scratch / "result.json",
+            args.timeout,
+        )
         res = {**r.data, "process_wall_s": r.wall_s} if r.ok else {"variant": v, "crash": r.error}
         optimized[v["name"]] = res
-        shown = res.get("crash") or (f"{res['optimize_s']:.2f}s, peak {res['peak_mb']:.0f} MB, "
-                                     f"{res['counts']['nodes']} nodes, {res.get('fusion_stats')}")
+        shown = res.get("crash") or (
+            f"{res['optimize_s']:.2f}s, peak {res['peak_mb']:.0f} MB, "
+            f"{res['counts']['nodes']} nodes, {res.get('fusion_stats')}"
+        )
         print(f"  {kind:6} {v['name']:22} {shown}", flush=True)
 
     # Identical files are timed once (e.g. heads from the config and auto-detected often agree).
@@ -423,28 +481,51 @@ def run_model(kind: str, size: str, folder: Path, args: argparse.Namespace) -> d
                 seen[res["digest"]] = name
     path = {n: str(out_root / _slug(n) / "model.onnx") for n in optimized}
     path["original"] = str(folder / "model.onnx")
-    ort_names = [n for n, r in optimized.items()
-                 if r["variant"]["tool"] == "ort" and "digest" in r and "same_file_as" not in r]
+    ort_names = [
+        n
+        for n, r in optimized.items()
+        if r["variant"]["tool"] == "ort" and "digest" in r and "same_file_as" not in r
+    ]
 
     screened: dict[str, Any] = {}
     screen_mode = None
     if ort_names:
-        total = sum(f.stat().st_size for n in ["original", *ort_names] for f in Path(path[n]).parent.iterdir())
-        screen_mode = "interleaved" if total <= SCREEN_INTERLEAVE_BYTES and not args.spinning else "sequential"
-        flags = ["--rounds", str(SCREEN_RUNS), *(["--sequential"] if screen_mode == "sequential" else []),
-                 *(["--spinning"] if args.spinning else [])]
-        r = _bench.run_worker(SCRIPT, ["--latency", str(folder), json.dumps({"original": path["original"],
-                              **{n: path[n] for n in ort_names}}), *flags], scratch / "result.json", args.timeout)
+        total = sum(
+            f.stat().st_size for n in ["original", *ort_names] for f in Path(path[n]).parent.iterdir()
+        )
+        screen_mode = (
+            "interleaved" if total <= SCREEN_INTERLEAVE_BYTES and not args.spinning else "sequential"
+        )
+        flags = [
+            "--rounds",
+            str(SCREEN_RUNS),
+            *(["--sequential"] if screen_mode == "sequential" else []),
+            *(["--spinning"] if args.spinning else []),
+        ]
+        r = _bench.run_worker(
+            SCRIPT,
+            [
+                "--latency",
+                str(folder),
+                json.dumps({"original": path["original"], **{n: path[n] for n in ort_names}}),
+                *flags,
+            ],
+            scratch / "result.json",
+            args.timeout,
+        )
         screened = r.data if r.ok else {n: {"error": r.error} for n in ort_names}
     for n in ort_names:
         if n in screened:
             optimized[n]["screen"] = screened[n]
-    ranked = sorted((n for n in ort_names if "median_ms" in screened.get(n, {})),
-                    key=lambda n: screened[n]["median_ms"])
+    ranked = sorted(
+        (n for n in ort_names if "median_ms" in screened.get(n, {})), key=lambda n: screened[n]["median_ms"]
+    )
     finalists = ranked[:FINALISTS]
     for n in ort_names:
         if n not in ranked:
-            optimized[n].setdefault("crash", "ONNX Runtime could not run it: " + screened.get(n, {}).get("error", "?"))
+            optimized[n].setdefault(
+                "crash", "ONNX Runtime could not run it: " + screened.get(n, {}).get("error", "?")
+            )
     timed = {"original": path["original"]}
     timed.update({n: path[n] for n in ("graphopt", "onnxscript") if "digest" in optimized[n]})
     if "graphopt" in timed and not args.spinning:
@@ -453,8 +534,12 @@ def run_model(kind: str, size: str, folder: Path, args: argparse.Namespace) -> d
         timed[CONTROL] = timed["graphopt"]
     timed.update({n: path[n] for n in finalists})
     flags = ["--sequential", "--spinning"] if args.spinning else []
-    r = _bench.run_worker(SCRIPT, ["--latency", str(folder), json.dumps(timed), "--rounds", str(args.runs), *flags],
-                          scratch / "result.json", args.timeout)
+    r = _bench.run_worker(
+        SCRIPT,
+        ["--latency", str(folder), json.dumps(timed), "--rounds", str(args.runs), *flags],
+        scratch / "result.json",
+        args.timeout,
+    )
     final = r.data if r.ok else {"error": r.error}
     if not r.ok:
         print(f"  {kind}: latency run failed: {r.error}", file=sys.stderr)
@@ -466,7 +551,11 @@ def run_model(kind: str, size: str, folder: Path, args: argparse.Namespace) -> d
     chosen = min(done, key=lambda n: final[n]["median_ms"]) if done else None
     tools: dict[str, Any] = {}
     orig_hist = op_histogram(Path(path["original"]))
-    tools["original"] = {"counts": group_counts(orig_hist), "ops": orig_hist, "latency": final.get("original")}
+    tools["original"] = {
+        "counts": group_counts(orig_hist),
+        "ops": orig_hist,
+        "latency": final.get("original"),
+    }
     for name in ("graphopt", "onnxscript"):
         tools[name] = {**optimized[name], "latency": final.get(name)}
     tools["graphopt"]["control_latency"] = final.get(CONTROL)
@@ -484,8 +573,11 @@ def run_model(kind: str, size: str, folder: Path, args: argparse.Namespace) -> d
         "ort_finalists": {n: final.get(n) for n in finalists},
         "ort_chosen": chosen,
         "latency_error": final.get("error"),
-        "load_average": {f"{stage}_{when}": d.get(f"_load_average_{when}") for stage, d in
-                         (("screen", screened), ("final", final)) for when in ("before", "after")},
+        "load_average": {
+            f"{stage}_{when}": d.get(f"_load_average_{when}")
+            for stage, d in (("screen", screened), ("final", final))
+            for when in ("before", "after")
+        },
     }
 
 
@@ -530,14 +622,23 @@ def summarize(entry: dict[str, Any]) -> None:
             if g["counts"]["nodes"] > a["counts"]["nodes"]:
                 behind_counts.append(f"nodes vs {anchor}")
     best = min(anchors, key=lambda a: anchors[a]["latency"]["median_ms"]) if anchors else None
-    verdict: dict[str, Any] = {"counts_behind": behind_counts, "best_anchor": best,
-                               "graphopt_over_best_anchor": None, "latency_behind": None}
+    verdict: dict[str, Any] = {
+        "counts_behind": behind_counts,
+        "best_anchor": best,
+        "graphopt_over_best_anchor": None,
+        "latency_behind": None,
+    }
     if best and _runs_ok(g):
         g_lat, a_lat = g["latency"], anchors[best]["latency"]
         ratio = g_lat["median_ms"] / a_lat["median_ms"]
         paired, lo, hi = paired_ratio(g_lat["runs"], a_lat["runs"])
-        verdict.update(graphopt_over_best_anchor=ratio, latency_behind=ratio > 1.0, paired_ratio=paired,
-                       paired_ratio_90ci=[lo, hi], within_noise=lo <= 1.0 <= hi)
+        verdict.update(
+            graphopt_over_best_anchor=ratio,
+            latency_behind=ratio > 1.0,
+            paired_ratio=paired,
+            paired_ratio_90ci=[lo, hi],
+            within_noise=lo <= 1.0 <= hi,
+        )
         control = g.get("control_latency") or {}
         if "median_ms" in control:
             verdict["same_file_second_session"] = control["median_ms"] / g_lat["median_ms"]
@@ -554,24 +655,48 @@ def _tool_label(entry: dict[str, Any], tool: str) -> str:
 
 def counts_table(results: dict[str, Any]) -> str:
     groups = list(GROUPS)
-    header = ["model", "layers", "tool", *[SHORT[g] for g in groups], "nodes", "optimize s", "peak MB",
-              "graphopt behind on"]
+    header = [
+        "model",
+        "layers",
+        "tool",
+        *[SHORT[g] for g in groups],
+        "nodes",
+        "optimize s",
+        "peak MB",
+        "graphopt behind on",
+    ]
     rows = []
     for entry in results["models"].values():
         for tool in TOOLS:
             t = entry["tools"].get(tool, {})
             if "counts" not in t:
-                rows.append([entry["label"], entry["export"]["layers"], tool, *[None] * (len(groups) + 3),
-                             "crash: " + t.get("crash", "?")[:100]])
+                rows.append(
+                    [
+                        entry["label"],
+                        entry["export"]["layers"],
+                        tool,
+                        *[None] * (len(groups) + 3),
+                        "crash: " + t.get("crash", "?")[:100],
+                    ]
+                )
                 continue
             note = ""
             if tool == "graphopt":
                 note = ", ".join(entry["verdict"]["counts_behind"]) or "–"
             elif tool != "original" and not _runs_ok(t):
                 note = "(file fails in ONNX Runtime, not compared)"
-            rows.append([entry["label"], entry["export"]["layers"], _tool_label(entry, tool),
-                         *[t["counts"][g] for g in groups], t["counts"]["nodes"],
-                         _fmt(t.get("optimize_s")), _fmt(t.get("peak_mb"), ".0f"), note])
+            rows.append(
+                [
+                    entry["label"],
+                    entry["export"]["layers"],
+                    _tool_label(entry, tool),
+                    *[t["counts"][g] for g in groups],
+                    t["counts"]["nodes"],
+                    _fmt(t.get("optimize_s")),
+                    _fmt(t.get("peak_mb"), ".0f"),
+                    note,
+                ]
+            )
     return _bench.markdown_table(header, rows)
 
 
@@ -579,14 +704,29 @@ def _err_cell(fid: dict[str, Any]) -> str:
     """Max abs error, and relative to the largest |reference| value of the same output."""
     if fid.get("max_abs") is None:
         return "mismatch"
-    rel = max((v["max_abs"] / v["ref_max_abs"] for f in ("latency_feeds", "check_feeds")
-               for v in fid[f]["per_output"].values() if v.get("ref_max_abs")), default=None)
+    rel = max(
+        (
+            v["max_abs"] / v["ref_max_abs"]
+            for f in ("latency_feeds", "check_feeds")
+            for v in fid[f]["per_output"].values()
+            if v.get("ref_max_abs")
+        ),
+        default=None,
+    )
     return f"{fid['max_abs']:.2e}" + (f" ({rel:.0e} rel)" if rel is not None else "")
 
 
 def latency_table(results: dict[str, Any]) -> str:
-    header = ["model", "tool", "median ms", "p90 ms", "vs original", "graphopt / best anchor", "max abs err",
-              "min cosine"]
+    header = [
+        "model",
+        "tool",
+        "median ms",
+        "p90 ms",
+        "vs original",
+        "graphopt / best anchor",
+        "max abs err",
+        "min cosine",
+    ]
     rows = []
     for entry in results["models"].values():
         orig = ((entry["tools"].get("original") or {}).get("latency") or {}).get("median_ms")
@@ -601,17 +741,30 @@ def latency_table(results: dict[str, Any]) -> str:
             cell = None
             if tool == "graphopt" and v["graphopt_over_best_anchor"] is not None:
                 lo, hi = v["paired_ratio_90ci"]
-                cell = (f"{v['graphopt_over_best_anchor']:.2f}× vs {v['best_anchor']}"
-                        + (" **behind**" if v["latency_behind"] else "")
-                        + f" (paired {v['paired_ratio']:.2f}, 90% {lo:.2f}–{hi:.2f}"
-                        + (", within noise" if v["within_noise"] else "")
-                        + (f"; same file, 2nd session: {v['same_file_second_session']:.2f}×)"
-                           if v.get("same_file_second_session") else ")"))
+                cell = (
+                    f"{v['graphopt_over_best_anchor']:.2f}× vs {v['best_anchor']}"
+                    + (" **behind**" if v["latency_behind"] else "")
+                    + f" (paired {v['paired_ratio']:.2f}, 90% {lo:.2f}–{hi:.2f}"
+                    + (", within noise" if v["within_noise"] else "")
+                    + (
+                        f"; same file, 2nd session: {v['same_file_second_session']:.2f}×)"
+                        if v.get("same_file_second_session")
+                        else ")"
+                    )
+                )
             fid = lat.get("fidelity") or {}
-            rows.append([entry["label"], _tool_label(entry, tool), _fmt(lat["median_ms"]), _fmt(lat["p90_ms"]),
-                         _ratio(lat["median_ms"], orig), cell,
-                         "–" if tool == "original" else _err_cell(fid),
-                         "–" if tool == "original" else _fmt(fid.get("min_cosine"), ".6f")])
+            rows.append(
+                [
+                    entry["label"],
+                    _tool_label(entry, tool),
+                    _fmt(lat["median_ms"]),
+                    _fmt(lat["p90_ms"]),
+                    _ratio(lat["median_ms"], orig),
+                    cell,
+                    "–" if tool == "original" else _err_cell(fid),
+                    "–" if tool == "original" else _fmt(fid.get("min_cosine"), ".6f"),
+                ]
+            )
     return _bench.markdown_table(header, rows)
 
 
@@ -619,23 +772,33 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--quick", action="store_true", help="4-layer 'mini' models (writes fusion_quick.*)")
-    p.add_argument("--runs", type=int, default=30, help="interleaved latency rounds (default 30, at least 20)")
-    p.add_argument("--all-ort-types", action="store_true",
-                   help="also try the ORT-optimizer model types that never win (qwen3 for llama, unet for resnet)")
+    p.add_argument(
+        "--runs", type=int, default=30, help="interleaved latency rounds (default 30, at least 20)"
+    )
+    p.add_argument(
+        "--all-ort-types",
+        action="store_true",
+        help="also try the ORT-optimizer model types that never win (qwen3 for llama, unet for resnet)",
+    )
     p.add_argument("--re-export", action="store_true", help="export again even if the cache has the model")
     p.add_argument("--keep", action="store_true", help="keep the optimized files in results/tmp/fusion/*/out")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--out", type=Path, default=_bench.RESULTS, help="folder for fusion.json / fusion.md")
-    p.add_argument("--render", type=Path, metavar="JSON", help="only rebuild the Markdown from an earlier JSON")
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rebuild the Markdown from an earlier JSON"
+    )
     # Internal: the workers.
     p.add_argument("--prepare", nargs=3, metavar=("KIND", "SIZE", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--optimize", nargs=3, metavar=("VARIANT", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     p.add_argument("--latency", nargs=2, metavar=("MODEL_DIR", "FILES"), help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=30, help=argparse.SUPPRESS)
     p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--spinning", action="store_true",
-                   help="keep ONNX Runtime's default spin-waiting intra-op threads (what one session alone gets); "
-                        "files are then timed one session at a time, not interleaved")
+    p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="keep ONNX Runtime's default spin-waiting intra-op threads (what one session alone gets); "
+        "files are then timed one session at a time, not interleaved",
+    )
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -649,15 +812,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.latency:
         model_dir, files = args.latency
-        _bench.write_json(args.result_file, latency(Path(model_dir), json.loads(files), args.rounds, not args.sequential,
-                                                           args.spinning))
+        _bench.write_json(
+            args.result_file,
+            latency(Path(model_dir), json.loads(files), args.rounds, not args.sequential, args.spinning),
+        )
         return 0
     if args.render:
         results = json.loads(args.render.read_text())
         for entry in results["models"].values():
             if "tools" in entry:
                 summarize(entry)
-        return _report(results, args.render.parent, "fusion_quick" if results["settings"]["quick"] else "fusion")
+        return _report(
+            results, args.render.parent, "fusion_quick" if results["settings"]["quick"] else "fusion"
+        )
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
@@ -668,25 +835,39 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "fusion",
-        "command": " ".join([Path(sys.executable).name, "benchmarks/bench_fusion.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.executable).name, "benchmarks/bench_fusion.py", *(argv or sys.argv[1:])]
+        ),
         "environment": _bench.environment(),
-        "settings": {"quick": args.quick, "size": size, "rounds": args.runs, "warmup": WARMUP,
-                     "screen_runs": SCREEN_RUNS, "finalists": FINALISTS, "intra_op_threads": 2,
-                     "inter_op_threads": 1, "graph_optimization_level": "ORT_ENABLE_ALL (default)",
-                     "intra_op_spinning": args.spinning, "interleaved": not args.spinning,
-                     "latency_inputs": {"batch": 1, "sequence": TEXT_SEQ, "image": IMAGE},
-                     "check_inputs": {"batch": CHECK_BATCH, "sequence": CHECK_SEQ, "image": IMAGE},
-                     "ort_model_types": {k: ORT_MODEL_TYPES[k] + (ORT_EXTRA_TYPES.get(k, ()) if args.all_ort_types
-                                                                  else ()) for k in MODELS},
-                     "ort_opt_levels": ORT_OPT_LEVELS},
+        "settings": {
+            "quick": args.quick,
+            "size": size,
+            "rounds": args.runs,
+            "warmup": WARMUP,
+            "screen_runs": SCREEN_RUNS,
+            "finalists": FINALISTS,
+            "intra_op_threads": 2,
+            "inter_op_threads": 1,
+            "graph_optimization_level": "ORT_ENABLE_ALL (default)",
+            "intra_op_spinning": args.spinning,
+            "interleaved": not args.spinning,
+            "latency_inputs": {"batch": 1, "sequence": TEXT_SEQ, "image": IMAGE},
+            "check_inputs": {"batch": CHECK_BATCH, "sequence": CHECK_SEQ, "image": IMAGE},
+            "ort_model_types": {
+                k: ORT_MODEL_TYPES[k] + (ORT_EXTRA_TYPES.get(k, ()) if args.all_ort_types else ())
+                for k in MODELS
+            },
+            "ort_opt_levels": ORT_OPT_LEVELS,
+        },
         "models": {},
     }
     for kind in models:
         folder = cache / f"{kind}-{size}"
         if args.re_export or not (folder / "meta.json").exists():
             print(f"exporting {kind} ({size}) with graphopt.export ...", flush=True)
-            r = _bench.run_worker(SCRIPT, ["--prepare", kind, size, str(folder)], cache / "prepare.json",
-                                  args.timeout)
+            r = _bench.run_worker(
+                SCRIPT, ["--prepare", kind, size, str(folder)], cache / "prepare.json", args.timeout
+            )
             if not r.ok:
                 print(f"export of {kind} failed: {r.error}", file=sys.stderr)
                 results["models"][kind] = {"label": kind, "export_error": r.error}
@@ -706,8 +887,15 @@ def _report(results: dict[str, Any], out: Path, stem: str) -> int:
     env, s = results["environment"], results["settings"]
     ok = {k: v for k, v in results["models"].items() if "export_error" not in v}
     shown = {**results, "models": ok}
-    failed = [f"- {k}: export failed: {v['export_error']}" for k, v in results["models"].items() if k not in ok]
-    loads = [v[0] for e in ok.values() for k, v in (e.get("load_average") or {}).items() if k.startswith("final") and v]
+    failed = [
+        f"- {k}: export failed: {v['export_error']}" for k, v in results["models"].items() if k not in ok
+    ]
+    loads = [
+        v[0]
+        for e in ok.values()
+        for k, v in (e.get("load_average") or {}).items()
+        if k.startswith("final") and v
+    ]
     load = f" 1-min load average around the timed rounds: {min(loads):.1f}–{max(loads):.1f}." if loads else ""
     how = (
         f"Fusion benchmark ({s['size']} models): {env['cpu']}, {env['cores']} cores, onnxruntime "
@@ -715,16 +903,25 @@ def _report(results: dict[str, Any], out: Path, stem: str) -> int:
         f"Latency: ONNX Runtime CPU, default graph optimizations (ORT_ENABLE_ALL), {s['intra_op_threads']} intra-op "
         f"/ {s['inter_op_threads']} inter-op threads, batch 1, sequence {s['latency_inputs']['sequence']} or "
         f"{s['latency_inputs']['image']}×{s['latency_inputs']['image']} images, {s['warmup']} warm-up runs, then "
-        + (f"{s['rounds']} interleaved rounds (rotated order; intra-op spinning off, else the idle sessions' "
-           "spinning threads take the cores)" if s.get("interleaved", True) else
-           f"{s['rounds']} runs per file, one session at a time (default intra-op spinning)")
+        + (
+            f"{s['rounds']} interleaved rounds (rotated order; intra-op spinning off, else the idle sessions' "
+            "spinning threads take the cores)"
+            if s.get("interleaved", True)
+            else f"{s['rounds']} runs per file, one session at a time (default intra-op spinning)"
+        )
         + "; median and p90; the ORT-optimizer anchor is the fastest "
         f"of its variants (model type × heads config/auto × opt_level 0/1/2/99; all in the JSON); errors are "
         f"against the unoptimized export on the latency input and on a padded batch-{s['check_inputs']['batch']} "
         f"input.{load} Whole run: {results.get('wall_s', 0):.0f} s.\nCommand: `{results['command']}`\n"
     )
-    md = ("## Fused ops\n\n" + counts_table(shown) + "\n\n## Latency (fp32)\n\n" + latency_table(shown) + "\n"
-          + ("\n" + "\n".join(failed) + "\n" if failed else ""))
+    md = (
+        "## Fused ops\n\n"
+        + counts_table(shown)
+        + "\n\n## Latency (fp32)\n\n"
+        + latency_table(shown)
+        + "\n"
+        + ("\n" + "\n".join(failed) + "\n" if failed else "")
+    )
     print("\n" + how + "\n" + md)
     out.mkdir(parents=True, exist_ok=True)
     _bench.write_json(out / f"{stem}.json", results)

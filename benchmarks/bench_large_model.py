@@ -98,7 +98,9 @@ def generate(folder: Path, layers: int, weight_mb: float, chunk_mb: int = 32) ->
             helper.make_node("MatMul", [f"id{i}", f"w{i}"], [f"mm{i}"]),
             # bias = half_bias * 2, written as Constant nodes: folding and lifting have work to do.
             helper.make_node("Constant", [], [f"hb{i}"], value=numpy_helper.from_array(bias / 2, f"hb{i}")),
-            helper.make_node("Constant", [], [f"two{i}"], value=numpy_helper.from_array(np.float32(2.0), f"two{i}")),
+            helper.make_node(
+                "Constant", [], [f"two{i}"], value=numpy_helper.from_array(np.float32(2.0), f"two{i}")
+            ),
             helper.make_node("Mul", [f"hb{i}", f"two{i}"], [f"b{i}"]),
             helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"a{i}"]),
         ]
@@ -111,14 +113,19 @@ def generate(folder: Path, layers: int, weight_mb: float, chunk_mb: int = 32) ->
         helper.make_node("Shape", [h], ["shp"]),
         helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.int64(0), "zero")),
         helper.make_node("Gather", ["shp", "zero"], ["bsz"], axis=0),
-        helper.make_node("Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], np.int64), "ax")),
+        helper.make_node(
+            "Constant", [], ["ax"], value=numpy_helper.from_array(np.array([0], np.int64), "ax")
+        ),
         helper.make_node("Unsqueeze", ["bsz", "ax"], ["bsz1"]),
-        helper.make_node("Constant", [], ["m1"], value=numpy_helper.from_array(np.array([-1], np.int64), "m1")),
+        helper.make_node(
+            "Constant", [], ["m1"], value=numpy_helper.from_array(np.array([-1], np.int64), "m1")
+        ),
         helper.make_node("Concat", ["bsz1", "m1"], ["newshape"], axis=0),
         helper.make_node("Reshape", [h, "newshape"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "large_mlp",
+        nodes,
+        "large_mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dims[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dims[-1]])],
         initializers,
@@ -126,8 +133,14 @@ def generate(folder: Path, layers: int, weight_mb: float, chunk_mb: int = 32) ->
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save_model(model, str(folder / "model.onnx"))
     weight_bytes = sum(dims[i] * dims[i + 1] * 4 for i in range(layers))
-    return {"layers": layers, "dims": dims, "weight_bytes": weight_bytes, "nodes": len(nodes),
-            "data_file_bytes": (folder / data_name).stat().st_size, "generate_s": round(gen_s, 1)}
+    return {
+        "layers": layers,
+        "dims": dims,
+        "weight_bytes": weight_bytes,
+        "nodes": len(nodes),
+        "data_file_bytes": (folder / data_name).stat().st_size,
+        "generate_s": round(gen_s, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +174,10 @@ def measure(src: Path, dst: Path) -> dict[str, Any]:
         "start_bytes": meter.start,
         "rss_parts_at_end": parts,
         "phase_start_time": marks,
-        "report": {"nodes": [result.report.before.nodes, result.report.after.nodes],
-                   "summary": result.report.summary()},
+        "report": {
+            "nodes": [result.report.before.nodes, result.report.after.nodes],
+            "summary": result.report.summary(),
+        },
     }
 
 
@@ -182,19 +197,34 @@ def attribute(src: Path, dst: Path) -> dict[str, Any]:
 
         def after_pass(self, name: str, model: Any, record: Any) -> None:
             peak = max(_bench.peak_rss(), _bench.rss())
-            rows.append({"step": name, "iteration": record.iteration, "wall_s": time.perf_counter() - self.t0,
-                         "start_mb": self.start / _bench.MB, "peak_mb": peak / _bench.MB,
-                         "end_mb": _bench.rss() / _bench.MB, "extra_mb": (peak - self.start) / _bench.MB,
-                         **{k + "_mb": v / _bench.MB for k, v in _bench.rss_parts().items()}})
+            rows.append(
+                {
+                    "step": name,
+                    "iteration": record.iteration,
+                    "wall_s": time.perf_counter() - self.t0,
+                    "start_mb": self.start / _bench.MB,
+                    "peak_mb": peak / _bench.MB,
+                    "end_mb": _bench.rss() / _bench.MB,
+                    "extra_mb": (peak - self.start) / _bench.MB,
+                    **{k + "_mb": v / _bench.MB for k, v in _bench.rss_parts().items()},
+                }
+            )
 
     def step(name: str, fn: Any) -> Any:
         with meter.phase(name):
             out = fn()
-        rows.append({"step": name, "iteration": None, "wall_s": meter.wall[name],
-                     "start_mb": meter.start[name] / _bench.MB, "peak_mb": meter.peaks[name] / _bench.MB,
-                     "end_mb": _bench.rss() / _bench.MB,
-                     "extra_mb": (meter.peaks[name] - meter.start[name]) / _bench.MB,
-                     **{k + "_mb": v / _bench.MB for k, v in _bench.rss_parts().items()}})
+        rows.append(
+            {
+                "step": name,
+                "iteration": None,
+                "wall_s": meter.wall[name],
+                "start_mb": meter.start[name] / _bench.MB,
+                "peak_mb": meter.peaks[name] / _bench.MB,
+                "end_mb": _bench.rss() / _bench.MB,
+                "extra_mb": (meter.peaks[name] - meter.start[name]) / _bench.MB,
+                **{k + "_mb": v / _bench.MB for k, v in _bench.rss_parts().items()},
+            }
+        )
         return out
 
     model = step("graphopt.load", lambda: graphopt.load(src))
@@ -219,7 +249,11 @@ def run_ort(path: Path, out: Path, dim: int) -> dict[str, Any]:
     x = np.random.default_rng(SEED).standard_normal((2, dim)).astype(np.float32)
     (y,) = sess.run(None, {"x": x})
     np.save(out, y)
-    return {"seconds": time.perf_counter() - t0, "shape": list(y.shape), "peak_mb": _bench.peak_rss() / _bench.MB}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "shape": list(y.shape),
+        "peak_mb": _bench.peak_rss() / _bench.MB,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +264,13 @@ def _sampled_worker(args: list[str], result_file: Path, timeout: float) -> tuple
     """Run a worker and sample its RssAnon/RssFile from outside every 20 ms (no GIL involved)."""
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(SCRIPT), *args, "--result-file", str(result_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONHASHSEED="0"))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONHASHSEED="0"),
+    )
     samples: list[tuple] = []
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout or []), daemon=True)
@@ -246,8 +285,9 @@ def _sampled_worker(args: list[str], result_file: Path, timeout: float) -> tuple
                     if key in ("RssAnon", "RssFile", "VmRSS"):
                         fields[key] = int(line.split()[1]) * 1024
             if fields:
-                samples.append((time.time(), fields.get("RssAnon", 0), fields.get("RssFile", 0),
-                                fields.get("VmRSS", 0)))
+                samples.append(
+                    (time.time(), fields.get("RssAnon", 0), fields.get("RssFile", 0), fields.get("VmRSS", 0))
+                )
         except OSError:
             pass
         if time.time() > deadline:
@@ -256,7 +296,9 @@ def _sampled_worker(args: list[str], result_file: Path, timeout: float) -> tuple
         time.sleep(0.02)
     reader.join()
     if proc.returncode != 0 or not result_file.exists():
-        raise SystemExit(f"worker {' '.join(args[:2])} failed (exit {proc.returncode}):\n" + "".join(output[-20:]))
+        raise SystemExit(
+            f"worker {' '.join(args[:2])} failed (exit {proc.returncode}):\n" + "".join(output[-20:])
+        )
     return json.loads(result_file.read_text()), samples
 
 
@@ -268,19 +310,27 @@ def _phase_sample_peaks(samples: list[tuple], marks: dict[str, float]) -> dict[s
         t0, t1 = marks[name], marks[names[i + 1]] if i + 1 < len(names) else marks["end"]
         inside = [s for s in samples if t0 <= s[0] <= t1]
         if inside:
-            out[name] = {"anon_mb": max(s[1] for s in inside) / _bench.MB,
-                         "file_mb": max(s[2] for s in inside) / _bench.MB,
-                         "rss_mb": max(s[3] for s in inside) / _bench.MB}
+            out[name] = {
+                "anon_mb": max(s[1] for s in inside) / _bench.MB,
+                "file_mb": max(s[2] for s in inside) / _bench.MB,
+                "rss_mb": max(s[3] for s in inside) / _bench.MB,
+            }
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=5, help="MatMul layers (default 5)")
-    p.add_argument("--weight-mb", type=float, default=512, help="MiB of float32 weights per layer (default 512)")
+    p.add_argument(
+        "--weight-mb", type=float, default=512, help="MiB of float32 weights per layer (default 512)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the generated and optimized files")
-    p.add_argument("--reuse", action="store_true", help="reuse a kept model of the same size instead of generating")
-    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime output check (slow on big models)")
+    p.add_argument(
+        "--reuse", action="store_true", help="reuse a kept model of the same size instead of generating"
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the ONNX Runtime output check (slow on big models)"
+    )
     p.add_argument("--attribute", action="store_true", help="always run the per-pass memory attribution")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", type=Path, default=_bench.RESULTS / "large_model.json")
@@ -291,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         kind, src, dst = args.worker
-        fn = {"measure": lambda: measure(Path(src), Path(dst)),
-              "attribute": lambda: attribute(Path(src), Path(dst)),
-              "ort": lambda: run_ort(Path(src), Path(dst), args.dim)}[kind]
+        fn = {
+            "measure": lambda: measure(Path(src), Path(dst)),
+            "attribute": lambda: attribute(Path(src), Path(dst)),
+            "ort": lambda: run_ort(Path(src), Path(dst), args.dim),
+        }[kind]
         _bench.write_json(args.result_file, fn())
         return 0
 
@@ -305,12 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < need:
-        print(f"not enough disk in {folder}: {free / 2**30:.1f} GiB free, need {need / 2**30:.1f} GiB", file=sys.stderr)
+        print(
+            f"not enough disk in {folder}: {free / 2**30:.1f} GiB free, need {need / 2**30:.1f} GiB",
+            file=sys.stderr,
+        )
         return 2
 
     results: dict[str, Any] = {
         "benchmark": "large_model",
-        "command": " ".join(["python", "benchmarks/bench_large_model.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(
+            ["python", "benchmarks/bench_large_model.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "environment": _bench.environment(),
         "goal_peak_over_weights": GOAL,
     }
@@ -319,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
         meta = json.loads(meta_file.read_text()) if args.reuse and meta_file.exists() else None
         if meta is None or meta.get("dims") != dims:
             shutil.rmtree(src_dir, ignore_errors=True)
-            print(f"generating {args.layers} layers, {weight_bytes / 2**30:.2f} GiB of weights in {src_dir} ...",
-                  flush=True)
+            print(
+                f"generating {args.layers} layers, {weight_bytes / 2**30:.2f} GiB of weights in {src_dir} ...",
+                flush=True,
+            )
             meta = generate(src_dir, args.layers, args.weight_mb)
             _bench.write_json(meta_file, meta)
         results["model"] = meta
@@ -329,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         src, dst = src_dir / "model.onnx", out_dir / "model.onnx"
 
         print("measuring graphopt.load → optimize → save in a fresh process ...", flush=True)
-        data, samples = _sampled_worker(["--worker", "measure", str(src), str(dst)], folder / "measure.json",
-                                        args.timeout)
+        data, samples = _sampled_worker(
+            ["--worker", "measure", str(src), str(dst)], folder / "measure.json", args.timeout
+        )
         peaks = data["peak_bytes"]
         overall = max(peaks.values())
         results["measure"] = {
@@ -344,46 +404,64 @@ def main(argv: list[str] | None = None) -> int:
         }
         ratio = overall / weight_bytes
         results["goal_met"] = ratio < GOAL
-        print(f"peak RSS {overall / _bench.MB:.0f} MB for {weight_bytes / _bench.MB:.0f} MB of weights: "
-              f"{ratio:.2f}× (goal < {GOAL}×)", flush=True)
+        print(
+            f"peak RSS {overall / _bench.MB:.0f} MB for {weight_bytes / _bench.MB:.0f} MB of weights: "
+            f"{ratio:.2f}× (goal < {GOAL}×)",
+            flush=True,
+        )
         split = results["measure"]["sampled_phase_peaks_mb"]
         for name in ("load", "optimize", "save"):
             parts = split.get(name)
-            extra = (f"  (sampled: anonymous {parts['anon_mb']:.0f} MB, file-backed {parts['file_mb']:.0f} MB)"
-                     if parts else "")
-            print(f"  {name:9} {data['wall_s'][name]:7.1f} s   peak {peaks[name] / _bench.MB:8.0f} MB{extra}",
-                  flush=True)
+            extra = (
+                f"  (sampled: anonymous {parts['anon_mb']:.0f} MB, file-backed {parts['file_mb']:.0f} MB)"
+                if parts
+                else ""
+            )
+            print(
+                f"  {name:9} {data['wall_s'][name]:7.1f} s   peak {peaks[name] / _bench.MB:8.0f} MB{extra}",
+                flush=True,
+            )
 
         if args.attribute or ratio >= GOAL:
             print("attributing memory pass by pass ...", flush=True)
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.mkdir(parents=True)
-            att, _ = _sampled_worker(["--worker", "attribute", str(src), str(dst)], folder / "attribute.json",
-                                     args.timeout)
+            att, _ = _sampled_worker(
+                ["--worker", "attribute", str(src), str(dst)], folder / "attribute.json", args.timeout
+            )
             results["attribution"] = att
             # Every step that raised the peak by more than 10 MB over its starting RSS, in order.
             print(f"  {'step':38} {'start MB':>9} {'peak MB':>9} {'+MB':>8} {'s':>7}")
             for r in (r for r in att["rows"] if r["extra_mb"] > 10):
                 it = f"#{r['iteration']}" if r["iteration"] else ""
-                print(f"  {r['step'] + it:38} {r['start_mb']:9.0f} {r['peak_mb']:9.0f} {r['extra_mb']:8.0f} "
-                      f"{r['wall_s']:7.1f}")
+                print(
+                    f"  {r['step'] + it:38} {r['start_mb']:9.0f} {r['peak_mb']:9.0f} {r['extra_mb']:8.0f} "
+                    f"{r['wall_s']:7.1f}"
+                )
 
         if not args.no_check:
             print("checking the saved model on ONNX Runtime ...", flush=True)
             outs = []
             for tag, path in (("original", src), ("optimized", dst)):
                 npy = folder / f"{tag}.npy"
-                r = _bench.run_worker(SCRIPT, ["--worker", "ort", str(path), str(npy), "--dim", str(dims[0])],
-                                      folder / f"ort-{tag}.json", args.timeout)
+                r = _bench.run_worker(
+                    SCRIPT,
+                    ["--worker", "ort", str(path), str(npy), "--dim", str(dims[0])],
+                    folder / f"ort-{tag}.json",
+                    args.timeout,
+                )
                 if not r.ok:
                     results["check"] = {"passed": False, "error": f"{tag}: {r.error}"}
                     break
                 outs.append((r.data, np.load(npy)))
             else:
                 err = float(np.max(np.abs(outs[0][1] - outs[1][1])))
-                results["check"] = {"passed": err <= 1e-4, "max_abs_err": err,
-                                    "ort_seconds": [o[0]["seconds"] for o in outs],
-                                    "ort_peak_mb": [o[0]["peak_mb"] for o in outs]}
+                results["check"] = {
+                    "passed": err <= 1e-4,
+                    "max_abs_err": err,
+                    "ort_seconds": [o[0]["seconds"] for o in outs],
+                    "ort_peak_mb": [o[0]["peak_mb"] for o in outs],
+                }
             print(f"  {results['check']}", flush=True)
     finally:
         if not args.keep:

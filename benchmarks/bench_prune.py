@@ -44,7 +44,9 @@ def _pipeline(prune: str | None) -> str:
     return f"cleanup,{prune},fuse,cleanup" if prune else "cleanup,fuse,cleanup"
 
 
-def _optimize(model: Any, prune: str | None, context: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def _optimize(
+    model: Any, prune: str | None, context: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
     from graphopt.pipeline import Pipeline
 
     out, report = Pipeline.parse(_pipeline(prune)).run(model.clone(), context=context or {})
@@ -58,15 +60,20 @@ def _session(model: Any) -> Any:
 
 def interleaved(files: dict[str, bytes], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, Any]:
     """Median/p90 ms per file; every round runs each file once in a rotated order."""
-    times = _bench.interleaved_ms({name: _session(data) for name, data in files.items()}, feeds, rounds, WARMUP)
+    times = _bench.interleaved_ms(
+        {name: _session(data) for name, data in files.items()}, feeds, rounds, WARMUP
+    )
     order = list(times)
     first = order[0]
     out = {}
     for n in order:
         ratios = [a / b for a, b in zip(times[n], times[first])]
-        out[n] = {"median_ms": float(np.median(times[n])), "p90_ms": float(np.percentile(times[n], 90)),
-                  "ratio_to_dense": float(np.median(times[n]) / np.median(times[first])),
-                  "paired_ratio_median": float(np.median(ratios))}
+        out[n] = {
+            "median_ms": float(np.median(times[n])),
+            "p90_ms": float(np.percentile(times[n], 90)),
+            "ratio_to_dense": float(np.median(times[n]) / np.median(times[first])),
+            "paired_ratio_median": float(np.median(ratios)),
+        }
     return out
 
 
@@ -77,7 +84,9 @@ def _outputs(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _params(model: Any) -> int:
-    return int(sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None))
+    return int(
+        sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,15 +126,25 @@ def accuracy_curves(quick: bool) -> dict[str, Any]:
                 spec = template.format(s=s)
                 pruned, _ = Pipeline.parse(spec).run(model.clone(), context={"calibration": calib})
                 acc = accuracy(_outputs(pruned, feeds), d.y_test)
-                series[label].append({"sparsity": s, "pipeline": spec, "accuracy": round(acc, 4),
-                                      "params_ratio": round(_params(pruned) / dense_params, 4)})
+                series[label].append(
+                    {
+                        "sparsity": s,
+                        "pipeline": spec,
+                        "accuracy": round(acc, 4),
+                        "params_ratio": round(_params(pruned) / dense_params, 4),
+                    }
+                )
         within = {}
         for label, pts in series.items():
             ok = [p["sparsity"] for p in pts if p["accuracy"] >= dense_acc - 0.01]
             within[label] = max(ok) if ok else 0.0
-        results[name] = {"dense_accuracy": round(dense_acc, 4), "test_samples": int(len(d.y_test)),
-                         "series": series, "max_sparsity_within_1pt": within,
-                         "seconds": round(time.perf_counter() - t0, 1)}
+        results[name] = {
+            "dense_accuracy": round(dense_acc, 4),
+            "test_samples": int(len(d.y_test)),
+            "series": series,
+            "max_sparsity_within_1pt": within,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print(f"[accuracy] {name}: dense {dense_acc:.4f}, within 1 point: {within}", flush=True)
     return results
 
@@ -173,8 +192,14 @@ def _sizes(model: Any, folder: Path, name: str) -> dict[str, int]:
     return out
 
 
-def speed(kind: str, size: str, variants: dict[str, str | None], rounds: int, feeds_args: tuple,
-          sizes_for: tuple[str, ...] = ()) -> dict[str, Any]:
+def speed(
+    kind: str,
+    size: str,
+    variants: dict[str, str | None],
+    rounds: int,
+    feeds_args: tuple,
+    sizes_for: tuple[str, ...] = (),
+) -> dict[str, Any]:
     import graphopt
 
     _bench.tests_on_path()
@@ -202,9 +227,13 @@ def speed(kind: str, size: str, variants: dict[str, str | None], rounds: int, fe
         if ref is None:
             ref = y
         a, b = ref.astype(np.float64).ravel(), y.astype(np.float64).ravel()
-        entry = {"pipeline": _pipeline(prune), "file_bytes": len(data), "params": _params(out),
-                 "optimize_s": round(opt_s, 2),
-                 "cosine_to_dense": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))}
+        entry = {
+            "pipeline": _pipeline(prune),
+            "file_bytes": len(data),
+            "params": _params(out),
+            "optimize_s": round(opt_s, 2),
+            "cosine_to_dense": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)),
+        }
         if pr:
             entry["prune_stats"] = pr["stats"]
             if "removed_fraction" in pr["details"]:
@@ -220,8 +249,14 @@ def speed(kind: str, size: str, variants: dict[str, str | None], rounds: int, fe
     for name in info:
         info[name].update(lat[name])
         info[name]["file_ratio"] = info[name]["file_bytes"] / dense_bytes
-    return {"model": f"{kind}-{size}", "export_s": round(export_s, 1), "feeds": {k: list(v.shape) for k, v in feeds.items()},
-            "rounds": rounds, "variants": info, "load_average": list(os.getloadavg())}
+    return {
+        "model": f"{kind}-{size}",
+        "export_s": round(export_s, 1),
+        "feeds": {k: list(v.shape) for k, v in feeds.items()},
+        "rounds": rounds,
+        "variants": info,
+        "load_average": list(os.getloadavg()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,28 +277,46 @@ def minilm(quick: bool) -> dict[str, Any]:
     evaluate = SENTENCES[0::2]
     others = SENTENCES[1::2]
     feeds = minilm_feeds(evaluate)
-    calib = [minilm_feeds(others[i:i + 12]) for i in range(0, len(others), 12)]
+    calib = [minilm_feeds(others[i : i + 12]) for i in range(0, len(others), 12)]
     dense = mean_pool(_outputs(model, feeds), feeds["attention_mask"])
     rows = []
     specs = []
     for s in (0.1, 0.2, 0.3, 0.5):
         specs.append((f"unstructured {int(s * 100)}%", f"prune(sparsity={s})"))
-        specs.append((f"unstructured {int(s * 100)}% activation (Wanda)", f"prune(sparsity={s},importance=activation)"))
+        specs.append(
+            (f"unstructured {int(s * 100)}% activation (Wanda)", f"prune(sparsity={s},importance=activation)")
+        )
     specs += [("2:4", 'prune(mode="2:4")'), ("2:4 activation", 'prune(mode="2:4",importance=activation)')]
     for s in (0.1, 0.2):
-        specs.append((f"structured FFN {int(s * 100)}%", f"prune(mode=structured,sparsity={s},targets=[ffn])"))
-        specs.append((f"structured FFN {int(s * 100)}% activation",
-                      f"prune(mode=structured,sparsity={s},targets=[ffn],importance=activation)"))
+        specs.append(
+            (f"structured FFN {int(s * 100)}%", f"prune(mode=structured,sparsity={s},targets=[ffn])")
+        )
+        specs.append(
+            (
+                f"structured FFN {int(s * 100)}% activation",
+                f"prune(mode=structured,sparsity={s},targets=[ffn],importance=activation)",
+            )
+        )
     specs += [("structured heads 25%", "prune(mode=structured,sparsity=0.25,targets=[heads])")]
     for label, spec in specs:
         pruned, _ = Pipeline.parse(spec).run(model.clone(), context={"calibration": calib})
         emb = mean_pool(_outputs(pruned, feeds), feeds["attention_mask"])
-        rows.append({"variant": label, "pipeline": spec, "min_cosine": round(min_cosine(dense, emb), 5),
-                     "mean_cosine": round(float((dense * emb).sum(axis=1).mean()), 5)})
+        rows.append(
+            {
+                "variant": label,
+                "pipeline": spec,
+                "min_cosine": round(min_cosine(dense, emb), 5),
+                "mean_cosine": round(float((dense * emb).sum(axis=1).mean()), 5),
+            }
+        )
         print(f"[minilm] {label}: min cosine {rows[-1]['min_cosine']}", flush=True)
-    return {"sentences": len(evaluate), "calibration_sentences": len(others), "rows": rows,
-            "note": "the same magnitude pruning done in PyTorch on the module gives the same cosines "
-                    "(0.980 / 0.790 / 0.468 at 10/30/50 %): MiniLM-L6 is this sensitive without fine-tuning"}
+    return {
+        "sentences": len(evaluate),
+        "calibration_sentences": len(others),
+        "rows": rows,
+        "note": "the same magnitude pruning done in PyTorch on the module gives the same cosines "
+        "(0.980 / 0.790 / 0.468 at 10/30/50 %): MiniLM-L6 is this sensitive without fine-tuning",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,51 +325,113 @@ def minilm(quick: bool) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     t = _bench.markdown_table
-    lines = [f"# Pruning benchmark{' (quick)' if results['quick'] else ''}", "",
-             f"Machine: {results['env']['cpu']}, {results['env']['cores']} cores (shared with other jobs while "
-             "measured: ratios from interleaved rounds are the numbers to read). No fine-tuning anywhere.", ""]
-    lines += ["## 1. Accuracy on real data (digits test set)", "",
-              "![accuracy](prune" + ("_quick" if results["quick"] else "") + ".png)", ""]
+    lines = [
+        f"# Pruning benchmark{' (quick)' if results['quick'] else ''}",
+        "",
+        f"Machine: {results['env']['cpu']}, {results['env']['cores']} cores (shared with other jobs while "
+        "measured: ratios from interleaved rounds are the numbers to read). No fine-tuning anywhere.",
+        "",
+    ]
+    lines += [
+        "## 1. Accuracy on real data (digits test set)",
+        "",
+        "![accuracy](prune" + ("_quick" if results["quick"] else "") + ".png)",
+        "",
+    ]
     for name, r in results["accuracy"].items():
-        lines += [f"### {name}: dense accuracy {100 * r['dense_accuracy']:.2f} % ({r['test_samples']} test images)",
-                  ""]
-        header = ["method", *[f"{int(round(100 * p['sparsity']))}%" for p in r["series"]["unstructured (layer)"]]]
+        lines += [
+            f"### {name}: dense accuracy {100 * r['dense_accuracy']:.2f} % ({r['test_samples']} test images)",
+            "",
+        ]
+        header = [
+            "method",
+            *[f"{int(round(100 * p['sparsity']))}%" for p in r["series"]["unstructured (layer)"]],
+        ]
         rows = []
         for label, pts in r["series"].items():
             by = {int(round(100 * p["sparsity"])): f"{100 * p['accuracy']:.1f}" for p in pts}
             rows.append([label, *[by.get(int(h.rstrip("%")), "") for h in header[1:]]])
         lines += [t(header, rows), ""]
-        lines += ["Furthest sparsity within a 1-point accuracy drop: " + ", ".join(
-            f"{k} **{int(round(100 * v))} %**" for k, v in r["max_sparsity_within_1pt"].items()) + ".", ""]
+        lines += [
+            "Furthest sparsity within a 1-point accuracy drop: "
+            + ", ".join(f"{k} **{int(round(100 * v))} %**" for k, v in r["max_sparsity_within_1pt"].items())
+            + ".",
+            "",
+        ]
     lines += ["## 2. Speed from structured pruning (ONNX Runtime CPU, interleaved medians)", ""]
     for s in results["speed"]:
         lines += [f"### {s['model']} (feeds {s['feeds']}, {s['rounds']} rounds)", ""]
         rows = []
         for name, v in s["variants"].items():
-            rows.append([name, f"{v['median_ms']:.2f}", f"{v['p90_ms']:.2f}", f"{v['ratio_to_dense']:.3f}",
-                         f"{v['paired_ratio_median']:.3f}", f"{v['file_bytes'] / 1e6:.1f}", f"{v['file_ratio']:.3f}",
-                         f"{v['cosine_to_dense']:.4f}"])
-        lines += [t(["variant", "median ms", "p90 ms", "latency ratio", "paired ratio", "file MB", "file ratio",
-                     "cosine to dense"], rows), ""]
+            rows.append(
+                [
+                    name,
+                    f"{v['median_ms']:.2f}",
+                    f"{v['p90_ms']:.2f}",
+                    f"{v['ratio_to_dense']:.3f}",
+                    f"{v['paired_ratio_median']:.3f}",
+                    f"{v['file_bytes'] / 1e6:.1f}",
+                    f"{v['file_ratio']:.3f}",
+                    f"{v['cosine_to_dense']:.4f}",
+                ]
+            )
+        lines += [
+            t(
+                [
+                    "variant",
+                    "median ms",
+                    "p90 ms",
+                    "latency ratio",
+                    "paired ratio",
+                    "file MB",
+                    "file ratio",
+                    "cosine to dense",
+                ],
+                rows,
+            ),
+            "",
+        ]
         storage = [(n, v["storage"]) for n, v in s["variants"].items() if "storage" in v]
         if storage:
-            lines += ["File size by storage (same weights): dense ONNX, ONNX with sparse initializers "
-                      "(COO, int64 indices: only tensors above ~67 % zeros are converted), gzip of the dense file.",
-                      ""]
-            lines += [t(["variant", "dense MB", "sparse-initializer MB", "sparse / dense", "gzip MB"],
-                        [[n, f"{st['dense_bytes'] / 1e6:.1f}", f"{st['sparse_bytes'] / 1e6:.1f}",
-                          f"{st['sparse_bytes'] / st['dense_bytes']:.3f}", f"{st['gzip_bytes'] / 1e6:.1f}"]
-                         for n, st in storage]), ""]
+            lines += [
+                "File size by storage (same weights): dense ONNX, ONNX with sparse initializers "
+                "(COO, int64 indices: only tensors above ~67 % zeros are converted), gzip of the dense file.",
+                "",
+            ]
+            lines += [
+                t(
+                    ["variant", "dense MB", "sparse-initializer MB", "sparse / dense", "gzip MB"],
+                    [
+                        [
+                            n,
+                            f"{st['dense_bytes'] / 1e6:.1f}",
+                            f"{st['sparse_bytes'] / 1e6:.1f}",
+                            f"{st['sparse_bytes'] / st['dense_bytes']:.3f}",
+                            f"{st['gzip_bytes'] / 1e6:.1f}",
+                        ]
+                        for n, st in storage
+                    ],
+                ),
+                "",
+            ]
     lines += ["## 3. Honesty", "", results["honesty"], ""]
     m = results["minilm"]
     lines += ["## 4. Pretrained all-MiniLM-L6-v2, real sentences", ""]
     if "skipped" in m:
         lines += [f"Skipped: {m['skipped']}", ""]
     else:
-        lines += [f"Sentence embeddings (mean pooling, {m['sentences']} sentences; activation-aware rows calibrate "
-                  f"on {m['calibration_sentences']} other sentences) against the dense model. {m['note']}.", ""]
-        lines += [t(["variant", "min cosine", "mean cosine"],
-                    [[r["variant"], r["min_cosine"], r["mean_cosine"]] for r in m["rows"]]), ""]
+        lines += [
+            f"Sentence embeddings (mean pooling, {m['sentences']} sentences; activation-aware rows calibrate "
+            f"on {m['calibration_sentences']} other sentences) against the dense model. {m['note']}.",
+            "",
+        ]
+        lines += [
+            t(
+                ["variant", "min cosine", "mean cosine"],
+                [[r["variant"], r["min_cosine"], r["mean_cosine"]] for r in m["rows"]],
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -326,25 +441,35 @@ def honesty_text(results: dict[str, Any]) -> str:
     for name in ("unstructured 50%", "2:4"):
         if name in bert:
             v = bert[name]
-            parts.append(f"{name}: latency ratio {v['ratio_to_dense']:.3f} (paired {v['paired_ratio_median']:.3f})")
-    text = ("Unstructured and 2:4 sparsity leave every tensor dense in the graph, so ONNX Runtime's CPU "
-            "kernels do exactly the same work: " + "; ".join(parts) + " (≈ 1.0: no speedup; any difference is "
-            "noise). The file only shrinks with sparse storage, and only above ~67 % zeros, because ONNX sparse "
-            "tensors store an int64 index per kept value (12 bytes against 4): ")
+            parts.append(
+                f"{name}: latency ratio {v['ratio_to_dense']:.3f} (paired {v['paired_ratio_median']:.3f})"
+            )
+    text = (
+        "Unstructured and 2:4 sparsity leave every tensor dense in the graph, so ONNX Runtime's CPU "
+        "kernels do exactly the same work: " + "; ".join(parts) + " (≈ 1.0: no speedup; any difference is "
+        "noise). The file only shrinks with sparse storage, and only above ~67 % zeros, because ONNX sparse "
+        "tensors store an int64 index per kept value (12 bytes against 4): "
+    )
     sizes = []
     for name, v in bert.items():
         if "storage" in v:
             st = v["storage"]
-            sizes.append(f"{name} {st['sparse_bytes'] / st['dense_bytes']:.2f}× with sparse initializers, "
-                         f"{st['gzip_bytes'] / st['dense_bytes']:.2f}× gzip")
-    text += "; ".join(sizes) + ". Real speed comes from structured pruning (section 2), which removes the work."
+            sizes.append(
+                f"{name} {st['sparse_bytes'] / st['dense_bytes']:.2f}× with sparse initializers, "
+                f"{st['gzip_bytes'] / st['dense_bytes']:.2f}× gzip"
+            )
+    text += (
+        "; ".join(sizes) + ". Real speed comes from structured pruning (section 2), which removes the work."
+    )
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="BERT-mini and ResNet-mini; a few minutes")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved latency rounds (default 40, quick 20)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved latency rounds (default 40, quick 20)"
+    )
     p.add_argument("--skip", default="", help="comma list of parts to skip: accuracy,bert,cnn,minilm")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -366,14 +491,23 @@ def main(argv: list[str] | None = None) -> int:
             "unstructured 70%": "prune(sparsity=0.7)",
             "unstructured 90%": "prune(sparsity=0.9)",
         }
-        results["speed"].append(speed("bert", size, variants, rounds, (1, 128),
-                                      sizes_for=("dense", "unstructured 50%", "unstructured 70%",
-                                                 "unstructured 90%")))
+        results["speed"].append(
+            speed(
+                "bert",
+                size,
+                variants,
+                rounds,
+                (1, 128),
+                sizes_for=("dense", "unstructured 50%", "unstructured 70%", "unstructured 90%"),
+            )
+        )
     if "cnn" not in skip:
         size = "mini" if args.quick else "base"
-        variants = {"dense": None,
-                    "structured channels 30%": "prune(mode=structured,sparsity=0.3,targets=[channels])",
-                    "structured channels 50%": "prune(mode=structured,sparsity=0.5,targets=[channels])"}
+        variants = {
+            "dense": None,
+            "structured channels 30%": "prune(mode=structured,sparsity=0.3,targets=[channels])",
+            "structured channels 50%": "prune(mode=structured,sparsity=0.5,targets=[channels])",
+        }
         results["speed"].append(speed("resnet", size, variants, rounds, (1,)))
     results["honesty"] = honesty_text(results) if results["speed"] else ""
     results["minilm"] = {"skipped": "--skip minilm"} if "minilm" in skip else minilm(args.quick)

@@ -132,8 +132,14 @@ def run_model(kind: str, size: str | None, folder: Path, rounds: int) -> dict[st
         graphopt.save(rc.model, files["graphopt_calibrated"])
     # Opt-in: embedding tables too (smaller file, as ORT's tool does by default).
     files["graphopt_gather"] = folder / "graphopt_gather.onnx"
-    graphopt.save(graphopt.optimize(raw_model, "ort-cpu", quantize={
-        "mode": "dynamic", "op_types": ["MatMul", "Gemm", "Attention", "Gather"]}).model, files["graphopt_gather"])
+    graphopt.save(
+        graphopt.optimize(
+            raw_model,
+            "ort-cpu",
+            quantize={"mode": "dynamic", "op_types": ["MatMul", "Gemm", "Attention", "Gather"]},
+        ).model,
+        files["graphopt_gather"],
+    )
 
     sources = {"clean": folder / "clean.onnx", "ortopt": folder / "ortopt.onnx"}
     graphopt.save(graphopt.optimize(raw_model, pipeline="cleanup").model, sources["clean"])
@@ -148,7 +154,9 @@ def run_model(kind: str, size: str | None, folder: Path, rounds: int) -> dict[st
                 name = f"ort_{src}_{'pc' if pc else 'pt'}{'_rr' if rr else ''}"
                 dst = folder / f"{name}.onnx"
                 try:
-                    quantize_dynamic(str(path), str(dst), per_channel=pc, reduce_range=rr, weight_type=QuantType.QInt8)
+                    quantize_dynamic(
+                        str(path), str(dst), per_channel=pc, reduce_range=rr, weight_type=QuantType.QInt8
+                    )
                     files[name] = dst
                 except Exception as e:
                     result.setdefault("ort_errors", {})[name] = f"{type(e).__name__}: {e}"[:200]
@@ -157,14 +165,19 @@ def run_model(kind: str, size: str | None, folder: Path, rounds: int) -> dict[st
     # accuracy vs the float export
     feeds = _accuracy_feeds(kind, built)
     ref_sess = _session(raw)
-    ref = ref_sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in ref_sess.get_inputs()}})[0]
+    ref = ref_sess.run(
+        None, {k: v for k, v in feeds.items() if k in {i.name for i in ref_sess.get_inputs()}}
+    )[0]
     acc: dict[str, Any] = {}
     for name, path in files.items():
         s = _session(path)
         names = {i.name for i in s.get_inputs()}
         out = s.run(None, {k: v for k, v in feeds.items() if k in names})[0]
-        acc[name] = {"score": round(_score(kind, out, ref, feeds), 6), "file_mb": round(path.stat().st_size / 2**20, 2),
-                     "quantized_ops": _quantized_ops(path)}
+        acc[name] = {
+            "score": round(_score(kind, out, ref, feeds), 6),
+            "file_mb": round(path.stat().st_size / 2**20, 2),
+            "quantized_ops": _quantized_ops(path),
+        }
         if kind == "minilm":
             acc[name].update(_sentence_stats(s, out, ref, feeds))
     result["accuracy_metric"] = "min cosine of sentence embeddings" if kind == "minilm" else "output cosine"
@@ -174,8 +187,13 @@ def run_model(kind: str, size: str | None, folder: Path, rounds: int) -> dict[st
     per_channel = [n for n in files if n.startswith("ort_") and "_pc" in n]
     anchor = max(per_channel, key=lambda n: (acc[n]["score"], n)) if per_channel else ort_default
     result["anchor"] = anchor
-    timed = ["fp32", "graphopt", *(["graphopt_calibrated"] if "graphopt_calibrated" in files else []),
-             ort_default, anchor]
+    timed = [
+        "fp32",
+        "graphopt",
+        *(["graphopt_calibrated"] if "graphopt_calibrated" in files else []),
+        ort_default,
+        anchor,
+    ]
     if "ort_ortopt_pc" in files and "ort_ortopt_pc" not in timed:
         timed.append("ort_ortopt_pc")
     lat, times = latency({n: files[n] for n in dict.fromkeys(timed)}, built, kind, rounds)
@@ -183,16 +201,20 @@ def run_model(kind: str, size: str | None, folder: Path, rounds: int) -> dict[st
     result["ratio_graphopt_to_anchor"] = round(lat["graphopt"] / lat[anchor], 3)
     # Per-round paired ratio: both ran in the same round, so load that shifts a whole round cancels.
     paired = np.asarray(times["graphopt"]) / np.asarray(times[anchor])
-    result["paired_ratio_graphopt_to_anchor"] = {"median": round(float(np.median(paired)), 3),
-                                                 "p10": round(float(np.percentile(paired, 10)), 3),
-                                                 "p90": round(float(np.percentile(paired, 90)), 3)}
+    result["paired_ratio_graphopt_to_anchor"] = {
+        "median": round(float(np.median(paired)), 3),
+        "p10": round(float(np.percentile(paired, 10)), 3),
+        "p90": round(float(np.percentile(paired, 90)), 3),
+    }
     result["ratio_graphopt_to_fp32"] = round(lat["graphopt"] / lat["fp32"], 3)
     if "graphopt_calibrated" in lat:
         result["ratio_calibrated_to_anchor"] = round(lat["graphopt_calibrated"] / lat[anchor], 3)
     return result
 
 
-def _sentence_stats(sess: Any, out: np.ndarray, ref: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+def _sentence_stats(
+    sess: Any, out: np.ndarray, ref: np.ndarray, feeds: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """Per-sentence cosines of the padded batch (5th percentile, median, worst sentence) and the
     minimum when every sentence runs alone (no padding, one activation range per sentence)."""
     import pretrained
@@ -203,19 +225,36 @@ def _sentence_stats(sess: Any, out: np.ndarray, ref: np.ndarray, feeds: dict[str
     alone = []
     for i in range(len(mask)):
         n = int(mask[i].sum())
-        one = {k: v[i:i + 1, :n] for k, v in feeds.items()}
-        alone.append(float((pretrained.mean_pool(sess.run(None, one)[0], one["attention_mask"]) * a[i]).sum()))
-    return {"p5": round(float(np.percentile(cos, 5)), 6), "median": round(float(np.median(cos)), 6),
-            "worst_sentence": pretrained.SENTENCES[int(np.argmin(cos))], "min_alone": round(min(alone), 6)}
+        one = {k: v[i : i + 1, :n] for k, v in feeds.items()}
+        alone.append(
+            float((pretrained.mean_pool(sess.run(None, one)[0], one["attention_mask"]) * a[i]).sum())
+        )
+    return {
+        "p5": round(float(np.percentile(cos, 5)), 6),
+        "median": round(float(np.median(cos)), 6),
+        "worst_sentence": pretrained.SENTENCES[int(np.argmin(cos))],
+        "min_alone": round(min(alone), 6),
+    }
 
 
 def _quantized_ops(path: Path) -> dict[str, int]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    keep = ("DynamicQuantizeMatMul", "QAttention", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "Attention",
-            "MatMulIntegerToFloat", "DequantizeLinear", "Gemm", "MultiHeadAttention", "SkipLayerNormalization",
-            "LayerNormalization")
+    keep = (
+        "DynamicQuantizeMatMul",
+        "QAttention",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "MatMul",
+        "Attention",
+        "MatMulIntegerToFloat",
+        "DequantizeLinear",
+        "Gemm",
+        "MultiHeadAttention",
+        "SkipLayerNormalization",
+        "LayerNormalization",
+    )
     out: dict[str, int] = {}
     for n in m.graph.node:
         if n.op_type in keep:
@@ -223,8 +262,9 @@ def _quantized_ops(path: Path) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def latency(files: dict[str, Path], built: Any, kind: str, rounds: int
-            ) -> tuple[dict[str, float], dict[str, list[float]]]:
+def latency(
+    files: dict[str, Path], built: Any, kind: str, rounds: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Median ms per file at batch 1, 128 tokens; all sessions open, interleaved rotated rounds."""
     feeds = built.feeds(1, 128)
     times_ms = _bench.interleaved_ms({name: _session(path) for name, path in files.items()}, feeds, rounds, 5)
@@ -233,34 +273,65 @@ def latency(files: dict[str, Path], built: Any, kind: str, rounds: int
 
 
 def markdown(results: list[dict[str, Any]], env: dict[str, Any], quick: bool) -> str:
-    lines = [f"# Dynamic int8 quantization ({'quick' if quick else 'full'})", "",
-             f"CPU: {env['cpu']} ({env['cores']} cores, shared with other jobs while measured); "
-             f"onnxruntime {env['versions'].get('onnxruntime')}. Latency: batch 1, 128 tokens, 2 threads, "
-             "interleaved medians. Accuracy vs the float export (MiniLM: min cosine of mean-pooled "
-             "embeddings over the real sentences in tests/pretrained.py; BERT/GPT-2 random weights: output "
-             "cosine on a padded batch).", ""]
+    lines = [
+        f"# Dynamic int8 quantization ({'quick' if quick else 'full'})",
+        "",
+        f"CPU: {env['cpu']} ({env['cores']} cores, shared with other jobs while measured); "
+        f"onnxruntime {env['versions'].get('onnxruntime')}. Latency: batch 1, 128 tokens, 2 threads, "
+        "interleaved medians. Accuracy vs the float export (MiniLM: min cosine of mean-pooled "
+        "embeddings over the real sentences in tests/pretrained.py; BERT/GPT-2 random weights: output "
+        "cosine on a padded batch).",
+        "",
+    ]
     for res in results:
         label = res["model"] + (f"-{res['size']}" if res["size"] else "")
-        lines += [f"## {label}", "", f"Anchor (most accurate ORT per-channel variant): `{res['anchor']}`; "
-                  f"graphopt / anchor latency **{res['ratio_graphopt_to_anchor']}x** (paired per round: "
-                  f"{res['paired_ratio_graphopt_to_anchor']['median']}x, p10-p90 "
-                  f"{res['paired_ratio_graphopt_to_anchor']['p10']}-{res['paired_ratio_graphopt_to_anchor']['p90']}), "
-                  "graphopt / fp32 "
-                  f"{res['ratio_graphopt_to_fp32']}x"
-                  + (f"; graphopt calibrated / anchor {res['ratio_calibrated_to_anchor']}x"
-                     if "ratio_calibrated_to_anchor" in res else "") + ".", ""]
+        lines += [
+            f"## {label}",
+            "",
+            f"Anchor (most accurate ORT per-channel variant): `{res['anchor']}`; "
+            f"graphopt / anchor latency **{res['ratio_graphopt_to_anchor']}x** (paired per round: "
+            f"{res['paired_ratio_graphopt_to_anchor']['median']}x, p10-p90 "
+            f"{res['paired_ratio_graphopt_to_anchor']['p10']}-{res['paired_ratio_graphopt_to_anchor']['p90']}), "
+            "graphopt / fp32 "
+            f"{res['ratio_graphopt_to_fp32']}x"
+            + (
+                f"; graphopt calibrated / anchor {res['ratio_calibrated_to_anchor']}x"
+                if "ratio_calibrated_to_anchor" in res
+                else ""
+            )
+            + ".",
+            "",
+        ]
         rows = []
         minilm = res["model"] == "minilm"
         for name, a in res["files"].items():
             extra = [a.get("p5"), a.get("median"), a.get("min_alone")] if minilm else []
-            rows.append([name, a["score"], *extra, res["latency_ms"].get(name), a["file_mb"],
-                         ", ".join(f"{k} {v}" for k, v in a["quantized_ops"].items())])
-        head = ["file", "accuracy", *(["p5", "median", "min alone"] if minilm else []), "latency ms", "MB", "ops"]
+            rows.append(
+                [
+                    name,
+                    a["score"],
+                    *extra,
+                    res["latency_ms"].get(name),
+                    a["file_mb"],
+                    ", ".join(f"{k} {v}" for k, v in a["quantized_ops"].items()),
+                ]
+            )
+        head = [
+            "file",
+            "accuracy",
+            *(["p5", "median", "min alone"] if minilm else []),
+            "latency ms",
+            "MB",
+            "ops",
+        ]
         lines.append(_bench.markdown_table(head, rows))
         if minilm:
             worst = res["files"]["graphopt"].get("worst_sentence")
-            lines += ["", f"Worst sentence for graphopt: \"{worst}\". accuracy = min over the 72 sentences "
-                      "(one padded batch); min alone = each sentence run on its own."]
+            lines += [
+                "",
+                f'Worst sentence for graphopt: "{worst}". accuracy = min over the 72 sentences '
+                "(one padded batch); min alone = each sentence run on its own.",
+            ]
         floats = res.get("graphopt_float_nodes") or []
         lines += ["", f"graphopt pass stats: `{res['graphopt_stats']}`; nodes left float: {len(floats)}", ""]
         if res.get("ort_optimizer_error"):
@@ -284,8 +355,11 @@ def main() -> None:
         folder = _bench.TMP / f"qdyn_{kind}_{sizes[kind] or 'real'}"
         print(f"== {kind} {sizes[kind] or ''}", flush=True)
         res = run_model(kind, sizes[kind], folder, rounds)
-        print({k: res[k] for k in ("anchor", "ratio_graphopt_to_anchor", "latency_ms")},
-              {n: a["score"] for n, a in res["files"].items()}, flush=True)
+        print(
+            {k: res[k] for k in ("anchor", "ratio_graphopt_to_anchor", "latency_ms")},
+            {n: a["score"] for n, a in res["files"].items()},
+            flush=True,
+        )
         results.append(res)
     stem = "quantize_dynamic_quick" if args.quick else "quantize_dynamic"
     if args.tag:

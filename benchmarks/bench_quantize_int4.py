@@ -64,9 +64,15 @@ def _ort_quantize(src: Path, dst: Path) -> float:
 
     t0 = time.perf_counter()
     model = onnx.load(str(src))
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
-                             op_types_to_quantize=("MatMul", "Gather"),
-                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=32,
+        is_symmetric=True,
+        accuracy_level=4,
+        op_types_to_quantize=("MatMul", "Gather"),
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
     q.process()
     wall = time.perf_counter() - t0
     onnx.save_model(q.model.model, str(dst), save_as_external_data=True, location="model.onnx.data")
@@ -91,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds per prompt length")
     ap.add_argument("--calib", type=int, default=None, help="calibration sequences (64 tokens each)")
     ap.add_argument("--methods", default="rtn,gptq,awq", help="graphopt methods to run (rtn,gptq,awq)")
-    ap.add_argument("--accuracy-level-0", action="store_true",
-                    help="also time graphopt RTN with accuracy_level=0 (fp32 compute) to justify the default 4")
+    ap.add_argument(
+        "--accuracy-level-0",
+        action="store_true",
+        help="also time graphopt RTN with accuracy_level=0 (fp32 compute) to justify the default 4",
+    )
     args = ap.parse_args(argv)
     size = "mini" if args.quick else "base"
     rounds = args.rounds or (15 if args.quick else 30)
@@ -116,13 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     calib = [built.feeds(min(4, n_calib - i), 64, seed=1000 + i) for i in range(0, n_calib, 4)]
     specs = {
         "graphopt-rtn": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=rtn),cleanup", None),
-        "graphopt-gptq": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=gptq),cleanup", calib),
+        "graphopt-gptq": (
+            "cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=gptq),cleanup",
+            calib,
+        ),
         "graphopt-awq": ("cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=awq),cleanup", calib),
     }
     specs = {k: v for k, v in specs.items() if k.split("-", 1)[1] in args.methods.split(",")}
     if args.accuracy_level_0:
         specs["graphopt-rtn-acc0"] = (
-            "cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=rtn,accuracy_level=0),cleanup", None)
+            "cleanup,fuse,quantize-weight-only(bits=4,block_size=32,method=rtn,accuracy_level=0),cleanup",
+            None,
+        )
     for name, (spec, data) in specs.items():
         t0 = time.perf_counter()
         r = graphopt.optimize(export_path, pipeline=spec, calibration=data)
@@ -130,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         files[name] = _fresh(work / name / "model.onnx")
         graphopt.save(r.model, files[name], external_data=True)
         row = [p for p in r.report.passes if p.name == "quantize-weight-only"][-1]
-        info[name] = {"optimize_s": wall, "quantize_pass_s": row.wall_s, "stats": row.stats,
-                      "details": {k: v for k, v in row.details.items() if k != "nodes"}}
+        info[name] = {
+            "optimize_s": wall,
+            "quantize_pass_s": row.wall_s,
+            "stats": row.stats,
+            "details": {k: v for k, v in row.details.items() if k != "nodes"},
+        }
         print(f"{name}: {wall:.1f}s {row.stats}", flush=True)
     try:
         files["ort"] = _fresh(work / "ort" / "model.onnx")
@@ -140,10 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         info["ort"] = {"error": f"{type(e).__name__}: {e}"}
         files.pop("ort")
 
-    results: dict[str, Any] = {"model": f"llama-{size}", "environment": _bench.environment(),
-                               "calibration_sequences": n_calib, "rounds": rounds,
-                               "machine_note": "2 shared cores; other jobs ran concurrently: ratios, not absolutes",
-                               "export_s": export_s, "tools": {}}
+    results: dict[str, Any] = {
+        "model": f"llama-{size}",
+        "environment": _bench.environment(),
+        "calibration_sequences": n_calib,
+        "rounds": rounds,
+        "machine_note": "2 shared cores; other jobs ran concurrently: ratios, not absolutes",
+        "export_s": export_s,
+        "tools": {},
+    }
     fp32_bytes = _size(files["fp32"])
     sessions = {name: _session(path) for name, path in files.items()}
     held_out = [built.feeds(1, 64, seed=50 + i) for i in range(4)] + [built.feeds(2, 32, seed=60)]
@@ -154,10 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             y = sess.run(None, f)[0]
             cos.append(_cosine(y, ref))
             mx.append(float(np.max(np.abs(y - ref))))
-        results["tools"][name] = {**info[name], "bytes": _size(files[name]),
-                                  "size_ratio": _size(files[name]) / fp32_bytes,
-                                  "cosine_min": min(cos), "cosine_mean": float(np.mean(cos)),
-                                  "max_abs": max(mx)}
+        results["tools"][name] = {
+            **info[name],
+            "bytes": _size(files[name]),
+            "size_ratio": _size(files[name]) / fp32_bytes,
+            "cosine_min": min(cos),
+            "cosine_mean": float(np.mean(cos)),
+            "max_abs": max(mx),
+        }
     if "error" in info.get("ort", {}):
         results["tools"]["ort"] = info["ort"]
     names = list(sessions)
@@ -197,15 +224,32 @@ def report(results: dict[str, Any]) -> str:
         if "error" in t:
             rows.append([name, t["error"][:80]] + [None] * 8)
             continue
-        rows.append([
-            name, f"{t['bytes'] / _bench.MB:.1f}", f"{t['size_ratio']:.3f}×",
-            f"{t['latency_64_ms']:.2f}", ratio(t["latency_64_ms"], anchor.get("latency_64_ms")),
-            f"{t['latency_1_ms']:.2f}", ratio(t["latency_1_ms"], anchor.get("latency_1_ms")),
-            f"{t['cosine_min']:.5f}", f"{t['max_abs']:.4f}",
-            f"{t.get('optimize_s', t.get('quantize_s', 0)):.1f}",
-        ])
-    header = ["file", "MiB", "size / fp32", "64-token ms", "vs ORT", "1-token ms", "vs ORT",
-              "cosine (min)", "max abs", "make s"]
+        rows.append(
+            [
+                name,
+                f"{t['bytes'] / _bench.MB:.1f}",
+                f"{t['size_ratio']:.3f}×",
+                f"{t['latency_64_ms']:.2f}",
+                ratio(t["latency_64_ms"], anchor.get("latency_64_ms")),
+                f"{t['latency_1_ms']:.2f}",
+                ratio(t["latency_1_ms"], anchor.get("latency_1_ms")),
+                f"{t['cosine_min']:.5f}",
+                f"{t['max_abs']:.4f}",
+                f"{t.get('optimize_s', t.get('quantize_s', 0)):.1f}",
+            ]
+        )
+    header = [
+        "file",
+        "MiB",
+        "size / fp32",
+        "64-token ms",
+        "vs ORT",
+        "1-token ms",
+        "vs ORT",
+        "cosine (min)",
+        "max abs",
+        "make s",
+    ]
     env = results["environment"]
     lines = [
         f"# int4 weight-only quantization: {results['model']}",

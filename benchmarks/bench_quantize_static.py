@@ -74,9 +74,16 @@ def ort_quantize(src: str, dst: str, feeds: Any, method: str) -> float:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     t0 = time.perf_counter()
-    quantize_static(src, dst, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method))
+    quantize_static(
+        src,
+        dst,
+        _Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, method),
+    )
     return time.perf_counter() - t0
 
 
@@ -98,8 +105,11 @@ def graphopt_quantize(src: str, dst: str, feeds: Any, calibrator: str) -> tuple[
     import graphopt
 
     t0 = time.perf_counter()
-    r = graphopt.optimize(graphopt.load(src), pipeline=f"quantize-static(calibrator={calibrator}),cleanup",
-                          calibration=list(feeds))
+    r = graphopt.optimize(
+        graphopt.load(src),
+        pipeline=f"quantize-static(calibrator={calibrator}),cleanup",
+        calibration=list(feeds),
+    )
     wall = time.perf_counter() - t0
     graphopt.save(r.model, dst)
     row = next(p for p in r.report.passes if p.name == "quantize-static")
@@ -138,7 +148,9 @@ def latency(files: dict[str, str], feeds: dict[str, Any], rounds: int) -> dict[s
             t0 = time.perf_counter()
             sessions[n].run(None, feeds)
             times[n].append((time.perf_counter() - t0) * 1000)
-    return {n: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))} for n, t in times.items()}
+    return {
+        n: {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90))} for n, t in times.items()
+    }
 
 
 def run_model(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -156,14 +168,21 @@ def run_model(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, An
     graphopt.save(graphopt.optimize(d.export(), pipeline=PRE).model, float_path)
     feeds = d.calibration(args.calibration_samples, 32)
     ref_logits = _session(float_path).run(None, {"x": d.x_test})[0]
-    out: dict[str, Any] = {"float_test_accuracy": accuracy(ref_logits, d.y_test), "calibration_batches": len(feeds),
-                           "variants": {}}
+    out: dict[str, Any] = {
+        "float_test_accuracy": accuracy(ref_logits, d.y_test),
+        "calibration_batches": len(feeds),
+        "variants": {},
+    }
 
     def evaluate(name: str, path: str, wall: float, extra: dict[str, Any] | None = None) -> None:
         logits = _session(path).run(None, {"x": d.x_test})[0]
         out["variants"][name] = {
-            "test_accuracy": accuracy(logits, d.y_test), "logits_sqnr_db": round(_sqnr(ref_logits, logits), 2),
-            "file_bytes": os.path.getsize(path), "quantize_s": round(wall, 3), "path": path, **(extra or {}),
+            "test_accuracy": accuracy(logits, d.y_test),
+            "logits_sqnr_db": round(_sqnr(ref_logits, logits), 2),
+            "file_bytes": os.path.getsize(path),
+            "quantize_s": round(wall, 3),
+            "path": path,
+            **(extra or {}),
         }
 
     evaluate("float", float_path, 0.0)
@@ -182,15 +201,21 @@ def run_model(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, An
         evaluate(f"ort:{m}", path, wall)
 
     def best(prefix: str) -> str:
-        cands = [(v["test_accuracy"], v["logits_sqnr_db"], n) for n, v in out["variants"].items()
-                 if n.startswith(prefix) and "error" not in v]
+        cands = [
+            (v["test_accuracy"], v["logits_sqnr_db"], n)
+            for n, v in out["variants"].items()
+            if n.startswith(prefix) and "error" not in v
+        ]
         return max(cands)[2]
 
     out["ort_anchor"] = best("ort:")
     out["graphopt_default"] = f"graphopt:{_default_calibrator()}"
     out["graphopt_best"] = best("graphopt:")
-    timed = {"float": float_path, "graphopt": out["variants"][out["graphopt_default"]]["path"],
-             "ort": out["variants"][out["ort_anchor"]]["path"]}
+    timed = {
+        "float": float_path,
+        "graphopt": out["variants"][out["graphopt_default"]]["path"],
+        "ort": out["variants"][out["ort_anchor"]]["path"],
+    }
     out["ort_fused_ops"] = {n: fused_ops(p) for n, p in timed.items()}
     out["latency"] = {}
     for batch, rounds in ((1, args.rounds), (64, max(20, args.rounds // 4))):
@@ -229,9 +254,13 @@ def run_bert(args: argparse.Namespace, folder: Path, size: str = "mini") -> dict
         got = [s.run(None, f)[0] for f in held_out]
         a = np.concatenate([r.ravel() for r in refs]).astype(np.float64)
         c = np.concatenate([g.ravel() for g in got]).astype(np.float64)
-        out["variants"][name] = {"cosine": round(float(a @ c / np.linalg.norm(a) / np.linalg.norm(c)), 6),
-                                 "sqnr_db": round(_sqnr(a, c), 2), "file_bytes": os.path.getsize(path),
-                                 "quantize_s": round(wall, 3), "path": path}
+        out["variants"][name] = {
+            "cosine": round(float(a @ c / np.linalg.norm(a) / np.linalg.norm(c)), 6),
+            "sqnr_db": round(_sqnr(a, c), 2),
+            "file_bytes": os.path.getsize(path),
+            "quantize_s": round(wall, 3),
+            "path": path,
+        }
 
     evaluate("float", float_path, 0.0)
     for c in CALIBRATORS:
@@ -250,8 +279,11 @@ def run_bert(args: argparse.Namespace, folder: Path, size: str = "mini") -> dict
     ort_names = [n for n, v in out["variants"].items() if n.startswith("ort:") and "error" not in v]
     out["ort_anchor"] = max(ort_names, key=lambda n: out["variants"][n]["sqnr_db"])
     out["graphopt_default"] = f"graphopt:{_default_calibrator()}"
-    timed = {"float": float_path, "graphopt": out["variants"][out["graphopt_default"]]["path"],
-             "ort": out["variants"][out["ort_anchor"]]["path"]}
+    timed = {
+        "float": float_path,
+        "graphopt": out["variants"][out["graphopt_default"]]["path"],
+        "ort": out["variants"][out["ort_anchor"]]["path"],
+    }
     out["ort_fused_ops"] = {n: fused_ops(p) for n, p in timed.items()}
     rounds = max(20, args.rounds // 5)
     lat = latency(timed, b.feeds(1, 128, seed=7), rounds)
@@ -294,9 +326,15 @@ def memory_worker(tool: str, batches: int, model_path: str, result_file: Path) -
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 ort_quantize(model_path, os.path.join(tmp, "q.onnx"), gen(), "Entropy")
-    _bench.write_json(result_file, {"peak_mb": meter.peaks["calibrate"] / _bench.MB,
-                                    "start_mb": meter.start["calibrate"] / _bench.MB,
-                                    "wall_s": meter.wall["calibrate"], "method": meter.method})
+    _bench.write_json(
+        result_file,
+        {
+            "peak_mb": meter.peaks["calibrate"] / _bench.MB,
+            "start_mb": meter.start["calibrate"] / _bench.MB,
+            "wall_s": meter.wall["calibrate"],
+            "method": meter.method,
+        },
+    )
 
 
 def memory(folder: Path, n: int, timeout: float) -> dict[str, Any]:
@@ -305,11 +343,15 @@ def memory(folder: Path, n: int, timeout: float) -> dict[str, Any]:
     for tool in ("graphopt", "ort"):
         rows = {}
         for b in (n, 10 * n):
-            r = _bench.run_worker(SCRIPT, ["--memory-worker", tool, str(b), model], folder / "mem.json", timeout)
+            r = _bench.run_worker(
+                SCRIPT, ["--memory-worker", tool, str(b), model], folder / "mem.json", timeout
+            )
             rows[str(b)] = r.data if r.ok else {"error": r.error}
         ok = all("peak_mb" in v for v in rows.values())
-        out[tool] = {"runs": rows, "growth_mb": round(rows[str(10 * n)]["peak_mb"] - rows[str(n)]["peak_mb"], 1)
-                     if ok else None}
+        out[tool] = {
+            "runs": rows,
+            "growth_mb": round(rows[str(10 * n)]["peak_mb"] - rows[str(n)]["peak_mb"], 1) if ok else None,
+        }
     return out
 
 
@@ -318,35 +360,70 @@ def memory(folder: Path, n: int, timeout: float) -> dict[str, Any]:
 
 
 def render(data: dict[str, Any]) -> str:
-    lines = [f"# Static int8 quantization: graphopt vs ONNX Runtime quantize_static{' (quick)' if data['quick'] else ''}",
-             "", f"Machine: {data['environment']['cpu']}, {data['environment']['cores']} cores "
-             "(shared with other jobs while measured: read ratios, not absolute times). "
-             f"Calibration: {data['calibration_samples']} training samples in batches of 32.", ""]
+    lines = [
+        f"# Static int8 quantization: graphopt vs ONNX Runtime quantize_static{' (quick)' if data['quick'] else ''}",
+        "",
+        f"Machine: {data['environment']['cpu']}, {data['environment']['cores']} cores "
+        "(shared with other jobs while measured: read ratios, not absolute times). "
+        f"Calibration: {data['calibration_samples']} training samples in batches of 32.",
+        "",
+    ]
     for kind, m in data["models"].items():
         bert = kind == "bert"
-        title = (f"## {m['model']} (last hidden state vs float on held-out inputs)" if bert else
-                 f"## digits {kind.upper()} (float test accuracy {m['float_test_accuracy']:.4f})")
+        title = (
+            f"## {m['model']} (last hidden state vs float on held-out inputs)"
+            if bert
+            else f"## digits {kind.upper()} (float test accuracy {m['float_test_accuracy']:.4f})"
+        )
         lines += [title, ""]
         rows = []
         for name, v in m["variants"].items():
             if "error" in v:
                 rows.append([name, v["error"][:60], None, None, None])
                 continue
-            mark = " (anchor)" if name == m["ort_anchor"] else (" (default)" if name == m["graphopt_default"] else "")
+            mark = (
+                " (anchor)"
+                if name == m["ort_anchor"]
+                else (" (default)" if name == m["graphopt_default"] else "")
+            )
             first = f"{v['cosine']:.6f}" if bert else f"{v['test_accuracy']:.4f}"
             sq = v["sqnr_db"] if bert else v["logits_sqnr_db"]
             rows.append([name + mark, first, sq, round(v["file_bytes"] / 1024, 1), v["quantize_s"]])
-        head = ["variant", "cosine" if bert else "test acc", "SQNR dB" if bert else "logits SQNR dB", "file KiB",
-                "quantize s"]
-        lines += [_bench.markdown_table(head, rows), "", f"ORT quantized: {m.get('ort_input', 'plain')} of the float model.", ""]
+        head = [
+            "variant",
+            "cosine" if bert else "test acc",
+            "SQNR dB" if bert else "logits SQNR dB",
+            "file KiB",
+            "quantize s",
+        ]
+        lines += [
+            _bench.markdown_table(head, rows),
+            "",
+            f"ORT quantized: {m.get('ort_input', 'plain')} of the float model.",
+            "",
+        ]
         lrows = []
         for b, lat in m["latency"].items():
-            lrows.append([b, round(lat["float"]["median_ms"], 4), round(lat["graphopt"]["median_ms"], 4),
-                          round(lat["ort"]["median_ms"], 4), f"{lat['graphopt_vs_ort']}×", f"{lat['graphopt_vs_float']}×",
-                          lat["rounds"]])
-        lines += ["Latency (median ms, interleaved, 1 intra-op thread):", "",
-                  _bench.markdown_table(["batch", "float", "graphopt", "ORT anchor", "graphopt/ORT", "graphopt/float",
-                                         "rounds"], lrows), ""]
+            lrows.append(
+                [
+                    b,
+                    round(lat["float"]["median_ms"], 4),
+                    round(lat["graphopt"]["median_ms"], 4),
+                    round(lat["ort"]["median_ms"], 4),
+                    f"{lat['graphopt_vs_ort']}×",
+                    f"{lat['graphopt_vs_float']}×",
+                    lat["rounds"],
+                ]
+            )
+        lines += [
+            "Latency (median ms, interleaved, 1 intra-op thread):",
+            "",
+            _bench.markdown_table(
+                ["batch", "float", "graphopt", "ORT anchor", "graphopt/ORT", "graphopt/float", "rounds"],
+                lrows,
+            ),
+            "",
+        ]
         ops = m["ort_fused_ops"]
         lines += ["Ops after ONNX Runtime's own optimizations (QDQ groups fused into integer kernels?):", ""]
         for n, h in ops.items():
@@ -354,15 +431,28 @@ def render(data: dict[str, Any]) -> str:
         lines.append("")
     mem = data.get("memory")
     if mem:
-        lines += [f"## Calibration peak memory (CNN, entropy, batches of {mem['batch_size']}, fresh interpreter)", ""]
+        lines += [
+            f"## Calibration peak memory (CNN, entropy, batches of {mem['batch_size']}, fresh interpreter)",
+            "",
+        ]
         rows = []
         for tool in ("graphopt", "ort"):
             r = mem[tool]["runs"]
             vals = [r[str(b)].get("peak_mb") for b in mem["batches"]]
-            rows.append([tool] + [round(v, 1) if v is not None else r[str(b)].get("error", "")[:40]
-                                  for v, b in zip(vals, mem["batches"])] + [mem[tool]["growth_mb"]])
-        lines += [_bench.markdown_table(["tool"] + [f"peak MB, {b} batches" for b in mem["batches"]] + ["growth MB"],
-                                        rows), ""]
+            rows.append(
+                [tool]
+                + [
+                    round(v, 1) if v is not None else r[str(b)].get("error", "")[:40]
+                    for v, b in zip(vals, mem["batches"])
+                ]
+                + [mem[tool]["growth_mb"]]
+            )
+        lines += [
+            _bench.markdown_table(
+                ["tool"] + [f"peak MB, {b} batches" for b in mem["batches"]] + ["growth MB"], rows
+            ),
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -385,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     n = args.memory_batches or (10 if args.quick else 30)
     folder = _bench.TMP / "quantize_static"
     folder.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"quick": args.quick, "environment": _bench.environment(),
-                            "calibration_samples": args.calibration_samples, "models": {}}
+    data: dict[str, Any] = {
+        "quick": args.quick,
+        "environment": _bench.environment(),
+        "calibration_samples": args.calibration_samples,
+        "models": {},
+    }
     for kind in args.models.split(","):
         print(f"[{kind}] training, quantizing, timing ...", file=sys.stderr)
         data["models"][kind] = run_bert(args, folder) if kind == "bert" else run_model(kind, args, folder)

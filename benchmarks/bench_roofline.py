@@ -50,24 +50,38 @@ def _gemm_model(kind: str, n: int) -> tuple[Any, dict[str, Any]]:
     if kind == "fp32":
         w = numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "W")
         node = helper.make_node("MatMul", ["A", "W"], ["Y"])
-        a_type, y_type, feeds = TensorProto.FLOAT, TensorProto.FLOAT, {
-            "A": rng.standard_normal((n, n)).astype(np.float32)}
+        a_type, y_type, feeds = (
+            TensorProto.FLOAT,
+            TensorProto.FLOAT,
+            {"A": rng.standard_normal((n, n)).astype(np.float32)},
+        )
         inits = [w]
     elif kind == "matmulinteger":
         w = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "W")
         node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
-        a_type, y_type, feeds = TensorProto.UINT8, TensorProto.INT32, {
-            "A": rng.integers(0, 256, (n, n), dtype=np.uint8)}
+        a_type, y_type, feeds = (
+            TensorProto.UINT8,
+            TensorProto.INT32,
+            {"A": rng.integers(0, 256, (n, n), dtype=np.uint8)},
+        )
         inits = [w]
     else:
         w = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "W")
         scale = numpy_helper.from_array(np.full((n,), 0.01, dtype=np.float32), "S")
         node = helper.make_node("DynamicQuantizeMatMul", ["A", "W", "S"], ["Y"], domain="com.microsoft")
-        a_type, y_type, feeds = TensorProto.FLOAT, TensorProto.FLOAT, {
-            "A": rng.standard_normal((n, n)).astype(np.float32)}
+        a_type, y_type, feeds = (
+            TensorProto.FLOAT,
+            TensorProto.FLOAT,
+            {"A": rng.standard_normal((n, n)).astype(np.float32)},
+        )
         inits = [w, scale]
-    graph = helper.make_graph([node], kind, [helper.make_tensor_value_info("A", a_type, [n, n])],
-                              [helper.make_tensor_value_info("Y", y_type, [n, n])], initializer=inits)
+    graph = helper.make_graph(
+        [node],
+        kind,
+        [helper.make_tensor_value_info("A", a_type, [n, n])],
+        [helper.make_tensor_value_info("Y", y_type, [n, n])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=opset)
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -95,9 +109,15 @@ def measure_peaks(quick: bool = False, seconds: float = 1.0) -> dict[str, Any]:
                 med, best_t = float(np.median(times)), float(np.min(times))
                 # The peak is the best run: what the kernel reaches when the machine lets it (on a shared
                 # machine the median is the load's, not the kernel's); the median stays in the JSON.
-                out["runs"][f"{kind}/{n}"] = {"kind": kind, "n": n, "median_ms": med * 1e3, "best_ms": best_t * 1e3,
-                                              "runs": len(times), "gflops": 2.0 * n ** 3 / best_t / 1e9,
-                                              "median_gflops": 2.0 * n ** 3 / med / 1e9}
+                out["runs"][f"{kind}/{n}"] = {
+                    "kind": kind,
+                    "n": n,
+                    "median_ms": med * 1e3,
+                    "best_ms": best_t * 1e3,
+                    "runs": len(times),
+                    "gflops": 2.0 * n**3 / best_t / 1e9,
+                    "median_gflops": 2.0 * n**3 / med / 1e9,
+                }
             except Exception as e:  # an op this build lacks is a result
                 out["runs"][f"{kind}/{n}"] = {"kind": kind, "n": n, "error": f"{type(e).__name__}: {e}"[:200]}
 
@@ -135,12 +155,17 @@ def model_flops(path: str | Path, feeds: dict[str, Any]) -> dict[str, Any]:
         typed = onnx.shape_inference.infer_shapes(proto)
     except Exception:
         typed = proto
-    dtype = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.input,
-                                                           *typed.graph.output] if v.type.HasField("tensor_type")}
+    dtype = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]
+        if v.type.HasField("tensor_type")
+    }
     init = {t.name: list(t.dims) for t in proto.graph.initializer}
     ops = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     have = {o.name for o in proto.graph.output}
-    wanted = sorted({x for n in ops for x in (n.input[0], n.input[1], n.output[0]) if x not in init and x in dtype})
+    wanted = sorted(
+        {x for n in ops for x in (n.input[0], n.input[1], n.output[0]) if x not in init and x in dtype}
+    )
     for name in wanted:
         if name not in have:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype[name], None))
@@ -200,8 +225,11 @@ def fractions(suite: dict[str, Any], peaks: dict[str, Any]) -> dict[str, Any]:
             gflops = (own or fl["flops"]) / (lat["median_ms"] / 1e3) / 1e9
             int8 = t.get("compute") == "int8"
             peak = peaks.get("int8_peak_gops") if int8 else peaks.get("fp32_peak_gflops")
-            rows[tool] = {"gflops": gflops, "peak": "int8" if int8 else "fp32",
-                          "fraction": gflops / peak if peak else None}
+            rows[tool] = {
+                "gflops": gflops,
+                "peak": "int8" if int8 else "fp32",
+                "fraction": gflops / peak if peak else None,
+            }
         out[key] = {"flops": fl["flops"], "tools": rows}
     return out
 
@@ -222,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out or _bench.RESULTS / ("roofline_quick.json" if args.quick else "roofline.json")
     _bench.write_json(out, result)
-    print(f"fp32 peak {peaks['fp32_peak_gflops']:.1f} GFLOP/s ({peaks['fp32_peak_from']}), int8 peak "
-          f"{peaks['int8_peak_gops'] or 0:.1f} GOP/s ({peaks['int8_peak_from']}); wrote {out}")
+    print(
+        f"fp32 peak {peaks['fp32_peak_gflops']:.1f} GFLOP/s ({peaks['fp32_peak_from']}), int8 peak "
+        f"{peaks['int8_peak_gops'] or 0:.1f} GOP/s ({peaks['int8_peak_from']}); wrote {out}"
+    )
     for key, f in (result.get("fractions") or {}).items():
         print(key, {t: f"{r['fraction']:.1%}" for t, r in f["tools"].items() if r["fraction"]})
     return 0

@@ -45,14 +45,20 @@ def prepare(layers: int, folder: Path) -> dict[str, Any]:
 
     torch.set_num_threads(2)
     name = f"scaling-{layers}"
-    models._BERT[name] = {**models._BERT["mini"], "num_hidden_layers": layers}  # same width, only depth varies
+    models._BERT[name] = {
+        **models._BERT["mini"],
+        "num_hidden_layers": layers,
+    }  # same width, only depth varies
     t0 = time.perf_counter()
     model = models.build_bert(name).export()
     export_s = time.perf_counter() - t0
     folder.mkdir(parents=True, exist_ok=True)
     graphopt.save(model, folder / "model.onnx", external_data=True)
-    meta = {"layers": layers, "nodes": sum(bench_fusion.op_histogram(folder / "model.onnx").values()),
-            "export_s": export_s}
+    meta = {
+        "layers": layers,
+        "nodes": sum(bench_fusion.op_histogram(folder / "model.onnx").values()),
+        "export_s": export_s,
+    }
     _bench.write_json(folder / "meta.json", meta)
     return meta
 
@@ -73,27 +79,47 @@ def run(quick: bool = False, repeats: int | None = None, timeout: float = 1800) 
         meta = json.loads((folder / "meta.json").read_text())
         runs = []
         for _ in range(repeats):
-            r = _bench.run_worker(bench_fusion.SCRIPT, ["--optimize", json.dumps({"tool": "graphopt", "name": "graphopt"}),
-                                                        str(folder), str(folder / "out")], cache / "result.json", timeout)
+            r = _bench.run_worker(
+                bench_fusion.SCRIPT,
+                [
+                    "--optimize",
+                    json.dumps({"tool": "graphopt", "name": "graphopt"}),
+                    str(folder),
+                    str(folder / "out"),
+                ],
+                cache / "result.json",
+                timeout,
+            )
             if not r.ok or "crash" in r.data:
                 rows.append({"layers": n, "nodes": meta["nodes"], "error": r.error or r.data.get("crash")})
                 break
             runs.append(r.data)
         else:
             opt = statistics.median(x["optimize_s"] for x in runs)
-            rows.append({"layers": n, "nodes": meta["nodes"], "nodes_after": runs[0]["counts"]["nodes"],
-                         "optimize_s": opt, "optimize_runs": [x["optimize_s"] for x in runs],
-                         "ms_per_node": opt * 1000 / meta["nodes"],
-                         "peak_mb": statistics.median(x["peak_mb"] for x in runs),
-                         "optimize_extra_mb": statistics.median(x["optimize_extra_mb"] for x in runs)})
+            rows.append(
+                {
+                    "layers": n,
+                    "nodes": meta["nodes"],
+                    "nodes_after": runs[0]["counts"]["nodes"],
+                    "optimize_s": opt,
+                    "optimize_runs": [x["optimize_s"] for x in runs],
+                    "ms_per_node": opt * 1000 / meta["nodes"],
+                    "peak_mb": statistics.median(x["peak_mb"] for x in runs),
+                    "optimize_extra_mb": statistics.median(x["optimize_extra_mb"] for x in runs),
+                }
+            )
         shutil.rmtree(folder / "out", ignore_errors=True)
         print(f"  scaling {n:2} layers: {rows[-1]}", flush=True)
     ok = [r for r in rows if "ms_per_node" in r]
     flat = None
     if len(ok) >= 2:
         flat = ok[-1]["ms_per_node"] / ok[0]["ms_per_node"]
-    return {"architecture": "BERT, hidden 256, 4 heads, FFN 1024 (tests/models.py 'mini' width)",
-            "repeats": repeats, "rows": rows, "ms_per_node_deepest_over_shallowest": flat}
+    return {
+        "architecture": "BERT, hidden 256, 4 heads, FFN 1024 (tests/models.py 'mini' width)",
+        "repeats": repeats,
+        "rows": rows,
+        "ms_per_node_deepest_over_shallowest": flat,
+    }
 
 
 CHAIN_NODES = (1_000, 10_000, 100_000, 200_000)
@@ -118,18 +144,25 @@ def chain_worker(nodes: int, folder: Path) -> dict[str, Any]:
     optimize_s = time.perf_counter() - t0
     graphopt.save(result.model, dst)
     slowest = sorted(result.report.passes, key=lambda r: -r.wall_s)[:3]
-    return {"nodes": nodes, "optimize_s": optimize_s, "ms_per_node": optimize_s * 1000 / nodes,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "input_bytes": src.stat().st_size, "output_bytes": dst.stat().st_size,
-            "size_ratio": dst.stat().st_size / src.stat().st_size,
-            "slowest_passes": [[r.name, round(r.wall_s, 2)] for r in slowest]}
+    return {
+        "nodes": nodes,
+        "optimize_s": optimize_s,
+        "ms_per_node": optimize_s * 1000 / nodes,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "input_bytes": src.stat().st_size,
+        "output_bytes": dst.stat().st_size,
+        "size_ratio": dst.stat().st_size / src.stat().st_size,
+        "slowest_passes": [[r.name, round(r.wall_s, 2)] for r in slowest],
+    }
 
 
 def run_chain(timeout: float = 1800) -> dict[str, Any]:
     cache = _bench.TMP / "scaling-chain"
     rows = []
     for n in CHAIN_NODES:
-        r = _bench.run_worker(SCRIPT, ["--chain-worker", str(n), str(cache / str(n))], cache / "result.json", timeout)
+        r = _bench.run_worker(
+            SCRIPT, ["--chain-worker", str(n), str(cache / str(n))], cache / "result.json", timeout
+        )
         rows.append(r.data if r.ok else {"nodes": n, "error": r.error})
         shutil.rmtree(cache / str(n), ignore_errors=True)
         print(f"  chain {n}: {rows[-1]}", flush=True)
@@ -137,22 +170,56 @@ def run_chain(timeout: float = 1800) -> dict[str, Any]:
 
 
 def chain_table(res: dict[str, Any]) -> str:
-    rows = [[r["nodes"], _f(r.get("optimize_s")), _f(r.get("ms_per_node"), ".3f"), _f(r.get("peak_mb"), ".0f"),
-             _f(r.get("size_ratio"), ".3f"), ", ".join(f"{n} {s}" for n, s in r.get("slowest_passes", [])),
-             r.get("error")] for r in res["rows"]]
-    return _bench.markdown_table(["nodes", "optimize s", "ms per node", "peak MB", "output / input size",
-                                  "slowest passes (s)", "error"], rows)
+    rows = [
+        [
+            r["nodes"],
+            _f(r.get("optimize_s")),
+            _f(r.get("ms_per_node"), ".3f"),
+            _f(r.get("peak_mb"), ".0f"),
+            _f(r.get("size_ratio"), ".3f"),
+            ", ".join(f"{n} {s}" for n, s in r.get("slowest_passes", [])),
+            r.get("error"),
+        ]
+        for r in res["rows"]
+    ]
+    return _bench.markdown_table(
+        [
+            "nodes",
+            "optimize s",
+            "ms per node",
+            "peak MB",
+            "output / input size",
+            "slowest passes (s)",
+            "error",
+        ],
+        rows,
+    )
 
 
 def table(res: dict[str, Any]) -> str:
-    rows = [[r["layers"], r.get("nodes"), r.get("nodes_after"), _f(r.get("optimize_s")), _f(r.get("ms_per_node"), ".3f"),
-             _f(r.get("peak_mb"), ".0f"), r.get("error")] for r in res["rows"]]
-    md = _bench.markdown_table(["layers", "export nodes", "nodes after", "optimize s", "ms per node", "peak MB",
-                                "error"], rows)
+    rows = [
+        [
+            r["layers"],
+            r.get("nodes"),
+            r.get("nodes_after"),
+            _f(r.get("optimize_s")),
+            _f(r.get("ms_per_node"), ".3f"),
+            _f(r.get("peak_mb"), ".0f"),
+            r.get("error"),
+        ]
+        for r in res["rows"]
+    ]
+    md = _bench.markdown_table(
+        ["layers", "export nodes", "nodes after", "optimize s", "ms per node", "peak MB", "error"], rows
+    )
     flat = res.get("ms_per_node_deepest_over_shallowest")
-    note = (f"\n\n{res['architecture']}; median of {res['repeats']} fresh-interpreter run(s) per depth. Time per node, "
-            f"deepest / shallowest: {flat:.2f}× (1.0 = linear in graph size; the shallow end carries the fixed "
-            "per-model cost, so values below 1 are expected)." if flat else "")
+    note = (
+        f"\n\n{res['architecture']}; median of {res['repeats']} fresh-interpreter run(s) per depth. Time per node, "
+        f"deepest / shallowest: {flat:.2f}× (1.0 = linear in graph size; the shallow end carries the fixed "
+        "per-model cost, so values below 1 are expected)."
+        if flat
+        else ""
+    )
     return md + note
 
 
@@ -174,7 +241,9 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     a1.plot([r["nodes"] for r in ok], [r["optimize_s"] for r in ok], "o-")
     for r in ok:
-        a1.annotate(f"{r['layers']}L", (r["nodes"], r["optimize_s"]), textcoords="offset points", xytext=(4, -10))
+        a1.annotate(
+            f"{r['layers']}L", (r["nodes"], r["optimize_s"]), textcoords="offset points", xytext=(4, -10)
+        )
     a1.set_xlabel("export nodes")
     a1.set_ylabel("graphopt optimize s")
     a1.set_title("Optimizer time vs model size")
@@ -198,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="fresh-interpreter runs per depth (default 2, quick 1)")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=_bench.RESULTS)
-    p.add_argument("--render", type=Path, metavar="JSON", help="rebuild Markdown and plot from an earlier JSON")
-    p.add_argument("--chain", action="store_true", help="Add/Relu chains of 1k..200k nodes (results/scaling_chain.*)")
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="rebuild Markdown and plot from an earlier JSON"
+    )
+    p.add_argument(
+        "--chain", action="store_true", help="Add/Relu chains of 1k..200k nodes (results/scaling_chain.*)"
+    )
     p.add_argument("--prepare", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--chain-worker", nargs=2, metavar=("NODES", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
@@ -208,11 +281,17 @@ def main(argv: list[str] | None = None) -> int:
         _bench.write_json(args.result_file, prepare(int(args.prepare[0]), Path(args.prepare[1])))
         return 0
     if args.chain_worker:
-        _bench.write_json(args.result_file, chain_worker(int(args.chain_worker[0]), Path(args.chain_worker[1])))
+        _bench.write_json(
+            args.result_file, chain_worker(int(args.chain_worker[0]), Path(args.chain_worker[1]))
+        )
         return 0
     if args.chain:
-        res = {"benchmark": "scaling-chain", "command": "python benchmarks/bench_scaling.py --chain",
-               "environment": _bench.environment(), **run_chain(args.timeout)}
+        res = {
+            "benchmark": "scaling-chain",
+            "command": "python benchmarks/bench_scaling.py --chain",
+            "environment": _bench.environment(),
+            **run_chain(args.timeout),
+        }
         _bench.write_json(args.out / "scaling_chain.json", res)
         md = "# Optimizer time and output size vs graph size (Add/Relu chain)\n\n" + chain_table(res) + "\n"
         (args.out / "scaling_chain.md").write_text(md)
@@ -222,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(args.render.read_text())
         stem, out = args.render.stem, args.render.parent
     else:
-        res = {"benchmark": "scaling", "command": " ".join(["python", "benchmarks/bench_scaling.py", *(argv or sys.argv[1:])]),
-               "environment": _bench.environment(), **run(args.quick, args.repeats, args.timeout)}
+        res = {
+            "benchmark": "scaling",
+            "command": " ".join(["python", "benchmarks/bench_scaling.py", *(argv or sys.argv[1:])]),
+            "environment": _bench.environment(),
+            **run(args.quick, args.repeats, args.timeout),
+        }
         stem, out = ("scaling_quick" if args.quick else "scaling"), args.out
     _bench.write_json(out / f"{stem}.json", res)
     md = "# Optimizer time vs depth\n\n" + table(res) + f"\n\n![scaling]({stem}.png)\n"

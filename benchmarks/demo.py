@@ -25,8 +25,14 @@ def build_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                        vocab_size=30522, max_position_embeddings=512)
+    config = BertConfig(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=30522,
+        max_position_embeddings=512,
+    )
     model = BertModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, 128))
     mask = torch.ones_like(ids)
@@ -57,15 +63,45 @@ def main() -> int:
     report = os.path.join(out_dir, "report.json")
     print("exporting a 4-layer BERT (random weights) with graphopt.export ...")
     graphopt.save(build_bert(), src)
-    cmd = [sys.executable, "-m", "graphopt.cli", "optimize", src, "-o", dst, "--target", "ort-cpu",
-           "--verify", "--report", report, "--dim", "batch=1", "--dim", "sequence=128"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "graphopt.cli",
+        "optimize",
+        src,
+        "-o",
+        dst,
+        "--target",
+        "ort-cpu",
+        "--verify",
+        "--report",
+        report,
+        "--dim",
+        "batch=1",
+        "--dim",
+        "sequence=128",
+    ]
     print("$ graphopt " + " ".join(cmd[3:]))
     rc = subprocess.call(cmd)
     if rc != 0:
         print(f"graphopt optimize failed with exit code {rc}")
         return rc
-    cmd = [sys.executable, "-m", "graphopt.cli", "optimize", src, "-o", q8, "--quantize", "dynamic",
-           "--verify", "--dim", "batch=1", "--dim", "sequence=128"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "graphopt.cli",
+        "optimize",
+        src,
+        "-o",
+        q8,
+        "--quantize",
+        "dynamic",
+        "--verify",
+        "--dim",
+        "batch=1",
+        "--dim",
+        "sequence=128",
+    ]
     print("\n$ graphopt " + " ".join(cmd[3:]))
     rc = subprocess.call(cmd)
     if rc != 0:
@@ -73,8 +109,10 @@ def main() -> int:
         return rc
     before, after, int8 = (inspect_model(graphopt.load(p)) for p in (src, dst, q8))
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 30522, (1, 128), dtype=np.int64),
-             "attention_mask": np.ones((1, 128), dtype=np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, 30522, (1, 128), dtype=np.int64),
+        "attention_mask": np.ones((1, 128), dtype=np.int64),
+    }
     # Interleaved rounds so that machine noise hits every file alike; medians.
     lat = [[latency_ms(p, feeds) for p in (src, dst, q8)] for _ in range(3)]
     ms = [round(float(np.median([r[i] for r in lat])), 2) for i in range(3)]

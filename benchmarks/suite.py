@@ -59,9 +59,16 @@ SCRIPT = Path(__file__).resolve()
 MODELS = ("bert", "gpt2", "llama", "vit", "resnet", "minilm", "digits-cnn", "digits-mlp")
 TRANSFORMERS = ("bert", "gpt2", "llama", "vit")
 DECODERS = ("gpt2", "llama")
-LABELS = {"bert": "BERT-base", "gpt2": "GPT-2 small", "llama": "Llama-8L (GQA)", "vit": "ViT-base/16",
-          "resnet": "ResNet-50", "minilm": "all-MiniLM-L6-v2 (pretrained)", "digits-cnn": "digits CNN (trained)",
-          "digits-mlp": "digits MLP (trained)"}
+LABELS = {
+    "bert": "BERT-base",
+    "gpt2": "GPT-2 small",
+    "llama": "Llama-8L (GQA)",
+    "vit": "ViT-base/16",
+    "resnet": "ResNet-50",
+    "minilm": "all-MiniLM-L6-v2 (pretrained)",
+    "digits-cnn": "digits CNN (trained)",
+    "digits-mlp": "digits MLP (trained)",
+}
 #: Tool -> (family, compute type). Family groups a graphopt mode with the anchors it is compared to.
 TOOLS: dict[str, tuple[str, str]] = {
     "original": ("original", "fp32"),
@@ -78,11 +85,26 @@ TOOLS: dict[str, tuple[str, str]] = {
     "graphopt-pruned": ("pruned", "fp32"),
 }
 #: Plot colours: each graphopt mode dark, its anchors light shades of the same family.
-COLORS = {"graphopt": "#1f77b4", "ort-opt": "#aec7e8", "onnxscript": "#c7c7c7", "onnxsim": "#dbdb8d",
-          "graphopt-dynamic": "#2ca02c", "ort-dynamic": "#98df8a", "graphopt-static": "#d62728",
-          "ort-static": "#ff9896", "graphopt-int4": "#9467bd", "ort-int4": "#c5b0d5", "graphopt-pruned": "#8c564b"}
-GRAPHOPT = {"fp32": "graphopt", "dynamic": "graphopt-dynamic", "static": "graphopt-static", "int4": "graphopt-int4",
-            "pruned": "graphopt-pruned"}
+COLORS = {
+    "graphopt": "#1f77b4",
+    "ort-opt": "#aec7e8",
+    "onnxscript": "#c7c7c7",
+    "onnxsim": "#dbdb8d",
+    "graphopt-dynamic": "#2ca02c",
+    "ort-dynamic": "#98df8a",
+    "graphopt-static": "#d62728",
+    "ort-static": "#ff9896",
+    "graphopt-int4": "#9467bd",
+    "ort-int4": "#c5b0d5",
+    "graphopt-pruned": "#8c564b",
+}
+GRAPHOPT = {
+    "fp32": "graphopt",
+    "dynamic": "graphopt-dynamic",
+    "static": "graphopt-static",
+    "int4": "graphopt-int4",
+    "pruned": "graphopt-pruned",
+}
 TEXT_SEQ, IMAGE, BATCH, CALIB_BATCHES = 128, 224, 8, 4
 DIGITS_BATCH = 256
 WARMUP = 3
@@ -99,7 +121,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def _size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.startswith("model")) / _bench.MB
+    return (
+        sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.startswith("model"))
+        / _bench.MB
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,11 +194,15 @@ def prepare(key: str, size: str, folder: Path) -> dict[str, Any]:
     feedsn = dict(np.load(folder / "batch.npz"))
     hh = bench_fusion._heads_hidden(config) if config is not None else None
     meta = {
-        "key": key, "size": size, "label": LABELS[key] if size == "base" or key in ("minilm",) or
-        key.startswith("digits") else f"{key}-{size}",
+        "key": key,
+        "size": size,
+        "label": LABELS[key]
+        if size == "base" or key in ("minilm",) or key.startswith("digits")
+        else f"{key}-{size}",
         "parameters": int(sum(p.numel() for p in module.parameters())),
         "layers": bench_fusion._layers(config) if config is not None else None,
-        "heads": hh[0] if hh else None, "hidden": hh[1] if hh else None,
+        "heads": hh[0] if hh else None,
+        "hidden": hh[1] if hh else None,
         "nodes": sum(bench_fusion.op_histogram(path).values()),
         "weights_mb": round(_size_mb(folder), 1),
         "export_s": round(export_s, 2),
@@ -206,8 +235,9 @@ def _save_hf_llama(module: Any, hf: Path) -> None:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, cfg.vocab_size)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(str(hf))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(str(hf))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +250,9 @@ class _Reader:
     def __init__(self, path: Path, names: set[str]) -> None:
         from graphopt.calibration import CalibrationData
 
-        self.batches = [{k: v for k, v in b.items() if k in names} for b in CalibrationData.from_any(str(path)).batches()]
+        self.batches = [
+            {k: v for k, v in b.items() if k in names} for b in CalibrationData.from_any(str(path)).batches()
+        ]
         self.i = 0
 
     def get_next(self) -> dict[str, Any] | None:
@@ -238,20 +270,34 @@ def _ort_quantize(tool: str, src: Path, dst: Path, calib: Path) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if tool == "ort-dynamic":
-        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                         use_external_data_format=True)
+        quantize_dynamic(
+            str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True
+        )
     elif tool == "ort-static":
         names = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
-        quantize_static(str(src), str(dst), _Reader(calib, names), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        use_external_data_format=True)
+        quantize_static(
+            str(src),
+            str(dst),
+            _Reader(calib, names),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+        )
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         model = onnx.load(str(src))
-        q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
-                                 op_types_to_quantize=("MatMul", "Gather"),
-                                 quant_axes=(("MatMul", 0), ("Gather", 1)))
+        q = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=32,
+            is_symmetric=True,
+            accuracy_level=4,
+            op_types_to_quantize=("MatMul", "Gather"),
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
         q.process()
         onnx.save_model(q.model.model, str(dst), save_as_external_data=True, location="model.onnx.data")
 
@@ -289,8 +335,11 @@ def optimize_one(spec: dict[str, Any], model_dir: Path, out_dir: Path) -> dict[s
                     result = graphopt.optimize(str(src), "ort-cpu", **kw)
                     out: Any = result.model
                     data["pipeline"] = result.report.pipeline
-                    data["stats"] = {p.name: {k: v for k, v in p.stats.items() if v} for p in result.report.passes
-                                     if p.name.split("(")[0].startswith(("quantize", "prune"))}
+                    data["stats"] = {
+                        p.name: {k: v for k, v in p.stats.items() if v}
+                        for p in result.report.passes
+                        if p.name.split("(")[0].startswith(("quantize", "prune"))
+                    }
                 elif tool == "onnxsim":
                     out, ok = onnxsim.simplify(onnx.load(str(src)))
                     data["check_ok"] = bool(ok)
@@ -301,8 +350,14 @@ def optimize_one(spec: dict[str, Any], model_dir: Path, out_dir: Path) -> dict[s
                         pre = out_dir / "pre.onnx"
                         # Symbolic shape inference fails on dynamo exports; ORT's basic optimizations
                         # (constant folding of the transposed weights) and ONNX shape inference still run.
-                        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=True,
-                                          all_tensors_to_one_file=True, external_data_location="pre.onnx.data")
+                        quant_pre_process(
+                            str(src),
+                            str(pre),
+                            skip_symbolic_shape=True,
+                            save_as_external_data=True,
+                            all_tensors_to_one_file=True,
+                            external_data_location="pre.onnx.data",
+                        )
                         src = pre
                     _ort_quantize(tool, src, dst, calib)
                     for f in ("pre.onnx", "pre.onnx.data"):
@@ -315,9 +370,14 @@ def optimize_one(spec: dict[str, Any], model_dir: Path, out_dir: Path) -> dict[s
         except Exception as e:  # a crash is a result
             data["crash"] = _one_line(e)
             return data
-        data.update({"optimize_s": meter.wall["optimize"], "save_s": meter.wall["save"],
-                     "peak_mb": meter.overall / _bench.MB,
-                     "optimize_extra_mb": (meter.peaks["optimize"] - meter.start["optimize"]) / _bench.MB})
+        data.update(
+            {
+                "optimize_s": meter.wall["optimize"],
+                "save_s": meter.wall["save"],
+                "peak_mb": meter.overall / _bench.MB,
+                "optimize_extra_mb": (meter.peaks["optimize"] - meter.start["optimize"]) / _bench.MB,
+            }
+        )
         data["ops"] = bench_fusion.op_histogram(dst)
         data["counts"] = bench_fusion.group_counts(data["ops"])
         data["digest"] = bench_fusion._digest(out_dir)
@@ -334,10 +394,16 @@ def optimize_one(spec: dict[str, Any], model_dir: Path, out_dir: Path) -> dict[s
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             try:
-                graphopt.save(graphopt.optimize(str(model_dir / "model.onnx"), "ort-cpu", level=1,
-                                                **(spec.get("kwargs") or {})).model, tmp / "model.onnx",
-                              external_data=True)
-                data["flops"] = bench_roofline.model_flops(tmp / "model.onnx", dict(np.load(model_dir / "feeds.npz")))
+                graphopt.save(
+                    graphopt.optimize(
+                        str(model_dir / "model.onnx"), "ort-cpu", level=1, **(spec.get("kwargs") or {})
+                    ).model,
+                    tmp / "model.onnx",
+                    external_data=True,
+                )
+                data["flops"] = bench_roofline.model_flops(
+                    tmp / "model.onnx", dict(np.load(model_dir / "feeds.npz"))
+                )
             except Exception as e:
                 data["flops"] = {"error": _one_line(e)}
             shutil.rmtree(tmp, ignore_errors=True)
@@ -357,9 +423,11 @@ def _metrics(ref: Any, got: Any) -> dict[str, Any]:
     err = a - b
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     noise = float(err @ err)
-    return {"max_abs": float(np.max(np.abs(err))) if a.size else 0.0,
-            "cosine": float(a @ b / denom) if denom else 1.0,
-            "sqnr_db": float(10 * np.log10(float(a @ a) / noise)) if noise > 0 else None}
+    return {
+        "max_abs": float(np.max(np.abs(err))) if a.size else 0.0,
+        "cosine": float(a @ b / denom) if denom else 1.0,
+        "sqnr_db": float(10 * np.log10(float(a @ a) / noise)) if noise > 0 else None,
+    }
 
 
 def latency(model_dir: Path, files: dict[str, str], rounds: int, batch_rounds: int) -> dict[str, Any]:
@@ -368,7 +436,10 @@ def latency(model_dir: Path, files: dict[str, str], rounds: int, batch_rounds: i
     import numpy as np
 
     _bench.tests_on_path()
-    feeds = {"batch1": dict(np.load(model_dir / "feeds.npz")), "batch": dict(np.load(model_dir / "batch.npz"))}
+    feeds = {
+        "batch1": dict(np.load(model_dir / "feeds.npz")),
+        "batch": dict(np.load(model_dir / "batch.npz")),
+    }
     check = dict(np.load(model_dir / "check.npz"))
     evals = dict(np.load(model_dir / "eval.npz")) if (model_dir / "eval.npz").exists() else None
     meta = json.loads((model_dir / "meta.json").read_text())
@@ -473,7 +544,9 @@ def _stats(times: list[float]) -> dict[str, Any]:
 # Worker: onnxruntime-genai builder and generation
 
 
-def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | None = None) -> dict[str, Any]:
+def genai(
+    model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Build int4 and fp32 from the HF folder with onnxruntime-genai's builder (no network), then time a
     greedy 64 + 128-token generation per build, interleaved over ``rounds``; and, for comparison, one
     forward of graphopt's files (``files``) on the same 64-token prompt (they have no KV cache)."""
@@ -496,12 +569,31 @@ def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | 
         out = out_root / f"genai-{prec}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
-                            "-p", prec, "-e", "cpu", "-c", str(out_root / "genai-cache")],
-                           capture_output=True, text=True, env=env)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(hf),
+                "-o",
+                str(out),
+                "-p",
+                prec,
+                "-e",
+                "cpu",
+                "-c",
+                str(out_root / "genai-cache"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         entry: dict[str, Any] = {"build_s": time.perf_counter() - t0}
         if p.returncode != 0:
-            entry["error"] = "builder failed: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-2:])[:300]
+            entry["error"] = (
+                "builder failed: " + " | ".join((p.stderr or p.stdout).strip().splitlines()[-2:])[:300]
+            )
             res[prec] = entry
             continue
         cfg_path = out / "genai_config.json"
@@ -509,7 +601,9 @@ def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | 
         so = cfg["model"]["decoder"].setdefault("session_options", {})
         so.update({"intra_op_num_threads": 2, "inter_op_num_threads": 1})
         cfg_path.write_text(json.dumps(cfg, indent=2))
-        entry["size_mb"] = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model")) / _bench.MB
+        entry["size_mb"] = (
+            sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model")) / _bench.MB
+        )
         try:
             c = og.Config(str(out))
             c.clear_providers()
@@ -521,8 +615,12 @@ def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | 
 
     def generate(m: Any) -> tuple[float, float, int]:
         params = og.GeneratorParams(m)
-        params.set_search_options(max_length=GENAI_PROMPT + GENAI_NEW, min_length=GENAI_PROMPT + GENAI_NEW,
-                                  do_sample=False, batch_size=1)
+        params.set_search_options(
+            max_length=GENAI_PROMPT + GENAI_NEW,
+            min_length=GENAI_PROMPT + GENAI_NEW,
+            do_sample=False,
+            batch_size=1,
+        )
         g = og.Generator(m, params)
         t0 = time.perf_counter()
         g.append_tokens(prompt)
@@ -545,7 +643,10 @@ def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | 
     for name, path in (files or {}).items():
         try:
             sess = bench_fusion._session(Path(path), spinning=False)
-            feed = {"input_ids": prompt[None].astype(np.int64), "attention_mask": np.ones((1, GENAI_PROMPT), np.int64)}
+            feed = {
+                "input_ids": prompt[None].astype(np.int64),
+                "attention_mask": np.ones((1, GENAI_PROMPT), np.int64),
+            }
             feed = {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}}
             for _ in range(WARMUP):
                 sess.run(None, feed)
@@ -563,8 +664,13 @@ def genai(model_dir: Path, out_root: Path, rounds: int, files: dict[str, str] | 
         prefill = [r[0] for r in rs]
         decode = [r[2] / r[1] for r in rs]
         total = [GENAI_NEW / (r[0] / 1000 + r[1]) for r in rs]
-        res[p].update(prefill_ms=float(np.median(prefill)), decode_tokens_per_s=float(np.median(decode)),
-                      tokens_per_s=float(np.median(total)), generated=rs[0][2], rounds=len(rs))
+        res[p].update(
+            prefill_ms=float(np.median(prefill)),
+            decode_tokens_per_s=float(np.median(decode)),
+            tokens_per_s=float(np.median(total)),
+            generated=rs[0][2],
+            rounds=len(rs),
+        )
     return res
 
 
@@ -576,14 +682,24 @@ def tool_specs(key: str, meta: dict[str, Any], quick: bool) -> list[dict[str, An
     """The first-stage runs for one model (everything that reads the export itself)."""
     cnn = key in ("resnet", "digits-cnn")
     targets = ["channels"] if cnn else ["ffn"]
-    specs = [{"tool": "graphopt", "name": "graphopt"},
-             {"tool": "graphopt-dynamic", "name": "graphopt-dynamic", "kwargs": {"quantize": "dynamic"}},
-             {"tool": "graphopt-static", "name": "graphopt-static",
-              "kwargs": {"quantize": "static", "calibrate": True}}]
+    specs = [
+        {"tool": "graphopt", "name": "graphopt"},
+        {"tool": "graphopt-dynamic", "name": "graphopt-dynamic", "kwargs": {"quantize": "dynamic"}},
+        {
+            "tool": "graphopt-static",
+            "name": "graphopt-static",
+            "kwargs": {"quantize": "static", "calibrate": True},
+        },
+    ]
     if key in DECODERS:
         specs.append({"tool": "graphopt-int4", "name": "graphopt-int4", "kwargs": {"quantize": "int4"}})
-    specs.append({"tool": "graphopt-pruned", "name": "graphopt-pruned",
-                  "kwargs": {"prune": {"sparsity": 0.5, "mode": "structured", "targets": targets}}})
+    specs.append(
+        {
+            "tool": "graphopt-pruned",
+            "name": "graphopt-pruned",
+            "kwargs": {"prune": {"sparsity": 0.5, "mode": "structured", "targets": targets}},
+        }
+    )
     specs += [{"tool": "onnxscript", "name": "onnxscript"}, {"tool": "onnxsim", "name": "onnxsim"}]
     kind = key if key in bench_fusion.ORT_MODEL_TYPES else ("bert" if key == "minilm" else "resnet")
     variants = bench_fusion.ort_variants(kind, meta)
@@ -607,10 +723,17 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
     results: dict[str, Any] = {}
 
     def optimize(spec: dict[str, Any]) -> dict[str, Any]:
-        r = _bench.run_worker(SCRIPT, ["--optimize", json.dumps(spec), str(folder), str(out_root / _slug(spec["name"]))],
-                              scratch / "result.json", args.timeout)
+        r = _bench.run_worker(
+            SCRIPT,
+            ["--optimize", json.dumps(spec), str(folder), str(out_root / _slug(spec["name"]))],
+            scratch / "result.json",
+            args.timeout,
+        )
         res = {**r.data, "process_wall_s": r.wall_s} if r.ok else {"variant": spec, "crash": r.error}
-        shown = res.get("crash") or f"{res['optimize_s']:.2f}s, peak {res['peak_mb']:.0f} MB, {res['size_mb']:.1f} MB"
+        shown = (
+            res.get("crash")
+            or f"{res['optimize_s']:.2f}s, peak {res['peak_mb']:.0f} MB, {res['size_mb']:.1f} MB"
+        )
         print(f"  {key:10} {spec['name']:24} {shown}", flush=True)
         return res
 
@@ -631,10 +754,21 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
                 ort_names.append(n)
     chosen, screen = (ort_names[0] if ort_names else None), None
     if len(ort_names) > 1:
-        r = _bench.run_worker(bench_fusion.SCRIPT, ["--latency", str(folder), json.dumps(
-            {"original": path["original"], **{n: path[n] for n in ort_names}}), "--rounds", "10"],
-            scratch / "result.json", args.timeout)
-        screen = {n: (r.data.get(n) or {}).get("median_ms") for n in ort_names} if r.ok else {"error": r.error}
+        r = _bench.run_worker(
+            bench_fusion.SCRIPT,
+            [
+                "--latency",
+                str(folder),
+                json.dumps({"original": path["original"], **{n: path[n] for n in ort_names}}),
+                "--rounds",
+                "10",
+            ],
+            scratch / "result.json",
+            args.timeout,
+        )
+        screen = (
+            {n: (r.data.get(n) or {}).get("median_ms") for n in ort_names} if r.ok else {"error": r.error}
+        )
         ranked = sorted((n for n in ort_names if isinstance(screen.get(n), float)), key=lambda n: screen[n])
         chosen = ranked[0] if ranked else None
     tools: dict[str, Any] = {}
@@ -671,13 +805,27 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
     timed = {"original": path["original"]}
     timed.update({t: path[t] for t in TOOLS if t != "original" and "digest" in tools.get(t, {})})
     rounds, brounds = (20, 10) if args.quick else (30, 15)
-    r = _bench.run_worker(SCRIPT, ["--latency", str(folder), json.dumps(timed), "--rounds", str(rounds),
-                                   "--batch-rounds", str(brounds)], scratch / "result.json", args.timeout)
+    r = _bench.run_worker(
+        SCRIPT,
+        [
+            "--latency",
+            str(folder),
+            json.dumps(timed),
+            "--rounds",
+            str(rounds),
+            "--batch-rounds",
+            str(brounds),
+        ],
+        scratch / "result.json",
+        args.timeout,
+    )
     final = r.data if r.ok else {"error": r.error}
     if not r.ok:
         print(f"  {key}: latency run failed: {r.error}", file=sys.stderr)
-    tools["original"] = {"size_mb": _size_mb(folder), "counts": bench_fusion.group_counts(
-        bench_fusion.op_histogram(Path(path["original"])))}
+    tools["original"] = {
+        "size_mb": _size_mb(folder),
+        "counts": bench_fusion.group_counts(bench_fusion.op_histogram(Path(path["original"]))),
+    }
     for t in TOOLS:
         if t not in tools:
             continue
@@ -685,13 +833,30 @@ def run_model(key: str, folder: Path, args: argparse.Namespace) -> dict[str, Any
         if t in final:
             tools[t]["latency"] = final[t]
         tools[t].pop("ops", None)
-    entry: dict[str, Any] = {"label": meta["label"], "meta": meta, "tools": tools, "ort_screen": screen,
-                             "latency_error": final.get("error"), "interleaved": final.get("_interleaved"),
-                             "load_average": [final.get("_load_average_before"), final.get("_load_average_after")]}
+    entry: dict[str, Any] = {
+        "label": meta["label"],
+        "meta": meta,
+        "tools": tools,
+        "ort_screen": screen,
+        "latency_error": final.get("error"),
+        "interleaved": final.get("_interleaved"),
+        "load_average": [final.get("_load_average_before"), final.get("_load_average_after")],
+    }
     if key == "llama":
         files = {t: path[t] for t in ("graphopt", "graphopt-int4") if "digest" in tools.get(t, {})}
-        r = _bench.run_worker(SCRIPT, ["--genai", str(folder), str(out_root), json.dumps(files),
-                                       "--rounds", str(3 if args.quick else 5)], scratch / "result.json", args.timeout)
+        r = _bench.run_worker(
+            SCRIPT,
+            [
+                "--genai",
+                str(folder),
+                str(out_root),
+                json.dumps(files),
+                "--rounds",
+                str(3 if args.quick else 5),
+            ],
+            scratch / "result.json",
+            args.timeout,
+        )
         entry["genai"] = r.data if r.ok else {"error": "n/a: " + r.error}
         print(f"  {key:10} genai: {entry['genai']}", flush=True)
     if not args.keep:
@@ -726,11 +891,16 @@ def summarize(entry: dict[str, Any]) -> None:
                 gl, al = gt["latency"].get(which), at["latency"].get(which)
                 if gl and al:
                     paired, lo, hi = bench_fusion.paired_ratio(gl["runs"], al["runs"])
-                    c[which] = {"ratio": gl["median_ms"] / al["median_ms"], "paired": paired, "ci90": [lo, hi]}
+                    c[which] = {
+                        "ratio": gl["median_ms"] / al["median_ms"],
+                        "paired": paired,
+                        "ci90": [lo, hi],
+                    }
             if c.get("batch1", {}).get("ratio", 0) > 1.0:
                 lo = c["batch1"]["ci90"][0]
-                v["behind"].append(f"latency vs {a} ({c['batch1']['ratio']:.2f}×"
-                                   + (", within noise)" if lo <= 1.0 else ")"))
+                v["behind"].append(
+                    f"latency vs {a} ({c['batch1']['ratio']:.2f}×" + (", within noise)" if lo <= 1.0 else ")")
+                )
             c["size_ratio"] = gt["size_mb"] / at["size_mb"] if at.get("size_mb") else None
             if c["size_ratio"] and c["size_ratio"] > SIZE_SLACK:
                 v["behind"].append(f"size vs {a} ({c['size_ratio']:.2f}×)")
@@ -758,17 +928,34 @@ def model_table(entry: dict[str, Any]) -> str:
     tools = entry["tools"]
     orig = ((tools.get("original") or {}).get("latency") or {}).get("batch1", {}).get("median_ms")
     orig_n = ((tools.get("original") or {}).get("latency") or {}).get("batch", {}).get("median_ms")
-    rows_shape = (entry["meta"].get("batch_shape") or {})
+    rows_shape = entry["meta"].get("batch_shape") or {}
     extra_name = _fid_name(entry)
-    header = ["tool", "b1 ms (p90)", "speedup b1", f"b{_rows(rows_shape)} ms (p90)", "rows/s", "speedup bN",
-              "max abs", "cosine", "SQNR dB", extra_name, "MB", "opt s", "peak MB", "vs anchor / behind"]
+    header = [
+        "tool",
+        "b1 ms (p90)",
+        "speedup b1",
+        f"b{_rows(rows_shape)} ms (p90)",
+        "rows/s",
+        "speedup bN",
+        "max abs",
+        "cosine",
+        "SQNR dB",
+        extra_name,
+        "MB",
+        "opt s",
+        "peak MB",
+        "vs anchor / behind",
+    ]
     rows = []
     for t in TOOLS:
         tt = tools.get(t)
         if tt is None:
             continue
-        name = t + (f" [{tt['chosen'].split(':', 1)[1]}]" if tt.get("chosen") else "") + (
-            " (pre-processed export)" if str(tt.get("input", "")).startswith("export") else "")
+        name = (
+            t
+            + (f" [{tt['chosen'].split(':', 1)[1]}]" if tt.get("chosen") else "")
+            + (" (pre-processed export)" if str(tt.get("input", "")).startswith("export") else "")
+        )
         lat = tt.get("latency") or {}
         b1, bn = lat.get("batch1") or {}, lat.get("batch") or {}
         if "crash" in tt or "median_ms" not in b1:
@@ -780,25 +967,40 @@ def model_table(entry: dict[str, Any]) -> str:
         fam = TOOLS[t][0]
         if t == GRAPHOPT.get(fam):
             v = (entry.get("verdicts") or {}).get(fam) or {}
-            cmp = [f"{c['batch1']['ratio']:.2f}× {a} (paired {c['batch1']['paired']:.2f}, "
-                   f"{c['batch1']['ci90'][0]:.2f}–{c['batch1']['ci90'][1]:.2f})"
-                   for a, c in v.get("anchors", {}).items() if "batch1" in c]
+            cmp = [
+                f"{c['batch1']['ratio']:.2f}× {a} (paired {c['batch1']['paired']:.2f}, "
+                f"{c['batch1']['ci90'][0]:.2f}–{c['batch1']['ci90'][1]:.2f})"
+                for a, c in v.get("anchors", {}).items()
+                if "batch1" in c
+            ]
             note = "; ".join(cmp)
             if v.get("behind"):
-                note += (" — **behind**: " + ", ".join(v["behind"]))
+                note += " — **behind**: " + ", ".join(v["behind"])
             elif cmp:
                 note += " — not behind"
             if fam == "pruned":
                 note = "no anchor (structured FFN/channel pruning); fidelity is the cost"
         extra = fid.get("accuracy", fid.get("embedding_min_cosine"))
-        rows.append([name, f"{b1['median_ms']:.2f} ({b1['p90_ms']:.2f})", _ratio(orig, b1["median_ms"]),
-                     f"{bn['median_ms']:.1f} ({bn['p90_ms']:.1f})" if bn else None,
-                     _f(bn.get("throughput_per_s"), ".1f"), _ratio(orig_n, bn.get("median_ms")),
-                     "–" if t == "original" else _f(fid.get("max_abs"), ".1e"),
-                     "–" if t == "original" else _f(fid.get("cosine"), ".5f"),
-                     "–" if t == "original" else ("∞" if fid.get("max_abs") == 0 else _f(fid.get("sqnr_db"), ".1f")),
-                     _f(extra, ".4f"), _f(tt.get("size_mb"), ".1f"), _f(tt.get("optimize_s")),
-                     _f(tt.get("peak_mb"), ".0f"), note or None])
+        rows.append(
+            [
+                name,
+                f"{b1['median_ms']:.2f} ({b1['p90_ms']:.2f})",
+                _ratio(orig, b1["median_ms"]),
+                f"{bn['median_ms']:.1f} ({bn['p90_ms']:.1f})" if bn else None,
+                _f(bn.get("throughput_per_s"), ".1f"),
+                _ratio(orig_n, bn.get("median_ms")),
+                "–" if t == "original" else _f(fid.get("max_abs"), ".1e"),
+                "–" if t == "original" else _f(fid.get("cosine"), ".5f"),
+                "–"
+                if t == "original"
+                else ("∞" if fid.get("max_abs") == 0 else _f(fid.get("sqnr_db"), ".1f")),
+                _f(extra, ".4f"),
+                _f(tt.get("size_mb"), ".1f"),
+                _f(tt.get("optimize_s")),
+                _f(tt.get("peak_mb"), ".0f"),
+                note or None,
+            ]
+        )
     if extra_name is None:  # no labels or sentence metric for this model: drop the empty column
         header.pop(9)
         rows = [r[:9] + r[10:] for r in rows]
@@ -828,16 +1030,34 @@ def genai_table(entry: dict[str, Any]) -> str:
         e = g.get(prec)
         if not e:
             continue
-        rows.append([f"onnxruntime-genai {prec} (builder)", _f(e.get("tokens_per_s"), ".1f"),
-                     _f(e.get("decode_tokens_per_s"), ".1f"), _f(e.get("prefill_ms")), _f(e.get("size_mb"), ".1f"),
-                     e.get("error") or f"built in {e['build_s']:.0f} s; KV cache, GQA kernel"])
+        rows.append(
+            [
+                f"onnxruntime-genai {prec} (builder)",
+                _f(e.get("tokens_per_s"), ".1f"),
+                _f(e.get("decode_tokens_per_s"), ".1f"),
+                _f(e.get("prefill_ms")),
+                _f(e.get("size_mb"), ".1f"),
+                e.get("error") or f"built in {e['build_s']:.0f} s; KV cache, GQA kernel",
+            ]
+        )
     fwd = g.get("graphopt_forward") or {}
     for t in ("graphopt", "graphopt-int4"):
         f = fwd.get(t) or {}
-        rows.append([t, "n/a", "n/a", _f(f.get("prompt_forward_ms")), _f((tools.get(t) or {}).get("size_mb"), ".1f"),
-                     f.get("error") or "no generation loop: the export has no past-KV inputs (use_cache=False), so "
-                     f"only one forward of the {GENAI_PROMPT}-token prompt is timed (prefill column; no LM head)"])
-    return _bench.markdown_table(["file", "tokens/s (64+128)", "decode tokens/s", "prefill ms", "MB", "note"], rows)
+        rows.append(
+            [
+                t,
+                "n/a",
+                "n/a",
+                _f(f.get("prompt_forward_ms")),
+                _f((tools.get(t) or {}).get("size_mb"), ".1f"),
+                f.get("error")
+                or "no generation loop: the export has no past-KV inputs (use_cache=False), so "
+                f"only one forward of the {GENAI_PROMPT}-token prompt is timed (prefill column; no LM head)",
+            ]
+        )
+    return _bench.markdown_table(
+        ["file", "tokens/s (64+128)", "decode tokens/s", "prefill ms", "MB", "note"], rows
+    )
 
 
 def render(results: dict[str, Any], out: Path, stem: str) -> None:
@@ -857,7 +1077,8 @@ def render(results: dict[str, Any], out: Path, stem: str) -> None:
         f"{env['versions'].get('onnxruntime')}, onnxscript {env['versions'].get('onnxscript')}, onnxsim "
         f"{env['versions'].get('onnxsim')}, onnxruntime-genai {s.get('genai_version')}; {env['date']}. "
         f"Whole run {results.get('wall_s', 0):.0f} s. Command: `{results['command']}`"
-        + (f". {s['note']}" if s.get("note") else "") + "\n",
+        + (f". {s['note']}" if s.get("note") else "")
+        + "\n",
         _summary_section(ok),
         "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n",
         "<details><summary>How it is measured</summary>\n\n"
@@ -883,21 +1104,36 @@ def render(results: dict[str, Any], out: Path, stem: str) -> None:
             parts.append(f"## {key}\n\nexport failed: {e.get('export_error')}\n")
             continue
         m = e["meta"]
-        desc = (f"{m.get('parameters', 0) / 1e6:.1f}M parameters, {m.get('nodes')} export nodes"
-                + (f", {m['layers']} layers" if m.get("layers") else "")
-                + (f", {(m.get('flops') or {}).get('flops', 0) / 1e9:.3g} GFLOP per batch-1 forward"
-                   if (m.get("flops") or {}).get("flops") else "")
-                + (f"; torch test accuracy {m['torch_test_accuracy']:.4f}" if m.get("torch_test_accuracy") else "")
-                + ("" if e.get("interleaved", True) else "; timed one session at a time (files too large)"))
+        desc = (
+            f"{m.get('parameters', 0) / 1e6:.1f}M parameters, {m.get('nodes')} export nodes"
+            + (f", {m['layers']} layers" if m.get("layers") else "")
+            + (
+                f", {(m.get('flops') or {}).get('flops', 0) / 1e9:.3g} GFLOP per batch-1 forward"
+                if (m.get("flops") or {}).get("flops")
+                else ""
+            )
+            + (
+                f"; torch test accuracy {m['torch_test_accuracy']:.4f}"
+                if m.get("torch_test_accuracy")
+                else ""
+            )
+            + ("" if e.get("interleaved", True) else "; timed one session at a time (files too large)")
+        )
         parts.append(f"## {e['label']}\n\n{desc}.\n\n{model_table(e)}\n")
-        notes = [f"- {t}: tried first on the " + "; then on the ".join(tt["failed_attempts"])
-                 for t, tt in e["tools"].items() if tt.get("failed_attempts")]
+        notes = [
+            f"- {t}: tried first on the " + "; then on the ".join(tt["failed_attempts"])
+            for t, tt in e["tools"].items()
+            if tt.get("failed_attempts")
+        ]
         notes += [f"- {t} crashed: {tt['crash']}" for t, tt in e["tools"].items() if tt.get("crash")]
         if notes:
             parts.append("\n".join(notes) + "\n")
         if e.get("genai"):
-            parts.append(f"Generation ({GENAI_PROMPT}-token prompt, {GENAI_NEW} new tokens, greedy, batch 1):\n\n"
-                         + genai_table(e) + "\n")
+            parts.append(
+                f"Generation ({GENAI_PROMPT}-token prompt, {GENAI_NEW} new tokens, greedy, batch 1):\n\n"
+                + genai_table(e)
+                + "\n"
+            )
     if roof.get("peaks"):
         parts.append(_roofline_section(roof))
     elif roof.get("error"):
@@ -931,8 +1167,11 @@ def _summary_cell(e: dict[str, Any], fam: str) -> str:
     if q is not None and fam != "fp32":
         name = "acc" if "accuracy" in fid else ("sent cos" if "embedding_min_cosine" in fid else "cos")
         bits.append(f"{name} {q:.4f}")
-    status = ("**behind**: " + ", ".join(v["behind"])) if v["behind"] else (
-        "no anchor" if fam == "pruned" else "not behind any anchor")
+    status = (
+        ("**behind**: " + ", ".join(v["behind"]))
+        if v["behind"]
+        else ("no anchor" if fam == "pruned" else "not behind any anchor")
+    )
     return " · ".join(bits + [status])
 
 
@@ -940,22 +1179,29 @@ def _summary_section(models: dict[str, Any]) -> str:
     """One row per model, one cell per graphopt mode: speedup over the export, fidelity, and where it is behind."""
     header = ["model", *[f"graphopt {f}" for f in GRAPHOPT]]
     rows = [[e["label"], *[_summary_cell(e, fam) for fam in GRAPHOPT]] for e in models.values()]
-    return ("## Where graphopt stands\n\nBatch-1 speedup over the export, fidelity (quantized / pruned: worst "
-            "cosine, digits accuracy, MiniLM worst sentence cosine) and every anchor graphopt is behind.\n\n"
-            + _bench.markdown_table(header, rows) + "\n")
+    return (
+        "## Where graphopt stands\n\nBatch-1 speedup over the export, fidelity (quantized / pruned: worst "
+        "cosine, digits accuracy, MiniLM worst sentence cosine) and every anchor graphopt is behind.\n\n"
+        + _bench.markdown_table(header, rows)
+        + "\n"
+    )
 
 
 def _roofline_section(roof: dict[str, Any]) -> str:
     p = roof["peaks"]
-    lines = [f"## Roofline\n\nMeasured peaks through ONNX Runtime (2 threads): fp32 MatMul "
-             f"{p.get('fp32_peak_gflops') or 0:.1f} GFLOP/s ({p.get('fp32_peak_from')}), int8 "
-             f"{p.get('int8_peak_gops') or 0:.1f} GOP/s ({p.get('int8_peak_from')}). Achieved = the export's "
-             "MatMul/Gemm/Conv FLOPs per batch-1 forward / the file's median latency, as a fraction of the peak of "
-             "its compute type (int8 for quantized files; the pruned file's own, smaller FLOP count).\n"]
+    lines = [
+        f"## Roofline\n\nMeasured peaks through ONNX Runtime (2 threads): fp32 MatMul "
+        f"{p.get('fp32_peak_gflops') or 0:.1f} GFLOP/s ({p.get('fp32_peak_from')}), int8 "
+        f"{p.get('int8_peak_gops') or 0:.1f} GOP/s ({p.get('int8_peak_from')}). Achieved = the export's "
+        "MatMul/Gemm/Conv FLOPs per batch-1 forward / the file's median latency, as a fraction of the peak of "
+        "its compute type (int8 for quantized files; the pruned file's own, smaller FLOP count).\n"
+    ]
     fr = roof.get("fractions") or {}
     tools = [t for t in TOOLS if any(t in f["tools"] for f in fr.values())]
-    rows = [[k, f"{f['flops'] / 1e9:.3g}", *[_f((f["tools"].get(t) or {}).get("fraction"), ".1%") for t in tools]]
-            for k, f in fr.items()]
+    rows = [
+        [k, f"{f['flops'] / 1e9:.3g}", *[_f((f["tools"].get(t) or {}).get("fraction"), ".1%") for t in tools]]
+        for k, f in fr.items()
+    ]
     lines.append(_bench.markdown_table(["model", "GFLOP", *tools], rows))
     return "\n".join(lines) + "\n"
 
@@ -992,14 +1238,23 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
                     xs.append(j + (i - len(tools) / 2) * width)
                     ys.append(s)
             if xs:
-                ax.bar(xs, ys, width, label=t, color=colors[t],
-                       edgecolor="black" if t.startswith("graphopt") else None, linewidth=1.2)
+                ax.bar(
+                    xs,
+                    ys,
+                    width,
+                    label=t,
+                    color=colors[t],
+                    edgecolor="black" if t.startswith("graphopt") else None,
+                    linewidth=1.2,
+                )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_ylabel(f"speedup vs export ({'batch 1' if which == 'batch1' else 'larger batch'})")
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(models)), [e["label"] for e in models.values()], rotation=20, ha="right")
     axes[0].legend(ncol=6, fontsize=8, loc="upper left")
-    axes[0].set_title("ONNX Runtime CPU latency: speedup over the export (higher is better; graphopt outlined)")
+    axes[0].set_title(
+        "ONNX Runtime CPU latency: speedup over the export (higher is better; graphopt outlined)"
+    )
     fig.tight_layout()
     paths.append(out / f"{stem}_speedup.png")
     fig.savefig(paths[-1], dpi=110)
@@ -1015,10 +1270,20 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
             if s is None or fid.get("cosine") is None:
                 continue
             y = min(sq, 100.0) if sq is not None else 100.0
-            ax.scatter(s, y, color=colors[t], marker=markers[j % len(markers)], s=60,
-                       edgecolors="black" if t.startswith("graphopt") else "none")
-    shown = {t for e in models.values() for t in tools
-             if (((e["tools"].get(t) or {}).get("latency") or {}).get("fidelity") or {}).get("cosine") is not None}
+            ax.scatter(
+                s,
+                y,
+                color=colors[t],
+                marker=markers[j % len(markers)],
+                s=60,
+                edgecolors="black" if t.startswith("graphopt") else "none",
+            )
+    shown = {
+        t
+        for e in models.values()
+        for t in tools
+        if (((e["tools"].get(t) or {}).get("latency") or {}).get("fidelity") or {}).get("cosine") is not None
+    }
     for t in tools:
         if t in shown:
             ax.scatter([], [], color=colors[t], label=t)
@@ -1043,7 +1308,14 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
                 xs.append(j + (i - len(tools) / 2) * width)
                 ys.append(v / o)
         if xs:
-            ax.bar(xs, ys, width, label=t, color=colors[t], edgecolor="black" if t.startswith("graphopt") else None)
+            ax.bar(
+                xs,
+                ys,
+                width,
+                label=t,
+                color=colors[t],
+                edgecolor="black" if t.startswith("graphopt") else None,
+            )
     ax.set_xticks(range(len(models)), [e["label"] for e in models.values()], rotation=20, ha="right")
     ax.set_ylabel("file size / export's")
     ax.set_ylim(0, max(1.2, ax.get_ylim()[1]) if not math.isnan(ax.get_ylim()[1]) else 1.2)
@@ -1086,7 +1358,9 @@ def _plots(results: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="mini sizes + MiniLM + digits (~10 min; suite_quick.*)")
+    p.add_argument(
+        "--quick", action="store_true", help="mini sizes + MiniLM + digits (~10 min; suite_quick.*)"
+    )
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--no-scaling", action="store_true", help="skip bench_scaling (optimizer time vs depth)")
     p.add_argument("--no-roofline", action="store_true", help="skip bench_roofline (GEMM peaks)")
@@ -1094,7 +1368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the optimized files in results/tmp/suite/*/out")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
     p.add_argument("--out", type=Path, default=_bench.RESULTS, help="folder for suite[_quick].json/.md/.png")
-    p.add_argument("--render", type=Path, metavar="JSON", help="only rebuild Markdown and plots from an earlier JSON")
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rebuild Markdown and plots from an earlier JSON"
+    )
     p.add_argument("--prepare", nargs=3, metavar=("KEY", "SIZE", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--optimize", nargs=3, metavar=("SPEC", "MODEL_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     p.add_argument("--latency", nargs=2, metavar=("MODEL_DIR", "FILES"), help=argparse.SUPPRESS)
@@ -1114,8 +1390,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.latency:
         model_dir, files = args.latency
-        _bench.write_json(args.result_file, latency(Path(model_dir), json.loads(files), args.rounds,
-                                                    args.batch_rounds))
+        _bench.write_json(
+            args.result_file, latency(Path(model_dir), json.loads(files), args.rounds, args.batch_rounds)
+        )
         return 0
     if args.genai:
         model_dir, out, files = args.genai
@@ -1144,24 +1421,39 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "suite",
         "command": " ".join([Path(sys.executable).name, "benchmarks/suite.py", *(argv or sys.argv[1:])]),
         "environment": _bench.environment(),
-        "settings": {"quick": args.quick, "size": size, "rounds": 20 if args.quick else 30,
-                     "batch_rounds": 10 if args.quick else 15, "warmup": WARMUP, "batch": BATCH,
-                     "digits_batch": DIGITS_BATCH, "sequence": TEXT_SEQ, "image": IMAGE,
-                     "calibration_batches": CALIB_BATCHES, "genai_version": genai_version,
-                     "intra_op_threads": 2, "spinning": False},
+        "settings": {
+            "quick": args.quick,
+            "size": size,
+            "rounds": 20 if args.quick else 30,
+            "batch_rounds": 10 if args.quick else 15,
+            "warmup": WARMUP,
+            "batch": BATCH,
+            "digits_batch": DIGITS_BATCH,
+            "sequence": TEXT_SEQ,
+            "image": IMAGE,
+            "calibration_batches": CALIB_BATCHES,
+            "genai_version": genai_version,
+            "intra_op_threads": 2,
+            "spinning": False,
+        },
         "models": {},
     }
     if not args.no_roofline:
         print("roofline: measuring GEMM peaks ...", flush=True)
-        r = _bench.run_worker(Path(bench_roofline.__file__), ["--quick"] if args.quick else [],
-                              cache / "roofline.json", args.timeout)
+        r = _bench.run_worker(
+            Path(bench_roofline.__file__),
+            ["--quick"] if args.quick else [],
+            cache / "roofline.json",
+            args.timeout,
+        )
         results["roofline"] = {"peaks": r.data.get("peaks")} if r.ok else {"error": r.error}
     for key in models:
         folder = cache / f"{key}-{size}"
         if args.re_export or not (folder / "meta.json").exists():
             print(f"preparing {key} ({size}) ...", flush=True)
-            r = _bench.run_worker(SCRIPT, ["--prepare", key, size, str(folder)],
-                                  cache / "prepare.json", args.timeout)
+            r = _bench.run_worker(
+                SCRIPT, ["--prepare", key, size, str(folder)], cache / "prepare.json", args.timeout
+            )
             if not r.ok:
                 print(f"export of {key} failed: {r.error}", file=sys.stderr)
                 results["models"][key] = {"label": key, "export_error": r.error}
@@ -1172,7 +1464,9 @@ def main(argv: list[str] | None = None) -> int:
         entry["wall_s"] = round(time.perf_counter() - t0, 1)
         results["models"][key] = entry
         results["wall_s"] = round(time.perf_counter() - t_start, 1)
-        _bench.write_json(args.out / ("suite_quick.partial.json" if args.quick else "suite.partial.json"), results)
+        _bench.write_json(
+            args.out / ("suite_quick.partial.json" if args.quick else "suite.partial.json"), results
+        )
     if not args.no_scaling:
         import bench_scaling
 

@@ -214,7 +214,11 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, taken: set[st
     """Register ``array`` as a new initializer of ``graph``, named by :func:`unique_name` from
     ``base`` (``taken`` as there), and return its value (typed and shaped like ``array``)."""
     name = unique_name(graph, base, taken)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(np.require(array, requirements="C"), name=name))  # (ascontiguousarray makes 0-d 1-d)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(np.require(array, requirements="C"), name=name),
+    )  # (ascontiguousarray makes 0-d 1-d)
     graph.register_initializer(value)
     return value

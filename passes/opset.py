@@ -33,7 +33,9 @@ logger = logging.getLogger("graphopt.passes.opset")
 
 @dataclasses.dataclass
 class UpgradeOpsetOptions:
-    version: int = dataclasses.field(default=23, metadata={"doc": "target default-domain opset (never lowered)"})
+    version: int = dataclasses.field(
+        default=23, metadata={"doc": "target default-domain opset (never lowered)"}
+    )
 
 
 class _Collect(logging.Handler):
@@ -82,36 +84,47 @@ class UpgradeOpsetPass(Pass):
             return ir.passes.PassResult(model, False)
         newest = min(onnx.defs.onnx_opset_version(), vc.SUPPORTED_MAX_ONNX_OPSET)
         if target > newest:
-            raise PassFailedError(f"upgrade-opset: version {target} is newer than this onnx/onnxscript support ({newest})")
+            raise PassFailedError(
+                f"upgrade-opset: version {target} is newer than this onnx/onnxscript support ({newest})"
+            )
         if nested := _nested_nodes_with_adapters(model):
             raise PassFailedError(
                 f"upgrade-opset: {nested} inside If/Loop/Scan bodies need an adapter the converter does not "
-                "apply there; keep the model's opset")
+                "apply there; keep the model's opset"
+            )
         # onnxscript's adapters cover opset 18 onwards; older models go through the ONNX C API.
         fallback = current < vc.SUPPORTED_MIN_ONNX_OPSET
         collect = _Collect()
-        loggers = [logging.getLogger("onnxscript.version_converter"),
-                   logging.getLogger("onnxscript.version_converter._version_converter")]
+        loggers = [
+            logging.getLogger("onnxscript.version_converter"),
+            logging.getLogger("onnxscript.version_converter._version_converter"),
+        ]
         for lg in loggers:
             lg.addHandler(collect)
         try:
             convert_version(model, target, fallback=fallback)
         except Exception as e:  # the converter raises ValueError/VersionConverterError/onnx errors
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise PassFailedError(f"upgrade-opset: cannot convert opset {current} → {target}: {msg}") from None
+            raise PassFailedError(
+                f"upgrade-opset: cannot convert opset {current} → {target}: {msg}"
+            ) from None
         finally:
             for lg in loggers:
                 lg.removeHandler(collect)
         if collect.messages:
             raise PassFailedError(f"upgrade-opset: opset {current} → {target} failed: {collect.messages[0]}")
         if model_opset(model) != target:
-            raise PassFailedError(f"upgrade-opset: the converter left the model at opset {model_opset(model)}, not {target}")
+            raise PassFailedError(
+                f"upgrade-opset: the converter left the model at opset {model_opset(model)}, not {target}"
+            )
         proto = ir.serde.serialize_model(model)
         if proto.ByteSize() < 2**31 - 1:  # the checker cannot take larger protos in memory
             try:
                 onnx.checker.check_model(proto)
             except onnx.checker.ValidationError as e:
                 msg = str(e).strip().splitlines()[0]
-                raise PassFailedError(f"upgrade-opset: the model at opset {target} is invalid: {msg}") from None
+                raise PassFailedError(
+                    f"upgrade-opset: the model at opset {target} is invalid: {msg}"
+                ) from None
         self.count("from_opset", current)
         return ir.passes.PassResult(model, True)

@@ -68,47 +68,146 @@ SENTINEL = 1e30
 #: CUDA provider that accumulate in float32 (MatMul/Gemm/Conv via cuBLAS/cuDNN, Softmax, the
 #: normalizations, attention); the rest move or combine elements without growing them.
 CONVERTIBLE: frozenset[tuple[str, str]] = frozenset(
-    [("", op) for op in (
-        # compute
-        "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "LayerNormalization",
-        "RMSNormalization", "SimplifiedLayerNormalization", "BatchNormalization", "InstanceNormalization",
-        "GroupNormalization", "Softmax", "LogSoftmax",
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-        # activations (bounded or linear growth)
-        "Relu", "LeakyRelu", "PRelu", "Gelu", "Erf", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish",
-        "Elu", "Selu", "Celu", "Mish", "Clip", "Abs", "Neg", "Sign", "Floor", "Ceil", "Round",
-        # elementwise arithmetic (ranges checked with calibration data)
-        "Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Max", "Min", "Where", "Sum", "Mean",
-        # reductions that cannot grow values
-        "ReduceMean", "ReduceMax", "ReduceMin",
-        # data movement
-        "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice",
-        "Gather", "GatherElements", "GatherND", "Expand", "Tile", "Pad", "Resize", "DepthToSpace",
-        "SpaceToDepth",
-    )]
-    + [(_MS, op) for op in (
-        "Attention", "MultiHeadAttention", "GroupQueryAttention", "SkipLayerNormalization",
-        "SkipSimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd",
-        "BiasSplitGelu", "RotaryEmbedding", "FusedMatMul", "MatMulNBits", "GemmFastGelu",
-    )]
+    [
+        ("", op)
+        for op in (
+            # compute
+            "MatMul",
+            "Gemm",
+            "Conv",
+            "ConvTranspose",
+            "Einsum",
+            "Attention",
+            "LayerNormalization",
+            "RMSNormalization",
+            "SimplifiedLayerNormalization",
+            "BatchNormalization",
+            "InstanceNormalization",
+            "GroupNormalization",
+            "Softmax",
+            "LogSoftmax",
+            "MaxPool",
+            "AveragePool",
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            # activations (bounded or linear growth)
+            "Relu",
+            "LeakyRelu",
+            "PRelu",
+            "Gelu",
+            "Erf",
+            "Tanh",
+            "Sigmoid",
+            "HardSigmoid",
+            "HardSwish",
+            "Elu",
+            "Selu",
+            "Celu",
+            "Mish",
+            "Clip",
+            "Abs",
+            "Neg",
+            "Sign",
+            "Floor",
+            "Ceil",
+            "Round",
+            # elementwise arithmetic (ranges checked with calibration data)
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Sqrt",
+            "Reciprocal",
+            "Max",
+            "Min",
+            "Where",
+            "Sum",
+            "Mean",
+            # reductions that cannot grow values
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            # data movement
+            "Identity",
+            "Reshape",
+            "Flatten",
+            "Squeeze",
+            "Unsqueeze",
+            "Transpose",
+            "Concat",
+            "Split",
+            "Slice",
+            "Gather",
+            "GatherElements",
+            "GatherND",
+            "Expand",
+            "Tile",
+            "Pad",
+            "Resize",
+            "DepthToSpace",
+            "SpaceToDepth",
+        )
+    ]
+    + [
+        (_MS, op)
+        for op in (
+            "Attention",
+            "MultiHeadAttention",
+            "GroupQueryAttention",
+            "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization",
+            "BiasGelu",
+            "FastGelu",
+            "Gelu",
+            "QuickGelu",
+            "BiasAdd",
+            "BiasSplitGelu",
+            "RotaryEmbedding",
+            "FusedMatMul",
+            "MatMulNBits",
+            "GemmFastGelu",
+        )
+    ]
 )
 
 #: Ops kept in float32 on purpose, with the reason (any op not in CONVERTIBLE is kept too).
 KEEP_FP32: dict[str, str] = {
     **dict.fromkeys(("Pow", "Exp", "Softplus"), "grows values past fp16's 65504 (x², eˣ)"),
     **dict.fromkeys(("Log",), "loses the precision of small inputs"),
-    **dict.fromkeys(("ReduceSum", "ReduceSumSquare", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
-                     "ReduceLogSumExp", "CumSum"), "sums or products of many terms overflow"),
+    **dict.fromkeys(
+        (
+            "ReduceSum",
+            "ReduceSumSquare",
+            "ReduceProd",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "CumSum",
+        ),
+        "sums or products of many terms overflow",
+    ),
     **dict.fromkeys(("Cos", "Sin"), "angles (positions × frequencies) need float32's mantissa"),
     **dict.fromkeys(("Range", "ConstantOfShape", "EyeLike"), "shape and position computations"),
-    **dict.fromkeys(("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                     "Bernoulli"), "sampling"),
+    **dict.fromkeys(
+        (
+            "RandomNormal",
+            "RandomUniform",
+            "RandomNormalLike",
+            "RandomUniformLike",
+            "Multinomial",
+            "Bernoulli",
+        ),
+        "sampling",
+    ),
     **dict.fromkeys(("TopK", "ArgMax", "ArgMin"), "rounding creates ties that change the indices"),
-    **dict.fromkeys(("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"),
-                    "rounding changes comparison results"),
+    **dict.fromkeys(
+        ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"), "rounding changes comparison results"
+    ),
     **dict.fromkeys(("NonMaxSuppression", "RoiAlign", "GridSample"), "coordinates need float32"),
-    **dict.fromkeys(("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"),
-                    "quantization scales stay float32"),
+    **dict.fromkeys(
+        ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"), "quantization scales stay float32"
+    ),
     "FusedConv": "ONNX Runtime's FusedConv kernels are float32 only",
 }
 
@@ -125,9 +224,25 @@ _KEEP_OUTPUTS: dict[tuple[str, str], frozenset[int]] = {
 #: Compute ops that convert whenever an activation (not a position/shape value) reaches them,
 #: even from a float32 producer: one kept op early in a graph must not keep the rest in fp32.
 _HEAVY = frozenset(
-    [("", op) for op in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "LayerNormalization",
-                         "RMSNormalization", "SimplifiedLayerNormalization", "BatchNormalization",
-                         "InstanceNormalization", "GroupNormalization", "Softmax", "LogSoftmax")]
+    [
+        ("", op)
+        for op in (
+            "MatMul",
+            "Gemm",
+            "Conv",
+            "ConvTranspose",
+            "Einsum",
+            "Attention",
+            "LayerNormalization",
+            "RMSNormalization",
+            "SimplifiedLayerNormalization",
+            "BatchNormalization",
+            "InstanceNormalization",
+            "GroupNormalization",
+            "Softmax",
+            "LogSoftmax",
+        )
+    ]
     + [k for k in CONVERTIBLE if k[0] == _MS]
 )
 #: Ops that read rows of a constant table: fp16 from the start (embedding lookups).
@@ -139,21 +254,33 @@ _ANY_INPUT = frozenset({("", "Shape"), ("", "Size"), ("", "Cast"), ("", "IsNaN")
 @dataclasses.dataclass
 class Float16Options:
     dtype: Literal["float16", "bfloat16"] = dataclasses.field(
-        default="float16", metadata={"doc": "reduced precision type: float16 | bfloat16"})
+        default="float16", metadata={"doc": "reduced precision type: float16 | bfloat16"}
+    )
     keep_io_types: bool = dataclasses.field(
-        default=True, metadata={"doc": "graph inputs/outputs stay float32 (Cast at the boundary)"})
+        default=True, metadata={"doc": "graph inputs/outputs stay float32 (Cast at the boundary)"}
+    )
     op_block_list: list[str] = dataclasses.field(
-        default_factory=list, metadata={"doc": "more op types to keep in float32"})
+        default_factory=list, metadata={"doc": "more op types to keep in float32"}
+    )
     node_block_list: list[str] = dataclasses.field(
-        default_factory=list, metadata={"doc": "node names to keep in float32"})
+        default_factory=list, metadata={"doc": "node names to keep in float32"}
+    )
     max_abs: float = dataclasses.field(
-        default=16384.0, metadata={"doc": "calibrated |values| above this keep their nodes in float32 "
-                                          "(fp16 max is 65504; the margin covers inputs not seen)"})
+        default=16384.0,
+        metadata={
+            "doc": "calibrated |values| above this keep their nodes in float32 "
+            "(fp16 max is 65504; the margin covers inputs not seen)"
+        },
+    )
     calibration_batches: int = dataclasses.field(
-        default=8, metadata={"doc": "calibration batches used to measure value ranges"})
+        default=8, metadata={"doc": "calibration batches used to measure value ranges"}
+    )
     ranges: Literal["auto", "calibration", "off"] = dataclasses.field(
-        default="auto", metadata={"doc": "value-range checks: auto (when calibration data is given), "
-                                         "calibration (required), off"})
+        default="auto",
+        metadata={
+            "doc": "value-range checks: auto (when calibration data is given), calibration (required), off"
+        },
+    )
 
 
 class ConvertFloat16Pass(Pass):
@@ -202,14 +329,17 @@ class ConvertFloat16Pass(Pass):
                 tainted.update(id(v) for v in node.outputs if v.dtype == ir.DataType.FLOAT)
             if key in _ANY_INPUT or key == ("", "Constant"):  # constants convert where they are read
                 continue
-            float_in = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == ir.DataType.FLOAT]
+            float_in = [
+                (i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == ir.DataType.FLOAT
+            ]
             float_out = [(i, v) for i, v in enumerate(node.outputs) if v.dtype == ir.DataType.FLOAT]
             if not float_in and not float_out:
                 continue
             keep_in = _KEEP_INPUTS.get(key, frozenset())
             keep_out = _KEEP_OUTPUTS.get(key, frozenset())
-            reason = self._keep_reason(node, key, float_in, float_out, keep_in, keep_out, stats, outer, is_low,
-                                       tainted)
+            reason = self._keep_reason(
+                node, key, float_in, float_out, keep_in, keep_out, stats, outer, is_low, tainted
+            )
             if reason is None:
                 converted.add(id(node))
                 for i, v in float_out:
@@ -228,10 +358,19 @@ class ConvertFloat16Pass(Pass):
         return ir.passes.PassResult(model, True)
 
     # --- decisions ----------------------------------------------------------------------------
-    def _keep_reason(self, node: ir.Node, key: tuple[str, str], float_in: list[tuple[int, ir.Value]],
-                     float_out: list[tuple[int, ir.Value]], keep_in: frozenset[int], keep_out: frozenset[int],
-                     stats: dict[str, tuple[float, bool]], outer: set[int], is_low: Any,
-                     tainted: set[int]) -> str | None:
+    def _keep_reason(
+        self,
+        node: ir.Node,
+        key: tuple[str, str],
+        float_in: list[tuple[int, ir.Value]],
+        float_out: list[tuple[int, ir.Value]],
+        keep_in: frozenset[int],
+        keep_out: frozenset[int],
+        stats: dict[str, tuple[float, bool]],
+        outer: set[int],
+        is_low: Any,
+        tainted: set[int],
+    ) -> str | None:
         """Why ``node`` stays float32 (None: convert it)."""
         o = self.options
         if key not in CONVERTIBLE:
@@ -289,7 +428,9 @@ class ConvertFloat16Pass(Pass):
                 self.count("ranges_unchecked")
             return {}
         if data is None:
-            raise PipelineError("convert-float16(ranges=calibration) needs calibration data; pass calibration=")
+            raise PipelineError(
+                "convert-float16(ranges=calibration) needs calibration data; pass calibration="
+            )
         from graphopt.calibration import CalibrationData, stream_tensors
 
         data = CalibrationData.from_any(data)
@@ -301,8 +442,9 @@ class ConvertFloat16Pass(Pass):
                     seen.add(v.name)
                     names.append(v.name)
         peaks: dict[str, tuple[float, bool]] = {}
-        for batch in stream_tensors(model, names, data, limit=o.calibration_batches,
-                                    description="fp16 value ranges"):
+        for batch in stream_tensors(
+            model, names, data, limit=o.calibration_batches, description="fp16 value ranges"
+        ):
             for name, arr in batch.items():
                 a = np.abs(np.asarray(arr, dtype=np.float32))
                 finite = a[np.isfinite(a)]
@@ -315,8 +457,14 @@ class ConvertFloat16Pass(Pass):
         return peaks
 
     # --- rewriting ----------------------------------------------------------------------------
-    def _rewrite(self, model: ir.Model, nodes: list[ir.Node], converted: set[int], low_values: set[int],
-                 low: ir.DataType) -> None:
+    def _rewrite(
+        self,
+        model: ir.Model,
+        nodes: list[ir.Node],
+        converted: set[int],
+        low_values: set[int],
+        low: ir.DataType,
+    ) -> None:
         graph = model.graph
         o = self.options
         taken = {v.name for n in nodes for v in n.outputs if v.name}
@@ -367,8 +515,9 @@ class ConvertFloat16Pass(Pass):
             if not bounds:
                 for name, x in (("fp16_lowest", -FP16_MAX), ("fp16_max", FP16_MAX)):
                     t = ir.Tensor(np.array(x, dtype=np.float32), name=fresh(name))
-                    b = ir.Value(name=t.name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]),
-                                 const_value=t)
+                    b = ir.Value(
+                        name=t.name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([]), const_value=t
+                    )
                     graph.register_initializer(b)
                     bounds.append(b)
             node = ir.node("Clip", [v, *bounds], name=fresh(f"{v.name}_saturate"))
@@ -432,7 +581,9 @@ class ConvertFloat16Pass(Pass):
             if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
                 graph.initializers.pop(v.name)  # type: ignore[arg-type]
 
-    def _constant(self, graph: ir.Graph, v: ir.Value, arr: np.ndarray, low: ir.DataType, name: str) -> ir.Value:
+    def _constant(
+        self, graph: ir.Graph, v: ir.Value, arr: np.ndarray, low: ir.DataType, name: str
+    ) -> ir.Value:
         """A new initializer holding ``v``'s data in ``low`` (sentinels clamped to the fp16 range)."""
         a = np.asarray(arr, dtype=np.float32)
         if low == ir.DataType.FLOAT16:
@@ -444,7 +595,9 @@ class ConvertFloat16Pass(Pass):
         else:
             converted = a.astype(ml_dtypes.bfloat16)
         tensor = ir.Tensor(converted, dtype=low, name=name)
-        value = ir.Value(name=name, type=ir.TensorType(low), shape=ir.Shape(converted.shape), const_value=tensor)
+        value = ir.Value(
+            name=name, type=ir.TensorType(low), shape=ir.Shape(converted.shape), const_value=tensor
+        )
         graph.register_initializer(value)
         self.count("initializers_converted")
         return value
@@ -463,8 +616,9 @@ def _starts_position_chain(node: ir.Node) -> bool:
 
 
 def _all_tainted(node: ir.Node, tainted: set[int]) -> bool:
-    dynamic = [v for v in node.inputs if v is not None and v.dtype == ir.DataType.FLOAT
-               and constant_array(v) is None]
+    dynamic = [
+        v for v in node.inputs if v is not None and v.dtype == ir.DataType.FLOAT and constant_array(v) is None
+    ]
     return bool(dynamic) and all(id(v) in tainted for v in dynamic)
 
 

@@ -34,7 +34,11 @@ def mlp_proto(opset: int = 17) -> onnx.ModelProto:
         "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1"), numpy_helper.from_array(W2, "w2")],
+        [
+            numpy_helper.from_array(W1, "w1"),
+            numpy_helper.from_array(B1, "b1"),
+            numpy_helper.from_array(W2, "w2"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
     onnx.checker.check_model(model)
@@ -48,12 +52,19 @@ def reference_output() -> np.ndarray:
 
 def save_external(proto: onnx.ModelProto, path: str | os.PathLike, location: str = "weights.bin") -> None:
     """Save with every initializer (small ones too) in ``location`` next to the model."""
-    onnx.save_model(proto, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+    onnx.save_model(
+        proto,
+        os.fspath(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
 
 
-def external_ref_model(location: str, *, offset: int = 0, length: int | None = None,
-                       as_attribute: bool = False) -> onnx.ModelProto:
+def external_ref_model(
+    location: str, *, offset: int = 0, length: int | None = None, as_attribute: bool = False
+) -> onnx.ModelProto:
     """A model whose one 4x4 float weight points at ``location`` (raw bytes are not written here)."""
     t = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     set_external_data(t, location=location, offset=offset, length=64 if length is None else length)

@@ -32,8 +32,9 @@ class DigitsModel:
         import graphopt
 
         batch = torch.export.Dim("batch", min=1, max=4096)
-        return graphopt.export(self.module, (torch.from_numpy(self.x_test[:4]),),
-                               dynamic_shapes=({0: batch},))
+        return graphopt.export(
+            self.module, (torch.from_numpy(self.x_test[:4]),), dynamic_shapes=({0: batch},)
+        )
 
     def calibration(self, n: int = 256, batch: int = 32) -> list[dict[str, np.ndarray]]:
         """Feed dicts from the training split (never the test split)."""

@@ -38,10 +38,22 @@ __all__ = [
 SIZES = ("tiny", "mini", "base")
 
 _BERT = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                 vocab_size=100, max_position_embeddings=64),
-    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                  vocab_size=1000, max_position_embeddings=128),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=64,
+    ),
+    "mini": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        vocab_size=1000,
+        max_position_embeddings=128,
+    ),
     "base": {},  # BertConfig() defaults are bert-base-uncased: 12 layers, 768 hidden, 30522 vocab
 }
 _GPT2 = {
@@ -54,18 +66,51 @@ _GPT2 = {
 # heads (~140M parameters): the shape of a small Llama, sized so that a 2-core machine exports and
 # benchmarks it in minutes.
 _LLAMA = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=100, max_position_embeddings=128),
-    "mini": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256),
-    "base": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=128,
+    ),
+    "mini": dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    ),
+    "base": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
 }
 _VIT = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                 image_size=32, patch_size=8),
-    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                 image_size=224, patch_size=16),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+    ),
+    "mini": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        image_size=224,
+        patch_size=16,
+    ),
     "base": {},  # ViTConfig() defaults are ViT-base/16 at 224x224: 12 layers, 768 hidden
 }
 _RESNET = {
@@ -104,7 +149,7 @@ def _token_feeds(vocab: int, with_mask: bool = True) -> Callable[..., dict[str, 
             # Right padding on every row but the first, so the mask path is exercised while
             # every query still sees at least one key (no fully masked softmax rows).
             for b in range(1, batch):
-                mask[b, max(1, seq - 3 * b):] = 0
+                mask[b, max(1, seq - 3 * b) :] = 0
             out["attention_mask"] = mask
         return out
 
@@ -144,8 +189,15 @@ def build_bert(size: str = "tiny", seed: int = 0) -> Exportable:
     ids = torch.randint(0, config.vocab_size, (2, 16))
     batch, seq = _seq_dims(config.max_position_embeddings)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    return Exportable(f"bert-{size}", module, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                      dyn, _token_feeds(config.vocab_size), config)
+    return Exportable(
+        f"bert-{size}",
+        module,
+        (),
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        dyn,
+        _token_feeds(config.vocab_size),
+        config,
+    )
 
 
 def build_gpt2(size: str = "tiny", lm_head: bool = False, seed: int = 0) -> Exportable:
@@ -242,7 +294,9 @@ def build_vit(size: str = "tiny", seed: int = 0) -> Exportable:
     _perturb_vectors(module)
     x = torch.randn(2, 3, config.image_size, config.image_size)
     dyn = {"pixel_values": {0: torch.export.Dim("batch", max=64)}}
-    return Exportable(f"vit-{size}", module, (), {"pixel_values": x}, dyn, _image_feeds(config.image_size), config)
+    return Exportable(
+        f"vit-{size}", module, (), {"pixel_values": x}, dyn, _image_feeds(config.image_size), config
+    )
 
 
 def build_resnet(size: str = "tiny", seed: int = 0) -> Exportable:
@@ -280,11 +334,18 @@ def chain_model(nodes: int) -> Any:
     init = helper.make_tensor("c", TensorProto.FLOAT, [16], np.ones(16, np.float32).tolist())
     for i in range(nodes // 2):
         out = "y" if i == nodes // 2 - 1 else f"r{i}"
-        body += [helper.make_node("Add", [prev, "c"], [f"a{i}"], name=f"add{i}"),
-                 helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}")]
+        body += [
+            helper.make_node("Add", [prev, "c"], [f"a{i}"], name=f"add{i}"),
+            helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}"),
+        ]
         prev = out
-    graph = helper.make_graph(body, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [init])
+    graph = helper.make_graph(
+        body,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [init],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 

@@ -20,7 +20,16 @@ from typing import Any
 import numpy as np
 from models import Exportable
 
-__all__ = ["CALIBRATION_SENTENCES", "SENTENCES", "build_minilm", "mean_pool", "min_cosine", "minilm_feeds", "load_tokenizer", "minilm_path"]
+__all__ = [
+    "CALIBRATION_SENTENCES",
+    "SENTENCES",
+    "build_minilm",
+    "mean_pool",
+    "min_cosine",
+    "minilm_feeds",
+    "load_tokenizer",
+    "minilm_path",
+]
 
 #: Varied real English sentences (short to long, several topics, punctuation, numbers, names).
 SENTENCES: list[str] = [
@@ -145,86 +154,87 @@ CALIBRATION_SENTENCES: list[str] = [
     "The recipe works just as well with oat milk instead of cow's milk.",
     "Most of the village's residents work on nearby farms or in tourism.",
     "Voters will choose a new mayor in the election this autumn.",
-    "The cat knocked a glass of water off the kitchen table.",    "The museum's new wing displays pottery from the Bronze Age.",
-    'If it rains tomorrow, the picnic will be moved indoors.',
-    'My laptop battery only lasts about two hours now.',
+    "The cat knocked a glass of water off the kitchen table.",
+    "The museum's new wing displays pottery from the Bronze Age.",
+    "If it rains tomorrow, the picnic will be moved indoors.",
+    "My laptop battery only lasts about two hours now.",
     "The farmers' market opens every Saturday morning at eight.",
-    'She translated the poem from Portuguese into English.',
-    'The company recalled thousands of cars because of a faulty brake sensor.',
-    'We watched the fireworks from the balcony of our hotel.',
-    'A strong earthquake shook the coastal town early on Tuesday.',
-    'The lecture on medieval history was surprisingly entertaining.',
-    'Could you turn the music down a little, please?',
-    'The hospital hired twenty new nurses for the emergency department.',
-    'He has been collecting stamps since he was a child.',
-    'The river is home to otters, herons and several species of trout.',
-    'Our flight home was overbooked, so we were offered vouchers.',
-    'The new policy allows employees to work from home two days a week.',
-    'Tomatoes grow best in warm, sunny spots with plenty of water.',
-    'The detective novel was adapted into a popular television drama.',
-    'Engineers tested the bridge with trucks loaded with sand.',
-    'I usually read the news on my phone during breakfast.',
-    'The choir rehearses in the church hall on Thursday evenings.',
-    'Rising sea levels threaten many low-lying islands in the Pacific.',
-    'The shop gave me a refund because the jacket was torn.',
-    'She won a scholarship to study architecture in Copenhagen.',
-    'The old railway line has been turned into a cycling path.',
-    'Our teacher asked us to write an essay about climate change.',
+    "She translated the poem from Portuguese into English.",
+    "The company recalled thousands of cars because of a faulty brake sensor.",
+    "We watched the fireworks from the balcony of our hotel.",
+    "A strong earthquake shook the coastal town early on Tuesday.",
+    "The lecture on medieval history was surprisingly entertaining.",
+    "Could you turn the music down a little, please?",
+    "The hospital hired twenty new nurses for the emergency department.",
+    "He has been collecting stamps since he was a child.",
+    "The river is home to otters, herons and several species of trout.",
+    "Our flight home was overbooked, so we were offered vouchers.",
+    "The new policy allows employees to work from home two days a week.",
+    "Tomatoes grow best in warm, sunny spots with plenty of water.",
+    "The detective novel was adapted into a popular television drama.",
+    "Engineers tested the bridge with trucks loaded with sand.",
+    "I usually read the news on my phone during breakfast.",
+    "The choir rehearses in the church hall on Thursday evenings.",
+    "Rising sea levels threaten many low-lying islands in the Pacific.",
+    "The shop gave me a refund because the jacket was torn.",
+    "She won a scholarship to study architecture in Copenhagen.",
+    "The old railway line has been turned into a cycling path.",
+    "Our teacher asked us to write an essay about climate change.",
     "The zoo's baby elephant was born weighing over a hundred kilograms.",
-    'Please keep your seatbelt fastened while the sign is on.',
-    'The film festival showed more than two hundred short films.',
-    'My grandfather repaired clocks in a small workshop for fifty years.',
-    'Scientists measured the temperature of the ocean at different depths.',
-    'The cafe offers free refills on filtered coffee.',
-    'Thousands of runners took part in the city marathon on Sunday.',
-    'The printer is out of ink again.',
-    'Wildfires spread quickly because of the dry, windy weather.',
-    'He finally passed his driving test on the third attempt.',
-    'The government announced new funding for rural broadband.',
-    'Our dog loves chasing seagulls on the beach.',
-    'The castle was built in the twelfth century to guard the valley.',
-    'Many students work part-time to pay for their studies.',
-    'The restaurant was fully booked, so we ordered takeaway instead.',
-    'Astronomers detected water vapour in the atmosphere of a distant planet.',
-    'The software crashes whenever I try to open large files.',
-    'Traffic lights were out of order after the storm.',
-    'She plays tennis with her colleagues after work on Wednesdays.',
-    'The report recommends planting more trees along busy roads.',
-    'How long does it take to get to the airport by taxi?',
-    'The painter used bright colours to capture the busy market square.',
-    'A new species of orchid was found in the mountains of Borneo.',
-    'Local volunteers cleaned up the park after the festival.',
-    'The exam results will be published online next week.',
-    'Honey never spoils if it is stored in a sealed jar.',
-    'They moved to the countryside to have a quieter life.',
+    "Please keep your seatbelt fastened while the sign is on.",
+    "The film festival showed more than two hundred short films.",
+    "My grandfather repaired clocks in a small workshop for fifty years.",
+    "Scientists measured the temperature of the ocean at different depths.",
+    "The cafe offers free refills on filtered coffee.",
+    "Thousands of runners took part in the city marathon on Sunday.",
+    "The printer is out of ink again.",
+    "Wildfires spread quickly because of the dry, windy weather.",
+    "He finally passed his driving test on the third attempt.",
+    "The government announced new funding for rural broadband.",
+    "Our dog loves chasing seagulls on the beach.",
+    "The castle was built in the twelfth century to guard the valley.",
+    "Many students work part-time to pay for their studies.",
+    "The restaurant was fully booked, so we ordered takeaway instead.",
+    "Astronomers detected water vapour in the atmosphere of a distant planet.",
+    "The software crashes whenever I try to open large files.",
+    "Traffic lights were out of order after the storm.",
+    "She plays tennis with her colleagues after work on Wednesdays.",
+    "The report recommends planting more trees along busy roads.",
+    "How long does it take to get to the airport by taxi?",
+    "The painter used bright colours to capture the busy market square.",
+    "A new species of orchid was found in the mountains of Borneo.",
+    "Local volunteers cleaned up the park after the festival.",
+    "The exam results will be published online next week.",
+    "Honey never spoils if it is stored in a sealed jar.",
+    "They moved to the countryside to have a quieter life.",
     "The bank's website was down for several hours on Monday.",
-    'Children under five travel free on public buses.',
-    'The documentary follows a family of wolves through the winter.',
+    "Children under five travel free on public buses.",
+    "The documentary follows a family of wolves through the winter.",
     "I'd like a table for two by the window, please.",
-    'The mayor opened the new library with a short speech.',
-    'Cheap flights have made weekend trips abroad very popular.',
-    'The kettle switched itself off before the water boiled.',
-    'Doctors recommend at least seven hours of sleep a night.',
-    'The band released their first album in fifteen years.',
-    'Heavy rain caused a landslide that blocked the mountain road.',
-    'The students built a small weather station on the school roof.',
-    'Please leave your umbrella at the entrance.',
-    'The chef prepared a five-course dinner using only local ingredients.',
-    'Electric scooters are now banned on the pavement in the city centre.',
-    'The telescope was launched into orbit on a rocket from French Guiana.',
-    'My sister works as a nurse on the night shift.',
-    'The ferry crossing was cancelled because of high waves.',
-    'Their garden is full of roses, lavender and apple trees.',
-    'The negotiations ended without an agreement late last night.',
-    'He apologised for the misunderstanding and offered to help.',
-    'The museum offers guided tours in six languages.',
-    'The factory reduced its water use by half in three years.',
-    'Bring a warm jacket, because the evenings get cold up there.',
-    'The puppy fell asleep on the sofa after a long walk.',
-    'Researchers are developing batteries that charge in minutes.',
-    'The city celebrates its founding with a parade every spring.',
-    'Hi there!',
-    'See you tomorrow.',
+    "The mayor opened the new library with a short speech.",
+    "Cheap flights have made weekend trips abroad very popular.",
+    "The kettle switched itself off before the water boiled.",
+    "Doctors recommend at least seven hours of sleep a night.",
+    "The band released their first album in fifteen years.",
+    "Heavy rain caused a landslide that blocked the mountain road.",
+    "The students built a small weather station on the school roof.",
+    "Please leave your umbrella at the entrance.",
+    "The chef prepared a five-course dinner using only local ingredients.",
+    "Electric scooters are now banned on the pavement in the city centre.",
+    "The telescope was launched into orbit on a rocket from French Guiana.",
+    "My sister works as a nurse on the night shift.",
+    "The ferry crossing was cancelled because of high waves.",
+    "Their garden is full of roses, lavender and apple trees.",
+    "The negotiations ended without an agreement late last night.",
+    "He apologised for the misunderstanding and offered to help.",
+    "The museum offers guided tours in six languages.",
+    "The factory reduced its water use by half in three years.",
+    "Bring a warm jacket, because the evenings get cold up there.",
+    "The puppy fell asleep on the sofa after a long walk.",
+    "Researchers are developing batteries that charge in minutes.",
+    "The city celebrates its founding with a parade every spring.",
+    "Hi there!",
+    "See you tomorrow.",
 ]
 
 #: The name of the model's output that the embeddings come from.
@@ -256,8 +266,10 @@ def minilm_feeds(sentences: list[str], tokenizer: Any = None, max_length: int = 
     """A padded batch (int64 ``input_ids`` and ``attention_mask``) for the exported model."""
     tok = tokenizer if tokenizer is not None else load_tokenizer()
     enc = tok(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return {"input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
-            "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64)}
+    return {
+        "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
+    }
 
 
 class _MiniLM(Exportable):
@@ -266,8 +278,13 @@ class _MiniLM(Exportable):
     def export(self) -> Any:
         import graphopt
 
-        return graphopt.export(self.module, self.args, kwargs=self.kwargs, dynamic_shapes=self.dynamic_shapes,
-                               output_names=[OUTPUT])
+        return graphopt.export(
+            self.module,
+            self.args,
+            kwargs=self.kwargs,
+            dynamic_shapes=self.dynamic_shapes,
+            output_names=[OUTPUT],
+        )
 
 
 def build_minilm() -> Exportable:
@@ -282,8 +299,9 @@ def build_minilm() -> Exportable:
     from transformers import AutoModel
 
     # No pooler: sentence-transformers pools the token states itself (mean_pool).
-    module = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True,
-                                       add_pooling_layer=False).eval()
+    module = AutoModel.from_pretrained(
+        str(minilm_path()), local_files_only=True, add_pooling_layer=False
+    ).eval()
     tok = load_tokenizer()
     sample = minilm_feeds(SENTENCES[:2], tok)
     kwargs = {k: torch.from_numpy(v) for k, v in sample.items()}
@@ -295,8 +313,10 @@ def build_minilm() -> Exportable:
         n = len(SENTENCES)
         chosen = [SENTENCES[(seed * 7 + i) % n] for i in range(batch)]
         enc = tok(chosen, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
-        return {"input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
-                "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64)}
+        return {
+            "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),
+            "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),
+        }
 
     return _MiniLM("minilm-l6", module, (), kwargs, dyn, feeds, module.config)
 

@@ -123,7 +123,9 @@ def test_minmax_keeps_outliers(outlier_hist: Histogram) -> None:
 
 @pytest.mark.parametrize("calibrator", ["percentile", "entropy", "mse"])
 def test_clipping_calibrators_drop_outliers(outlier_hist: Histogram, calibrator: str) -> None:
-    rmin, rmax = compute_range(outlier_hist, calibrator, percentile=99.99, qmin=-128, qmax=127, symmetric=True)
+    rmin, rmax = compute_range(
+        outlier_hist, calibrator, percentile=99.99, qmin=-128, qmax=127, symmetric=True
+    )
     # MSE weighs the two outliers' clipping error against everyone's rounding error: it clips
     # them only part of the way; the others clip to the bulk of the distribution.
     bound = 45.0 if calibrator == "mse" else 20.0
@@ -262,7 +264,9 @@ def _relu_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
     nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])]
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
 
 
 def test_stream_tensors_yields_intermediates_per_batch() -> None:

@@ -73,8 +73,9 @@ def test_optimize_writes_a_smaller_model_a_report_and_stamps_the_pipeline(tmp_pa
 
 def test_optimize_dump_dir_writes_one_model_per_pass_execution(tmp_path, capsys, mlp_path) -> None:
     dumps, report = tmp_path / "dumps", tmp_path / "r.json"
-    code, _, err = cli(capsys, "optimize", mlp_path, "-o", tmp_path / "out.onnx", "--report", report,
-                       "--dump-dir", dumps)
+    code, _, err = cli(
+        capsys, "optimize", mlp_path, "-o", tmp_path / "out.onnx", "--report", report, "--dump-dir", dumps
+    )
     assert code == 0, err
     rows = json.loads(report.read_text())["passes"]
     models = sorted(p for p in os.listdir(dumps) if p.endswith(".onnx"))
@@ -116,8 +117,9 @@ def test_optimize_with_external_data(tmp_path, capsys, mlp_ext_path) -> None:
     code, _, err = cli(capsys, "optimize", mlp_ext_path, "-o", out, "--external-data", "--verify")
     assert code == 0, err
     assert (tmp_path / "out.onnx.data").is_file()
-    np.testing.assert_allclose(run(graphopt.to_bytes(graphopt.load(out)), FEEDS)[0], reference_output(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        run(graphopt.to_bytes(graphopt.load(out)), FEEDS)[0], reference_output(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_optimize_verify_with_inputs_npz(tmp_path, capsys, mlp_path) -> None:
@@ -263,8 +265,19 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     out_dir.mkdir()
     args = BAD_INPUTS[case](src_dir)
     before = sorted(os.listdir(src_dir))
-    code, stdout, err = cli(capsys, "optimize", args[0], "-o", out_dir / "m.onnx", "--report",
-                            out_dir / "r.json", "--dump-dir", out_dir / "dumps", "--external-data", *args[1:])
+    code, stdout, err = cli(
+        capsys,
+        "optimize",
+        args[0],
+        "-o",
+        out_dir / "m.onnx",
+        "--report",
+        out_dir / "r.json",
+        "--dump-dir",
+        out_dir / "dumps",
+        "--external-data",
+        *args[1:],
+    )
     assert code == 2, (code, err)
     assert_one_error_line(err)
     assert os.listdir(out_dir) == [], "something was written"
@@ -294,8 +307,9 @@ def test_missing_output_folder_and_report_folder(tmp_path, capsys, mlp_path) -> 
     code, _, err = cli(capsys, "optimize", mlp_path, "-o", tmp_path / "missing" / "o.onnx")
     assert code == 2
     assert_one_error_line(err)
-    code, _, err = cli(capsys, "optimize", mlp_path, "-o", tmp_path / "o.onnx", "--report",
-                       tmp_path / "missing" / "r.json")
+    code, _, err = cli(
+        capsys, "optimize", mlp_path, "-o", tmp_path / "o.onnx", "--report", tmp_path / "missing" / "r.json"
+    )
     assert code == 2
     assert_one_error_line(err)
     assert sorted(os.listdir(tmp_path)) == ["in"]
@@ -329,7 +343,9 @@ def test_report_onto_a_model_file_is_refused(tmp_path, capsys, mlp_ext_path) -> 
 def test_output_onto_the_input_external_data_is_refused(tmp_path, capsys) -> None:
     save_external(mlp_proto(), tmp_path / "in.onnx", location="out.onnx.data")
     before = (tmp_path / "out.onnx.data").read_bytes()
-    code, _, err = cli(capsys, "optimize", tmp_path / "in.onnx", "-o", tmp_path / "out.onnx", "--external-data")
+    code, _, err = cli(
+        capsys, "optimize", tmp_path / "in.onnx", "-o", tmp_path / "out.onnx", "--external-data"
+    )
     assert code == 2
     assert_one_error_line(err)
     assert (tmp_path / "out.onnx.data").read_bytes() == before
@@ -383,8 +399,16 @@ def test_verification_failure_exits_1_and_writes_no_model(tmp_path, capsys, mlp_
         ["inspect"],
         ["verify", "only-one"],
     ],
-    ids=["unknown-flag", "missing-o", "missing-input", "no-command", "unknown-command", "bad-int",
-         "inspect-no-input", "verify-one-model"],
+    ids=[
+        "unknown-flag",
+        "missing-o",
+        "missing-input",
+        "no-command",
+        "unknown-command",
+        "bad-int",
+        "inspect-no-input",
+        "verify-one-model",
+    ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys, argv) -> None:
     argv = [str(tmp_path / a) if a in ("IN", "OUT") else a for a in argv]
@@ -510,12 +534,14 @@ def test_console_script(tmp_path, mlp_path) -> None:
     assert exe.is_file(), "console script not installed (pip install -e .)"
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"")
-    proc = subprocess.run([exe, "optimize", bad, "-o", tmp_path / "o.onnx"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [exe, "optimize", bad, "-o", tmp_path / "o.onnx"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
-    proc = subprocess.run([exe, "optimize", mlp_path, "-o", tmp_path / "o.onnx"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [exe, "optimize", mlp_path, "-o", tmp_path / "o.onnx"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o.onnx").is_file()

@@ -75,7 +75,10 @@ def test_light_model_folds_to_initializers_and_keeps_outputs(path: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", sorted(set(LIGHT) - set(SMALL_LIGHT)),
-                         ids=[os.path.basename(p)[:-5] for p in sorted(set(LIGHT) - set(SMALL_LIGHT))])
+@pytest.mark.parametrize(
+    "path",
+    sorted(set(LIGHT) - set(SMALL_LIGHT)),
+    ids=[os.path.basename(p)[:-5] for p in sorted(set(LIGHT) - set(SMALL_LIGHT))],
+)
 def test_large_light_model_folds(path: str) -> None:
     _check_light(path)

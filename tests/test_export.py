@@ -170,7 +170,9 @@ def test_report_has_one_consistent_row_per_pass(case: Case) -> None:
         if not row.modified:
             assert row.after.nodes == row.before.nodes
     # Fixpoint members carry their iteration; every iteration runs every member once.
-    first_cleanup = rows[: next((i for i, r in enumerate(rows) if not r.name.startswith("cleanup/")), len(rows))]
+    first_cleanup = rows[
+        : next((i for i, r in enumerate(rows) if not r.name.startswith("cleanup/")), len(rows))
+    ]
     iterations = collections.Counter(r.iteration for r in first_cleanup if r.iteration is not None)
     assert iterations and len(set(iterations.values())) == 1, iterations
     assert iterations.keys() == set(range(1, len(iterations) + 1))

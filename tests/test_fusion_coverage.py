@@ -22,18 +22,38 @@ ATOL = 1e-4
 #: (domain, op) → count. Anything the table names must match exactly. The skip-normalizations the
 #: fusions make are lowered to Sum + the plain norm at the end (lower-ort-cpu: faster on ORT's CPU).
 ORT_EXPECTED = {
-    "bert": lambda L: {("com.microsoft", "Attention"): L, ("", "Sum"): 2 * L,
-                       ("com.microsoft", "SkipLayerNormalization"): 0,
-                       ("com.microsoft", "BiasGelu"): L, ("", "Softmax"): 0, ("", "Erf"): 0},
-    "gpt2": lambda L: {("", "Sum"): 2 * L, ("com.microsoft", "SkipLayerNormalization"): 0,
-                       ("com.microsoft", "FastGelu"): L,
-                       ("", "Softmax"): 0, ("", "Tanh"): 0, ("", "Pow"): 0},
-    "llama": lambda L: {("", "Sum"): 2 * L, ("com.microsoft", "SkipSimplifiedLayerNormalization"): 0,
-                        ("com.microsoft", "RotaryEmbedding"): 2 * L, ("com.microsoft", "QuickGelu"): L,
-                        ("", "Softmax"): 0, ("", "ReduceMean"): 0, ("", "Sigmoid"): 0},
-    "vit": lambda L: {("com.microsoft", "Attention"): L, ("", "Sum"): 2 * L,
-                      ("com.microsoft", "SkipLayerNormalization"): 0,
-                      ("com.microsoft", "BiasGelu"): L, ("", "Softmax"): 0},
+    "bert": lambda L: {
+        ("com.microsoft", "Attention"): L,
+        ("", "Sum"): 2 * L,
+        ("com.microsoft", "SkipLayerNormalization"): 0,
+        ("com.microsoft", "BiasGelu"): L,
+        ("", "Softmax"): 0,
+        ("", "Erf"): 0,
+    },
+    "gpt2": lambda L: {
+        ("", "Sum"): 2 * L,
+        ("com.microsoft", "SkipLayerNormalization"): 0,
+        ("com.microsoft", "FastGelu"): L,
+        ("", "Softmax"): 0,
+        ("", "Tanh"): 0,
+        ("", "Pow"): 0,
+    },
+    "llama": lambda L: {
+        ("", "Sum"): 2 * L,
+        ("com.microsoft", "SkipSimplifiedLayerNormalization"): 0,
+        ("com.microsoft", "RotaryEmbedding"): 2 * L,
+        ("com.microsoft", "QuickGelu"): L,
+        ("", "Softmax"): 0,
+        ("", "ReduceMean"): 0,
+        ("", "Sigmoid"): 0,
+    },
+    "vit": lambda L: {
+        ("com.microsoft", "Attention"): L,
+        ("", "Sum"): 2 * L,
+        ("com.microsoft", "SkipLayerNormalization"): 0,
+        ("com.microsoft", "BiasGelu"): L,
+        ("", "Softmax"): 0,
+    },
     "resnet": lambda L: {("", "BatchNormalization"): 0, ("", "Relu"): 0},
 }
 #: Attention ops: any of these counts as "the layer's attention is fused".
@@ -48,7 +68,9 @@ def _layers(kind: str, config: Any) -> int:
 
 def _counts(model: ir.Model) -> collections.Counter[tuple[str, str]]:
     return collections.Counter(
-        (n.domain if n.domain != "ai.onnx" else "", n.op_type) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+        (n.domain if n.domain != "ai.onnx" else "", n.op_type)
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
 
 
 def _feeds(kind: str, built: Any) -> dict[str, np.ndarray]:
@@ -101,7 +123,8 @@ def _check_every_layer(kind: str, built: Any, model: ir.Model) -> None:
     L = _layers(kind, built.config)
     wrong = {k: (counts.get(k, 0), v) for k, v in ORT_EXPECTED[kind](L).items() if counts.get(k, 0) != v}
     assert not wrong, f"{kind}: (got, expected) {wrong}; all contrib ops: " + str(
-        {k: v for k, v in counts.items() if k[0] == "com.microsoft"})
+        {k: v for k, v in counts.items() if k[0] == "com.microsoft"}
+    )
     if kind != "resnet":
         attention = sum(v for (d, op), v in counts.items() if op in ATTENTION_OPS)
         assert attention == L, f"{kind}: {attention} attention ops for {L} layers"

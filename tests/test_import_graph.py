@@ -118,7 +118,9 @@ def test_imports_point_from_backends_to_passes_to_the_core() -> None:
     def level(module: str) -> int:
         return next((v for k, v in layer.items() if module == k or module.startswith(k + ".")), 0)
 
-    wrong = sorted(f"{src} -> {dst}" for src, dsts in _graph().items() for dst in dsts if level(dst) > level(src))
+    wrong = sorted(
+        f"{src} -> {dst}" for src, dsts in _graph().items() for dst in dsts if level(dst) > level(src)
+    )
     assert wrong == []
 
 

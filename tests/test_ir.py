@@ -92,7 +92,9 @@ def test_external_data_from_bytes_needs_base_dir(mlp_ext_path) -> None:
     assert_one_line(e.value)
     model = graphopt.load(data, base_dir=mlp_ext_path.parent)
     np.testing.assert_allclose(outputs_of(model), reference_output(), rtol=1e-5, atol=1e-5)
-    model = graphopt.load(onnx.load(str(mlp_ext_path), load_external_data=False), base_dir=mlp_ext_path.parent)
+    model = graphopt.load(
+        onnx.load(str(mlp_ext_path), load_external_data=False), base_dir=mlp_ext_path.parent
+    )
     np.testing.assert_allclose(outputs_of(model), reference_output(), rtol=1e-5, atol=1e-5)
 
 
@@ -371,8 +373,9 @@ def _boom(*args, **kwargs):
 
 
 @pytest.mark.parametrize("external_data", [False, True])
-def test_failed_save_keeps_the_old_output_and_leaves_no_temp_files(tmp_path, mlp_path, monkeypatch,
-                                                                  external_data) -> None:
+def test_failed_save_keeps_the_old_output_and_leaves_no_temp_files(
+    tmp_path, mlp_path, monkeypatch, external_data
+) -> None:
     out = tmp_path / "out" / "m.onnx"
     out.parent.mkdir()
     old = graphopt.load(mlp_path)
@@ -481,7 +484,9 @@ def test_save_refuses_hard_linked_destination_and_missing_folder(tmp_path, mlp_p
 
 
 @pytest.mark.parametrize("external", [False, True])
-def test_optimize_and_save_leave_the_input_files_unchanged(tmp_path, mlp_path, mlp_ext_path, external) -> None:
+def test_optimize_and_save_leave_the_input_files_unchanged(
+    tmp_path, mlp_path, mlp_ext_path, external
+) -> None:
     src = mlp_ext_path if external else mlp_path
     digests = {n: sha256(src.parent / n) for n in os.listdir(src.parent)}
     result = graphopt.optimize(graphopt.load(src))
@@ -497,11 +502,15 @@ def test_optimize_then_save_is_byte_identical(tmp_path, mlp_path, mlp_ext_path, 
     for run_id in ("a", "b"):
         folder = tmp_path / run_id
         folder.mkdir()
-        graphopt.save(graphopt.optimize(graphopt.load(src)).model, folder / "out.onnx", external_data=external)
+        graphopt.save(
+            graphopt.optimize(graphopt.load(src)).model, folder / "out.onnx", external_data=external
+        )
         files.append({n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))})
     assert files[0] == files[1]
     # optimize() names the target, so save() writes its run settings beside the model (deterministic too).
-    assert sorted(files[0]) == (["out.onnx", "out.onnx.data"] if external else ["out.onnx"]) + ["out.settings.json"]
+    assert sorted(files[0]) == (["out.onnx", "out.onnx.data"] if external else ["out.onnx"]) + [
+        "out.settings.json"
+    ]
     assert onnx.load_from_string(files[0]["out.onnx"]).metadata_props  # stamped, deterministically
 
 
@@ -534,9 +543,12 @@ def test_sparse_initializers_load_dense_and_save_back_sparse(tmp_path, coordinat
     nz = np.argwhere(w) if coordinates else np.flatnonzero(w)
     values = numpy_helper.from_array(w[tuple(np.argwhere(w).T)], "w")
     indices = numpy_helper.from_array(nz.astype(np.int64), "w_indices")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+    )
     graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [32, 16]))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = graphopt.load(proto)

@@ -25,11 +25,20 @@ def test_annotations_the_input_had_are_kept() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["n"]),
-         helper.make_node("Relu", ["n"], ["y"])],
-        "g", [x], [y], value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 3])])
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Neg", ["r"], ["n"]),
+            helper.make_node("Relu", ["n"], ["y"]),
+        ],
+        "g",
+        [x],
+        [y],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     out = onnx.load_from_string(graphopt.to_bytes(graphopt.optimize(graphopt.load(model)).model))
     assert [v.name for v in out.graph.value_info] == ["r"]
     feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3) - 3}
-    assert np.array_equal(run_model(graphopt.load(out), feeds)[0][1], np.maximum(-np.maximum(feeds["x"], 0), 0))
+    assert np.array_equal(
+        run_model(graphopt.load(out), feeds)[0][1], np.maximum(-np.maximum(feeds["x"], 0), 0)
+    )

@@ -39,8 +39,16 @@ def mlp() -> ir.Model:
 
 def test_builtin_passes_are_found_through_entry_points() -> None:
     names = default_registry().pass_names()
-    for n in ("cleanup", "fold-constants", "remove-noops", "remove-unused", "cse", "dedup-initializers",
-              "topological-sort", "shape-inference"):
+    for n in (
+        "cleanup",
+        "fold-constants",
+        "remove-noops",
+        "remove-unused",
+        "cse",
+        "dedup-initializers",
+        "topological-sort",
+        "shape-inference",
+    ):
         assert n in names
     assert "ort-cpu" in default_registry().backend_names()
 
@@ -68,7 +76,9 @@ def test_report_has_a_row_per_pass_execution_with_stats() -> None:
 
 
 def test_fixpoint_repeats_until_nothing_changes() -> None:
-    _, report = Pipeline.parse("fixpoint(max_iterations=5)[fold-constants,remove-noops,remove-unused]").run(mlp())
+    _, report = Pipeline.parse("fixpoint(max_iterations=5)[fold-constants,remove-noops,remove-unused]").run(
+        mlp()
+    )
     iterations = sorted({r.iteration for r in report.passes})
     assert iterations[-1] >= 2
     last = [r for r in report.passes if r.iteration == iterations[-1]]
@@ -147,7 +157,14 @@ def test_builtin_passes_report_modified_honestly() -> None:
     # Every built-in pass on a model it changes and on the result (which it must leave alone).
     model = mlp()
     Pipeline.parse("cleanup").run(model, check_modified=True)
-    for name in ("fold-constants", "remove-noops", "remove-unused", "cse", "dedup-initializers", "lift-constants"):
+    for name in (
+        "fold-constants",
+        "remove-noops",
+        "remove-unused",
+        "cse",
+        "dedup-initializers",
+        "lift-constants",
+    ):
         _, report = Pipeline.parse(name).run(model, check_modified=True)
         assert not report.passes[0].modified, name
 
@@ -171,7 +188,12 @@ def test_instruments_see_every_pass() -> None:
             seen.append(("after", name))
 
     Pipeline.parse("fold-constants,cse").run(mlp(), instruments=[Recorder()])
-    assert seen == [("before", "fold-constants"), ("after", "fold-constants"), ("before", "cse"), ("after", "cse")]
+    assert seen == [
+        ("before", "fold-constants"),
+        ("after", "fold-constants"),
+        ("before", "cse"),
+        ("after", "cse"),
+    ]
 
 
 def test_optimize_does_not_modify_its_input_and_stamps_pipeline() -> None:
@@ -182,7 +204,10 @@ def test_optimize_does_not_modify_its_input_and_stamps_pipeline() -> None:
     graphopt.to_bytes(result.model)
     assert [(n.op_type, [v.name for v in n.inputs]) for n in model.graph] == ops_before
     assert graphopt.verify(mlp(), model).passed
-    assert result.model.metadata_props["graphopt.pipeline"] == default_registry().backend("ort-cpu").default_pipeline()
+    assert (
+        result.model.metadata_props["graphopt.pipeline"]
+        == default_registry().backend("ort-cpu").default_pipeline()
+    )
     assert result.report.verification.passed
     assert result.report.after.nodes < result.report.before.nodes
 
@@ -217,15 +242,18 @@ def test_optimize_and_save_leave_the_input_bytes_unchanged(as_proto: bool) -> No
     assert after == before
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"quantize": "int3"}, "quantize mode 'int3' is unknown"),
-    ({"quantize": {"block_size": 32}}, "quantize mode None is unknown"),
-    ({"quantize": "static"}, "static quantization needs calibration data"),
-    ({"calibration": [{"x": np.zeros((1, 4), np.float32)}]}, "nothing uses it"),
-    ({"prune": 1.0}, r"prune sparsity must be a number in \[0, 1\)"),
-    ({"prune": {"sparsity": 0.5, "mode": "diagonal"}}, "prune mode 'diagonal' is unknown"),
-    ({"quantize": "dynamic", "pipeline": "cleanup"}, "either pipeline= or quantize="),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quantize": "int3"}, "quantize mode 'int3' is unknown"),
+        ({"quantize": {"block_size": 32}}, "quantize mode None is unknown"),
+        ({"quantize": "static"}, "static quantization needs calibration data"),
+        ({"calibration": [{"x": np.zeros((1, 4), np.float32)}]}, "nothing uses it"),
+        ({"prune": 1.0}, r"prune sparsity must be a number in \[0, 1\)"),
+        ({"prune": {"sparsity": 0.5, "mode": "diagonal"}}, "prune mode 'diagonal' is unknown"),
+        ({"quantize": "dynamic", "pipeline": "cleanup"}, "either pipeline= or quantize="),
+    ],
+)
 def test_bad_quantize_and_prune_requests_are_clear_errors(kwargs, message) -> None:
     with pytest.raises(GraphoptError, match=message):
         graphopt.optimize(mlp(), **kwargs)
@@ -246,7 +274,9 @@ def test_pipeline_context_reaches_passes_and_details_reach_the_report() -> None:
 
     reg = default_registry().copy()
     reg.register_pass("probe", Probe)
-    _, report = Pipeline.parse("probe", registry=reg).run(mlp(), registry=reg, context={"calibration": "data"})
+    _, report = Pipeline.parse("probe", registry=reg).run(
+        mlp(), registry=reg, context={"calibration": "data"}
+    )
     assert seen == {"calibration": "data"}
     assert report.passes[0].details == {"nodes": [{"node": "n", "quantized": False}]}
     assert report.to_dict()["passes"][0]["details"]["nodes"][0]["node"] == "n"
@@ -279,11 +309,14 @@ def test_optimize_checks_the_result_against_the_target() -> None:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "g",
+        [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     assert graphopt.optimize(proto, target="ort-cpu").model is not None
     with pytest.raises(GraphoptError, match="cannot run on tensorrt"):
         graphopt.optimize(proto, target="tensorrt", pipeline="cleanup")

@@ -58,7 +58,13 @@ def test_values_strings_lists_and_quotes_round_trip() -> None:
 
     steps = parse_text('x(a="hello, world",b=[1,2.5,true,none],c=name-with.dots,d=-3,e=1e-05)')
     (s,) = steps
-    assert s.options == {"a": "hello, world", "b": [1, 2.5, True, None], "c": "name-with.dots", "d": -3, "e": 1e-05}
+    assert s.options == {
+        "a": "hello, world",
+        "b": [1, 2.5, True, None],
+        "c": "name-with.dots",
+        "d": -3,
+        "e": 1e-05,
+    }
     assert parse_text(format_text(steps)) == steps
 
 

@@ -112,7 +112,10 @@ def two_outputs(shift: int = 0) -> onnx.ModelProto:
 
 def sqrt_model(abs_first: bool) -> onnx.ModelProto:
     """y = sqrt(x) (NaN for negative x), or sqrt(|x|) (never NaN)."""
-    nodes = [helper.make_node("Abs" if abs_first else "Identity", ["x"], ["t"]), helper.make_node("Sqrt", ["t"], ["y"])]
+    nodes = [
+        helper.make_node("Abs" if abs_first else "Identity", ["x"], ["t"]),
+        helper.make_node("Sqrt", ["t"], ["y"]),
+    ]
     return _model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
@@ -254,7 +257,10 @@ def test_dtype_mismatch_fails() -> None:
 def test_sequence_outputs_compared_elementwise() -> None:
     def seq(k: float) -> onnx.ModelProto:
         return _model(
-            [helper.make_node("Mul", ["x", "k"], ["a"]), helper.make_node("SequenceConstruct", ["x", "a"], ["s"])],
+            [
+                helper.make_node("Mul", ["x", "k"], ["a"]),
+                helper.make_node("SequenceConstruct", ["x", "a"], ["s"]),
+            ],
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
             [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [2])],
             [numpy_helper.from_array(np.float32(k), "k")],
@@ -375,7 +381,10 @@ def test_bool_and_string_inputs() -> None:
             helper.make_tensor_value_info("flag", TensorProto.BOOL, [5]),
             helper.make_tensor_value_info("text", TensorProto.STRING, [2]),
         ],
-        [helper.make_tensor_value_info("nf", TensorProto.BOOL, [5]), helper.make_tensor_value_info("t", TensorProto.STRING, [2])],
+        [
+            helper.make_tensor_value_info("nf", TensorProto.BOOL, [5]),
+            helper.make_tensor_value_info("t", TensorProto.STRING, [2]),
+        ],
     )
     feeds = generate_inputs(model)
     assert feeds["flag"].dtype == bool and list(feeds["text"]) == ["a", "a"]

@@ -43,7 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import _bench  # noqa: E402
 
 MODELS = ("bert", "gpt2", "llama", "vit", "resnet")
-ORT_TYPES = {"bert": ["bert"], "gpt2": ["gpt2"], "llama": ["gpt2", "bert"], "vit": ["vit", "bert"], "resnet": []}
+ORT_TYPES = {
+    "bert": ["bert"],
+    "gpt2": ["gpt2"],
+    "llama": ["gpt2", "bert"],
+    "vit": ["vit", "bert"],
+    "resnet": [],
+}
 TEXT_SEQ = 128
 IMAGE = 224
 
@@ -80,8 +86,9 @@ def graphopt_file(src: Path, out: Path, target: str, **kw: Any) -> dict[str, Any
     return {"optimize_s": round(time.perf_counter() - t0, 2), "pipeline": result.report.pipeline}
 
 
-def ort_fp16_file(src: Path, out: Path, model_type: str | None, heads: int, hidden: int,
-                  opt_level: int = 0) -> dict[str, Any]:
+def ort_fp16_file(
+    src: Path, out: Path, model_type: str | None, heads: int, hidden: int, opt_level: int = 0
+) -> dict[str, Any]:
     """ORT's transformers optimizer for the GPU, then its fp16 converter (fp32 I/O), as its docs show."""
     import onnx
     from onnxruntime.transformers import float16
@@ -89,15 +96,25 @@ def ort_fp16_file(src: Path, out: Path, model_type: str | None, heads: int, hidd
 
     t0 = time.perf_counter()
     if model_type:
-        opt = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden,
-                             opt_level=opt_level, use_gpu=True)
+        opt = optimize_model(
+            str(src),
+            model_type=model_type,
+            num_heads=heads,
+            hidden_size=hidden,
+            opt_level=opt_level,
+            use_gpu=True,
+        )
         opt.convert_float_to_float16(keep_io_types=True)
         opt.save_model_to_file(str(out), use_external_data_format=True)
     else:
         proto = onnx.load(str(src))
         proto = float16.convert_float_to_float16(proto, keep_io_types=True)
         onnx.save(proto, str(out), save_as_external_data=True)
-    return {"optimize_s": round(time.perf_counter() - t0, 2), "model_type": model_type, "opt_level": opt_level}
+    return {
+        "optimize_s": round(time.perf_counter() - t0, 2),
+        "model_type": model_type,
+        "opt_level": opt_level,
+    }
 
 
 def ort_qdq_file(src: Path, out: Path, calib: list[dict[str, Any]]) -> dict[str, Any]:
@@ -114,12 +131,25 @@ def ort_qdq_file(src: Path, out: Path, calib: list[dict[str, Any]]) -> dict[str,
 
     pre = out.with_name("pre.onnx")
     t0 = time.perf_counter()
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=True,
-                      all_tensors_to_one_file=True)
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                   "QuantizeBias": False, "DedicatedQDQPair": False})
+    quant_pre_process(
+        str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=True, all_tensors_to_one_file=True
+    )
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=True,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            "DedicatedQDQPair": False,
+        },
+    )
     return {"optimize_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -196,7 +226,7 @@ def interleaved(runners: dict[str, Any], runs: int, warmup: int) -> dict[str, li
         for _ in range(warmup):
             runners[name]()
     for i in range(runs):
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
             t0 = time.perf_counter()
             runners[name]()
@@ -231,9 +261,15 @@ def run_model(kind: str, size: str, work: Path, args: argparse.Namespace, have: 
     calib = [built.feeds(args.batch, seq, seed=s) for s in range(1, 1 + args.calibration_batches)]
     reference = [v for _, v in run_cpu(str(src), feeds)]
     heads, hidden = _heads_hidden(built.config) if built.config is not None else (0, 0)
-    entry: dict[str, Any] = {"kind": kind, "size": size, "batch": args.batch, "seq_or_image": seq,
-                             "io_binding": args.io_binding,
-                             "export_s": round(export_s, 2), "targets": {}}
+    entry: dict[str, Any] = {
+        "kind": kind,
+        "size": size,
+        "batch": args.batch,
+        "seq_or_image": seq,
+        "io_binding": args.io_binding,
+        "export_s": round(export_s, 2),
+        "targets": {},
+    }
     cache = work / "trt_cache"
     targets = []
     if "CUDAExecutionProvider" in have or args.cpu_check:
@@ -257,15 +293,21 @@ def run_model(kind: str, size: str, work: Path, args: argparse.Namespace, have: 
                 (out / _slug(name)).mkdir()
                 p = out / _slug(name) / "anchor.onnx"
                 try:
-                    files[name] = {"path": p, "anchor": True, **ort_fp16_file(src, p, mt, heads, hidden, level)}
+                    files[name] = {
+                        "path": p,
+                        "anchor": True,
+                        **ort_fp16_file(src, p, mt, heads, hidden, level),
+                    }
                 except Exception as e:
                     files[name] = {"anchor": True, "error": _one_line(e)}
         elif args.int8:
             (out / "graphopt_int8").mkdir()
             p = out / "graphopt_int8" / "model.onnx"
             try:
-                files["graphopt int8"] = {"path": p, **graphopt_file(src, p, target, quantize="static",
-                                                                    calibration=calib)}
+                files["graphopt int8"] = {
+                    "path": p,
+                    **graphopt_file(src, p, target, quantize="static", calibration=calib),
+                }
             except Exception as e:
                 files["graphopt int8"] = {"error": _one_line(e)}
             (out / "ort_qdq_int8").mkdir()
@@ -280,13 +322,18 @@ def run_model(kind: str, size: str, work: Path, args: argparse.Namespace, have: 
                 continue
             own = gpath if gpath.exists() else None
             try:
-                sessions[name], info["session_build_s"] = make_session(info["path"], target, own, cache, args.cpu_check)
+                sessions[name], info["session_build_s"] = make_session(
+                    info["path"], target, own, cache, args.cpu_check
+                )
                 info["fidelity"] = fidelity(reference, sessions[name].run(None, feeds))
             except Exception as e:
                 info["error"] = _one_line(e)
         device = "cpu" if args.cpu_check else "cuda"
-        times = interleaved({n: runner(sess, feeds, args.io_binding, device) for n, sess in sessions.items()},
-                            args.runs, args.warmup)
+        times = interleaved(
+            {n: runner(sess, feeds, args.io_binding, device) for n, sess in sessions.items()},
+            args.runs,
+            args.warmup,
+        )
         base = stats(times["export (fp32)"])["median_ms"] if "export (fp32)" in times else None
         anchors = [n for n in times if files[n].get("anchor")]
         best_anchor = min(anchors, key=lambda n: np.median(times[n])) if anchors else None
@@ -307,23 +354,52 @@ def _slug(name: str) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["# GPU latency: graphopt ort-cuda / tensorrt vs ONNX Runtime's tools\n",
-             f"{results['note']}\n", f"Environment: `{json.dumps(results['environment'].get('gpu'))}`, "
-             f"onnxruntime {results['environment']['versions'].get('onnxruntime')}\n"]
+    lines = [
+        "# GPU latency: graphopt ort-cuda / tensorrt vs ONNX Runtime's tools\n",
+        f"{results['note']}\n",
+        f"Environment: `{json.dumps(results['environment'].get('gpu'))}`, "
+        f"onnxruntime {results['environment']['versions'].get('onnxruntime')}\n",
+    ]
     for entry in results["models"]:
         if entry.get("error"):
             lines.append(f"\n## {entry['kind']} ({entry['size']}): failed: {entry['error']}\n")
         for target, t in entry["targets"].items():
-            lines.append(f"\n## {entry['kind']} ({entry['size']}), {target}, batch {entry['batch']}, "
-                         f"{'image' if entry['kind'] in ('vit', 'resnet') else 'seq'} {entry['seq_or_image']}\n")
+            lines.append(
+                f"\n## {entry['kind']} ({entry['size']}), {target}, batch {entry['batch']}, "
+                f"{'image' if entry['kind'] in ('vit', 'resnet') else 'seq'} {entry['seq_or_image']}\n"
+            )
             rows = []
             for name, v in t["variants"].items():
                 f = v.get("fidelity") or {}
-                rows.append([name, v.get("median_ms"), v.get("p90_ms"), v.get("vs_export"), v.get("vs_best_anchor"),
-                             f.get("cosine"), f.get("max_abs"), v.get("session_build_s"), v.get("error")])
-            lines.append(_bench.markdown_table(
-                ["file", "median ms", "p90 ms", "speed-up vs export", "vs best anchor", "cosine", "max |err|",
-                 "session/engine build s", "error"], rows))
+                rows.append(
+                    [
+                        name,
+                        v.get("median_ms"),
+                        v.get("p90_ms"),
+                        v.get("vs_export"),
+                        v.get("vs_best_anchor"),
+                        f.get("cosine"),
+                        f.get("max_abs"),
+                        v.get("session_build_s"),
+                        v.get("error"),
+                    ]
+                )
+            lines.append(
+                _bench.markdown_table(
+                    [
+                        "file",
+                        "median ms",
+                        "p90 ms",
+                        "speed-up vs export",
+                        "vs best anchor",
+                        "cosine",
+                        "max |err|",
+                        "session/engine build s",
+                        "error",
+                    ],
+                    rows,
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -331,8 +407,12 @@ def gpu_name() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -342,20 +422,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--quick", action="store_true", help="'mini' models, 20 rounds (writes gpu_quick.*)")
-    p.add_argument("--size", default=None, help="model size: tiny | mini | base (default base; mini with --quick)")
-    p.add_argument("--runs", type=int, default=None, help="interleaved latency rounds (default 50; 20 with --quick)")
+    p.add_argument(
+        "--size", default=None, help="model size: tiny | mini | base (default base; mini with --quick)"
+    )
+    p.add_argument(
+        "--runs", type=int, default=None, help="interleaved latency rounds (default 50; 20 with --quick)"
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed runs per file before timing")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=TEXT_SEQ, help="token sequence length of text models")
     p.add_argument("--image", type=int, default=IMAGE, help="image side of vision models")
-    p.add_argument("--int8", action="store_true", help="also TensorRT int8: graphopt quantize=static vs ORT QDQ")
-    p.add_argument("--io-binding", action="store_true",
-                   help="inputs/outputs bound on the GPU (no host copies in the timing)")
+    p.add_argument(
+        "--int8", action="store_true", help="also TensorRT int8: graphopt quantize=static vs ORT QDQ"
+    )
+    p.add_argument(
+        "--io-binding",
+        action="store_true",
+        help="inputs/outputs bound on the GPU (no host copies in the timing)",
+    )
     p.add_argument("--calibration-batches", type=int, default=8)
-    p.add_argument("--ort-opt-levels", default="0,2", help="opt_level values of ORT's optimizer to try (anchor: fastest)")
+    p.add_argument(
+        "--ort-opt-levels", default="0,2", help="opt_level values of ORT's optimizer to try (anchor: fastest)"
+    )
     p.add_argument("--out", type=Path, default=_bench.RESULTS, help="folder for gpu.json / gpu.md")
-    p.add_argument("--cpu-check", action="store_true",
-                   help="run every step on the CPU provider with tiny models to check the script (no GPU numbers)")
+    p.add_argument(
+        "--cpu-check",
+        action="store_true",
+        help="run every step on the CPU provider with tiny models to check the script (no GPU numbers)",
+    )
     args = p.parse_args(argv)
     have = _providers()
     if not args.cpu_check and not ({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & have):
@@ -382,10 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     env["gpu"] = gpu_name()
     env["providers"] = sorted(have)
     results: dict[str, Any] = {
-        "note": ("CPU code-path check only: every file ran on the CPU provider; these are NOT GPU numbers."
-                 if args.cpu_check else
-                 "Interleaved medians; ratios > 1 mean faster than the export / the best ONNX Runtime anchor."),
-        "environment": env, "size": size, "runs": runs, "io_binding": args.io_binding, "models": [],
+        "note": (
+            "CPU code-path check only: every file ran on the CPU provider; these are NOT GPU numbers."
+            if args.cpu_check
+            else "Interleaved medians; ratios > 1 mean faster than the export / the best ONNX Runtime anchor."
+        ),
+        "environment": env,
+        "size": size,
+        "runs": runs,
+        "io_binding": args.io_binding,
+        "models": [],
     }
     try:
         for kind in models:

@@ -35,6 +35,8 @@ class CleanupPass(CompositePass):
         text = (
             "normalize-legacy-inputs,shape-inference,lift-constants,dedup-initializers,"
             f"fixpoint(max_iterations={o.max_iterations})[{','.join(inner)}],"
-            "lift-constants,dedup-initializers," + ("cse," if o.cse else "") + "remove-unused,topological-sort"
+            "lift-constants,dedup-initializers,"
+            + ("cse," if o.cse else "")
+            + "remove-unused,topological-sort"
         )
         return Pipeline.parse(text)

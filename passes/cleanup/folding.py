@@ -81,7 +81,12 @@ def estimate_output_elements(node: ir.Node) -> int | None:
         if op in ("MatMul", "Gemm", "Einsum", "Resize", "Upsample", "Pad", "Col2Im", "CumSum"):
             if op == "MatMul" and len(ins) == 2 and all(a is not None for a in ins):
                 a, b = ins[0], ins[1]  # type: ignore[assignment]
-                return int(a.size // max(a.shape[-1], 1) * (b.shape[-1] if b.ndim else 1) * max(1, b.size // max(b.shape[-1] * (b.shape[-2] if b.ndim > 1 else 1), 1)))  # type: ignore[union-attr]
+                return int(
+                    a.size
+                    // max(a.shape[-1], 1)
+                    * (b.shape[-1] if b.ndim else 1)
+                    * max(1, b.size // max(b.shape[-1] * (b.shape[-2] if b.ndim > 1 else 1), 1))
+                )  # type: ignore[union-attr]
             return None
     except (ValueError, OverflowError, IndexError, TypeError):
         return None
@@ -190,8 +195,23 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
         return tensor
 
 
-_INT_ARITH = {"Add", "Sub", "Mul", "Neg", "Abs", "Pow", "Div", "ReduceSum", "ReduceProd", "CumSum",
-              "MatMul", "Gemm", "Sum", "ReduceSumSquare", "Einsum"}
+_INT_ARITH = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Neg",
+    "Abs",
+    "Pow",
+    "Div",
+    "ReduceSum",
+    "ReduceProd",
+    "CumSum",
+    "MatMul",
+    "Gemm",
+    "Sum",
+    "ReduceSumSquare",
+    "Einsum",
+}
 
 
 def _may_overflow(node: ir.Node) -> bool:

@@ -151,7 +151,12 @@ class RemoveNoOpsPass(Pass):
             if perm is not None and perm == sorted(perm) and (rank is None or len(perm) == rank):
                 return x
             prev = x.producer()
-            if perm is not None and prev is not None and is_standard(prev, "Transpose") and prev.inputs[0] is not None:
+            if (
+                perm is not None
+                and prev is not None
+                and is_standard(prev, "Transpose")
+                and prev.inputs[0] is not None
+            ):
                 first = _perm(prev, _input_rank(prev.inputs[0]))
                 if first is not None and len(first) == len(perm):
                     composed = [first[p] for p in perm]
@@ -195,6 +200,7 @@ class SimplifyPass(Pass):
                 rules.cast_constant_of_shape_without_value_rule,
             ]
         )
+
         def shape() -> tuple[int, int, int]:
             nodes = list(all_nodes(model))
             inits = sum(len(g.initializers) for g in model.graphs())

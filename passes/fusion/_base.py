@@ -77,11 +77,13 @@ def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[i
 @dataclasses.dataclass
 class FusionOptions:
     rules: list[str] | None = dataclasses.field(
-        default=None, metadata={"doc": "only these rules (default: all the pass has)"})
+        default=None, metadata={"doc": "only these rules (default: all the pass has)"}
+    )
     exclude: list[str] = dataclasses.field(default_factory=list, metadata={"doc": "rules to skip"})
     domains: list[str] = dataclasses.field(
         default_factory=lambda: [STANDARD, CONTRIB],
-        metadata={"doc": "domains rules may emit: standard, contrib"})
+        metadata={"doc": "domains rules may emit: standard, contrib"},
+    )
 
 
 class FusionPass(Pass):
@@ -116,7 +118,9 @@ class FusionPass(Pass):
             if r.name in opts.exclude or r.domain not in opts.domains:
                 continue
             if opset < r.min_opset:
-                logger.debug("%s/%s: skipped, the model's opset %d < %d", self.name, r.name, opset, r.min_opset)
+                logger.debug(
+                    "%s/%s: skipped, the model's opset %d < %d", self.name, r.name, opset, r.min_opset
+                )
                 continue
             out.append(r)
         return out

@@ -106,8 +106,13 @@ def _is_cube(value: ir.Value, x: ir.Value, nodes: list[ir.Node]) -> bool:
         if lone is not x or sq_value is None:
             continue
         sq = _producer(sq_value, "Mul")
-        if sq is not None and sq.inputs[0] is x and sq.inputs[1] is x and len(sq_value.uses()) == 1 \
-                and not sq_value.is_graph_output():
+        if (
+            sq is not None
+            and sq.inputs[0] is x
+            and sq.inputs[1] is x
+            and len(sq_value.uses()) == 1
+            and not sq_value.is_graph_output()
+        ):
             nodes.extend([m, sq])
             return True
     return False
@@ -131,7 +136,12 @@ def _tanh_argument(site_input: ir.Value) -> tuple[ir.Value, list[ir.Node]] | Non
                 continue
             for cube, c3 in (scaled.inputs, scaled.inputs[::-1]):
                 nodes: list[ir.Node] = []
-                if site.const(c3, 0.044715) and cube is not None and single_use(cube) and _is_cube(cube, x, nodes):
+                if (
+                    site.const(c3, 0.044715)
+                    and cube is not None
+                    and single_use(cube)
+                    and _is_cube(cube, x, nodes)
+                ):
                     return x, [outer, add, scaled, *nodes]
     return None
 
@@ -194,7 +204,12 @@ def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
             return None
         return _GeluMatch(x, [*nodes, m1, m2], m2)
     half = _producer(o, "Mul")  # (½ · x) · (1 + f)
-    if half is not None and single_use(o) and site.other(half, x) is not None and site.const(site.other(half, x), 0.5):
+    if (
+        half is not None
+        and single_use(o)
+        and site.other(half, x) is not None
+        and site.const(site.other(half, x), 0.5)
+    ):
         return _GeluMatch(x, [*nodes, half, m1], m1)
     return None
 
@@ -280,7 +295,8 @@ class _HardSwishFromHardSigmoid(_fuse_hardswish.HardSwishFusionFromHardSigmoid):
 
 def _hard_swish_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
-        [_HardSwish().rule(), _HardSigmoid().rule(), _HardSwishFromHardSigmoid().rule()], commute=True)
+        [_HardSwish().rule(), _HardSigmoid().rule(), _HardSwishFromHardSigmoid().rule()], commute=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +328,9 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _clip_guard(result: pattern.MatchResult, x: ir.Value,
-                b1: tuple[float, float] | None, b2: tuple[float, float] | None) -> pattern.MatchResult:
+def _clip_guard(
+    result: pattern.MatchResult, x: ir.Value, b1: tuple[float, float] | None, b2: tuple[float, float] | None
+) -> pattern.MatchResult:
     """The guard onnxscript's Relu/Clip chain rules lack: ``FuseSuccessiveClip``/``ClipRelu``/
     ``ReluClip`` intersect the ranges without checking that the intersection is non-empty:
     ``Relu(Clip(x, -5, -1))`` is 0 everywhere, the merged ``Clip(x, 0, -1)`` is -1 (ONNX Clip
@@ -340,7 +357,11 @@ class _ConstantBounds:
         first = kw["out_first_clip"].producer()
         second = kw["out_second_clip"].producer() if kw.get("out_second_clip") is not None else None
         lo, hi = self.compute_clip_min_max(first, second)  # type: ignore[attr-defined]
-        args = [x, None if lo is None else op.Constant(value=lo), None if hi is None else op.Constant(value=hi)]
+        args = [
+            x,
+            None if lo is None else op.Constant(value=lo),
+            None if hi is None else op.Constant(value=hi),
+        ]
         while args[-1] is None:
             args.pop()
         return op.Clip(*args)
@@ -365,8 +386,9 @@ class _SuccessiveReluClip(_ConstantBounds, _fuse_relus_clips.FuseSuccessiveReluC
 
 
 def _clip_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([_SuccessiveClipRelu().rule(), _SuccessiveReluClip().rule(),
-                                   _SuccessiveClip().rule()])
+    return pattern.RewriteRuleSet(
+        [_SuccessiveClipRelu().rule(), _SuccessiveReluClip().rule(), _SuccessiveClip().rule()]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,18 +426,47 @@ class FuseActivationsPass(FusionPass):
 
     name = "fuse-activations"
     RULES: ClassVar = (
-        FusionRule("gelu-erf", "½·x·(1+erf(x/√2)) in any association → Gelu(approximate=none)",
-                   _gelu_erf, STANDARD, min_opset=20),
-        FusionRule("gelu-tanh", "½·x·(1+tanh(√(2/π)·(x+0.044715·x³))) → Gelu(approximate=tanh)",
-                   _gelu_tanh, STANDARD, min_opset=20),
-        FusionRule("hard-swish", "x·Clip(x+3,0,6)/6 → HardSwish; Clip(x+3,0,6)/6 → HardSigmoid",
-                   from_onnxscript(_hard_swish_rules()), STANDARD, min_opset=14),
-        FusionRule("relu-relu", "Relu(Relu(x)) → Relu(x)",
-                   from_onnxscript(_fuse_relus_clips.successive_relu_rule), STANDARD),
-        FusionRule("clip-chains", "Clip(Clip(x)), Clip(Relu(x)), Relu(Clip(x)) → one Clip",
-                   from_onnxscript(_clip_rules()), STANDARD, min_opset=11),
-        FusionRule("silu", "x·Sigmoid(x) → Swish(x)",
-                   from_onnxscript(pattern.RewriteRuleSet([_SiLU.rule()], commute=True)), STANDARD, min_opset=24),
+        FusionRule(
+            "gelu-erf",
+            "½·x·(1+erf(x/√2)) in any association → Gelu(approximate=none)",
+            _gelu_erf,
+            STANDARD,
+            min_opset=20,
+        ),
+        FusionRule(
+            "gelu-tanh",
+            "½·x·(1+tanh(√(2/π)·(x+0.044715·x³))) → Gelu(approximate=tanh)",
+            _gelu_tanh,
+            STANDARD,
+            min_opset=20,
+        ),
+        FusionRule(
+            "hard-swish",
+            "x·Clip(x+3,0,6)/6 → HardSwish; Clip(x+3,0,6)/6 → HardSigmoid",
+            from_onnxscript(_hard_swish_rules()),
+            STANDARD,
+            min_opset=14,
+        ),
+        FusionRule(
+            "relu-relu",
+            "Relu(Relu(x)) → Relu(x)",
+            from_onnxscript(_fuse_relus_clips.successive_relu_rule),
+            STANDARD,
+        ),
+        FusionRule(
+            "clip-chains",
+            "Clip(Clip(x)), Clip(Relu(x)), Relu(Clip(x)) → one Clip",
+            from_onnxscript(_clip_rules()),
+            STANDARD,
+            min_opset=11,
+        ),
+        FusionRule(
+            "silu",
+            "x·Sigmoid(x) → Swish(x)",
+            from_onnxscript(pattern.RewriteRuleSet([_SiLU.rule()], commute=True)),
+            STANDARD,
+            min_opset=24,
+        ),
     )
 
     def prepare(self, model: ir.Model) -> bool:

@@ -201,8 +201,12 @@ def _apply_chains(model: ir.Model, table: dict[tuple[str, str], tuple[str, str]]
             tensor = ir.tensor(merged, name=const_name)
             new_nodes: list[ir.Node] = []
             if graph is model.graph:
-                const = ir.Value(name=const_name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(merged.shape),
-                                 const_value=tensor)
+                const = ir.Value(
+                    name=const_name,
+                    type=ir.TensorType(tensor.dtype),
+                    shape=ir.Shape(merged.shape),
+                    const_value=tensor,
+                )
                 graph.register_initializer(const)
             else:  # subgraphs and functions: a Constant node keeps the value local to them
                 cnode = ir.node("Constant", [], {"value": tensor})
@@ -248,10 +252,18 @@ class FuseConstantChainsPass(FusionPass):
 
     name = "fuse-constant-chains"
     RULES: ClassVar = (
-        FusionRule("mul-chain", "(x*c1)*c2, (x/c1)*c2, c2/(x*c1), … → one Mul/Div with a merged constant",
-                   _mul_chains, STANDARD),
-        FusionRule("add-chain", "(x+c1)+c2, (x-c1)+c2, c2-(x+c1), … → one Add/Sub with a merged constant",
-                   _add_chains, STANDARD),
+        FusionRule(
+            "mul-chain",
+            "(x*c1)*c2, (x/c1)*c2, c2/(x*c1), … → one Mul/Div with a merged constant",
+            _mul_chains,
+            STANDARD,
+        ),
+        FusionRule(
+            "add-chain",
+            "(x+c1)+c2, (x-c1)+c2, c2-(x+c1), … → one Add/Sub with a merged constant",
+            _add_chains,
+            STANDARD,
+        ),
     )
 
     def prepare(self, model: ir.Model) -> bool:

@@ -72,13 +72,16 @@ def _rules() -> pattern.RewriteRuleSet:
         _attn_scale: float
 
         def check(self, context, query, key, value, mask, key_format, **bindings):  # type: ignore[override]
-            result = super().check(context, query=query, key=key, value=value, mask=mask,
-                                   key_format=key_format, **bindings)
+            result = super().check(
+                context, query=query, key=key, value=value, mask=mask, key_format=key_format, **bindings
+            )
             if not result:
                 return result
             q, k, v = _dims(query), _dims(key), _dims(value)
             if q is None or k is None or v is None or len(q) != 4:
-                return result.fail("Q/K/V dims not all known (unknown dims compare equal in onnxscript's check)")
+                return result.fail(
+                    "Q/K/V dims not all known (unknown dims compare equal in onnxscript's check)"
+                )
             if key_format == "BSHd":
                 k = [k[0], k[2], k[1], k[3]]
             B, H, S, Dh = q
@@ -86,7 +89,9 @@ def _rules() -> pattern.RewriteRuleSet:
             if k != [B, H, Skv, Dh] or v != [B, H, Skv, Dv]:
                 return result.fail(f"Q {q}, K {k}, V {v} are not [B,H,S,Dh], [B,H,Skv,Dh], [B,H,Skv,Dv]")
             if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _FLOAT_TYPES:
-                return result.fail(f"Q/K/V types {query.dtype}, {key.dtype}, {value.dtype} differ or are not float")
+                return result.fail(
+                    f"Q/K/V types {query.dtype}, {key.dtype}, {value.dtype} differ or are not float"
+                )
 
             nodes = list(context.nodes)
             softmax = next(n for n in nodes if n.op_type == "Softmax")
@@ -113,7 +118,11 @@ def _rules() -> pattern.RewriteRuleSet:
                     return result.fail(f"mask {mask.shape} does not broadcast to [B, H, S, Skv]")
 
             scale = 1.0
-            for tag, name in (("query_scaling", "query_scale"), ("key_scaling", "key_scale"), ("qk_scaling", "qk_scale")):
+            for tag, name in (
+                ("query_scaling", "query_scale"),
+                ("key_scaling", "key_scale"),
+                ("qk_scaling", "qk_scale"),
+            ):
                 kind = bindings.get(tag, "None")
                 if kind == "None":
                     continue
@@ -124,7 +133,9 @@ def _rules() -> pattern.RewriteRuleSet:
                 x = float(arr.reshape(-1)[0])
                 scale *= x if kind == "Mul" else (1.0 / x if x != 0 else math.inf)
             if not math.isfinite(scale) or scale <= 0:
-                return result.fail(f"scale {scale} is not finite and positive (Attention scales Q and K by sqrt(scale))")
+                return result.fail(
+                    f"scale {scale} is not finite and positive (Attention scales Q and K by sqrt(scale))"
+                )
             self._attn_scale = scale
             return result
 
@@ -153,9 +164,13 @@ class FuseAttentionPass(FusionPass):
 
     name = "fuse-attention"
     RULES: ClassVar = (
-        FusionRule("sdpa-attention",
-                   "MatMul(Q, Kᵀ)·scale [+ mask] → Softmax → MatMul(·, V) → Attention (opset 23)",
-                   _sdpa_to_attention, STANDARD, min_opset=23),
+        FusionRule(
+            "sdpa-attention",
+            "MatMul(Q, Kᵀ)·scale [+ mask] → Softmax → MatMul(·, V) → Attention (opset 23)",
+            _sdpa_to_attention,
+            STANDARD,
+            min_opset=23,
+        ),
     )
 
     def prepare(self, model: ir.Model) -> bool:

@@ -74,7 +74,9 @@ class _FoldChecks:
     def channels(self, weights: np.ndarray, attributes: Mapping[str, ir.Attr]) -> int | None:
         raise NotImplementedError
 
-    def scale_weights(self, weights: np.ndarray, scale: np.ndarray, attributes: Mapping[str, ir.Attr]) -> np.ndarray:
+    def scale_weights(
+        self, weights: np.ndarray, scale: np.ndarray, attributes: Mapping[str, ir.Attr]
+    ) -> np.ndarray:
         return self._scale_weights(weights, scale, attributes)  # type: ignore[attr-defined]
 
     def extra_check(self, x: ir.Value, w: np.ndarray, b: np.ndarray | None) -> str | None:
@@ -156,7 +158,8 @@ class _MatMul(_FoldChecks, pattern.RewriteRuleClassBase):
 
     def pattern(self, op, x, w):
         return op.BatchNormalization(
-            op.MatMul(x, w, _outputs=["inbound_out"]), _allow_other_inputs=True, _outputs=["batchnorm_out"])
+            op.MatMul(x, w, _outputs=["inbound_out"]), _allow_other_inputs=True, _outputs=["batchnorm_out"]
+        )
 
     def layer(self, inbound_out, w=None, **_):
         return w, None, {}
@@ -183,8 +186,10 @@ class _MatMulAdd(_MatMul):
 
     def pattern(self, op, x, w, c):
         return op.BatchNormalization(
-            op.Add(op.MatMul(x, w), c, _outputs=["inbound_out"]), _allow_other_inputs=True,
-            _outputs=["batchnorm_out"])
+            op.Add(op.MatMul(x, w), c, _outputs=["inbound_out"]),
+            _allow_other_inputs=True,
+            _outputs=["batchnorm_out"],
+        )
 
     def layer(self, inbound_out, w=None, c=None, **_):
         return w, c, {}
@@ -201,11 +206,17 @@ def _rules() -> list[FusionRule]:
 
     return [
         r("conv", "BatchNormalization(Conv) → Conv with scaled weights and bias", _Conv.rule()),
-        r("conv-transpose", "BatchNormalization(ConvTranspose) → ConvTranspose (grouped too)",
-          _ConvTranspose.rule()),
+        r(
+            "conv-transpose",
+            "BatchNormalization(ConvTranspose) → ConvTranspose (grouped too)",
+            _ConvTranspose.rule(),
+        ),
         r("gemm", "BatchNormalization(Gemm) → Gemm with scaled weights and bias", _Gemm.rule()),
-        r("matmul", "BatchNormalization([N, C] MatMul with constant W [+ c]) → MatMul + Add",
-          pattern.RewriteRuleSet([_MatMulAdd.rule(), _MatMul.rule()], commute=True)),
+        r(
+            "matmul",
+            "BatchNormalization([N, C] MatMul with constant W [+ c]) → MatMul + Add",
+            pattern.RewriteRuleSet([_MatMulAdd.rule(), _MatMul.rule()], commute=True),
+        ),
     ]
 
 

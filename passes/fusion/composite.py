@@ -23,7 +23,9 @@ def fusion_steps(domains: list[str]) -> list[str]:
     """The fusion passes, in order, for the op domains a target accepts."""
     unknown = sorted(set(domains) - {STANDARD, CONTRIB})
     if unknown or STANDARD not in domains:
-        raise PipelineError(f"fuse: domains must include 'standard' and may add 'contrib', not {list(domains)}")
+        raise PipelineError(
+            f"fuse: domains must include 'standard' and may add 'contrib', not {list(domains)}"
+        )
     if CONTRIB in domains:
         # No fuse-gemm: ONNX Runtime fuses MatMul+Add itself and fuse-ort's attention patterns
         # expect MatMul projections. No standard RMSNormalization: fuse-ort's skip-rms-norm
@@ -39,7 +41,8 @@ def fusion_steps(domains: list[str]) -> list[str]:
 class FuseOptions:
     domains: list[str] = dataclasses.field(
         default_factory=lambda: [STANDARD, CONTRIB],
-        metadata={"doc": "op domains the fusions may emit: standard, contrib (ONNX Runtime CPU/CUDA only)"})
+        metadata={"doc": "op domains the fusions may emit: standard, contrib (ONNX Runtime CPU/CUDA only)"},
+    )
 
 
 class FusePass(CompositePass):

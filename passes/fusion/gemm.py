@@ -100,8 +100,14 @@ def fold_transpose_into_gemm(model: ir.Model) -> int:
                 absorbed.append(t)
             if not absorbed:
                 continue
-            new = ir.Node(node.domain, "Gemm", inputs, attributes=list(attrs.values()), name=node.name,
-                          version=node.version)
+            new = ir.Node(
+                node.domain,
+                "Gemm",
+                inputs,
+                attributes=list(attrs.values()),
+                name=node.name,
+                version=node.version,
+            )
             ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
             for t in dict.fromkeys(absorbed):
                 if t.graph is graph and not any(o.uses() or o.is_graph_output() for o in t.outputs):
@@ -139,8 +145,9 @@ def fold_transposed_weights(model: ir.Model) -> int:
                 continue
             name = fresh_name(graph, f"{w.name}_transposed")
             tensor = ir.tensor(np.ascontiguousarray(arr.transpose(perm)), name=name)
-            new = ir.Value(name=name, type=ir.TensorType(w.dtype), shape=ir.Shape(tensor.shape),
-                           const_value=tensor)
+            new = ir.Value(
+                name=name, type=ir.TensorType(w.dtype), shape=ir.Shape(tensor.shape), const_value=tensor
+            )
             graph.register_initializer(new)
             out.replace_all_uses_with(new)
             graph.remove(node, safe=True)
@@ -168,15 +175,29 @@ def _rules() -> list[FusionRule]:
     """
     matmul_add = pattern.RewriteRuleSet(
         [_TransABMatMulAdd.rule(), _TransAMatMulAdd.rule(), _TransBMatMulAdd.rule(), _MatMulAdd.rule()],
-        commute=True)
+        commute=True,
+    )
     return [
         # Gemm's C broadcasts unidirectionally since opset 7 (opset 6 needs a broadcast attribute).
-        FusionRule("matmul-add", "MatMul (2-D, optionally of 2-D Transposes) + Add(bias) → Gemm",
-                   from_onnxscript(matmul_add), STANDARD, min_opset=7),
-        FusionRule("transpose-into-gemm", "Gemm(Transpose(A), Transpose(B)) → Gemm with transA/transB",
-                   fold_transpose_into_gemm, STANDARD),
-        FusionRule("transpose-weight", "Transpose of a constant weight of MatMul/Gemm → transposed weight",
-                   fold_transposed_weights, STANDARD),
+        FusionRule(
+            "matmul-add",
+            "MatMul (2-D, optionally of 2-D Transposes) + Add(bias) → Gemm",
+            from_onnxscript(matmul_add),
+            STANDARD,
+            min_opset=7,
+        ),
+        FusionRule(
+            "transpose-into-gemm",
+            "Gemm(Transpose(A), Transpose(B)) → Gemm with transA/transB",
+            fold_transpose_into_gemm,
+            STANDARD,
+        ),
+        FusionRule(
+            "transpose-weight",
+            "Transpose of a constant weight of MatMul/Gemm → transposed weight",
+            fold_transposed_weights,
+            STANDARD,
+        ),
     ]
 
 

@@ -87,8 +87,10 @@ def _scalar_ok(value: ir.Value | None, x: ir.Value, exact: float | None = None) 
 def _same_dims(a: ir.Shape | None, dims: list[Any]) -> bool:
     if a is None or len(a) != len(dims):
         return False
-    return all(isinstance(p, int) and p == q or (not isinstance(p, int) and p == q and p.value is not None)
-               for p, q in zip(a, dims))
+    return all(
+        isinstance(p, int) and p == q or (not isinstance(p, int) and p == q and p.value is not None)
+        for p, q in zip(a, dims)
+    )
 
 
 def _param_ok(param: ir.Value | None, x: ir.Value, axis: int, dtype: ir.DataType) -> bool:
@@ -102,8 +104,15 @@ def _param_ok(param: ir.Value | None, x: ir.Value, axis: int, dtype: ir.DataType
 # LayerNormalization
 
 
-def _check_operands(rule: Any, result: pattern.MatchResult, x: ir.Value, epsilon: ir.Value, two: ir.Value | None,
-                    scale: ir.Value, axis: int) -> pattern.MatchResult:
+def _check_operands(
+    rule: Any,
+    result: pattern.MatchResult,
+    x: ir.Value,
+    epsilon: ir.Value,
+    two: ir.Value | None,
+    scale: ir.Value,
+    axis: int,
+) -> pattern.MatchResult:
     """Checks both norms share: constant epsilon, exponent exactly 2, scale of the normalized shape;
     records the axis on the rule for its rewrite."""
     if not _scalar_ok(epsilon, x):
@@ -111,8 +120,9 @@ def _check_operands(rule: Any, result: pattern.MatchResult, x: ir.Value, epsilon
     if two is not None and not _scalar_ok(two, x, exact=2.0):
         return result.fail("Pow exponent is not exactly 2", two)
     if not _param_ok(scale, x, axis, x.dtype):
-        return result.fail(f"scale {scale.shape} {scale.dtype} is not of the normalized shape/type of x {x.shape}",
-                           scale)
+        return result.fail(
+            f"scale {scale.shape} {scale.dtype} is not of the normalized shape/type of x {x.shape}", scale
+        )
     rule._axis = axis
     return result
 
@@ -149,7 +159,9 @@ class _LayerNorm(_layer_norm.LayerNormFusion):
         return _check_operands(self, result, x, epsilon, two, scale, axis)
 
     def rewrite(self, op, x, scale, epsilon, **_):  # type: ignore[override]
-        return op.LayerNormalization(x, scale, axis=self._axis, epsilon=self._epsilon, stash_type=self._stash_type)
+        return op.LayerNormalization(
+            x, scale, axis=self._axis, epsilon=self._epsilon, stash_type=self._stash_type
+        )
 
 
 class _LayerNormBias(_layer_norm.LayerNormBiasFusion):
@@ -175,11 +187,17 @@ class _LayerNormBias(_layer_norm.LayerNormBiasFusion):
 
 
 def _layer_norm_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([
-        _LayerNorm.rule(f"LayerNorm{'_axes_attr' if attr else ''}{'_scale_first' if first else ''}",
-                        axes_attribute=attr, scale_first=first)
-        for attr in (False, True) for first in (False, True)
-    ])
+    return pattern.RewriteRuleSet(
+        [
+            _LayerNorm.rule(
+                f"LayerNorm{'_axes_attr' if attr else ''}{'_scale_first' if first else ''}",
+                axes_attribute=attr,
+                scale_first=first,
+            )
+            for attr in (False, True)
+            for first in (False, True)
+        ]
+    )
 
 
 def _layer_norm_bias_rules() -> pattern.RewriteRuleSet:
@@ -198,16 +216,31 @@ class _RmsNorm(_rms_normalization.RmsNormFusion):
         squared = pattern.OrValue([op.Pow(xc, two), op.Mul(xc, xc)])
         mean_square = op.ReduceMean(squared, axes, _outputs=["mean_square"])
         rms = op.Sqrt(op.Add(mean_square, epsilon))
-        normalized = pattern.OrValue([
-            op.Mul(xc, op.Reciprocal(rms)), op.Mul(op.Reciprocal(rms), xc), op.Div(xc, rms),
-        ])
+        normalized = pattern.OrValue(
+            [
+                op.Mul(xc, op.Reciprocal(rms)),
+                op.Mul(op.Reciprocal(rms), xc),
+                op.Div(xc, rms),
+            ]
+        )
         normalized = pattern.OrValue([op.Cast(normalized, to=target_dtype), normalized])
         return op.Mul(normalized, scale) if self._mul_order else op.Mul(scale, normalized)
 
-    def check(self, context, x, scale, epsilon, compute_dtype, target_dtype, mean_square,  # type: ignore[override]
-              two=None, **_) -> pattern.MatchResult:
-        result = super().check(context, x=x, scale=scale, epsilon=epsilon, compute_dtype=compute_dtype,
-                               target_dtype=target_dtype)  # float types, scalar epsilon, stash float/double
+    def check(
+        self,
+        context,
+        x,
+        scale,
+        epsilon,
+        compute_dtype,
+        target_dtype,
+        mean_square,  # type: ignore[override]
+        two=None,
+        **_,
+    ) -> pattern.MatchResult:
+        result = super().check(
+            context, x=x, scale=scale, epsilon=epsilon, compute_dtype=compute_dtype, target_dtype=target_dtype
+        )  # float types, scalar epsilon, stash float/double
         if not result:
             return result
         if (compute_dtype is None) != (target_dtype is None):
@@ -215,22 +248,31 @@ class _RmsNorm(_rms_normalization.RmsNormFusion):
         if target_dtype is not None and ir.DataType(target_dtype.as_int()) != x.dtype:
             return result.fail("the Cast back does not return to the input's type")
         if compute_dtype is None and x.dtype not in _COMPUTE_TYPES:
-            return result.fail("computed in the input's low-precision type; a fused op would compute in float")
+            return result.fail(
+                "computed in the input's low-precision type; a fused op would compute in float"
+            )
         axis = _trailing_axis(x, mean_square, result=result)
         if axis is None:
             return result
         return _check_operands(self, result, x, epsilon, two, scale, axis)
 
     def rewrite(self, op, x, scale, epsilon, **_):  # type: ignore[override]
-        return op.RMSNormalization(x, scale, axis=self._axis, epsilon=float(_constant(epsilon).reshape(-1)[0]),
-                                   stash_type=self._stash_dtype)
+        return op.RMSNormalization(
+            x,
+            scale,
+            axis=self._axis,
+            epsilon=float(_constant(epsilon).reshape(-1)[0]),
+            stash_type=self._stash_dtype,
+        )
 
 
 def _rms_norm_rules() -> pattern.RewriteRuleSet:
-    return pattern.RewriteRuleSet([
-        _RmsNorm.rule("RmsNorm_scale_last", mul_order=True),
-        _RmsNorm.rule("RmsNorm_scale_first", mul_order=False),
-    ])
+    return pattern.RewriteRuleSet(
+        [
+            _RmsNorm.rule("RmsNorm_scale_last", mul_order=True),
+            _RmsNorm.rule("RmsNorm_scale_first", mul_order=False),
+        ]
+    )
 
 
 class FuseNormalizationPass(FusionPass):
@@ -269,12 +311,27 @@ class FuseNormalizationPass(FusionPass):
 
     name = "fuse-normalization"
     RULES: ClassVar = (
-        FusionRule("layer-norm", "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul → LayerNormalization",
-                   from_onnxscript(_layer_norm_rules()), STANDARD, min_opset=17),
-        FusionRule("layer-norm-bias", "LayerNormalization(x, scale) + bias → LayerNormalization(x, scale, bias)",
-                   from_onnxscript(_layer_norm_bias_rules()), STANDARD, min_opset=17),
-        FusionRule("rms-norm", "Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul (± Casts) → RMSNormalization",
-                   from_onnxscript(_rms_norm_rules()), STANDARD, min_opset=23),
+        FusionRule(
+            "layer-norm",
+            "ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul → LayerNormalization",
+            from_onnxscript(_layer_norm_rules()),
+            STANDARD,
+            min_opset=17,
+        ),
+        FusionRule(
+            "layer-norm-bias",
+            "LayerNormalization(x, scale) + bias → LayerNormalization(x, scale, bias)",
+            from_onnxscript(_layer_norm_bias_rules()),
+            STANDARD,
+            min_opset=17,
+        ),
+        FusionRule(
+            "rms-norm",
+            "Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul (± Casts) → RMSNormalization",
+            from_onnxscript(_rms_norm_rules()),
+            STANDARD,
+            min_opset=23,
+        ),
     )
 
     def prepare(self, model: ir.Model) -> bool:

@@ -25,6 +25,7 @@ from .matching import PRIVATE_DOMAIN
 
 __all__ = ["FuseOrtPass", "ORT_RULES"]
 
+
 def _rules() -> list[FusionRule]:
     # Imported here: importing onnxscript's ort_fusions package costs about a second.
     from onnxscript.rewriter.ort_fusions import (
@@ -53,59 +54,129 @@ def _rules() -> list[FusionRule]:
         # Must run first: onnxscript's MHA rules drop the Reshape-to-2D that GPT-2's Conv1D (addmm)
         # puts before its Gemm, which leaves a Gemm with a 3-D input that ONNX Runtime rejects
         # (seen on transformers' GPT-2). optimize_for_ort does the same conversion up front.
-        FusionRule("gemm-to-matmul", "Reshape→Gemm→Reshape → MatMul + Add so attention patterns see the projections",
-                   from_onnxscript(gemm_to_matmul_add_rule), STANDARD),
+        FusionRule(
+            "gemm-to-matmul",
+            "Reshape→Gemm→Reshape → MatMul + Add so attention patterns see the projections",
+            from_onnxscript(gemm_to_matmul_add_rule),
+            STANDARD,
+        ),
         r("erf-gelu", "x·½(1+erf(x/√2)) → com.microsoft Gelu", from_onnxscript(erfgelu.fuse_erfgelu)),
         # Before the normalization and attention rules, so that the attention rules see
         # com.microsoft RotaryEmbedding and absorb the Q/K/V head reshapes too. That needs the
         # guarded GQA rule below (onnxscript's accepts any mask once a RotaryEmbedding exists).
-        r("rotary-embedding-mul",
-          "rotate-half RoPE with angles = positions·inv_freq (transformers ≥ 5) → RotaryEmbedding + cos/sin cache",
-          ort_rotary.fuse_rotary_embedding),
-        r("rms-norm", "decomposed RMSNorm → SimplifiedLayerNormalization",
-          from_onnxscript(rms_normalization.fuse_rms_normalization)),
-        r("skip-layer-norm", "Add + LayerNormalization → SkipLayerNormalization",
-          from_onnxscript(skip_normalization.fuse_skip_layer_normalization)),
-        r("skip-rms-norm", "Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization",
-          from_onnxscript(skip_normalization.fuse_skip_rms_normalization)),
-        r("rotary-embedding", "rotate-half rotary embedding → RotaryEmbedding",
-          from_onnxscript(rotary_embedding.fuse_rotary_embedding)),
-        r("cos-sin-cache", "position-dependent cos/sin computation → a constant cos/sin cache",
-          ort_rotary.fuse_cos_sin_cache_then_cse),
-        r("partial-rotary-embedding", "rotary embedding on part of the head → RotaryEmbedding",
-          from_onnxscript(rotary_embedding.fuse_partial_rotary_embedding)),
-        r("sdpa", "MatMul/Softmax/MatMul scaled dot-product attention → SDPA (intermediate)",
-          from_onnxscript(sdpa.sdpa_rules, shape_inference=True)),
-        r("gqa", "SDPA with shared KV heads and KV cache → GroupQueryAttention",
-          from_onnxscript(ort_attention.checked_gqa_rules())),
-        r("gqa-packed-qkv", "GroupQueryAttention on slices of one QKV projection → packed QKV input",
-          from_onnxscript(gqa_packed_qkv.fuse_qkv_gqa)),
-        r("mha-kv-cache", "SDPA with past/present key-value cache → MultiHeadAttention",
-          from_onnxscript(ort_attention.checked_mha_rules(has_past_present=True))),
-        r("mha", "SDPA with head split/merge reshapes → MultiHeadAttention",
-          from_onnxscript(ort_attention.checked_mha_rules(has_past_present=False))),
-        r("mha-scale", "query pre-scaled by a constant → MultiHeadAttention scale attribute",
-          from_onnxscript(mha_scale.fuse_mha_scale)),
-        r("mha-bias", "Q/K/V projection biases → MultiHeadAttention bias input",
-          from_onnxscript(mha_bias.fuse_mha_bias)),
-        r("attention", "MultiHeadAttention with Q/K/V projections of one input → packed Attention",
-          from_onnxscript(attention.fuse_attention)),
-        r("gelu", "tanh/erf GELU in the association onnxscript matches → FastGelu / Gelu",
-          from_onnxscript(gelu.fuse_gelu)),
+        r(
+            "rotary-embedding-mul",
+            "rotate-half RoPE with angles = positions·inv_freq (transformers ≥ 5) → RotaryEmbedding + cos/sin cache",
+            ort_rotary.fuse_rotary_embedding,
+        ),
+        r(
+            "rms-norm",
+            "decomposed RMSNorm → SimplifiedLayerNormalization",
+            from_onnxscript(rms_normalization.fuse_rms_normalization),
+        ),
+        r(
+            "skip-layer-norm",
+            "Add + LayerNormalization → SkipLayerNormalization",
+            from_onnxscript(skip_normalization.fuse_skip_layer_normalization),
+        ),
+        r(
+            "skip-rms-norm",
+            "Add + SimplifiedLayerNormalization → SkipSimplifiedLayerNormalization",
+            from_onnxscript(skip_normalization.fuse_skip_rms_normalization),
+        ),
+        r(
+            "rotary-embedding",
+            "rotate-half rotary embedding → RotaryEmbedding",
+            from_onnxscript(rotary_embedding.fuse_rotary_embedding),
+        ),
+        r(
+            "cos-sin-cache",
+            "position-dependent cos/sin computation → a constant cos/sin cache",
+            ort_rotary.fuse_cos_sin_cache_then_cse,
+        ),
+        r(
+            "partial-rotary-embedding",
+            "rotary embedding on part of the head → RotaryEmbedding",
+            from_onnxscript(rotary_embedding.fuse_partial_rotary_embedding),
+        ),
+        r(
+            "sdpa",
+            "MatMul/Softmax/MatMul scaled dot-product attention → SDPA (intermediate)",
+            from_onnxscript(sdpa.sdpa_rules, shape_inference=True),
+        ),
+        r(
+            "gqa",
+            "SDPA with shared KV heads and KV cache → GroupQueryAttention",
+            from_onnxscript(ort_attention.checked_gqa_rules()),
+        ),
+        r(
+            "gqa-packed-qkv",
+            "GroupQueryAttention on slices of one QKV projection → packed QKV input",
+            from_onnxscript(gqa_packed_qkv.fuse_qkv_gqa),
+        ),
+        r(
+            "mha-kv-cache",
+            "SDPA with past/present key-value cache → MultiHeadAttention",
+            from_onnxscript(ort_attention.checked_mha_rules(has_past_present=True)),
+        ),
+        r(
+            "mha",
+            "SDPA with head split/merge reshapes → MultiHeadAttention",
+            from_onnxscript(ort_attention.checked_mha_rules(has_past_present=False)),
+        ),
+        r(
+            "mha-scale",
+            "query pre-scaled by a constant → MultiHeadAttention scale attribute",
+            from_onnxscript(mha_scale.fuse_mha_scale),
+        ),
+        r(
+            "mha-bias",
+            "Q/K/V projection biases → MultiHeadAttention bias input",
+            from_onnxscript(mha_bias.fuse_mha_bias),
+        ),
+        r(
+            "attention",
+            "MultiHeadAttention with Q/K/V projections of one input → packed Attention",
+            from_onnxscript(attention.fuse_attention),
+        ),
+        r(
+            "gelu",
+            "tanh/erf GELU in the association onnxscript matches → FastGelu / Gelu",
+            from_onnxscript(gelu.fuse_gelu),
+        ),
         # After onnxscript's GELU rules (the forms they miss), before BiasGelu.
-        r("fast-gelu-tanh", "tanh GELU in the associations onnxscript misses (GPT-2's (½x)·(1+tanh…)) → FastGelu",
-          ort_gelu.fuse_fast_gelu),
+        r(
+            "fast-gelu-tanh",
+            "tanh GELU in the associations onnxscript misses (GPT-2's (½x)·(1+tanh…)) → FastGelu",
+            ort_gelu.fuse_fast_gelu,
+        ),
         r("quick-gelu", "x·Sigmoid(αx) (SiLU when α=1) → QuickGelu", ort_gelu.fuse_quick_gelu),
         r("bias-gelu", "Add(bias) + Gelu → BiasGelu", from_onnxscript(bias_gelu.fuse_bias_gelu)),
-        r("sdpa-via-mha", "remaining SDPA → MultiHeadAttention", from_onnxscript(sdpa_via_mha.replace_sdpa_by_mha)),
-        r("softmax", "Softmax patterns ONNX Runtime runs faster in another form",
-          from_onnxscript(softmax.rules)),
-        r("group-norm", "InstanceNormalization over reshaped groups → GroupNorm",
-          from_onnxscript(instance_to_group_normalization.rules)),
-        r("fused-matmul", "MatMul with transposed inputs or a constant scale → FusedMatMul",
-          from_onnxscript(fused_matmul_rule_sets.fused_matmul_rule_sets())),
-        r("fused-conv", "Conv [+ Add(residual)] + Relu/Sigmoid/Tanh/LeakyRelu/Clip/HardSigmoid → FusedConv",
-          ort_conv.fuse_conv_activation),
+        r(
+            "sdpa-via-mha",
+            "remaining SDPA → MultiHeadAttention",
+            from_onnxscript(sdpa_via_mha.replace_sdpa_by_mha),
+        ),
+        r(
+            "softmax",
+            "Softmax patterns ONNX Runtime runs faster in another form",
+            from_onnxscript(softmax.rules),
+        ),
+        r(
+            "group-norm",
+            "InstanceNormalization over reshaped groups → GroupNorm",
+            from_onnxscript(instance_to_group_normalization.rules),
+        ),
+        r(
+            "fused-matmul",
+            "MatMul with transposed inputs or a constant scale → FusedMatMul",
+            from_onnxscript(fused_matmul_rule_sets.fused_matmul_rule_sets()),
+        ),
+        r(
+            "fused-conv",
+            "Conv [+ Add(residual)] + Relu/Sigmoid/Tanh/LeakyRelu/Clip/HardSigmoid → FusedConv",
+            ort_conv.fuse_conv_activation,
+        ),
     ]
 
 
@@ -143,7 +214,8 @@ class FuseOrtPass(FusionPass):
         if left:
             raise PassFailedError(
                 f"fuse-ort left intermediate ops {left} that no rule consumed; "
-                "run without fuse-ort (or exclude its 'sdpa' rule) and report the model")
+                "run without fuse-ort (or exclude its 'sdpa' rule) and report the model"
+            )
         if modified or changed:
             common.RemoveUnusedNodesPass()(model)
             common.RemoveUnusedOpsetsPass()(model)

@@ -34,13 +34,20 @@ def checked_mha_rules(has_past_present: bool) -> pattern.RewriteRuleSet:
                 return result.fail(f"attention output {out} is not [B, S, D] like the query {q}")
             return result
 
-    combos = [(rot, cross) for rot in (False, True) for cross in ([False] if has_past_present else [False, True])]
-    return pattern.RewriteRuleSet([
-        CheckedMultiHeadAttention.rule(
-            f"MHA{'_Rotary' if rot else ''}{'_Past' if has_past_present else ''}{'_CrossAttention' if cross else ''}",
-            is_rotary=rot, has_past_present=has_past_present, is_cross_attention=cross)
-        for rot, cross in combos
-    ])
+    combos = [
+        (rot, cross) for rot in (False, True) for cross in ([False] if has_past_present else [False, True])
+    ]
+    return pattern.RewriteRuleSet(
+        [
+            CheckedMultiHeadAttention.rule(
+                f"MHA{'_Rotary' if rot else ''}{'_Past' if has_past_present else ''}{'_CrossAttention' if cross else ''}",
+                is_rotary=rot,
+                has_past_present=has_past_present,
+                is_cross_attention=cross,
+            )
+            for rot, cross in combos
+        ]
+    )
 
 
 def checked_gqa_rules() -> pattern.RewriteRuleSet:
@@ -58,7 +65,8 @@ def checked_gqa_rules() -> pattern.RewriteRuleSet:
         def check(self, context, mask=None, **kw):  # type: ignore[override]
             node = mask.producer() if mask is not None else None
             if node is None or not gqa._causal_mask_pattern.match(
-                    context.model, context.graph_or_function, node, check_nodes_are_removable=False):
+                context.model, context.graph_or_function, node, check_nodes_are_removable=False
+            ):
                 return pattern.MatchResult().fail("mask is not the causal-mask pattern", mask)
             return super().check(context, mask=mask, **kw)
 

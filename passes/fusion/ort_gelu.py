@@ -37,8 +37,13 @@ def _is_cube(value: ir.Value, x: ir.Value, nodes: list[ir.Node]) -> bool:
     pw = producer(value, "Pow")
     if pw is not None:
         exp = constant(pw.inputs[1])
-        if pw.inputs[0] is x and exp is not None and exp.size == 1 and float(exp.reshape(-1)[0]) == 3.0 \
-                and exp.ndim <= (rank(x) or 0):
+        if (
+            pw.inputs[0] is x
+            and exp is not None
+            and exp.size == 1
+            and float(exp.reshape(-1)[0]) == 3.0
+            and exp.ndim <= (rank(x) or 0)
+        ):
             nodes.append(pw)
             return True
         return False

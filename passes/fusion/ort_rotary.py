@@ -37,7 +37,9 @@ _INT_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32})
 
 def sequence_bounds(model: ir.Model) -> dict[str, int]:
     """Upper bounds of symbolic dims from the exporter's range constraints (finite ones only)."""
-    text = model.graph.metadata_props.get(RANGE_CONSTRAINTS_KEY) or model.metadata_props.get(RANGE_CONSTRAINTS_KEY)
+    text = model.graph.metadata_props.get(RANGE_CONSTRAINTS_KEY) or model.metadata_props.get(
+        RANGE_CONSTRAINTS_KEY
+    )
     if not text:
         return {}
     out = {}
@@ -267,8 +269,12 @@ class _Builder:
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = unique_name(self.graph, base, self.names)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(array, name=name))
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )
         self.graph.register_initializer(value)
         return value
 
@@ -297,7 +303,9 @@ class _Builder:
         rows = self._rows(site, f)
         dtype = site.cos.dtype.numpy()
         if rows is not None:
-            angles = np.arange(rows, dtype=np.float32)[:, None] * f.inv_freq[None, :]  # float32, like the graph
+            angles = (
+                np.arange(rows, dtype=np.float32)[:, None] * f.inv_freq[None, :]
+            )  # float32, like the graph
             tables = []
             for fn in (np.cos, np.sin):
                 t = fn(angles.astype(np.float64)).astype(np.float32)
@@ -315,7 +323,9 @@ class _Builder:
         """Cos/Sin of freqs as [S, E] (row s = position p[s]), inserted after the angle Mul."""
         e = f.inv_freq.size
         shape2d = ir.Shape([f.positions.shape[0], e])  # type: ignore[index]
-        flat = ir.node("Reshape", [f.freqs, self._initializer("rotary_freqs_2d", np.array([-1, e], dtype=np.int64))])
+        flat = ir.node(
+            "Reshape", [f.freqs, self._initializer("rotary_freqs_2d", np.array([-1, e], dtype=np.int64))]
+        )
         new = [flat]
 
         def add(op: str, inputs: list[ir.Value], dtype: ir.DataType, attrs: dict | None = None) -> ir.Value:
@@ -392,9 +402,13 @@ def fuse_rotary_embedding(model: ir.Model) -> int:
         builder = builder or _Builder(model)
         position_ids, cos, sin = builder.tables(site, f)
         final = site.nodes[-1]
-        rope = ir.node("RotaryEmbedding", [site.x, position_ids, cos, sin],
-                       {"interleaved": 0, "num_heads": int(site.x.shape[1])},  # type: ignore[index, arg-type]
-                       domain=MS_DOMAIN, name=final.name)
+        rope = ir.node(
+            "RotaryEmbedding",
+            [site.x, position_ids, cos, sin],
+            {"interleaved": 0, "num_heads": int(site.x.shape[1])},  # type: ignore[index, arg-type]
+            domain=MS_DOMAIN,
+            name=final.name,
+        )
         count += replace_with(model, final, rope, site.nodes)
     return count
 

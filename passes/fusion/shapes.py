@@ -70,7 +70,9 @@ class _SqueezeUnsqueeze(pattern.RewriteRuleClassBase):
     """``Squeeze(Unsqueeze(x, a), a)`` → x."""
 
     def pattern(self, op, x):
-        return op.Squeeze(op.Unsqueeze(x, _allow_other_inputs=True, _outputs=["mid"]), _allow_other_inputs=True)
+        return op.Squeeze(
+            op.Unsqueeze(x, _allow_other_inputs=True, _outputs=["mid"]), _allow_other_inputs=True
+        )
 
     def check(self, context, x, mid, **_):
         result = pattern.MatchResult()
@@ -100,7 +102,9 @@ class _UnsqueezeSqueeze(pattern.RewriteRuleClassBase):
     """``Unsqueeze(Squeeze(x, a), a)`` → x."""
 
     def pattern(self, op, x):
-        return op.Unsqueeze(op.Squeeze(x, _allow_other_inputs=True, _outputs=["mid"]), _allow_other_inputs=True)
+        return op.Unsqueeze(
+            op.Squeeze(x, _allow_other_inputs=True, _outputs=["mid"]), _allow_other_inputs=True
+        )
 
     def check(self, context, x, mid, **_):
         result = pattern.MatchResult()
@@ -125,7 +129,9 @@ class _UnsqueezeUnsqueeze(pattern.RewriteRuleClassBase):
         super().__init__("UnsqueezeUnsqueeze", remove_nodes=False)
 
     def pattern(self, op, x):
-        return op.Unsqueeze(op.Unsqueeze(x, _allow_other_inputs=True, _outputs=["mid"]), _allow_other_inputs=True)
+        return op.Unsqueeze(
+            op.Unsqueeze(x, _allow_other_inputs=True, _outputs=["mid"]), _allow_other_inputs=True
+        )
 
     def check(self, context, x, mid, **_):
         result = pattern.MatchResult()
@@ -210,7 +216,9 @@ class _ReshapeReshape(osbasic.ReshapeReshape):
     def check(self, context, x, shape_ignored, shape):
         result = super().check(context, x, shape_ignored, shape)
         if result:
-            self._new_shape_name = fresh_name(context.graph_or_function, f"{context.output_values[0].name}_shape")
+            self._new_shape_name = fresh_name(
+                context.graph_or_function, f"{context.output_values[0].name}_shape"
+            )
         return result
 
 
@@ -264,18 +272,25 @@ def _rules() -> list[FusionRule]:
     Identity nodes the rules leave are removed at the end (:meth:`FuseShapeChainsPass.finish`) where
     that keeps graph outputs intact.
     """
+
     def r(name: str, summary: str, rule: Any) -> FusionRule:
         return FusionRule(name, summary, _apply(rule), STANDARD)
 
     return [
-        r("transpose-transpose", "Transpose∘Transpose → one Transpose (none if the identity)",
-          osbasic.TransposeTranspose.rule()),
+        r(
+            "transpose-transpose",
+            "Transpose∘Transpose → one Transpose (none if the identity)",
+            osbasic.TransposeTranspose.rule(),
+        ),
         r("squeeze-unsqueeze", "Squeeze(Unsqueeze(x, a), a) → x", _SqueezeUnsqueeze.rule()),
         r("unsqueeze-squeeze", "Unsqueeze(Squeeze(x, a), a) → x", _UnsqueezeSqueeze.rule()),
         r("unsqueeze-unsqueeze", "Unsqueeze∘Unsqueeze → one Unsqueeze", _UnsqueezeUnsqueeze.rule()),
         r("squeeze-reshape-1d", "Reshape(Squeeze(x), [-1]) → x for 1-D x", osbasic.SqueezeReshape.rule()),
-        r("reshape-of-squeeze", "Reshape(Squeeze/Unsqueeze(x), shape) → Reshape(x, shape)",
-          [_ReshapeOfSqueezeOp.rule(), _ReshapeOfUnsqueezeOp.rule()]),
+        r(
+            "reshape-of-squeeze",
+            "Reshape(Squeeze/Unsqueeze(x), shape) → Reshape(x, shape)",
+            [_ReshapeOfSqueezeOp.rule(), _ReshapeOfUnsqueezeOp.rule()],
+        ),
         r("reshape-reshape", "Reshape∘Reshape → one Reshape", _ReshapeReshape.rule()),
     ]
 
@@ -302,8 +317,11 @@ class FuseShapeChainsPass(FusionPass):
         changed = False
         for graph in model.graphs():
             for node in list(graph):
-                if node.op_type == "Identity" and node.domain == "" and node.metadata_props.get(
-                        RULE_KEY, "").startswith(f"{self.name}/"):
+                if (
+                    node.op_type == "Identity"
+                    and node.domain == ""
+                    and node.metadata_props.get(RULE_KEY, "").startswith(f"{self.name}/")
+                ):
                     changed |= replace_value(node, node.outputs[0], node.inputs[0])
         return changed
 

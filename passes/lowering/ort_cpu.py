@@ -57,18 +57,21 @@ def lower_skip_norms(model: ir.Model) -> int:
         norm_op, norm_domain, n_params = spec
         outs = list(node.outputs)
         if any(i < len(outs) and outs[i].uses() for i in (1, 2)) or any(
-                i < len(outs) and outs[i].is_graph_output() for i in (1, 2)):
+            i < len(outs) and outs[i].is_graph_output() for i in (1, 2)
+        ):
             continue  # mean / inv_std_var are used: the plain op does not produce them
         if set(node.attributes) - {"epsilon"}:
             continue
         inputs = list(node.inputs)
         x, skip = inputs[0], inputs[1] if len(inputs) > 1 else None
-        params = inputs[2:2 + n_params]
+        params = inputs[2 : 2 + n_params]
         bias = inputs[2 + n_params] if len(inputs) > 2 + n_params else None
         if skip is None or len(params) < 1 or params[0] is None:
             continue
-        if not all(_float32(v) for v in (x, skip, *[p for p in params if p is not None],
-                                          *([bias] if bias is not None else []))):
+        if not all(
+            _float32(v)
+            for v in (x, skip, *[p for p in params if p is not None], *([bias] if bias is not None else []))
+        ):
             continue
         eps = node.attributes.get("epsilon")
         epsilon = float(eps.as_float()) if eps is not None else _SKIP_EPSILON
@@ -82,8 +85,14 @@ def lower_skip_norms(model: ir.Model) -> int:
         s.name, s.type = f"{outs[0].name}_skip_sum", x.type
         s.shape = outs[0].shape if outs[0].shape is not None else x.shape
         norm_inputs = [s, *[p for p in params if p is not None]]
-        norm = ir.Node(norm_domain, norm_op, norm_inputs, num_outputs=1, name=f"{base}_norm",
-                       attributes=[ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", epsilon)])
+        norm = ir.Node(
+            norm_domain,
+            norm_op,
+            norm_inputs,
+            num_outputs=1,
+            name=f"{base}_norm",
+            attributes=[ir.AttrInt64("axis", -1), ir.AttrFloat32("epsilon", epsilon)],
+        )
         graph.insert_before(node, [total, norm])
         y = norm.outputs[0]
         y.type, y.shape = outs[0].type, outs[0].shape
@@ -105,6 +114,12 @@ class LowerOrtCpuPass(FusionPass):
 
     name = "lower-ort-cpu"
     RULES: ClassVar = (
-        FusionRule("skip-norm-to-sum", "SkipLayerNormalization → Sum + LayerNormalization (ORT CPU's fused "
-                   "kernel is slower; Sum keeps ORT from re-fusing)", lower_skip_norms, CONTRIB, min_opset=17),
+        FusionRule(
+            "skip-norm-to-sum",
+            "SkipLayerNormalization → Sum + LayerNormalization (ORT CPU's fused "
+            "kernel is slower; Sum keeps ORT from re-fusing)",
+            lower_skip_norms,
+            CONTRIB,
+            min_opset=17,
+        ),
     )

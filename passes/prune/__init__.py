@@ -76,8 +76,15 @@ class PrunePass(Pass):
             raise PipelineError("prune round_to must be >= 1")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        run = PruneRun(self.options, self.kind, self.n, self.m, context=self.context, count=self.count,
-                       details=self.details)
+        run = PruneRun(
+            self.options,
+            self.kind,
+            self.n,
+            self.m,
+            context=self.context,
+            count=self.count,
+            details=self.details,
+        )
         run.details["mode"] = self.options.mode
         if run.kind == "structured":
             modified = prune_structured(run, model)

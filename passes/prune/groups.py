@@ -34,17 +34,80 @@ __all__ = [
     "single_consumer",
 ]
 
-UNARY = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Erf", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish",
-    "Softplus", "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Floor", "Ceil",
-    "Round", "Sign", "Identity", "Cast", "IsNaN", "IsInf", "Not", "Mish", "ThresholdedRelu", "Swish",
-})
-BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "PRelu", "And", "Or", "Equal",
-                    "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Mod"})
+UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Gelu",
+        "Erf",
+        "Elu",
+        "Selu",
+        "Celu",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Softsign",
+        "Abs",
+        "Neg",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Reciprocal",
+        "Sin",
+        "Cos",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Identity",
+        "Cast",
+        "IsNaN",
+        "IsInf",
+        "Not",
+        "Mish",
+        "ThresholdedRelu",
+        "Swish",
+    }
+)
+BINARY = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "Where",
+        "PRelu",
+        "And",
+        "Or",
+        "Equal",
+        "Less",
+        "Greater",
+        "LessOrEqual",
+        "GreaterOrEqual",
+        "Mod",
+    }
+)
 LAYERS = frozenset({"Conv", "MatMul", "Gemm"})
 POOL = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
-REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
-                    "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp"})
+REDUCE = frozenset(
+    {
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceProd",
+        "ReduceSumSquare",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+    }
+)
 
 
 @dataclasses.dataclass

@@ -163,16 +163,22 @@ class HeadMatcher:
         fused = [paths[r][4] for r in ("q", "k", "v")]
         if any(f is not None for f in fused):
             # One QKV projection split into sections (GPT-2): every section loses the same heads.
-            if any(f is None for f in fused) or len({id(f["proj"]) for f in fused}) != 1 \
-                    or sorted(f["index"] for f in fused) != list(range(fused[0]["sections"])):
+            if (
+                any(f is None for f in fused)
+                or len({id(f["proj"]) for f in fused}) != 1
+                or sorted(f["index"] for f in fused) != list(range(fused[0]["sections"]))
+            ):
                 return self.fail("Q/K/V come partly from one fused projection and partly not")
             f = fused[0]
             mm, add, bias_index = f["proj"], f["add"], f["bias_index"]
             sections = f["sections"]
-            g.slices.append(Slice(mm, 1, _column_axis(mm), d, "out", weight_name=mm.inputs[1].name or "",
-                                   groups=sections))
+            g.slices.append(
+                Slice(mm, 1, _column_axis(mm), d, "out", weight_name=mm.inputs[1].name or "", groups=sections)
+            )
             if add is not None:
-                g.slices.append(Slice(add, bias_index, 0 if add is not mm else -1, d, "param", groups=sections))
+                g.slices.append(
+                    Slice(add, bias_index, 0 if add is not mm else -1, d, "param", groups=sections)
+                )
             g.producers.append(mm)
             for n, fix in f["fixes"]:
                 g.shape_fixes.append((n, 1, fix))
@@ -224,7 +230,9 @@ class HeadMatcher:
         if axis % r != r - 1:
             return self.fail("fused QKV Split not on the last axis")
         sections = len(split.outputs)  # type: ignore[union-attr]
-        sizes = constant_array(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None  # type: ignore[union-attr]
+        sizes = (
+            constant_array(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        )  # type: ignore[union-attr]
         if len(split.inputs) > 1 and split.inputs[1] is not None and sizes is None:  # type: ignore[union-attr]
             return self.fail("fused QKV Split sizes not constant")
         if sizes is not None and any(int(v) != h * d for v in sizes.ravel()):
@@ -254,9 +262,17 @@ class HeadMatcher:
         mm, add, bias_index = proj
         if single_consumer(src, False) is None:
             return self.fail("fused QKV projection output has other users")
-        return {"proj": mm, "add": add, "bias_index": bias_index, "sections": sections,
-                "index": list(split.outputs).index(section), "split": split,  # type: ignore[union-attr]
-                "split_sizes": sizes, "fixes": fixes, "values": values + list(split.outputs)}  # type: ignore[union-attr]
+        return {
+            "proj": mm,
+            "add": add,
+            "bias_index": bias_index,
+            "sections": sections,
+            "index": list(split.outputs).index(section),
+            "split": split,  # type: ignore[union-attr]
+            "split_sizes": sizes,
+            "fixes": fixes,
+            "values": values + list(split.outputs),
+        }  # type: ignore[union-attr]
 
     def _split_path(self, val: ir.Value, h: int, d: int, chain: list[ir.Node]):
         """Back from a Q/K/V operand to its projection through scalar scaling, Transpose and
@@ -284,8 +300,12 @@ class HeadMatcher:
                 src = node.inputs[0]
                 proj = _projection(src) if src is not None else None
                 fused = None
-                if proj is None and src is not None and src.producer() is not None \
-                        and src.producer().op_type == "Split":
+                if (
+                    proj is None
+                    and src is not None
+                    and src.producer() is not None
+                    and src.producer().op_type == "Split"
+                ):
                     fused = self._fused(src, h, d)
                     if fused is None:
                         return None
@@ -295,18 +315,23 @@ class HeadMatcher:
                     w = constant_array(mm.inputs[1])
                     cols = w.shape[_column_axis(mm)]  # type: ignore[union-attr]
                     if cols != h * d * (fused["sections"] if fused else 1):
-                        return self.fail(f"projection {mm.name} has {cols} columns, not {h}*{d} "
-                                         "(grouped-query attention)")
+                        return self.fail(
+                            f"projection {mm.name} has {cols} columns, not {h}*{d} (grouped-query attention)"
+                        )
                     y = node.outputs[0]
                     if y.shape is None or y.shape.rank() != 4 or y.shape[2] != h or y.shape[3] != d:
-                        return self.fail(f"split Reshape {node.name} output {y.shape} is not [B, S, {h}, {d}]")
+                        return self.fail(
+                            f"split Reshape {node.name} output {y.shape} is not [B, S, {h}, {d}]"
+                        )
                     pieces = shape_pieces(node.inputs[1])
                     if pieces is None:
                         return self.fail(f"split Reshape {node.name} shape not readable")
                     _, _, hv = element(pieces, 2)
                     _, _, dv = element(pieces, 3)
                     if hv not in (-1, h) or dv != d:
-                        return self.fail(f"split Reshape {node.name} shape elements ({hv}, {dv}) not understood")
+                        return self.fail(
+                            f"split Reshape {node.name} shape elements ({hv}, {dv}) not understood"
+                        )
                     nxt_users = [u.node for u in node.outputs[0].uses()]
                     if len(nxt_users) != 1 or nxt_users[0].op_type != "Transpose":
                         return self.fail(f"split Reshape {node.name} not followed by one Transpose")
@@ -334,7 +359,9 @@ class HeadMatcher:
                         if int(a) == h and h not in (d, 1) and static.count(h) <= 1:
                             literal = True
                         elif int(a) not in allowed:
-                            return self.fail(f"Reshape {node.name} has literal dims {arr.tolist()} not understood")
+                            return self.fail(
+                                f"Reshape {node.name} has literal dims {arr.tolist()} not understood"
+                            )
                 if d == h:
                     return self.fail("head size equals head count: literal dims are ambiguous")
                 if literal:
@@ -342,5 +369,7 @@ class HeadMatcher:
                 chain.append(node)
                 val = src  # type: ignore[assignment]
                 continue
-            return self.fail(f"{node.op_type} {node.name} on a Q/K/V path (rotary, grouped-query or fused QKV)")
+            return self.fail(
+                f"{node.op_type} {node.name} on a Q/K/V path (rotary, grouped-query or fused QKV)"
+            )
         return self.fail("Q/K/V path too long")

@@ -43,12 +43,19 @@ def unit_scores(run: PruneRun, model: ir.Model, groups: list[Group]) -> list[np.
                 src = bn.inputs[0].producer() if bn.inputs[0] is not None else None
                 if gamma is not None and var is not None and src is not None:
                     eps = bn.attributes.get_float("epsilon", 1e-5)
-                    bn_scale[id(src)] = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+                    bn_scale[id(src)] = np.abs(gamma.astype(np.float64)) / np.sqrt(
+                        var.astype(np.float64) + eps
+                    )
         for s in g.slices:
             if s.role not in ("out", "in"):
                 continue
             w = constant_array(s.node.inputs[s.index]).astype(np.float64)  # type: ignore[union-attr]
-            per = np.moveaxis(w, s.axis, 0).reshape(s.groups, g.units, -1).transpose(1, 0, 2).reshape(g.units, -1)
+            per = (
+                np.moveaxis(w, s.axis, 0)
+                .reshape(s.groups, g.units, -1)
+                .transpose(1, 0, 2)
+                .reshape(g.units, -1)
+            )
             if o.importance == "l1":
                 norm = np.abs(per).sum(axis=1)
             else:
@@ -91,8 +98,9 @@ def activation_stats(run: PruneRun, model: ir.Model, groups: list[Group]) -> dic
     return {wanted[n][0]: sums[n] / count for n in names}
 
 
-def weight_activation_scores(run: PruneRun, model: ir.Model, targets: list[WeightTarget],
-                             arrays: dict[ir.Value, np.ndarray]) -> dict[ir.Value, np.ndarray]:
+def weight_activation_scores(
+    run: PruneRun, model: ir.Model, targets: list[WeightTarget], arrays: dict[ir.Value, np.ndarray]
+) -> dict[ir.Value, np.ndarray]:
     """Wanda scores ``|W| · ‖x_j‖₂``: each weight times the L2 norm (over the calibration data) of
     the input feature it multiplies. Weights whose input layout is not understood keep |W|."""
     from graphopt.calibration import stream_tensors
@@ -125,8 +133,9 @@ def weight_activation_scores(run: PruneRun, model: ir.Model, targets: list[Weigh
         return {}
     names = sorted(wanted)
     sq: dict[str, np.ndarray] = {}
-    for batch in stream_tensors(model, names, run.calibration(), limit=run.options.calibration_batches,
-                                description="prune stats"):
+    for batch in stream_tensors(
+        model, names, run.calibration(), limit=run.options.calibration_batches, description="prune stats"
+    ):
         for name in names:
             a = np.asarray(batch[name], dtype=np.float64)
             moved = np.moveaxis(a, wanted[name], 0).reshape(a.shape[wanted[name]], -1)

@@ -102,16 +102,18 @@ def magnitude_mask(w: np.ndarray, k: int) -> np.ndarray:
     return mask.reshape(w.shape)
 
 
-def global_prune(arrays: dict[Any, np.ndarray], scores: dict[Any, np.ndarray],
-                 sparsity: float) -> dict[Any, np.ndarray]:
+def global_prune(
+    arrays: dict[Any, np.ndarray], scores: dict[Any, np.ndarray], sparsity: float
+) -> dict[Any, np.ndarray]:
     """Zero the ``sparsity`` fraction of all ``arrays`` together with the lowest scores (|w| where
     ``scores`` has none): one threshold, ties broken in order; empty when nothing is removed."""
     new: dict[Any, np.ndarray] = {}
     total = sum(a.size for a in arrays.values())
     k = int(np.floor(sparsity * total))
     if k > 0:
-        mags = np.concatenate([(scores[w] if w in scores else np.abs(a)).ravel().astype(np.float32)
-                               for w, a in arrays.items()])
+        mags = np.concatenate(
+            [(scores[w] if w in scores else np.abs(a)).ravel().astype(np.float32) for w, a in arrays.items()]
+        )
         thr = np.partition(mags, k - 1)[k - 1]
         below = int((mags < thr).sum())
         del mags

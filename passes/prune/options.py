@@ -32,32 +32,54 @@ def _doc(text: str) -> dict[str, str]:
 @dataclasses.dataclass
 class PruneOptions:
     sparsity: float = dataclasses.field(
-        default=0.5, metadata=_doc("fraction of weights (unstructured) or units (structured) to remove, 0..1; "
-                                   "N:M modes ignore it (their sparsity is 1 - N/M)"))
+        default=0.5,
+        metadata=_doc(
+            "fraction of weights (unstructured) or units (structured) to remove, 0..1; "
+            "N:M modes ignore it (their sparsity is 1 - N/M)"
+        ),
+    )
     mode: str = dataclasses.field(
-        default="unstructured", metadata=_doc("unstructured | 2:4 | N:M (e.g. 1:4) | structured"))
+        default="unstructured", metadata=_doc("unstructured | 2:4 | N:M (e.g. 1:4) | structured")
+    )
     scope: Literal["layer", "global"] = dataclasses.field(
-        default="layer", metadata=_doc("layer: each layer (unit group) loses `sparsity`; global: one threshold "
-                                       "over all targets (structured: over mean-normalized unit scores)"))
+        default="layer",
+        metadata=_doc(
+            "layer: each layer (unit group) loses `sparsity`; global: one threshold "
+            "over all targets (structured: over mean-normalized unit scores)"
+        ),
+    )
     targets: list[str] = dataclasses.field(
         default_factory=lambda: list(TARGETS),
-        metadata=_doc("structured unit kinds: channels (Conv), ffn (MatMul/Gemm neurons), heads (attention)"))
+        metadata=_doc("structured unit kinds: channels (Conv), ffn (MatMul/Gemm neurons), heads (attention)"),
+    )
     importance: Literal["l1", "l2", "activation"] = dataclasses.field(
-        default="l1", metadata=_doc("unit score: weight L1/L2 norm, or activation statistics (needs calibration)"))
+        default="l1",
+        metadata=_doc("unit score: weight L1/L2 norm, or activation statistics (needs calibration)"),
+    )
     min_size: int = dataclasses.field(
-        default=1024, metadata=_doc("weights with fewer elements are left dense (unstructured and N:M)"))
+        default=1024, metadata=_doc("weights with fewer elements are left dense (unstructured and N:M)")
+    )
     exclude: list[str] = dataclasses.field(
-        default_factory=list, metadata=_doc("node names, weight names, fnmatch patterns or op types to leave alone"))
+        default_factory=list,
+        metadata=_doc("node names, weight names, fnmatch patterns or op types to leave alone"),
+    )
     include: list[str] = dataclasses.field(
-        default_factory=list, metadata=_doc("if given, prune only nodes/weights matching these"))
+        default_factory=list, metadata=_doc("if given, prune only nodes/weights matching these")
+    )
     round_to: int = dataclasses.field(
-        default=1, metadata=_doc("structured: keep a multiple of this many units per group when possible"))
+        default=1, metadata=_doc("structured: keep a multiple of this many units per group when possible")
+    )
     sparse_storage: bool = dataclasses.field(
-        default=False, metadata=_doc("graphopt.save then stores mostly-zero weights as ONNX sparse initializers"))
+        default=False,
+        metadata=_doc("graphopt.save then stores mostly-zero weights as ONNX sparse initializers"),
+    )
     calibration: str | None = dataclasses.field(
-        default=None, metadata=_doc(".npz file or folder for importance=activation (or optimize(calibration=))"))
+        default=None,
+        metadata=_doc(".npz file or folder for importance=activation (or optimize(calibration=))"),
+    )
     calibration_batches: int = dataclasses.field(
-        default=16, metadata=_doc("at most this many calibration batches for activation statistics"))
+        default=16, metadata=_doc("at most this many calibration batches for activation statistics")
+    )
 
 
 def parse_mode(mode: str) -> tuple[str, int, int]:
@@ -71,7 +93,8 @@ def parse_mode(mode: str) -> tuple[str, int, int]:
         if 0 < n < mm <= 64:
             return "nm", n, mm
     raise PipelineError(
-        f"prune mode {mode!r} is not valid; use unstructured, structured, or N:M with 0 < N < M (e.g. 2:4)")
+        f"prune mode {mode!r} is not valid; use unstructured, structured, or N:M with 0 < N < M (e.g. 2:4)"
+    )
 
 
 def _matches(patterns: Iterable[str], node: ir.Node, weight_name: str | None) -> bool:
@@ -113,8 +136,10 @@ class PruneRun:
         o = self.options
         source = o.calibration if o.calibration is not None else self.context.get("calibration")
         if source is None:
-            raise PipelineError("prune importance=activation needs calibration data: pass calibration= to "
-                                "optimize() or the prune option calibration=PATH")
+            raise PipelineError(
+                "prune importance=activation needs calibration data: pass calibration= to "
+                "optimize() or the prune option calibration=PATH"
+            )
         data = CalibrationData.from_any(source)
         if getattr(data, "_single_use", False):
             data = data.materialize()

@@ -18,8 +18,9 @@ from .groups import Group, shape_pieces
 __all__ = ["apply_keep", "fix_shape", "set_input_const"]
 
 
-def set_input_const(graph: ir.Graph, taken: set[str], node: ir.Node, index: int, array: np.ndarray,
-                    suffix: str) -> ir.Value:
+def set_input_const(
+    graph: ir.Graph, taken: set[str], node: ir.Node, index: int, array: np.ndarray, suffix: str
+) -> ir.Value:
     """Give ``node`` input ``index`` a new initializer (the old one may be shared; DCE drops it)."""
     old = node.inputs[index]
     base = (old.name if old is not None and old.name else f"{node.name or node.op_type}_{index}") + suffix
@@ -34,8 +35,11 @@ def apply_keep(graph: ir.Graph, taken: set[str], g: Group, keep: np.ndarray) -> 
     need_inference = False
     for s in g.slices:
         arr = constant_array(s.node.inputs[s.index])
-        idx = (np.arange(s.groups)[:, None, None] * g.units * s.block
-               + keep[None, :, None] * s.block + np.arange(s.block)[None, None, :]).ravel()
+        idx = (
+            np.arange(s.groups)[:, None, None] * g.units * s.block
+            + keep[None, :, None] * s.block
+            + np.arange(s.block)[None, None, :]
+        ).ravel()
         set_input_const(graph, taken, s.node, s.index, np.take(arr, idx, axis=s.axis), "_pruned")
     for node, index, fix in g.shape_fixes:
         fix_shape(graph, taken, node, index, fix, g.units, int(keep.size))
@@ -50,8 +54,9 @@ def apply_keep(graph: ir.Graph, taken: set[str], g: Group, keep: np.ndarray) -> 
     return need_inference
 
 
-def fix_shape(graph: ir.Graph, taken: set[str], node: ir.Node, index: int, fix: tuple[str, int],
-              units: int, kept: int) -> None:
+def fix_shape(
+    graph: ir.Graph, taken: set[str], node: ir.Node, index: int, fix: tuple[str, int], units: int, kept: int
+) -> None:
     """Rewrite the unit count held literally in a shape tensor (a constant, or a constant piece
     of a Concat, which is cloned: the original may serve other layers)."""
     kind, arg = fix
@@ -81,8 +86,12 @@ def fix_shape(graph: ir.Graph, taken: set[str], node: ir.Node, index: int, fix: 
         set_input_const(graph, taken, node, index, arr.reshape(c.shape).astype(c.dtype), "_pruned")
         return
     concat = value.producer()
-    clone = ir.node("Concat", list(concat.inputs), attributes={"axis": 0},
-                    name=unique_name(graph, (concat.name or "Concat") + "_pruned", taken))
+    clone = ir.node(
+        "Concat",
+        list(concat.inputs),
+        attributes={"axis": 0},
+        name=unique_name(graph, (concat.name or "Concat") + "_pruned", taken),
+    )
     graph.insert_after(concat, clone)
     clone.outputs[0].name = unique_name(graph, (value.name or "shape") + "_pruned", taken)
     clone.outputs[0].dtype = value.dtype
@@ -95,7 +104,13 @@ def fix_shape(graph: ir.Graph, taken: set[str], node: ir.Node, index: int, fix: 
             for i, v in local.items():
                 new_piece[i] = v
             dtype = constant_array(concat.inputs[k]).dtype  # type: ignore[union-attr]
-            set_input_const(graph, taken, clone, k, new_piece.reshape(
-                constant_array(concat.inputs[k]).shape).astype(dtype), "_pruned")  # type: ignore[union-attr]
+            set_input_const(
+                graph,
+                taken,
+                clone,
+                k,
+                new_piece.reshape(constant_array(concat.inputs[k]).shape).astype(dtype),
+                "_pruned",
+            )  # type: ignore[union-attr]
         start += n
     node.replace_input_with(index, clone.outputs[0])

@@ -39,11 +39,24 @@ def prune_structured(run: PruneRun, model: ir.Model) -> bool:
     need_inference = False
     for g, keep in zip(groups, keeps):
         removed = np.setdiff1d(np.arange(g.units), keep)
-        entry = {"kind": g.kind, "group": g.name, "units": g.units, "kept": int(keep.size),
-                 "removed": [int(i) for i in removed],
-                 "slices": [{"node": s.node.name, "input": s.index,
-                             "weight": s.weight_name or s.node.inputs[s.index].name,
-                             "axis": s.axis, "block": s.block, "role": s.role} for s in g.slices]}
+        entry = {
+            "kind": g.kind,
+            "group": g.name,
+            "units": g.units,
+            "kept": int(keep.size),
+            "removed": [int(i) for i in removed],
+            "slices": [
+                {
+                    "node": s.node.name,
+                    "input": s.index,
+                    "weight": s.weight_name or s.node.inputs[s.index].name,
+                    "axis": s.axis,
+                    "block": s.block,
+                    "role": s.role,
+                }
+                for s in g.slices
+            ],
+        }
         report.append(entry)
         if removed.size == 0:
             continue
@@ -59,8 +72,9 @@ def prune_structured(run: PruneRun, model: ir.Model) -> bool:
     run.details["groups"] = report
     run.details["skipped"] = skipped
     total = sum(g.units for g in groups)
-    run.details["removed_fraction"] = round(
-        sum(len(e["removed"]) for e in report) / total, 6) if total else 0.0
+    run.details["removed_fraction"] = (
+        round(sum(len(e["removed"]) for e in report) / total, 6) if total else 0.0
+    )
     return modified
 
 
@@ -78,8 +92,9 @@ def find_groups(run: PruneRun, model: ir.Model) -> tuple[list[Group], list[dict[
     return groups, skipped
 
 
-def _head_groups(run: PruneRun, graph: ir.Graph, groups: list[Group], skipped: list[dict[str, Any]],
-                 covered: set[int]) -> None:
+def _head_groups(
+    run: PruneRun, graph: ir.Graph, groups: list[Group], skipped: list[dict[str, Any]], covered: set[int]
+) -> None:
     for node in list(graph):
         if node.op_type not in ("MatMul", "Gemm") or producer_axes(node) is None:
             continue
@@ -91,8 +106,9 @@ def _head_groups(run: PruneRun, graph: ir.Graph, groups: list[Group], skipped: l
                 run.count("skipped:heads")
             continue
         why = run.selected(node, node.inputs[1].name) or next(
-            (run.selected(p, p.inputs[1].name) for p in g.producers
-             if run.selected(p, p.inputs[1].name)), None)
+            (run.selected(p, p.inputs[1].name) for p in g.producers if run.selected(p, p.inputs[1].name)),
+            None,
+        )
         if why:
             skipped.append({"kind": "heads", "group": g.name, "reason": why})
             continue
@@ -104,8 +120,14 @@ def _head_groups(run: PruneRun, graph: ir.Graph, groups: list[Group], skipped: l
             covered.add(id(p))
 
 
-def _unit_groups(run: PruneRun, graph: ir.Graph, targets: set[str], groups: list[Group],
-                 skipped: list[dict[str, Any]], covered: set[int]) -> None:
+def _unit_groups(
+    run: PruneRun,
+    graph: ir.Graph,
+    targets: set[str],
+    groups: list[Group],
+    skipped: list[dict[str, Any]],
+    covered: set[int],
+) -> None:
     for node in list(graph):
         if id(node) in covered or node.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
@@ -149,7 +171,7 @@ def keep_units(run: PruneRun, groups: list[Group], scores: list[np.ndarray]) -> 
         removed[order[:k]] = True
         start = 0
         for g in groups:
-            r = removed[start:start + g.units]
+            r = removed[start : start + g.units]
             start += g.units
             n_remove = min(int(r.sum()), g.units - 1)
             keeps.append(_keep(g, scores[len(keeps)], n_remove, o.round_to))

@@ -59,7 +59,9 @@ def binary(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
             if c.shape[axis] == full:
                 closure.group.slices.append(Slice(node, i, axis, block, "param"))
                 continue
-            closure.block(f"constant {x.name} {c.shape} of {node.op_type} {node.name} does not match the units")
+            closure.block(
+                f"constant {x.name} {c.shape} of {node.op_type} {node.name} does not match the units"
+            )
             return
         d = dim(x, axis)
         if d == 1:
@@ -213,4 +215,3 @@ def flatten(closure: UnitWalk, node: ir.Node, axis: int, block: int) -> None:
             closure.block(f"Reshape {node.name} shape {shape.tolist()} not understood")
             return
     closure.push(y, -1, new_block)
-

@@ -92,9 +92,12 @@ def zero_weights(run: PruneRun, model: ir.Model) -> bool:
     modified = False
     total_pruned = zeros = 0
     for w, nodes, axis, reason in targets:
-        entry: dict[str, Any] = {"weight": w.name, "nodes": [n.name for n in nodes],
-                                 "op_type": nodes[0].op_type,
-                                 "shape": [d if isinstance(d, int) else str(d) for d in w.shape] if w.shape is not None else None}
+        entry: dict[str, Any] = {
+            "weight": w.name,
+            "nodes": [n.name for n in nodes],
+            "op_type": nodes[0].op_type,
+            "shape": [d if isinstance(d, int) else str(d) for d in w.shape] if w.shape is not None else None,
+        }
         a = arrays.get(w)
         if a is not None:
             entry["sparsity_before"] = round(sparsity_of(a), 6)
@@ -124,8 +127,12 @@ def zero_weights(run: PruneRun, model: ir.Model) -> bool:
     return modified
 
 
-def _pruned_arrays(run: PruneRun, targets: list[WeightTarget], arrays: dict[ir.Value, np.ndarray],
-                   scores: dict[ir.Value, np.ndarray]) -> tuple[dict[ir.Value, np.ndarray], dict[ir.Value, str]]:
+def _pruned_arrays(
+    run: PruneRun,
+    targets: list[WeightTarget],
+    arrays: dict[ir.Value, np.ndarray],
+    scores: dict[ir.Value, np.ndarray],
+) -> tuple[dict[ir.Value, np.ndarray], dict[ir.Value, str]]:
     """(new array per pruned weight, reason per weight N:M cannot prune)."""
     o = run.options
     new: dict[ir.Value, np.ndarray] = {}
@@ -136,14 +143,19 @@ def _pruned_arrays(run: PruneRun, targets: list[WeightTarget], arrays: dict[ir.V
                 continue
             a = arrays[w]
             if axis is None or a.shape[axis] % run.m:
-                nm_reason[w] = f"reduction dim {a.shape[axis] if axis is not None else '?'} not a multiple of {run.m}"
+                nm_reason[w] = (
+                    f"reduction dim {a.shape[axis] if axis is not None else '?'} not a multiple of {run.m}"
+                )
                 continue
             new[w] = nm_prune(a, run.n, run.m, axis, scores.get(w))
     elif o.scope == "global" and arrays:
         new = global_prune(arrays, scores, o.sparsity)
     else:
-        out_axes = {w: out_axis(nodes[0].op_type, a.ndim, nodes[0].attributes.get_int("transB", 0))
-                    for w, nodes, _, _ in targets if (a := arrays.get(w)) is not None}
+        out_axes = {
+            w: out_axis(nodes[0].op_type, a.ndim, nodes[0].attributes.get_int("transB", 0))
+            for w, nodes, _, _ in targets
+            if (a := arrays.get(w)) is not None
+        }
         for w, a in arrays.items():
             if w in scores:
                 new[w] = np.where(per_output_mask(scores[w], out_axes[w], o.sparsity), 0, a).astype(a.dtype)

@@ -27,6 +27,7 @@ __all__ = ["QuantizePass", "mode_pass", "modes"]
 
 logger = logging.getLogger("graphopt.passes.quantize")
 
+
 def modes() -> dict[str, tuple[str, dict[str, Any]]]:
     """mode → (mode pass name, the options the mode fixes), from the registry: every
     ``quantize-*`` pass declares the modes it implements (the weight-only pass serves two, by bit
@@ -49,17 +50,28 @@ def _mode_classes() -> dict[str, type]:
 @dataclasses.dataclass
 class _ControlOptions:
     mode: str = dataclasses.field(
-        default="dynamic", metadata={"doc": "dynamic | static (needs calibration) | int4 | int8-weight | a "
-                                            "plugin's (the quantize-* passes' modes)"})
+        default="dynamic",
+        metadata={
+            "doc": "dynamic | static (needs calibration) | int4 | int8-weight | a "
+            "plugin's (the quantize-* passes' modes)"
+        },
+    )
     min_cosine: float | None = dataclasses.field(
-        default=None, metadata={"doc": "fidelity target: keep the most sensitive layers in float until the "
-                                       "outputs' worst per-row cosine to the float model reaches it"})
+        default=None,
+        metadata={
+            "doc": "fidelity target: keep the most sensitive layers in float until the "
+            "outputs' worst per-row cosine to the float model reaches it"
+        },
+    )
     sensitivity: bool = dataclasses.field(
-        default=False, metadata={"doc": "measure every layer quantized alone (report details 'sensitivity')"})
+        default=False, metadata={"doc": "measure every layer quantized alone (report details 'sensitivity')"}
+    )
     max_float: int | None = dataclasses.field(
-        default=None, metadata={"doc": "at most this many layers kept in float by min_cosine"})
+        default=None, metadata={"doc": "at most this many layers kept in float by min_cosine"}
+    )
     eval_batches: int = dataclasses.field(
-        default=4, metadata={"doc": "calibration batches used to measure fidelity (else generated inputs)"})
+        default=4, metadata={"doc": "calibration batches used to measure fidelity (else generated inputs)"}
+    )
 
 
 def _union_options() -> type:
@@ -83,8 +95,7 @@ def _union_options() -> type:
     result = []
     for name, meta in fields:
         t = seen[name]
-        result.append((name, t if t is Any else t | None,
-                       dataclasses.field(default=None, metadata=meta)))
+        result.append((name, t if t is Any else t | None, dataclasses.field(default=None, metadata=meta)))
     return dataclasses.make_dataclass("QuantizeOptions", result, bases=(_ControlOptions,))
 
 
@@ -180,9 +191,7 @@ class QuantizePass(Pass):
                 single, _ = quantized_copy(include=[d.node])
                 ranking.append((d.node, d.op_type, measure(single)))
             ranking.sort(key=lambda r: (r[2].min_cosine, r[2].sqnr_db, r[0]))
-            self.details["sensitivity"] = [
-                {"node": n, "op_type": t, **f.to_dict()} for n, t, f in ranking
-            ]
+            self.details["sensitivity"] = [{"node": n, "op_type": t, **f.to_dict()} for n, t, f in ranking]
         keep: list[str] = []
         if need_control:
             cache: dict[tuple[str, ...], Fidelity] = {}
@@ -193,15 +202,18 @@ class QuantizePass(Pass):
                     cache[key] = measure(quantized_copy(exclude=kept)[0]) if kept else base
                 return cache[key]
 
-            keep, achieved, trials = greedy_keep_float([r[0] for r in ranking], evaluate,
-                                                       float(opts.min_cosine), max_float=opts.max_float)
+            keep, achieved, trials = greedy_keep_float(
+                [r[0] for r in ranking], evaluate, float(opts.min_cosine), max_float=opts.max_float
+            )
             self.details["kept_float_for_accuracy"] = keep
             self.details["fidelity"] = achieved.to_dict()
             self.details["accuracy_trials"] = trials
             if achieved.min_cosine < opts.min_cosine:
                 logger.warning(
                     "quantize: min_cosine %.6f not reached (best %.6f keeping %d layers in float)",
-                    opts.min_cosine, achieved.min_cosine, len(keep),
+                    opts.min_cosine,
+                    achieved.min_cosine,
+                    len(keep),
                 )
                 self.details["target_met"] = False
             else:

@@ -41,8 +41,12 @@ class LayerSensitivity:
     sqnr_db: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "op_type": self.op_type, "min_cosine": _num(self.min_cosine),
-                "sqnr_db": _num(self.sqnr_db)}
+        return {
+            "node": self.node,
+            "op_type": self.op_type,
+            "min_cosine": _num(self.min_cosine),
+            "sqnr_db": _num(self.sqnr_db),
+        }
 
 
 def _num(v: float) -> float | str:
@@ -131,8 +135,14 @@ def sensitivity_table(rows: list[dict[str, Any]], limit: int | None = None) -> s
     for r in rows:
         cos = r["min_cosine"]
         sq = r["sqnr_db"]
-        out.append((r["node"], r["op_type"], f"{cos:.6f}" if isinstance(cos, float) else str(cos),
-                    f"{sq:.1f}" if isinstance(sq, float) else str(sq)))
+        out.append(
+            (
+                r["node"],
+                r["op_type"],
+                f"{cos:.6f}" if isinstance(cos, float) else str(cos),
+                f"{sq:.1f}" if isinstance(sq, float) else str(sq),
+            )
+        )
     widths = [max(len(row[i]) for row in out) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in out)
 

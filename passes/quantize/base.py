@@ -36,12 +36,15 @@ class CommonOptions:
 
     exclude: list[str] = dataclasses.field(
         default_factory=list,
-        metadata=_doc("node names, fnmatch patterns of names, or op types to leave in float"))
+        metadata=_doc("node names, fnmatch patterns of names, or op types to leave in float"),
+    )
     include: list[str] = dataclasses.field(
         default_factory=list,
-        metadata=_doc("if given, quantize only nodes matching these names/patterns/op types"))
+        metadata=_doc("if given, quantize only nodes matching these names/patterns/op types"),
+    )
     calibration: str | None = dataclasses.field(
-        default=None, metadata=_doc(".npz file or folder of calibration data (or pass it to optimize())"))
+        default=None, metadata=_doc(".npz file or folder of calibration data (or pass it to optimize())")
+    )
 
 
 @dataclasses.dataclass
@@ -102,7 +105,11 @@ class QuantizePassBase(Pass):
     # --- calibration ------------------------------------------------------------------------
     def calibration_data(self) -> CalibrationData | None:
         """Calibration data from the ``calibration`` option or ``context['calibration']``."""
-        source = self.options.calibration if self.options.calibration is not None else self.context.get("calibration")
+        source = (
+            self.options.calibration
+            if self.options.calibration is not None
+            else self.context.get("calibration")
+        )
         if source is None:
             return None
         data = CalibrationData.from_any(source)

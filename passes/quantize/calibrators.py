@@ -310,8 +310,14 @@ def _qparams(rmin: np.ndarray, rmax: np.ndarray, qmin: int, qmax: int, symmetric
     return scale, zp
 
 
-def mse_range(h: Histogram, qmin: int = 0, qmax: int = 255, symmetric: bool = False,
-              steps: int = 128, max_bins: int = 2048) -> tuple[float, float]:
+def mse_range(
+    h: Histogram,
+    qmin: int = 0,
+    qmax: int = 255,
+    symmetric: bool = False,
+    steps: int = 128,
+    max_bins: int = 2048,
+) -> tuple[float, float]:
     """The range, shrinking both ends of the observed one proportionally, with the least
     expected quantize-dequantize squared error over the histogram (bin centres)."""
     if h.total == 0 or h.exponent is None:
@@ -331,8 +337,15 @@ def mse_range(h: Histogram, qmin: int = 0, qmax: int = 255, symmetric: bool = Fa
     return float(max(rmin[best], h.minmax.min)), float(min(rmax[best], h.minmax.max))
 
 
-def compute_range(stats: MinMax | Histogram, calibrator: str, *, percentile: float = 99.999,
-                  qmin: int = 0, qmax: int = 255, symmetric: bool = False) -> tuple[float, float]:
+def compute_range(
+    stats: MinMax | Histogram,
+    calibrator: str,
+    *,
+    percentile: float = 99.999,
+    qmin: int = 0,
+    qmax: int = 255,
+    symmetric: bool = False,
+) -> tuple[float, float]:
     """``(rmin, rmax)`` for one tensor by the named calibrator."""
     if calibrator == "minmax" or not isinstance(stats, Histogram):
         return minmax_range(stats)

@@ -40,8 +40,11 @@ ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 @pytest.fixture(scope="module")
 def exported() -> dict[str, tuple[ir.Model, object]]:
     out = {}
-    for name, build in (("bert", lambda: build_bert("tiny")), ("llama", lambda: build_llama("tiny")),
-                        ("cnn", build_cnn)):
+    for name, build in (
+        ("bert", lambda: build_bert("tiny")),
+        ("llama", lambda: build_llama("tiny")),
+        ("cnn", build_cnn),
+    ):
         ex = build()
         out[name] = (ex.export(), ex)
     return out
@@ -108,12 +111,21 @@ def test_ort_cuda_keeps_fp32_io_and_stores_fp16_weights(exported, kind: str) -> 
     out = graphopt.optimize(model, target="ort-cuda").model
     assert [v.dtype for v in out.graph.inputs] == [v.dtype for v in model.graph.inputs]
     assert [v.dtype for v in out.graph.outputs] == [v.dtype for v in model.graph.outputs]
-    fp16 = sum(v.const_value.nbytes for v in out.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16)
+    fp16 = sum(
+        v.const_value.nbytes for v in out.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16
+    )
     fp32 = sum(v.const_value.nbytes for v in out.graph.initializers.values() if v.dtype == ir.DataType.FLOAT)
     assert fp16 > 10 * fp32, (fp16, fp32)
     # Every heavy op computes in fp16.
     for node in out.graph:
-        if node.op_type in ("MatMul", "Conv", "Gemm", "Attention", "MultiHeadAttention", "SkipLayerNormalization"):
+        if node.op_type in (
+            "MatMul",
+            "Conv",
+            "Gemm",
+            "Attention",
+            "MultiHeadAttention",
+            "SkipLayerNormalization",
+        ):
             assert node.outputs[0].dtype == ir.DataType.FLOAT16, node.name
     assert not any(n.op_type == "FusedConv" for n in out.graph)  # float32-only kernel on CUDA
 
@@ -121,7 +133,9 @@ def test_ort_cuda_keeps_fp32_io_and_stores_fp16_weights(exported, kind: str) -> 
 def test_ort_cuda_int4_runs_matmulnbits_on_fp16_activations(exported) -> None:
     model, ex = exported["llama"]
     result = graphopt.optimize(model, target="ort-cuda", quantize="int4")
-    assert result.report.pipeline.index("quantize(mode=int4)") < result.report.pipeline.index("convert-float16")
+    assert result.report.pipeline.index("quantize(mode=int4)") < result.report.pipeline.index(
+        "convert-float16"
+    )
     nbits = [n for n in result.model.graph if n.op_type == "MatMulNBits"]
     assert nbits and all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in nbits)
     assert all(n.inputs[2].dtype == ir.DataType.FLOAT16 for n in nbits)  # scales follow T
@@ -138,7 +152,11 @@ def test_default_pipelines_share_passes_and_differ_in_lowering() -> None:
     assert cuda.endswith("convert-float16,cleanup") and "convert-float16" not in cpu + trt
     assert "fuse-gemm" in trt  # standard rule sets only
     assert reg.backend("ort-cuda").default_pipeline(1) == "cleanup"
-    assert OrtCudaBackend(precision="bfloat16").default_pipeline(2).endswith("convert-float16(dtype=bfloat16),cleanup")
+    assert (
+        OrtCudaBackend(precision="bfloat16")
+        .default_pipeline(2)
+        .endswith("convert-float16(dtype=bfloat16),cleanup")
+    )
     assert "convert-float16" not in OrtCudaBackend(precision="float32").default_pipeline(2)
 
 
@@ -179,24 +197,30 @@ def test_tensorrt_flags_asymmetric_and_int32_qdq() -> None:
     problems = TensorRTBackend().check(model)
     assert any("int32 DequantizeLinear" in p for p in problems)
     assert any("not symmetric int8" in p for p in problems)
-    symmetric = text.replace("uint8[1] {3}", "int8[1] {0}").replace("b = DequantizeLinear (bq, s, bz)",
-                                                                     "b = Identity (x)")
+    symmetric = text.replace("uint8[1] {3}", "int8[1] {0}").replace(
+        "b = DequantizeLinear (bq, s, bz)", "b = Identity (x)"
+    )
     assert TensorRTBackend().check(parse(symmetric)) == []
 
 
-@pytest.mark.parametrize("target,mode", [("tensorrt", "dynamic"), ("tensorrt", "int4"), ("ort-cuda", "dynamic")])
+@pytest.mark.parametrize(
+    "target,mode", [("tensorrt", "dynamic"), ("tensorrt", "int4"), ("ort-cuda", "dynamic")]
+)
 def test_quantization_modes_a_target_cannot_run_are_clear_errors(exported, target: str, mode: str) -> None:
     with pytest.raises(PipelineError, match=f"{target}: .*quantize|{target}: dynamic"):
         graphopt.optimize(exported["cnn"][0], target=target, quantize=mode)
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"bogus": 1}, "has no option 'bogus'"),
-    ({"batch": [4, 2, 8]}, "1 <= min <= opt <= max"),
-    ({"dims": {"seq": [1, 2]}}, r"seq must be \[min, opt, max\]"),
-    ({"fp8": True}, "fp8=true needs FP8 Q/DQ"),
-    ({"builder_optimization_level": 9}, "0-5"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"bogus": 1}, "has no option 'bogus'"),
+        ({"batch": [4, 2, 8]}, "1 <= min <= opt <= max"),
+        ({"dims": {"seq": [1, 2]}}, r"seq must be \[min, opt, max\]"),
+        ({"fp8": True}, "fp8=true needs FP8 Q/DQ"),
+        ({"builder_optimization_level": 9}, "0-5"),
+    ],
+)
 def test_tensorrt_bad_options_are_clear_errors(options: dict, match: str) -> None:
     with pytest.raises(PipelineError, match=match):
         TensorRTBackend(**options)
@@ -217,8 +241,9 @@ def test_ort_cuda_notes_ops_that_fall_back_to_the_cpu(caplog) -> None:
     """)
     with caplog.at_level(logging.WARNING, logger="graphopt.backends"):
         doc = OrtCudaBackend().settings(model)
-    assert doc["notes"] == ["DynamicQuantizeLinear ×1 runs on the CPU: no CUDA kernel (dynamic int8 quantization "
-                            "is a CPU format)"]
+    assert doc["notes"] == [
+        "DynamicQuantizeLinear ×1 runs on the CPU: no CUDA kernel (dynamic int8 quantization is a CPU format)"
+    ]
     assert any("runs on the CPU" in r.getMessage() for r in caplog.records)
     assert OrtCudaBackend().check(model) == []  # it runs (slowly): a note, not an error
 
@@ -252,8 +277,9 @@ def test_tensorrt_static_output_passes_the_tensorrt_check_and_saves(exported, ki
     calib = [feeds_for(kind, ex, seed=s) for s in range(4)]
     result = graphopt.optimize(model, target="tensorrt", quantize="static", calibration=calib)
     assert TensorRTBackend().check(result.model) == []  # symmetric int8, float biases, standard ops
-    assert not any(n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32
-                   for n in result.model.graph)
+    assert not any(
+        n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT32 for n in result.model.graph
+    )
     graphopt.save(result.model, tmp_path / "q.onnx")
     doc = json.loads((tmp_path / "q.settings.json").read_text())
     assert doc["providers"][0][1]["trt_int8_enable"] is True and doc["tensorrt"]["explicit_quantization"]
@@ -264,7 +290,9 @@ def test_tensorrt_static_output_passes_the_tensorrt_check_and_saves(exported, ki
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_save_writes_settings_that_load_into_a_session_with_cpu_fallback(exported, tmp_path, caplog, target) -> None:
+def test_save_writes_settings_that_load_into_a_session_with_cpu_fallback(
+    exported, tmp_path, caplog, target
+) -> None:
     model, ex = exported["bert"]
     result = graphopt.optimize(model, target=target)
     path = tmp_path / "model.onnx"
@@ -296,7 +324,8 @@ def test_tensorrt_settings_profile_and_caches(exported, tmp_path) -> None:
     model, _ = exported["bert"]
     result = graphopt.optimize(model, target="tensorrt")
     result.model.metadata_props["graphopt.target_options"] = json.dumps(
-        {"dims": {result.model.graph.inputs[0].shape[1].value: [1, 64, 256]}, "fp16": False})
+        {"dims": {result.model.graph.inputs[0].shape[1].value: [1, 64, 256]}, "fp16": False}
+    )
     graphopt.save(result.model, tmp_path / "bert.onnx")
     doc = json.loads((tmp_path / "bert.settings.json").read_text())
     trt = dict(doc["providers"][0][1])
@@ -329,8 +358,10 @@ def test_load_session_errors_are_clear(tmp_path, exported) -> None:
     os.unlink(settings_path(tmp_path / "m.onnx"))
     with pytest.raises(GraphoptError, match="settings file not found"):
         load_session(tmp_path / "m.onnx")
-    (tmp_path / "m.settings.json").write_text('{"format": "graphopt.settings/1", "providers": '
-                                              '[["CPUExecutionProvider", {}]], "session_options": {"bogus": 1}}')
+    (tmp_path / "m.settings.json").write_text(
+        '{"format": "graphopt.settings/1", "providers": '
+        '[["CPUExecutionProvider", {}]], "session_options": {"bogus": 1}}'
+    )
     with pytest.raises(GraphoptError, match="unknown session option 'bogus'"):
         load_session(tmp_path / "m.onnx")
 
@@ -344,8 +375,12 @@ def test_sparsity_flag_follows_2to4_weights() -> None:
 
     def model_with(weight: np.ndarray) -> ir.Model:
         x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 16]))
-        wv = ir.Value(name="w", const_value=ir.Tensor(weight, name="w"), type=ir.TensorType(ir.DataType.FLOAT),
-                      shape=ir.Shape(weight.shape))
+        wv = ir.Value(
+            name="w",
+            const_value=ir.Tensor(weight, name="w"),
+            type=ir.TensorType(ir.DataType.FLOAT),
+            shape=ir.Shape(weight.shape),
+        )
         node = ir.node("MatMul", [x, wv])
         node.outputs[0].name = "y"
         node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
@@ -413,8 +448,10 @@ def test_fp16_keeps_pow_and_position_chains_in_fp32_and_runs() -> None:
     assert dtype_of(model, "MatMul") == ir.DataType.FLOAT16
     for op in ("Pow", "ReduceMean", "Add", "Sqrt", "Cos"):
         assert dtype_of(model, op) == ir.DataType.FLOAT, op  # statistics and angles stay fp32
-    assert next(n for n in model.graph if n.op_type == "Mul" and n.inputs[0].name == "pf").outputs[0].dtype \
-        == ir.DataType.FLOAT  # position × frequency
+    assert (
+        next(n for n in model.graph if n.op_type == "Mul" and n.inputs[0].name == "pf").outputs[0].dtype
+        == ir.DataType.FLOAT
+    )  # position × frequency
     assert dtype_of(model, "Div") == ir.DataType.FLOAT16
     assert model.graph.outputs[0].dtype == ir.DataType.FLOAT and model.graph.outputs[0].name == "y"
     assert {d["op_type"] for d in p.details["kept_fp32"]} == {"Pow", "Cos"}
@@ -510,7 +547,10 @@ def test_fp16_io_types_option_and_bfloat16() -> None:
         }
     """
     model, _ = run_fp16(text, keep_io_types=False)
-    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT16 and model.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    assert (
+        model.graph.inputs[0].dtype == ir.DataType.FLOAT16
+        and model.graph.outputs[0].dtype == ir.DataType.FLOAT16
+    )
     assert not any(n.op_type == "Cast" for n in model.graph)
     bf, p = run_fp16(text, dtype="bfloat16")
     assert [v.dtype for v in bf.graph.initializers.values()] == [ir.DataType.BFLOAT16]
@@ -573,7 +613,7 @@ def test_pretrained_minilm_embeddings_survive_every_target(target: str) -> None:
     got = mean_pool(outputs(result.model, feeds)[0], feeds["attention_mask"])
     assert min_cosine(ref, got) >= (0.999 if target == "ort-cuda" else 0.99999)
     if target == "ort-cuda":
-        calib = [minilm_feeds(SENTENCES[i:i + 8]) for i in range(0, 32, 8)]
+        calib = [minilm_feeds(SENTENCES[i : i + 8]) for i in range(0, 32, 8)]
         text = OrtCudaBackend().default_pipeline(2)
         checked = graphopt.optimize(model, pipeline=text, calibration=calib)
         row = next(p for p in checked.report.passes if p.name == "convert-float16")

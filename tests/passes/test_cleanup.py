@@ -24,7 +24,9 @@ def parse(text: str) -> onnx.ModelProto:
     return proto
 
 
-def optimize_and_compare(proto: onnx.ModelProto, feeds: dict[str, Any], pipeline: str = "cleanup") -> ir.Model:
+def optimize_and_compare(
+    proto: onnx.ModelProto, feeds: dict[str, Any], pipeline: str = "cleanup"
+) -> ir.Model:
     """Optimize with ``pipeline`` and assert ORT outputs are identical to the original's."""
     expected = run(proto.SerializeToString(), feeds)
     result = graphopt.optimize(graphopt.load(proto), pipeline=pipeline, verify_each=True)
@@ -48,40 +50,50 @@ X = {"x": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5}
 
 
 def test_identity_dropout_and_same_type_cast_are_removed() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[2, 3] y) {
             a = Identity (x)
             b = Dropout (a)
             c = Cast <to = 1> (b)
             y = Relu (c)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Relu"]
 
 
 def test_cast_to_other_type_and_dropout_in_training_mode_are_kept() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x, bool t) => (float[2, 3] y, int32[2, 3] z) {
             b = Dropout (x, , t)
             y = Relu (b)
             z = Cast <to = 6> (x)
-        }"""), {**X, "t": np.array(False)})
+        }"""),
+        {**X, "t": np.array(False)},
+    )
     assert sorted(ops(m)) == ["Cast", "Dropout", "Relu"]
 
 
 def test_dropout_whose_mask_is_used_keeps_a_correct_mask() -> None:
     # Either the Dropout stays or its mask becomes the constant all-true inference mask.
-    optimize_and_compare(parse("""
+    optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[2, 3] y, bool[2, 3] mask) {
             b, mask = Dropout (x)
             y = Relu (b)
-        }"""), X)
+        }"""),
+        X,
+    )
 
 
 def test_reshape_expand_transpose_noops_removed_but_real_ones_kept() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[3, 2] y) {
             s = Constant <value = int64[2] {2, 3}> ()
@@ -91,12 +103,15 @@ def test_reshape_expand_transpose_noops_removed_but_real_ones_kept() -> None:
             c = Transpose <perm = [0, 1]> (b)
             d = Transpose <perm = [1, 0]> (c)
             y = Relu (d)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Transpose", "Relu"]
 
 
 def test_neutral_arithmetic_removed_only_when_it_cannot_broadcast() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 3] x) => (float[N, 3] y, float[1, N, 3] z, float[N, 3] w)
         <float zero = {0.}, float[1, 1] one = {1.}, float[1, 1, 1] one3 = {1.}, float[3] twos = {2., 2., 2.}>
@@ -107,34 +122,43 @@ def test_neutral_arithmetic_removed_only_when_it_cannot_broadcast() -> None:
             y = Sub (c, zero)
             z = Mul (x, one3)
             w = Mul (x, twos)
-        }"""), X)
+        }"""),
+        X,
+    )
     # The last Sub stays: removing it would make graph output y the graph input x.
     assert ops(m) == ["Sub", "Mul", "Mul"]
 
 
 def test_reshape_to_a_different_shape_is_kept() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[3, 2] y) {
             s = Constant <value = int64[2] {3, -1}> ()
             y = Reshape (x, s)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Reshape"]
 
 
 def test_reshape_with_unknown_input_shape_is_kept() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 3] x) => (float[N, 3] y) {
             s = Constant <value = int64[2] {2, 3}> ()
             y = Reshape (x, s)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Reshape"]
 
 
 def test_inverse_transpose_pair_removed_other_pairs_kept() -> None:
     x = {"x": np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)}
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[3, 4, 2] z) {
             a = Transpose <perm = [2, 0, 1]> (x)
@@ -142,17 +166,22 @@ def test_inverse_transpose_pair_removed_other_pairs_kept() -> None:
             y = Relu (b)
             c = Transpose <perm = [1, 0, 2]> (x)
             z = Transpose <perm = [0, 2, 1]> (c)
-        }"""), x)
+        }"""),
+        x,
+    )
     assert ops(m).count("Transpose") == 2
 
 
 def test_expand_that_broadcasts_is_kept() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[4, 2, 3] y) {
             e = Constant <value = int64[3] {4, 2, 3}> ()
             y = Expand (x, e)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Expand"]
 
 
@@ -162,33 +191,42 @@ def test_expand_that_broadcasts_is_kept() -> None:
 def test_intermediate_value_that_is_also_a_graph_output() -> None:
     # `h` is an output and also feeds an Identity whose result is another output: removing the
     # Identity by renaming `h` would lose one of the two outputs.
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[2, 3] h, float[2, 3] y, float[2, 3] z) {
             h = Relu (x)
             y = Identity (h)
             z = Identity (x)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert [o.name for o in m.graph.outputs] == ["h", "y", "z"]
 
 
 def test_transpose_with_identity_perm_is_removed() -> None:
     x = {"x": np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)}
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
             t = Transpose <perm = [0, 1, 2]> (x)
             y = Sigmoid (t)
-        }"""), x)
+        }"""),
+        x,
+    )
     assert ops(m) == ["Sigmoid"]
 
 
 def test_transpose_as_graph_output_of_graph_input_is_kept() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[2, 3] y) {
             y = Transpose <perm = [0, 1]> (x)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Transpose"]
 
 
@@ -262,19 +300,24 @@ def test_bf16_initializers_through_folding() -> None:
             s = Add (a, c)
             y = Add (x, s)
         }""")
-    proto.graph.initializer[0].CopyFrom(onnx.helper.make_tensor("wb", onnx.TensorProto.BFLOAT16, [3], [0.1, 0.25, 3.0]))
+    proto.graph.initializer[0].CopyFrom(
+        onnx.helper.make_tensor("wb", onnx.TensorProto.BFLOAT16, [3], [0.1, 0.25, 3.0])
+    )
     m = optimize_and_compare(proto, X)
     assert ops(m) == ["Add"]
     (w,) = list(m.graph.initializers.values())
     assert w.const_value.dtype == ir.DataType.FLOAT
     expected = np.array([0.1, 0.25, 3.0], np.float32)
-    assert not np.allclose(w.const_value.numpy(), expected + np.array([0.1, 0.2, 0.3], np.float32), atol=0, rtol=1e-7)
+    assert not np.allclose(
+        w.const_value.numpy(), expected + np.array([0.1, 0.2, 0.3], np.float32), atol=0, rtol=1e-7
+    )
 
 
 def test_integer_overflow_in_folding_matches_onnxruntime() -> None:
     # numpy wraps, ORT's int64 ReduceProd saturates: overflowing integer arithmetic is not
     # folded; the same ops on small values are.
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (int32[2] x) => (int32[2] y, int64[1] s, int32[2] z, int64[1] t)
         <int32[2] a = {2147483647, -2147483648}, int32[2] b = {2, 3}, int64[2] d = {4611686018427387904, 4},
@@ -286,7 +329,9 @@ def test_integer_overflow_in_folding_matches_onnxruntime() -> None:
             bb = Mul (b, b)
             z = Add (x, bb)
             t = ReduceProd <keepdims = 1> (e)
-        }"""), {"x": np.array([1, 2], dtype=np.int32)})
+        }"""),
+        {"x": np.array([1, 2], dtype=np.int32)},
+    )
     assert ops(m).count("Mul") == 1
     assert ops(m).count("ReduceProd") == 1
 
@@ -295,7 +340,9 @@ def test_integer_overflow_in_folding_matches_onnxruntime() -> None:
 def test_integer_division_by_zero_is_never_folded(op: str, recwarn: pytest.WarningsRecorder) -> None:
     # numpy gives 0 (with a warning on stderr) where the op defines no value; ONNX Runtime refuses
     # to run it. Folding it would turn a model that fails into one that silently adds 0.
-    m = graphopt.optimize(graphopt.load(parse(f"""
+    m = graphopt.optimize(
+        graphopt.load(
+            parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (int64[1] x) => (int64[1] y)
         <int64[1] a = {{7}}, int64[1] zero = {{0}}, int64[1] two = {{2}}>
@@ -304,17 +351,25 @@ def test_integer_division_by_zero_is_never_folded(op: str, recwarn: pytest.Warni
             y0 = Add (x, q)
             r = {op} (a, two)
             y = Add (y0, r)
-        }}""")), pipeline="cleanup").model
+        }}""")
+        ),
+        pipeline="cleanup",
+    ).model
     assert ops(m).count(op) == 1  # a / 0 kept; a / 2 folded
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
-    rows = graphopt.optimize(graphopt.load(parse(f"""
+    rows = graphopt.optimize(
+        graphopt.load(
+            parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (int64[1] x) => (int64[1] y)
         <int64[1] a = {{7}}, int64[1] zero = {{0}}>
         {{
             q = {op} (a, zero)
             y = Add (x, q)
-        }}""")), pipeline="fold-constants").report.passes
+        }}""")
+        ),
+        pipeline="fold-constants",
+    ).report.passes
     assert rows[0].stats.get("skipped_undefined") == 1
 
 
@@ -391,7 +446,8 @@ def test_random_ops_are_neither_folded_nor_merged() -> None:
 
 
 def test_cse_merges_duplicates_and_dedup_shares_weights() -> None:
-    m = optimize_and_compare(parse("""
+    m = optimize_and_compare(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[2, 3] y)
         <float[3] w1 = {1., 2., 3.}, float[3] w2 = {1., 2., 3.}>
@@ -401,7 +457,9 @@ def test_cse_merges_duplicates_and_dedup_shares_weights() -> None:
             a2 = Sigmoid (a)
             b2 = Sigmoid (b)
             y = Add (a2, b2)
-        }"""), X)
+        }"""),
+        X,
+    )
     assert ops(m) == ["Mul", "Sigmoid", "Add"]
     assert len(m.graph.initializers) == 1
 
@@ -457,18 +515,27 @@ def test_reshape_reshape_merge_keeps_an_initializer_named_like_its_new_shape() -
     overwrites an initializer of that name: here the model's own ``y/shape`` (used by ``z``)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(np.array(a, dtype=np.int64), n)
-             for n, a in [("s1", [6, 4]), ("s2", [24]), ("y/shape", [7, 8, 9])]]
+    inits = [
+        numpy_helper.from_array(np.array(a, dtype=np.int64), n)
+        for n, a in [("s1", [6, 4]), ("s2", [24]), ("y/shape", [7, 8, 9])]
+    ]
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "s1"], ["t"]),
-         helper.make_node("Reshape", ["t", "s2"], ["y"]),
-         helper.make_node("Add", ["n", "y/shape"], ["z"])],
+        [
+            helper.make_node("Reshape", ["x", "s1"], ["t"]),
+            helper.make_node("Reshape", ["t", "s2"], ["y"]),
+            helper.make_node("Add", ["n", "y/shape"], ["z"]),
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4]),
-         helper.make_tensor_value_info("n", TensorProto.INT64, [3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [24]),
-         helper.make_tensor_value_info("z", TensorProto.INT64, [3])],
-        initializer=inits)
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [24]),
+            helper.make_tensor_value_info("z", TensorProto.INT64, [3]),
+        ],
+        initializer=inits,
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(proto)
     feeds = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "n": np.array([1, 2, 3], dtype=np.int64)}

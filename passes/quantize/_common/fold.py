@@ -33,8 +33,14 @@ def last_dim(value: ir.Value) -> int | None:
     return d if isinstance(d, int) else None
 
 
-def channel_chain(x: ir.Value, *, ops: tuple[str, ...] = ("Reshape",), max_steps: int | None = None,
-                  channels: int | None = None, stop_at_shared: bool = False) -> list[ir.Value]:
+def channel_chain(
+    x: ir.Value,
+    *,
+    ops: tuple[str, ...] = ("Reshape",),
+    max_steps: int | None = None,
+    channels: int | None = None,
+    stop_at_shared: bool = False,
+) -> list[ir.Value]:
     """``x`` and the values it is made from through default-domain ``ops`` nodes that keep the
     last axis, nearest first: channel ``c`` of the last one is channel ``c`` of ``x``.
 
@@ -74,8 +80,14 @@ def channel_params(node: ir.Node, *, skip_norms: bool = True) -> list[int] | Non
     return None
 
 
-def fold_into(graph: ir.Graph, node: ir.Node, inputs: list[int], new_value: Callable[[np.ndarray], np.ndarray],
-              name: Callable[[ir.Value, int], str], taken: set[str]) -> None:
+def fold_into(
+    graph: ir.Graph,
+    node: ir.Node,
+    inputs: list[int],
+    new_value: Callable[[np.ndarray], np.ndarray],
+    name: Callable[[ir.Value, int], str],
+    taken: set[str],
+) -> None:
     """Replace each constant input ``i`` of ``node`` in ``inputs`` by a new initializer holding
     ``new_value(old array)``, named ``name(old value, i)`` (made unique with ``taken``)."""
     for i in inputs:

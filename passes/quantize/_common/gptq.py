@@ -26,8 +26,12 @@ def gptq_inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
         return np.linalg.cholesky(np.linalg.inv(h)).T
 
 
-def gptq_sweep(W: np.ndarray, hinv: np.ndarray, quantize_column: Callable[[int, np.ndarray, int], np.ndarray],
-               lazy: int = 128) -> None:
+def gptq_sweep(
+    W: np.ndarray,
+    hinv: np.ndarray,
+    quantize_column: Callable[[int, np.ndarray, int], np.ndarray],
+    lazy: int = 128,
+) -> None:
     """GPTQ's column sweep over ``W [N, K]`` (float64, updated in place).
 
     ``quantize_column(col, window, i)`` returns the dequantized column ``window[:, i]`` (``window``
@@ -49,8 +53,9 @@ def gptq_sweep(W: np.ndarray, hinv: np.ndarray, quantize_column: Callable[[int, 
             W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
 
 
-def gptq_int8(w: np.ndarray, h: np.ndarray, *, damp: float = 0.01, reduce_range: bool = False,
-              act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def gptq_int8(
+    w: np.ndarray, h: np.ndarray, *, damp: float = 0.01, reduce_range: bool = False, act_order: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ for the int8 weights of the dynamic kernels: ``w (K, N)``, one symmetric scale per
     output channel (fixed from the weight's range, as round-to-nearest picks it), ``h = X^T X (K, K)``.
 

@@ -17,8 +17,13 @@ __all__ = ["accumulate_hessians", "budget_groups"]
 K = TypeVar("K")
 
 
-def budget_groups(keys: list[K], needs: Callable[[K], tuple[Collection[Hashable], int]], budget: int, *,
-                  run_per_activation: bool = False) -> list[list[K]]:
+def budget_groups(
+    keys: list[K],
+    needs: Callable[[K], tuple[Collection[Hashable], int]],
+    budget: int,
+    *,
+    run_per_activation: bool = False,
+) -> list[list[K]]:
     """Split ``keys`` (in order) into calibration runs whose Hessians fit ``budget`` bytes.
 
     ``needs(key)`` gives the activations whose Hessians ``key`` needs and their channel count K;
@@ -42,8 +47,9 @@ def budget_groups(keys: list[K], needs: Callable[[K], tuple[Collection[Hashable]
     return groups
 
 
-def accumulate_hessians(model: Any, names: list[str], data: Any, *, limit: int | None = None,
-                        description: str = "gptq") -> tuple[dict[str, np.ndarray], int]:
+def accumulate_hessians(
+    model: Any, names: list[str], data: Any, *, limit: int | None = None, description: str = "gptq"
+) -> tuple[dict[str, np.ndarray], int]:
     """``{name: X^T X}`` (float64, X the activation flattened to rows of its last axis) over one
     run of ``model`` on the calibration ``data``, and the number of rows (tokens) per activation."""
     from graphopt.calibration import stream_tensors

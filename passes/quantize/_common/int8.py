@@ -8,8 +8,9 @@ import numpy as np
 __all__ = ["int8_symmetric", "quantize_weight"]
 
 
-def int8_symmetric(w: np.ndarray, reduce_axes: tuple[int, ...] | None = None, *, qmax: int = 127,
-                   float32_scale: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def int8_symmetric(
+    w: np.ndarray, reduce_axes: tuple[int, ...] | None = None, *, qmax: int = 127, float32_scale: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 levels in ``[-qmax, qmax]`` (zero point 0), one scale per slice that
     ``reduce_axes`` reduces over (None: one scale in all).
 

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 __all__ = ["ATTENTION_ATTRS", "MaskPlan", "emit_mha", "emit_qattention", "raw_mask"]
 
 #: Attention attributes that QAttention has too (qkv_hidden_sizes only when the three are equal).
-ATTENTION_ATTRS = frozenset({"num_heads", "unidirectional", "mask_filter_value", "scale", "do_rotary",
-                             "qkv_hidden_sizes"})
+ATTENTION_ATTRS = frozenset(
+    {"num_heads", "unidirectional", "mask_filter_value", "scale", "do_rotary", "qkv_hidden_sizes"}
+)
 
 #: Makes QAttention's int32 mask from an attention bias: (graph, taken names, name base) →
 #: (the mask, the nodes to insert).
@@ -49,10 +50,18 @@ def raw_mask(attn_bias: ir.Value) -> MaskPlan | None:
 
     def plan(graph: ir.Graph, taken: set[str], base: str) -> tuple[ir.Value, list[ir.Node]]:
         av = new_initializer(graph, base + "_mask_axes", np.array([1, 2] if two_d else [1], np.int64), taken)
-        sq = ir.Node("", "Squeeze", [keep, av], num_outputs=1, name=unique_name(graph, base + "_mask_squeeze", taken))
+        sq = ir.Node(
+            "", "Squeeze", [keep, av], num_outputs=1, name=unique_name(graph, base + "_mask_squeeze", taken)
+        )
         sq.outputs[0].name = unique_name(graph, base + "_mask_bool", taken)
-        cast = ir.Node("", "Cast", [sq.outputs[0]], attributes=[ir.AttrInt64("to", ir.DataType.INT32)],
-                       num_outputs=1, name=unique_name(graph, base + "_mask_cast", taken))
+        cast = ir.Node(
+            "",
+            "Cast",
+            [sq.outputs[0]],
+            attributes=[ir.AttrInt64("to", ir.DataType.INT32)],
+            num_outputs=1,
+            name=unique_name(graph, base + "_mask_cast", taken),
+        )
         out = cast.outputs[0]
         out.name = unique_name(graph, base + "_mask_index", taken)
         out.dtype = ir.DataType.INT32
@@ -64,12 +73,19 @@ def raw_mask(attn_bias: ir.Value) -> MaskPlan | None:
 def _shift_v(b: np.ndarray, v_shift: np.ndarray) -> np.ndarray:
     """The packed QKV bias with ``v_shift`` taken off its V part (float64)."""
     b = b.astype(np.float64).copy()
-    b[2 * (b.shape[0] // 3):] -= v_shift
+    b[2 * (b.shape[0] // 3) :] -= v_shift
     return b
 
 
-def emit_qattention(run: Run, node: ir.Node, x: ir.Value, plan: Plan, b: np.ndarray,
-                    mask: ir.Value | None, mask_plan: MaskPlan | None) -> None:
+def emit_qattention(
+    run: Run,
+    node: ir.Node,
+    x: ir.Value,
+    plan: Plan,
+    b: np.ndarray,
+    mask: ir.Value | None,
+    mask_plan: MaskPlan | None,
+) -> None:
     """``node`` → ``DynamicQuantizeLinear(x)`` + ``QAttention`` with the int8 packed weight."""
     graph = run.graph
     base = node.name or "attention"
@@ -87,7 +103,9 @@ def emit_qattention(run: Run, node: ir.Node, x: ir.Value, plan: Plan, b: np.ndar
     bias = run.init(base + "_bias", b)
     inputs = [dql.outputs[0], qw, bias, dql.outputs[1], scale, mask, dql.outputs[2], zp]
     attrs = [a for k, a in node.attributes.items() if k in ATTENTION_ATTRS and k != "qkv_hidden_sizes"]
-    qa = ir.Node(MS_DOMAIN, "QAttention", inputs, attributes=attrs, num_outputs=1, name=run.name(base + "_quant"))
+    qa = ir.Node(
+        MS_DOMAIN, "QAttention", inputs, attributes=attrs, num_outputs=1, name=run.name(base + "_quant")
+    )
     graph.insert_before(node, qa)
     run.replace_node(node, qa.outputs[0], base + "_quant_out", "QAttention")
 
@@ -103,17 +121,27 @@ def emit_mha(run: Run, node: ir.Node, plan: Plan, b: np.ndarray, attn_bias: ir.V
         b = _shift_v(b, plan.v_shift)
     qkv, b = per_token_matmul(run, node, x, qw, scale, zp, base, b, plan.center, plan.asymmetric)
     d = plan.weight.shape[1] // 3
-    split = ir.Node("", "Split", [qkv, run.init(base + "_qkv_split", np.array([d, d, d], np.int64))],
-                    attributes=[ir.AttrInt64("axis", -1)], num_outputs=3, name=run.name(base + "_qkv_split"))
+    split = ir.Node(
+        "",
+        "Split",
+        [qkv, run.init(base + "_qkv_split", np.array([d, d, d], np.int64))],
+        attributes=[ir.AttrInt64("axis", -1)],
+        num_outputs=3,
+        name=run.name(base + "_qkv_split"),
+    )
     for v, part in zip(split.outputs, "qkv", strict=True):
         v.name, v.type = run.name(f"{base}_{part}"), x.type
     graph.insert_before(node, split)
-    attrs = [a for k, a in node.attributes.items() if k in ("num_heads", "scale", "mask_filter_value",
-                                                              "unidirectional")]
+    attrs = [
+        a
+        for k, a in node.attributes.items()
+        if k in ("num_heads", "scale", "mask_filter_value", "unidirectional")
+    ]
     inputs = [*split.outputs, run.init(base + "_bias", b.astype(np.float32)), None, attn_bias]
     while inputs[-1] is None:
         inputs.pop()
-    mha = ir.Node(MS_DOMAIN, "MultiHeadAttention", inputs, attributes=attrs, num_outputs=1,
-                  name=run.name(base + "_mha"))
+    mha = ir.Node(
+        MS_DOMAIN, "MultiHeadAttention", inputs, attributes=attrs, num_outputs=1, name=run.name(base + "_mha")
+    )
     graph.insert_before(node, mha)
     run.replace_node(node, mha.outputs[0], base + "_quant_out", "MultiHeadAttention")

@@ -25,24 +25,48 @@ def emit_gather(run: Run, node: ir.Node, table: np.ndarray) -> None:
     q, scale, zp = quantize_weight(table.T, per_channel=o.per_channel, symmetric=True, reduce_range=False)
     qt = run.init(base + "_table_quantized", np.ascontiguousarray(q.T))
     ids = node.inputs[1]
-    g = ir.Node("", "Gather", [qt, ids], attributes=[ir.AttrInt64("axis", 0)], num_outputs=1,
-                name=run.name(base + "_quant"))
+    g = ir.Node(
+        "",
+        "Gather",
+        [qt, ids],
+        attributes=[ir.AttrInt64("axis", 0)],
+        num_outputs=1,
+        name=run.name(base + "_quant"),
+    )
     g.outputs[0].name = run.name(base + "_rows_int8")
     nodes = [g]
     if o.per_channel:
         st = run.init(base + "_row_scale", scale.reshape(-1, 1))
-        gs = ir.Node("", "Gather", [st, ids], attributes=[ir.AttrInt64("axis", 0)], num_outputs=1,
-                     name=run.name(base + "_scale_gather"))
+        gs = ir.Node(
+            "",
+            "Gather",
+            [st, ids],
+            attributes=[ir.AttrInt64("axis", 0)],
+            num_outputs=1,
+            name=run.name(base + "_scale_gather"),
+        )
         gs.outputs[0].name = run.name(base + "_row_scales")
-        cast = ir.Node("", "Cast", [g.outputs[0]], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
-                       num_outputs=1, name=run.name(base + "_cast"))
+        cast = ir.Node(
+            "",
+            "Cast",
+            [g.outputs[0]],
+            attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
+            num_outputs=1,
+            name=run.name(base + "_cast"),
+        )
         cast.outputs[0].name = run.name(base + "_rows_float")
-        last = ir.Node("", "Mul", [cast.outputs[0], gs.outputs[0]], num_outputs=1, name=run.name(base + "_dequant"))
+        last = ir.Node(
+            "", "Mul", [cast.outputs[0], gs.outputs[0]], num_outputs=1, name=run.name(base + "_dequant")
+        )
         nodes += [gs, cast, last]
     else:
-        last = ir.Node("", "DequantizeLinear", [g.outputs[0], run.init(base + "_scale", scale),
-                                                run.init(base + "_zero_point", zp)],
-                       num_outputs=1, name=run.name(base + "_dequant"))
+        last = ir.Node(
+            "",
+            "DequantizeLinear",
+            [g.outputs[0], run.init(base + "_scale", scale), run.init(base + "_zero_point", zp)],
+            num_outputs=1,
+            name=run.name(base + "_dequant"),
+        )
         nodes.append(last)
     for n in nodes:
         graph.insert_before(node, n)

@@ -54,8 +54,13 @@ def emit_matmul(run: Run, plan: Plan, bias: np.ndarray | None, out: ir.Value, re
         if bias is not None and absorb_bias(run, out, bias, base):
             bias = None
         if bias is not None:
-            add = ir.Node("", "Add", [y, run.init(base + "_bias", bias.astype(np.float32))],
-                          num_outputs=1, name=run.name(base + "_bias_add"))
+            add = ir.Node(
+                "",
+                "Add",
+                [y, run.init(base + "_bias", bias.astype(np.float32))],
+                num_outputs=1,
+                name=run.name(base + "_bias_add"),
+            )
             graph.insert_before(node, add)
             y = add.outputs[0]
             y.name = run.name(base + "_quant_out")
@@ -64,7 +69,9 @@ def emit_matmul(run: Run, plan: Plan, bias: np.ndarray | None, out: ir.Value, re
         inputs = [a, qw, scale, zp]
         if bias is not None:
             inputs.append(run.init(base + "_bias", bias.astype(np.float32)))
-        new = ir.Node(MS_DOMAIN, "DynamicQuantizeMatMul", inputs, num_outputs=1, name=run.name(base + "_quant"))
+        new = ir.Node(
+            MS_DOMAIN, "DynamicQuantizeMatMul", inputs, num_outputs=1, name=run.name(base + "_quant")
+        )
         graph.insert_before(node, new)
         y = new.outputs[0]
         y.name = run.name(base + "_quant_out")

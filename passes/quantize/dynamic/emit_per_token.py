@@ -31,16 +31,28 @@ from .._common.int8 import quantize_weight
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["TokenLevels", "lower_bound", "per_token_input", "per_token_matmul", "plan_zero_columns",
-           "zero_point_rows"]
+__all__ = [
+    "TokenLevels",
+    "lower_bound",
+    "per_token_input",
+    "per_token_matmul",
+    "plan_zero_columns",
+    "zero_point_rows",
+]
 
 #: Largest magnitude of a zero-point row entry (see :func:`plan_zero_columns`).
 ZERO_ROW_MAX = 127
 
 #: Ops whose outputs have a lower bound -c (c = the shift that makes them non-negative). GELU:
 #: min x·Φ(x) = -0.16997 (erf), -0.17004 (tanh form); x·σ(αx): -0.27846/α.
-_LOWER_BOUNDS = {"Relu": 0.0, "Sigmoid": 0.0, "Softmax": 0.0, "Gelu": 0.1701, "BiasGelu": 0.1701,
-                 "FastGelu": 0.1701}
+_LOWER_BOUNDS = {
+    "Relu": 0.0,
+    "Sigmoid": 0.0,
+    "Softmax": 0.0,
+    "Gelu": 0.1701,
+    "BiasGelu": 0.1701,
+    "FastGelu": 0.1701,
+}
 
 
 @dataclasses.dataclass
@@ -123,8 +135,9 @@ def plan_zero_columns(run: Run) -> dict[int, tuple[int, np.ndarray | None]]:
             if p.side is not None:
                 w = w.copy()
                 w[p.side[1]] = 0.0
-            p.quantized = quantize_weight(w, per_channel=o.per_channel, symmetric=True,
-                                          reduce_range=o.reduce_range)
+            p.quantized = quantize_weight(
+                w, per_channel=o.per_channel, symmetric=True, reduce_range=o.reduce_range
+            )
         q = p.quantized[0].astype(np.int64)
         if p.copies is not None:
             q = np.concatenate([q, q[p.copies]])
@@ -189,14 +202,22 @@ def per_token_input(run: Run, x: ir.Value, before: ir.Node, asymmetric: bool) ->
         # zeros divides 0 by 0: its levels are garbage, times a range of 0.
         levels, zero = 255.0, 0
         if copies is None:
-            padded = node("Pad", [x, run.shared_const(f"per_token_pads_{columns}", np.array([0, columns], np.int64)),
-                                  None, run.shared_const("per_token_axes", np.array([-1], np.int64))],
-                          "padded")
+            padded = node(
+                "Pad",
+                [
+                    x,
+                    run.shared_const(f"per_token_pads_{columns}", np.array([0, columns], np.int64)),
+                    None,
+                    run.shared_const("per_token_axes", np.array([-1], np.int64)),
+                ],
+                "padded",
+            )
         else:  # split channels, then the zero columns (channel 0 times 0)
             index = np.concatenate([copies, np.zeros(columns, np.int64)])
             keep = np.concatenate([np.ones(copies.size, np.float32), np.zeros(columns, np.float32)])
-            extra = node("Gather", [x, run.init(f"{base}_copy_index", index)], "copies",
-                         [ir.AttrInt64("axis", -1)])
+            extra = node(
+                "Gather", [x, run.init(f"{base}_copy_index", index)], "copies", [ir.AttrInt64("axis", -1)]
+            )
             extra = node("Mul", [extra, run.init(f"{base}_copy_keep", keep)], "copies_kept")
             padded = node("Concat", [x, extra], "padded", [ir.AttrInt64("axis", -1)])
         lo = row("ReduceMin", padded, "rowmin")
@@ -205,17 +226,25 @@ def per_token_input(run: Run, x: ir.Value, before: ir.Node, asymmetric: bool) ->
         # A row reaching further below zero than above is quantized mirrored (levels of −x,
         # range negated): every zero point is then ≤ 128, so a pair of padding columns
         # (z·r + z·r) stays inside int16 with rows up to ±127 (half the columns of ±64).
-        flip = node("Less", [node("Add", [hi, lo], "row_balance"),
-                             run.shared_const("per_token_zero", np.array(0.0, np.float32))],
-                    "row_mirrored")
+        flip = node(
+            "Less",
+            [
+                node("Add", [hi, lo], "row_balance"),
+                run.shared_const("per_token_zero", np.array(0.0, np.float32)),
+            ],
+            "row_mirrored",
+        )
         flip.type = ir.TensorType(ir.DataType.BOOL)
         rmax = node("Where", [flip, node("Neg", [span], "rowrange_negated"), span], "rowrange_signed")
         # ``base`` becomes this value: the names of the nodes below start with its text form
         # (``%"<name>"<type,shape>``), as they always have (the output bytes stay the same).
         base = node("Where", [flip, hi, lo], "row_far_side")  # type: ignore[assignment]
         far = base
-        neg_inv = node("Div", [run.shared_const("per_token_minus_255", np.array(-255.0, np.float32)),
-                               rmax], "neg_inverse_step")
+        neg_inv = node(
+            "Div",
+            [run.shared_const("per_token_minus_255", np.array(-255.0, np.float32)), rmax],
+            "neg_inverse_step",
+        )
         z = node("Round", [node("Mul", [far, neg_inv], "zero_point_real")], "row_zero_point")
         v = node("Sub", [z, node("Mul", [padded, neg_inv], "scaled")], "shifted_levels")
         unit = run.shared_const("per_token_unit_step", np.array(1.0, np.float32))
@@ -244,8 +273,11 @@ def per_token_input(run: Run, x: ir.Value, before: ir.Node, asymmetric: bool) ->
     else:
         v, levels, zero = x, 255.0, 0
         if shift > 0:
-            v = node("Add", [x, run.shared_const(f"per_token_shift_{shift:g}", np.array(shift, np.float32))],
-                     "shifted")
+            v = node(
+                "Add",
+                [x, run.shared_const(f"per_token_shift_{shift:g}", np.array(shift, np.float32))],
+                "shifted",
+            )
         rmax = row("ReduceMax", v, "rowmax")
     scale = run.shared_const(f"per_token_scale_{levels:g}", np.array(1.0 / levels, np.float32))
     zp = run.shared_const(f"per_token_zero_point_{zero}", np.array(zero, np.uint8))
@@ -259,9 +291,18 @@ def per_token_input(run: Run, x: ir.Value, before: ir.Node, asymmetric: bool) ->
     return hit
 
 
-def per_token_matmul(run: Run, node: ir.Node, a: ir.Value, qw: ir.Value, scale: ir.Value, zp: ir.Value,
-                     base: str, bias: np.ndarray | None, center: np.ndarray | None = None,
-                     asymmetric: bool = False) -> tuple[ir.Value, np.ndarray | None]:
+def per_token_matmul(
+    run: Run,
+    node: ir.Node,
+    a: ir.Value,
+    qw: ir.Value,
+    scale: ir.Value,
+    zp: ir.Value,
+    base: str,
+    bias: np.ndarray | None,
+    center: np.ndarray | None = None,
+    asymmetric: bool = False,
+) -> tuple[ir.Value, np.ndarray | None]:
     """``MatMulIntegerToFloat`` of the per-token levels, times the row scale (maximum or range);
     asymmetric levels: the weight gains the zero-point rows, or (asymmetric weights) the row
     minimum's term follows. Returns the output and the bias to add after it (input shift and
@@ -288,8 +329,9 @@ def per_token_matmul(run: Run, node: ir.Node, a: ir.Value, qw: ir.Value, scale: 
     if t.rowmin is None and not t.shift and center is None:
         return result, bias
     # The weight as the kernel sees it: the terms below are exact against the int8 product.
-    wd = (q.astype(np.float64) - zp.const_value.numpy().astype(np.float64)) \
-        * scale.const_value.numpy().astype(np.float64)
+    wd = (
+        q.astype(np.float64) - zp.const_value.numpy().astype(np.float64)
+    ) * scale.const_value.numpy().astype(np.float64)
     if t.rowmin is not None:  # x = lo + (x − lo): lo ⊗ ΣW after the kernel
         colsum = run.init(base + "_colsum", wd.sum(axis=0).astype(np.float32))
         low = ir.Node("", "Mul", [t.rowmin, colsum], num_outputs=1, name=run.name(base + "_low_term"))

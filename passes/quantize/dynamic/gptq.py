@@ -50,8 +50,9 @@ def apply_gptq(run: Run) -> None:
     run.count("gptq", done)
 
 
-def hessians(model: ir.Model, need: dict[str, int], data: Any, budget: int, details: dict[str, Any]
-             ) -> Iterator[dict[str, np.ndarray]]:
+def hessians(
+    model: ir.Model, need: dict[str, int], data: Any, budget: int, details: dict[str, Any]
+) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{name: X^T X}`` (float64) for the named float-model values (``need``: name → K)
     over the calibration data, in groups that fit ``budget`` bytes (one calibration run per group)."""
     groups = budget_groups(list(need), lambda name: ((name,), need[name]), budget)

@@ -20,7 +20,15 @@ from .emit_attention import ATTENTION_ATTRS, MaskPlan, raw_mask
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["ATTENTION_OPS", "Plan", "candidates", "decide_per_token", "drop_outliers", "per_token_for", "plan_node"]
+__all__ = [
+    "ATTENTION_OPS",
+    "Plan",
+    "candidates",
+    "decide_per_token",
+    "drop_outliers",
+    "per_token_for",
+    "plan_node",
+]
 
 #: Ops whose outputs (attention rows) need not be quantized per token in ``activations=auto``.
 ATTENTION_OPS = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention"})
@@ -235,8 +243,17 @@ def _plan_attention(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     if per_token and mask is not None:
         per_token = False  # MultiHeadAttention's key_padding_mask is not Attention's mask_index
         run.count("per-tensor:attention mask_index")
-    return Plan(node, w, source=x.name or "", bias=b, mask=mask, mask_plan=mask_plan, attention_bias=attn_bias,
-                per_token=per_token, can_per_token=per_token), ""
+    return Plan(
+        node,
+        w,
+        source=x.name or "",
+        bias=b,
+        mask=mask,
+        mask_plan=mask_plan,
+        attention_bias=attn_bias,
+        per_token=per_token,
+        can_per_token=per_token,
+    ), ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +302,11 @@ def drop_outliers(run: Run) -> None:
         ratio = float(absmax.max() / max(float(np.median(absmax)), 1e-12))
         ratios[name] = round(ratio, 2)
         if ratio > run.options.outlier_ratio:
-            run.decide(plan.node, False, f"input channel outliers: max/median {ratio:.0f} > "
-                                         f"{run.options.outlier_ratio:g}")
+            run.decide(
+                plan.node,
+                False,
+                f"input channel outliers: max/median {ratio:.0f} > {run.options.outlier_ratio:g}",
+            )
             continue
         kept.append(plan)
     run.details["input_outlier_ratio"] = dict(sorted(ratios.items()))

@@ -20,10 +20,16 @@ __all__ = ["probe", "probe_dims", "probe_stats"]
 logger = logging.getLogger("graphopt.passes.quantize.dynamic")
 
 
-def probe(model: ir.Model, names: list[str], calibration: Any, batches: int,
-          ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-          token_ratio: dict[str, float] | None = None, length: int = 64,
-          used: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+def probe(
+    model: ir.Model,
+    names: list[str],
+    calibration: Any,
+    batches: int,
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    token_ratio: dict[str, float] | None = None,
+    length: int = 64,
+    used: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray] | None:
     """Per-channel (last axis) max |x| of the named values of the float model (and, into
     ``ranges``, per-channel (min, max), into ``token_ratio`` the largest row maximum over the
     median one): over all the calibration data when given, else over ``batches`` generated inputs
@@ -46,7 +52,9 @@ def probe(model: ir.Model, names: list[str], calibration: Any, batches: int,
         part_ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         part_ratio: dict[str, float] = {}
         try:
-            data = CalibrationData.from_any([generate_inputs(model, dims=dims, seed=i) for i in range(batches)])
+            data = CalibrationData.from_any(
+                [generate_inputs(model, dims=dims, seed=i) for i in range(batches)]
+            )
             stats = probe_stats(model, names, data, batches, part_ranges, part_ratio)
         except Exception as exc:  # noqa: BLE001 - the next sizes, else no probe (the report counts it)
             failure = exc
@@ -78,9 +86,14 @@ def probe_dims(model: ir.Model, length: int) -> dict[str, int]:
     return dims
 
 
-def probe_stats(model: ir.Model, names: list[str], data: Any, limit: int | None,
-                ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-                token_ratio: dict[str, float] | None) -> dict[str, np.ndarray]:
+def probe_stats(
+    model: ir.Model,
+    names: list[str],
+    data: Any,
+    limit: int | None,
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+    token_ratio: dict[str, float] | None,
+) -> dict[str, np.ndarray]:
     """The statistics of :func:`probe` over ``data``; raises when the model cannot run it."""
     from graphopt.calibration import stream_tensors
 

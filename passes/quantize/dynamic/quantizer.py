@@ -53,9 +53,13 @@ class QuantizeDynamicPass(QuantizePassBase):
         o = self.options
         calibration = self.calibration_data()
         if o.method == "gptq" and calibration is None:
-            raise PipelineError("quantize-dynamic: method=gptq needs calibration data (calibration=...); "
-                                "use method=rtn or auto without it")
-        run = Run(model, o, self.count, self.decide, self.details, calibration=calibration, opset=model_opset(model))
+            raise PipelineError(
+                "quantize-dynamic: method=gptq needs calibration data (calibration=...); "
+                "use method=rtn or auto without it"
+            )
+        run = Run(
+            model, o, self.count, self.decide, self.details, calibration=calibration, opset=model_opset(model)
+        )
         self._plan(run)
         use_gptq = self._decide(run)
         modified = self._apply(run, use_gptq)
@@ -82,12 +86,25 @@ class QuantizeDynamicPass(QuantizePassBase):
     def _decide(self, run: Run) -> bool:
         """The probe-driven choices for each plan; returns whether the weights get GPTQ."""
         o = run.options
-        if run.plans and (o.outlier_ratio > 0 or o.smooth > 0 or o.outlier_channels > 0 or o.center
-                          or o.activations == "auto"):
+        if run.plans and (
+            o.outlier_ratio > 0
+            or o.smooth > 0
+            or o.outlier_channels > 0
+            or o.center
+            or o.activations == "auto"
+        ):
             names = sorted({p.node.inputs[0].name for p in run.plans if p.node.op_type != "Gather"})
             used: dict[str, Any] = {}
-            run.stats = probe(run.model, names, run.calibration, o.probe_batches, run.ranges, run.token_ratio,
-                              o.probe_length, used)
+            run.stats = probe(
+                run.model,
+                names,
+                run.calibration,
+                o.probe_batches,
+                run.ranges,
+                run.token_ratio,
+                o.probe_length,
+                used,
+            )
             self.details["probe"] = used
             if o.activations == "auto" and run.stats is not None:
                 decide_per_token(run)
@@ -106,8 +123,9 @@ class QuantizeDynamicPass(QuantizePassBase):
                         # Generated tokens do not make the massive activations real text does, so
                         # the split would be sized for the wrong tokens (no gain without real data).
                         decide_copies(run)
-        use_gptq = o.method == "gptq" or (o.method == "auto" and run.calibration is not None
-                                           and o.per_channel and o.symmetric)
+        use_gptq = o.method == "gptq" or (
+            o.method == "auto" and run.calibration is not None and o.per_channel and o.symmetric
+        )
         self.details["weights"] = "gptq" if use_gptq and run.plans else "rtn"
         self.details["activations"] = o.activations
         return use_gptq
@@ -133,8 +151,13 @@ def _lower(run: Run, plan: Plan) -> None:
         emit_gather(run, node, plan.weight)
     elif node.op_type in ("MatMul", "Gemm"):
         add = plan.bias_add
-        emit_matmul(run, plan, plan.bias, add.outputs[0] if add is not None else node.outputs[0],
-                    [add] if add is not None else [])
+        emit_matmul(
+            run,
+            plan,
+            plan.bias,
+            add.outputs[0] if add is not None else node.outputs[0],
+            [add] if add is not None else [],
+        )
     elif plan.per_token:
         assert plan.bias is not None
         emit_mha(run, node, plan, plan.bias, plan.attention_bias)

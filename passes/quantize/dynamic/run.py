@@ -70,15 +70,24 @@ class Run:
             self.consts[key] = self.init(key, array)
         return self.consts[key]
 
-    def qweight(self, base: str, w: np.ndarray,
-                quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def qweight(
+        self, base: str, w: np.ndarray, quantized: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """Initializers of the int8 weight, its scale and zero point (``quantized`` when already
         quantized, e.g. by GPTQ, else round-to-nearest with the options' settings)."""
         o = self.options
-        q, scale, zp = quantized if quantized is not None else quantize_weight(
-            w, per_channel=o.per_channel, symmetric=o.symmetric, reduce_range=o.reduce_range)
-        return self.init(f"{base}_quantized", q), self.init(f"{base}_scale", scale), self.init(f"{base}_zero_point", zp)
+        q, scale, zp = (
+            quantized
+            if quantized is not None
+            else quantize_weight(
+                w, per_channel=o.per_channel, symmetric=o.symmetric, reduce_range=o.reduce_range
+            )
+        )
+        return (
+            self.init(f"{base}_quantized", q),
+            self.init(f"{base}_scale", scale),
+            self.init(f"{base}_zero_point", zp),
+        )
 
     def replace_node(self, node: ir.Node, y: ir.Value, name: str, counter: str) -> None:
         """``y`` replaces ``node``'s output (its consumers, graph-output slot and name); ``node`` goes."""

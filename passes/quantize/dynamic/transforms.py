@@ -31,8 +31,17 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .run import Run
 
-__all__ = ["apply_center", "apply_smooth", "apply_split", "decide_copies", "decide_levels", "decide_smooth",
-           "decide_split", "groups", "source"]
+__all__ = [
+    "apply_center",
+    "apply_smooth",
+    "apply_split",
+    "decide_copies",
+    "decide_levels",
+    "decide_smooth",
+    "decide_split",
+    "groups",
+    "source",
+]
 
 #: Channel splitting: a channel is split when its maximum exceeds _COPY_RATIO x the _COPY_RANK-th largest.
 _COPY_RANK, _COPY_RATIO = 8, 1.5
@@ -44,8 +53,9 @@ def source(value: ir.Value) -> ir.Node | None:
     return channel_chain(value, ops=RESHAPE_OPS, max_steps=4)[-1].producer()
 
 
-def groups(graph: ir.Graph, plans: list[Plan], op_types: tuple[str, ...] | None = None
-           ) -> list[tuple[ir.Value, list[Plan], ir.Node]]:
+def groups(
+    graph: ir.Graph, plans: list[Plan], op_types: tuple[str, ...] | None = None
+) -> list[tuple[ir.Value, list[Plan], ir.Node]]:
     """Plans grouped by their input, with the group's first node in graph order."""
     by_input: dict[str, list[Plan]] = {}
     for plan in plans:
@@ -60,8 +70,9 @@ def _is_norm_output(x: ir.Value) -> bool:
     return producer is not None and producer.op_type in NORM_OPS
 
 
-def _fold_into_norm(run: Run, x: ir.Value, group: list[Plan], inv: np.ndarray | None,
-                    shift: np.ndarray | None = None) -> bool:
+def _fold_into_norm(
+    run: Run, x: ir.Value, group: list[Plan], inv: np.ndarray | None, shift: np.ndarray | None = None
+) -> bool:
     """Fold the per-channel ``1 / s`` (``inv``) into the norm's scale and shift, or ``shift`` into
     its shift, when the norm's output reaches only the group's nodes (pre-LN models: GPT-2, Llama),
     so the transform costs nothing at run time. Post-LN models (BERT) also feed the norm output to
@@ -79,7 +90,9 @@ def _fold_into_norm(run: Run, x: ir.Value, group: list[Plan], inv: np.ndarray | 
         return False
     size = (inv if inv is not None else shift).shape  # type: ignore[union-attr]
     params = []
-    for i in [spec.shift] if shift is not None else [spec.scale, spec.shift]:  # a shift changes the shift only
+    for i in (
+        [spec.shift] if shift is not None else [spec.scale, spec.shift]
+    ):  # a shift changes the shift only
         if i is None or i >= len(norm.inputs) or norm.inputs[i] is None:
             if shift is not None:
                 return False  # no shift parameter to fold into (RMSNorm)
@@ -95,8 +108,14 @@ def _fold_into_norm(run: Run, x: ir.Value, group: list[Plan], inv: np.ndarray | 
         value = arr.astype(np.float64) * inv if inv is not None else arr.astype(np.float64) + shift
         return value.astype(arr.dtype)
 
-    fold_into(run.graph, norm, params, new_value, lambda _old, i: f"{norm.name or 'norm'}_smoothed_param{i}",
-              run.taken)
+    fold_into(
+        run.graph,
+        norm,
+        params,
+        new_value,
+        lambda _old, i: f"{norm.name or 'norm'}_smoothed_param{i}",
+        run.taken,
+    )
     return True
 
 
@@ -199,13 +218,23 @@ def apply_split(run: Run) -> None:
         base = first.name or "split"
         mask = np.ones(k, np.float32)
         mask[idx] = 0.0
-        mul = ir.Node("", "Mul", [x, run.init(base + "_inlier_mask", mask)], num_outputs=1,
-                      name=run.name(base + "_inliers"))
+        mul = ir.Node(
+            "",
+            "Mul",
+            [x, run.init(base + "_inlier_mask", mask)],
+            num_outputs=1,
+            name=run.name(base + "_inliers"),
+        )
         y = mul.outputs[0]
         y.name, y.shape, y.type = run.name(f"{name}_inliers"), x.shape, x.type
-        gather = ir.Node("", "Gather", [x, run.init(base + "_outlier_index", idx)],
-                         attributes=[ir.AttrInt64("axis", -1)], num_outputs=1,
-                         name=run.name(base + "_outlier_gather"))
+        gather = ir.Node(
+            "",
+            "Gather",
+            [x, run.init(base + "_outlier_index", idx)],
+            attributes=[ir.AttrInt64("axis", -1)],
+            num_outputs=1,
+            name=run.name(base + "_outlier_gather"),
+        )
         g = gather.outputs[0]
         g.name, g.type = run.name(f"{name}_outliers"), x.type
         graph.insert_before(first, mul)
@@ -240,8 +269,13 @@ def decide_levels(run: Run) -> None:
         r = run.ranges.get(x.name)
         k = group[0].weight.shape[0]
         producer = source(x)
-        if (not o.center or producer is None or r is None or r[0].shape != (k,)
-                or any(p.weight.shape[0] != k for p in group)):
+        if (
+            not o.center
+            or producer is None
+            or r is None
+            or r[0].shape != (k,)
+            or any(p.weight.shape[0] != k for p in group)
+        ):
             continue
         delta = (r[0] + r[1]) / 2.0
         if producer.op_type == "Attention" and id(producer) in by_node and x.producer() is producer:
@@ -271,8 +305,13 @@ def apply_center(run: Run) -> None:
         if _is_norm_output(x) and _fold_into_norm(run, x, group, None, shift=-c):
             run.count("center:folded")
             continue
-        add = ir.Node("", "Add", [x, run.init(f"{first.name or 'center'}_center", (-c).astype(np.float32))],
-                      num_outputs=1, name=run.name(f"{x.name}_center"))
+        add = ir.Node(
+            "",
+            "Add",
+            [x, run.init(f"{first.name or 'center'}_center", (-c).astype(np.float32))],
+            num_outputs=1,
+            name=run.name(f"{x.name}_center"),
+        )
         y = add.outputs[0]
         y.name, y.shape, y.type = run.name(f"{x.name}_centered"), x.shape, x.type
         graph.insert_before(first, add)
@@ -296,8 +335,17 @@ def decide_copies(run: Run) -> None:
     if o.channel_copies <= 0 or not o.symmetric or run.opset < 18:
         return
     for x, group, _first in groups(run.graph, run.plans, ("MatMul", "Gemm", "Attention")):
-        if any(not p.per_token or not p.asymmetric or p.outliers is not None or p.smooth is None
-               or p.center is not None for p in group) or lower_bound(x) is not None:
+        if (
+            any(
+                not p.per_token
+                or not p.asymmetric
+                or p.outliers is not None
+                or p.smooth is None
+                or p.center is not None
+                for p in group
+            )
+            or lower_bound(x) is not None
+        ):
             continue
         act = run.stats.get(x.name)
         k = group[0].weight.shape[0]

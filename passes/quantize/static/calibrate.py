@@ -28,17 +28,20 @@ def ranges(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> dict[tuple[str,
     cache = run.cache()
     want_hist = o.calibrator != "minmax"
     base = (run.source_key(), o.max_batches, smooth_key)
-    needed = sorted({qt.range_from for qt in plan.tensors.values() if qt.shared_from is None and qt.table is None})
+    needed = sorted(
+        {qt.range_from for qt in plan.tensors.values() if qt.shared_from is None and qt.table is None}
+    )
 
     def stats_key(name: str, hist: bool) -> tuple[Any, ...]:
         return ("stats", name, "hist" if hist else "minmax", *base)
 
-    missing = [n for n in needed
-               if stats_key(n, want_hist) not in cache and stats_key(n, True) not in cache]
+    missing = [n for n in needed if stats_key(n, want_hist) not in cache and stats_key(n, True) not in cache]
     batches = 0
     if missing:
         stats: dict[str, MinMax | Histogram] = {n: Histogram() if want_hist else MinMax() for n in missing}
-        for values in stream(run.model, missing, run.data, o.max_batches, o.progress, "quantize-static: calibrating"):
+        for values in stream(
+            run.model, missing, run.data, o.max_batches, o.progress, "quantize-static: calibrating"
+        ):
             batches += 1
             for name, arr in values.items():
                 stats[name].update(arr)
@@ -47,8 +50,11 @@ def ranges(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> dict[tuple[str,
         for n, s in stats.items():
             cache[stats_key(n, want_hist)] = s
     run.details["calibration"] = {
-        "calibrator": o.calibrator, "tensors": len(needed), "collected": len(missing),
-        "batches": batches, "cached": not missing,
+        "calibrator": o.calibrator,
+        "tensors": len(needed),
+        "collected": len(missing),
+        "batches": batches,
+        "cached": not missing,
     }
     out: dict[tuple[str, bool], tuple[float, float]] = {}
     for qt in plan.tensors.values():
@@ -62,15 +68,17 @@ def ranges(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> dict[tuple[str,
             calib = "minmax" if wide else o.calibrator  # 16 bits: clipping costs more than resolution
             rkey = ("range", name, calib, float(o.percentile), qmin, qmax, sym, *base)
             if rkey not in cache:
-                cache[rkey] = compute_range(s, calib, percentile=float(o.percentile), qmin=qmin,
-                                            qmax=qmax, symmetric=sym)
+                cache[rkey] = compute_range(
+                    s, calib, percentile=float(o.percentile), qmin=qmin, qmax=qmax, symmetric=sym
+                )
             out[(name, wide)] = cache[rkey]
     run.count("calibrated_tensors", len(needed))
     return out
 
 
-def stream(model: ir.Model, names: list[str], data: Any, limit: int | None, progress: bool | None,
-           description: str) -> Iterator[dict[str, Any]]:
+def stream(
+    model: ir.Model, names: list[str], data: Any, limit: int | None, progress: bool | None, description: str
+) -> Iterator[dict[str, Any]]:
     """``stream_tensors`` with ONNX Runtime's errors on a batch (wrong shape or dtype) turned into a
     CalibrationError that says which batch and what to fix."""
     it = stream_tensors(model, names, data, limit=limit, progress=progress, description=description)
@@ -86,6 +94,7 @@ def stream(model: ir.Model, names: list[str], data: Any, limit: int | None, prog
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CalibrationError(
                 f"quantize-static: the model cannot run calibration batch {i} ({msg}); make the arrays' "
-                "shapes and dtypes match the model's inputs") from None
+                "shapes and dtypes match the model's inputs"
+            ) from None
         yield values
         i += 1

@@ -21,49 +21,68 @@ def _doc(text: str) -> dict[str, str]:
 class StaticOptions(CommonOptions):
     calibrator: str = dataclasses.field(
         default="mse",
-        metadata=_doc(f"how ranges are chosen: {', '.join(CALIBRATORS)} (mse: the most accurate on the digits "
-                      "CNN/MLP and BERT/GPT-2/ViT tiny, see benchmarks/results/quantize_static.md)"))
+        metadata=_doc(
+            f"how ranges are chosen: {', '.join(CALIBRATORS)} (mse: the most accurate on the digits "
+            "CNN/MLP and BERT/GPT-2/ViT tiny, see benchmarks/results/quantize_static.md)"
+        ),
+    )
     percentile: float = dataclasses.field(
-        default=99.999, metadata=_doc("percentile calibrator: keep this share of each tail"))
+        default=99.999, metadata=_doc("percentile calibrator: keep this share of each tail")
+    )
     activation_type: str = dataclasses.field(
-        default="uint8", metadata=_doc("uint8 (ONNX Runtime CPU runs u8s8 fastest) or int8"))
+        default="uint8", metadata=_doc("uint8 (ONNX Runtime CPU runs u8s8 fastest) or int8")
+    )
     activation_symmetric: bool = dataclasses.field(
-        default=False, metadata=_doc("symmetric activation ranges (zero point at the middle)"))
+        default=False, metadata=_doc("symmetric activation ranges (zero point at the middle)")
+    )
     per_channel: bool = dataclasses.field(default=True, metadata=_doc("per-channel int8 weights"))
     activations16: list[str] = dataclasses.field(
         default_factory=list,
-        metadata=_doc("nodes (names, patterns, op types) whose activations get 16-bit QDQ"))
+        metadata=_doc("nodes (names, patterns, op types) whose activations get 16-bit QDQ"),
+    )
     op_types: list[str] = dataclasses.field(
-        default_factory=list, metadata=_doc("quantize only these op types (default: the placement's)"))
+        default_factory=list, metadata=_doc("quantize only these op types (default: the placement's)")
+    )
     max_batches: int | None = dataclasses.field(
-        default=None, metadata=_doc("calibrate on at most this many batches"))
+        default=None, metadata=_doc("calibrate on at most this many batches")
+    )
     progress: bool | None = dataclasses.field(
-        default=None, metadata=_doc("progress bar while calibrating (default: on a terminal only)"))
+        default=None, metadata=_doc("progress bar while calibrating (default: on a terminal only)")
+    )
     placement: str = dataclasses.field(
-        default="ort-cpu", metadata=_doc(f"Q/DQ placement rules: {', '.join(PLACEMENTS)}"))
+        default="ort-cpu", metadata=_doc(f"Q/DQ placement rules: {', '.join(PLACEMENTS)}")
+    )
     embeddings: bool = dataclasses.field(
         default=False,
-        metadata=_doc("store constant lookup tables (Gather: embeddings) as per-tensor int8 too: a smaller "
-                      "file, but one scale per table, and ONNX Runtime 1.32 CPU dequantizes the table on "
-                      "every run instead of gathering int8 (measured on BERT)"))
+        metadata=_doc(
+            "store constant lookup tables (Gather: embeddings) as per-tensor int8 too: a smaller "
+            "file, but one scale per table, and ONNX Runtime 1.32 CPU dequantizes the table on "
+            "every run instead of gathering int8 (measured on BERT)"
+        ),
+    )
     smooth_quant: float | None = dataclasses.field(
         default=None,
-        metadata=_doc("SmoothQuant alpha (e.g. 0.5): move activation outliers into MatMul/Gemm weights "
-                      "where a LayerNormalization's scale/bias can absorb the inverse scale"))
-
+        metadata=_doc(
+            "SmoothQuant alpha (e.g. 0.5): move activation outliers into MatMul/Gemm weights "
+            "where a LayerNormalization's scale/bias can absorb the inverse scale"
+        ),
+    )
 
 
 def check_options(o: StaticOptions) -> Placement:
     """Raise a PipelineError for option values the pass cannot run with; the placement to use."""
     if o.placement not in PLACEMENTS:
-        raise PipelineError(f"quantize-static: placement must be one of {', '.join(PLACEMENTS)}, "
-                            f"not {o.placement!r}")
+        raise PipelineError(
+            f"quantize-static: placement must be one of {', '.join(PLACEMENTS)}, not {o.placement!r}"
+        )
     if o.calibrator not in CALIBRATORS:
-        raise PipelineError(f"quantize-static: calibrator must be one of {', '.join(CALIBRATORS)}, "
-                            f"not {o.calibrator!r}")
+        raise PipelineError(
+            f"quantize-static: calibrator must be one of {', '.join(CALIBRATORS)}, not {o.calibrator!r}"
+        )
     if o.activation_type not in ("uint8", "int8"):
-        raise PipelineError(f"quantize-static: activation_type must be uint8 or int8, not "
-                            f"{o.activation_type!r}")
+        raise PipelineError(
+            f"quantize-static: activation_type must be uint8 or int8, not {o.activation_type!r}"
+        )
     if not 50.0 < float(o.percentile) <= 100.0:
         raise PipelineError(f"quantize-static: percentile must be in (50, 100], not {o.percentile}")
     if o.max_batches is not None and o.max_batches < 1:
@@ -74,6 +93,8 @@ def check_options(o: StaticOptions) -> Placement:
     if o.op_types:
         unknown = sorted(set(o.op_types) - set(placement.op_types))
         if unknown:
-            raise PipelineError(f"quantize-static: op_types {unknown} are not quantizable with placement "
-                                f"{placement.name} (choose from {', '.join(placement.op_types)})")
+            raise PipelineError(
+                f"quantize-static: op_types {unknown} are not quantizable with placement "
+                f"{placement.name} (choose from {', '.join(placement.op_types)})"
+            )
     return placement

@@ -72,10 +72,12 @@ PLACEMENTS: dict[str, Placement] = {
         name="ort-cpu",
         compute=frozenset({"Conv", "MatMul", "Gemm"}),
         output_required=frozenset({"Conv"}),
-        qlinear=frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid",
-                           "LeakyRelu"}),
-        passthrough=frozenset({"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze",
-                               "Unsqueeze"}),
+        qlinear=frozenset(
+            {"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
+        ),
+        passthrough=frozenset(
+            {"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
+        ),
         removable=frozenset({"Relu", "Clip"}),
         embedding=frozenset({"Gather"}),
         float_norm_residuals=True,

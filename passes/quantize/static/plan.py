@@ -167,8 +167,13 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
     def quantize_output(n: ir.Node) -> None:
         y = n.outputs[0]
         consumers = list(y.consumers())
-        if (len(consumers) == 1 and consumers[0].op_type in placement.removable and removable_ok
-                and y not in outputs and consumers[0].outputs[0] not in outputs):
+        if (
+            len(consumers) == 1
+            and consumers[0].op_type in placement.removable
+            and removable_ok
+            and y not in outputs
+            and consumers[0].outputs[0] not in outputs
+        ):
             relu = consumers[0]
             kind, _why = usable(relu)
             if kind == "removable":
@@ -206,19 +211,27 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
                 quantize_input(w)
             else:
                 plan.weights.append((node, 1, weight_axis(node, wc)))
-                if (placement.quantize_bias and node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2
-                        and node.inputs[2] is not None):
+                if (
+                    placement.quantize_bias
+                    and node.op_type in ("Conv", "Gemm")
+                    and len(node.inputs) > 2
+                    and node.inputs[2] is not None
+                ):
                     b = node.inputs[2]
                     bc = constant_array(b)
                     ok_bias = bc is not None and bc.dtype == np.float32 and bc.ndim == 1
                     if node.op_type == "Gemm":
-                        ok_bias = ok_bias and node.attributes.get_float("alpha", 1.0) == 1.0 \
+                        ok_bias = (
+                            ok_bias
+                            and node.attributes.get_float("alpha", 1.0) == 1.0
                             and node.attributes.get_float("beta", 1.0) == 1.0
+                        )
                     if ok_bias:
                         plan.biases.append((node, 2, x, 1, weight_axis(node, wc)))
             y = node.outputs[0]
             if node.op_type in placement.output_required or (
-                    placement.quantize_outputs and any(wants_input(c) for c in y.consumers())):
+                placement.quantize_outputs and any(wants_input(c) for c in y.consumers())
+            ):
                 quantize_output(node)
             plan.nodes.append((node, True, ""))
         elif kind == "qlinear":
@@ -241,8 +254,11 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
             plan.add(QT(node.outputs[0], "", table=node.inputs[0]))
             plan.nodes.append((node, True, "int8 table, lookup on int8"))
         else:  # removable activation not absorbed
-            reason = ("symmetric activations: the zero point is not qmin" if not removable_ok
-                      else "input not quantized by a single-consumer producer (runs in float)")
+            reason = (
+                "symmetric activations: the zero point is not qmin"
+                if not removable_ok
+                else "input not quantized by a single-consumer producer (runs in float)"
+            )
             plan.nodes.append((node, False, reason))
 
     if patterns16:

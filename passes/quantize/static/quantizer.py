@@ -37,11 +37,14 @@ class QuantizeStaticPass(QuantizePassBase):
         if data is None:
             raise CalibrationError(
                 "quantize-static needs calibration data: pass calibration=<.npz, folder or list of feed "
-                "dicts> to optimize() (CLI: --calibration FILE), or the pass option calibration=PATH")
+                "dicts> to optimize() (CLI: --calibration FILE), or the pass option calibration=PATH"
+            )
         opset = model.opset_imports.get("", model.graph.opset_imports.get("", 0))
         if opset < 13:
-            raise PipelineError(f"quantize-static needs opset >= 13 (per-axis QDQ); the model has {opset}: "
-                                "run the upgrade-opset pass first")
+            raise PipelineError(
+                f"quantize-static needs opset >= 13 (per-axis QDQ); the model has {opset}: "
+                "run the upgrade-opset pass first"
+            )
         modified = infer_shapes(model)
         run = Run(model, self.options, placement, data, self.context, self.details, self.count, self.selected)
         smooth_key: tuple[Any, ...] = ()

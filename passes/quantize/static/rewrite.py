@@ -52,10 +52,17 @@ def _set_activation_params(run: Run, plan: Plan, ranges: dict[tuple[str, bool], 
     for v in plan.order:
         qt = plan.tensors[v]
         scale, zp = qt.params  # type: ignore[misc]
-        rng = (None if qt.shared_from is not None or qt.table is not None
-               else [float(f"{r:.6g}") for r in ranges[(qt.range_from, qt.wide)]])
-        report[v.name or ""] = {"range": rng, "scale": float(scale), "zero_point": int(zp),
-                                "bits": 16 if qt.wide else 8}
+        rng = (
+            None
+            if qt.shared_from is not None or qt.table is not None
+            else [float(f"{r:.6g}") for r in ranges[(qt.range_from, qt.wide)]]
+        )
+        report[v.name or ""] = {
+            "range": rng,
+            "scale": float(scale),
+            "zero_point": int(zp),
+            "bits": 16 if qt.wide else 8,
+        }
     run.details["activations"] = report
 
 
@@ -77,8 +84,10 @@ def _insert_pairs(run: Run, plan: Plan, taken: set[str]) -> None:
         if src not in param_values:
             scale, zp = qt.params  # type: ignore[misc]
             stem = (src.name or "act").replace("/", "_")
-            param_values[src] = (new_initializer(graph, f"{stem}_scale", scale, taken),
-                                 new_initializer(graph, f"{stem}_zero_point", zp, taken))
+            param_values[src] = (
+                new_initializer(graph, f"{stem}_scale", scale, taken),
+                new_initializer(graph, f"{stem}_zero_point", zp, taken),
+            )
         s_val, z_val = param_values[src]
         insert_qdq(graph, v, qt, s_val, z_val, qdq_domain(qt.wide), taken)
         run.count("qdq_pairs")
@@ -104,10 +113,16 @@ def _weights(run: Run, plan: Plan, taken: set[str]) -> dict[tuple[int, int], np.
             s_v = new_initializer(graph, f"{stem}_scale", scale, taken)
             z_v = new_initializer(graph, f"{stem}_zero_point", np.zeros(scale.shape, np.int8), taken)
             attrs = {"axis": axis} if axis is not None else {}
-            out = ir.Value(name=unique_name(graph, f"{stem}_dequantized", taken),
-                           shape=w_val.shape, type=w_val.type)
-            dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], attrs, outputs=[out],
-                         name=unique_name(graph, f"{stem}_DequantizeLinear", taken))
+            out = ir.Value(
+                name=unique_name(graph, f"{stem}_dequantized", taken), shape=w_val.shape, type=w_val.type
+            )
+            dq = ir.node(
+                "DequantizeLinear",
+                [q_v, s_v, z_v],
+                attrs,
+                outputs=[out],
+                name=unique_name(graph, f"{stem}_DequantizeLinear", taken),
+            )
             graph.insert_before(graph.node(0), dq) if len(graph) else graph.append(dq)
             weight_cache[key] = (out, scale)
             run.count("weights_int8")
@@ -140,26 +155,45 @@ def _biases(run: Run, plan: Plan, w_scales: dict[tuple[int, int], np.ndarray], t
         q_v = new_initializer(graph, f"{stem}_quantized", bq, taken)
         s_v = new_initializer(graph, f"{stem}_scale", bscale, taken)
         z_v = new_initializer(graph, f"{stem}_zero_point", np.zeros(bscale.shape, np.int32), taken)
-        out = ir.Value(name=unique_name(graph, f"{stem}_dequantized", taken), shape=b_val.shape, type=b_val.type)
-        dq = ir.node("DequantizeLinear", [q_v, s_v, z_v], {"axis": 0}, outputs=[out],
-                     name=unique_name(graph, f"{stem}_DequantizeLinear", taken))
+        out = ir.Value(
+            name=unique_name(graph, f"{stem}_dequantized", taken), shape=b_val.shape, type=b_val.type
+        )
+        dq = ir.node(
+            "DequantizeLinear",
+            [q_v, s_v, z_v],
+            {"axis": 0},
+            outputs=[out],
+            name=unique_name(graph, f"{stem}_DequantizeLinear", taken),
+        )
         graph.insert_before(node, dq)
         node.replace_input_with(idx, out)
         run.count("biases_int32")
 
 
-def insert_qdq(graph: ir.Graph, v: ir.Value, qt: QT, scale: ir.Value, zp: ir.Value, domain: str,
-               taken: set[str]) -> None:
+def insert_qdq(
+    graph: ir.Graph, v: ir.Value, qt: QT, scale: ir.Value, zp: ir.Value, domain: str, taken: set[str]
+) -> None:
     """Q(v)→DQ and every reader of ``v`` (or of the absorbed Relu's output) reads the DQ."""
     stem = (v.name or "act").replace("/", "_")
-    q_out = ir.Value(name=unique_name(graph, f"{stem}_quantized", taken), shape=v.shape,
-                     type=ir.TensorType(zp.dtype))  # type: ignore[arg-type]
+    q_out = ir.Value(
+        name=unique_name(graph, f"{stem}_quantized", taken), shape=v.shape, type=ir.TensorType(zp.dtype)
+    )  # type: ignore[arg-type]
     dq_out = ir.Value(name=unique_name(graph, f"{stem}_dequantized", taken), shape=v.shape, type=v.type)
     uses = list(v.uses())  # before the Q node becomes one
-    q = ir.node("QuantizeLinear", [v, scale, zp], outputs=[q_out], domain=domain,
-                name=unique_name(graph, f"{stem}_QuantizeLinear", taken))
-    dq = ir.node("DequantizeLinear", [q_out, scale, zp], outputs=[dq_out], domain=domain,
-                 name=unique_name(graph, f"{stem}_DequantizeLinear", taken))
+    q = ir.node(
+        "QuantizeLinear",
+        [v, scale, zp],
+        outputs=[q_out],
+        domain=domain,
+        name=unique_name(graph, f"{stem}_QuantizeLinear", taken),
+    )
+    dq = ir.node(
+        "DequantizeLinear",
+        [q_out, scale, zp],
+        outputs=[dq_out],
+        domain=domain,
+        name=unique_name(graph, f"{stem}_DequantizeLinear", taken),
+    )
     for user, index in uses:
         user.replace_input_with(index, dq_out)
     producer = v.producer()
@@ -189,8 +223,9 @@ def take_output_name(graph: ir.Graph, old: ir.Value, new: ir.Value, taken: set[s
             graph.outputs[i] = new
 
 
-def _activation_params(rmin: float, rmax: float, qmin: int, qmax: int, symmetric: bool,
-                       npt: type) -> tuple[np.ndarray, np.ndarray]:
+def _activation_params(
+    rmin: float, rmax: float, qmin: int, qmax: int, symmetric: bool, npt: type
+) -> tuple[np.ndarray, np.ndarray]:
     """(scale float32 scalar, zero point scalar) from a range that always includes 0."""
     rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
     if symmetric:

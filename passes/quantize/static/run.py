@@ -46,8 +46,11 @@ class Run:
     def act(self, wide: bool) -> tuple[str, bool]:
         """(activation type name, symmetric) for an 8- or 16-bit tensor."""
         t = self.placement.activation_type or self.options.activation_type
-        sym = self.placement.symmetric if self.placement.symmetric is not None \
+        sym = (
+            self.placement.symmetric
+            if self.placement.symmetric is not None
             else bool(self.options.activation_symmetric)
+        )
         if wide:
             t = "int16" if t == "int8" else "uint16"
         return t, sym
@@ -78,5 +81,9 @@ class Run:
 
     def source_key(self) -> Any:
         """What identifies the calibration data in cache keys (its path, else the object)."""
-        src = self.options.calibration if self.options.calibration is not None else self.context.get("calibration")
+        src = (
+            self.options.calibration
+            if self.options.calibration is not None
+            else self.context.get("calibration")
+        )
         return src if isinstance(src, str) else id(src)

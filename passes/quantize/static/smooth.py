@@ -28,7 +28,11 @@ def smooth_quant(run: Run) -> tuple[tuple[Any, ...], bool]:
     sites: list[tuple[ir.Node, list[ir.Node]]] = []
     skipped: list[dict[str, str]] = []
     for node in graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+        if (
+            node.op_type not in ("MatMul", "Gemm")
+            or node.op_type not in ops
+            or node.domain not in ("", "ai.onnx")
+        ):
             continue
         x = node.inputs[0]
         if x is None:
@@ -59,8 +63,14 @@ def smooth_quant(run: Run) -> tuple[tuple[Any, ...], bool]:
     key = ("smooth-stats", run.source_key(), run.options.max_batches, tuple(names))
     if key not in cache:
         stats = {n: ChannelAbsMax() for n in names}
-        for values in stream(run.model, names, run.data, run.options.max_batches, run.options.progress,
-                             "quantize-static: smoothing"):
+        for values in stream(
+            run.model,
+            names,
+            run.data,
+            run.options.max_batches,
+            run.options.progress,
+            "quantize-static: smoothing",
+        ):
             for n, arr in values.items():
                 stats[n].update(arr)
         cache[key] = {n: s.values for n, s in stats.items()}
@@ -72,16 +82,22 @@ def smooth_quant(run: Run) -> tuple[tuple[Any, ...], bool]:
             continue
         ws = [constant_array(r.inputs[1]) for r in readers]
         # weight rows indexed by input channel: MatMul [K,N]; Gemm transB=1 [N,K]
-        rows = [np.abs(w.T if (r.op_type == "Gemm" and r.attributes.get_int("transB", 0)) else w).max(axis=1)
-                for r, w in zip(readers, ws)]  # type: ignore[union-attr]
+        rows = [
+            np.abs(w.T if (r.op_type == "Gemm" and r.attributes.get_int("transB", 0)) else w).max(axis=1)
+            for r, w in zip(readers, ws)
+        ]  # type: ignore[union-attr]
         wmax = np.maximum.reduce(rows)
         s = np.power(np.maximum(a, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1.0 - alpha)
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
-        fold_into(graph, prod, _smooth_params(prod) or [], divided_by(s), lambda v, _i: f"{v.name}_smooth", taken)
+        fold_into(
+            graph, prod, _smooth_params(prod) or [], divided_by(s), lambda v, _i: f"{v.name}_smooth", taken
+        )
         for r, w in zip(readers, ws):
             transb = r.op_type == "Gemm" and r.attributes.get_int("transB", 0)
             scaled = w * (s[None, :] if transb else s[:, None])  # type: ignore[index]
-            r.replace_input_with(1, new_initializer(graph, f"{r.inputs[1].name}_smooth", scaled.astype(w.dtype), taken))
+            r.replace_input_with(
+                1, new_initializer(graph, f"{r.inputs[1].name}_smooth", scaled.astype(w.dtype), taken)
+            )
         run.count("smooth_quant_sites")
     return ("smooth", alpha, tuple(names)), True
 
@@ -99,8 +115,11 @@ def _smooth_reason(prod: ir.Node, ln_out: ir.Value, x: ir.Value, graph: ir.Graph
     params = _smooth_params(prod)
     if params is None:
         return f"producer {prod.op_type} has no per-channel constant scale to fold into"
-    if prod.op_type != "Mul" and prod.attributes.get_int("axis", -1) != -1 and not (
-            ln_out.shape is not None and prod.attributes.get_int("axis", -1) == len(ln_out.shape) - 1):
+    if (
+        prod.op_type != "Mul"
+        and prod.attributes.get_int("axis", -1) != -1
+        and not (ln_out.shape is not None and prod.attributes.get_int("axis", -1) == len(ln_out.shape) - 1)
+    ):
         return f"{prod.op_type} does not normalize the last axis"
     if len(prod.outputs) > 1 and any(o is not None and o.consumers() for o in prod.outputs[1:]):
         return f"{prod.op_type}'s extra outputs are used"

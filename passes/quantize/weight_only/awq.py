@@ -23,8 +23,15 @@ from .sites import FLOAT_DTYPES, Site
 __all__ = ["awq", "awq_fold"]
 
 
-def awq(model: ir.Model, sites: list[Site], by_key: dict[tuple[int, bool], list[Site]], data: Any,
-        taken: set[str], o: WeightOnlyOptions, details: dict[str, Any]) -> None:
+def awq(
+    model: ir.Model,
+    sites: list[Site],
+    by_key: dict[tuple[int, bool], list[Site]],
+    data: Any,
+    taken: set[str],
+    o: WeightOnlyOptions,
+    details: dict[str, Any],
+) -> None:
     """Scale the weights of every group of sites sharing an input whose division folds (see
     :func:`awq_fold`), with the alpha that cuts the group's output error on the kept calibration
     rows by at least ``awq_min_gain``."""
@@ -70,13 +77,16 @@ def awq(model: ir.Model, sites: list[Site], by_key: dict[tuple[int, bool], list[
         for key in keys:
             for site in by_key[key]:
                 site.w = (site.w.astype(np.float32) * scale[None, :]).astype(site.w.dtype)
-        fold_into(model.graph, node, indices, divided_by(scale), lambda v, _i: f"{v.name or 'norm'}_awq", taken)
+        fold_into(
+            model.graph, node, indices, divided_by(scale), lambda v, _i: f"{v.name or 'norm'}_awq", taken
+        )
     details["awq_folded"] = sum(a > 0 for a in alphas)
     details["awq_alphas"] = alphas
 
 
-def _search(x: np.ndarray, mean: np.ndarray, weights: list[Site], o: WeightOnlyOptions
-            ) -> tuple[float, np.ndarray]:
+def _search(
+    x: np.ndarray, mean: np.ndarray, weights: list[Site], o: WeightOnlyOptions
+) -> tuple[float, np.ndarray]:
     """The exponent (of ``awq_grid`` in [0, 1]) and channel scale with the least output error
     ``|x·(W − dequantized(W·s)/s)|²`` over ``weights`` (one site per distinct weight); alpha 0
     unless the best one gains at least ``awq_min_gain``."""
@@ -88,8 +98,14 @@ def _search(x: np.ndarray, mean: np.ndarray, weights: list[Site], o: WeightOnlyO
         loss = 0.0
         for first in weights:
             w = first.w.astype(np.float32)
-            qw = quantize_rtn(w * scale[None, :], o.bits, o.block_size, o.symmetric,
-                              FLOAT_DTYPES[first.dtype], o.scale_search)
+            qw = quantize_rtn(
+                w * scale[None, :],
+                o.bits,
+                o.block_size,
+                o.symmetric,
+                FLOAT_DTYPES[first.dtype],
+                o.scale_search,
+            )
             d = (dequantize(qw) / scale[None, :] - w).T
             loss += float(np.sum(np.square(x @ d)))
         if plain is None:
@@ -103,8 +119,9 @@ def _search(x: np.ndarray, mean: np.ndarray, weights: list[Site], o: WeightOnlyO
     return alpha, scale
 
 
-def awq_fold(group: list[Site], by_key: dict[tuple[int, bool], list[Site]]
-             ) -> tuple[tuple[ir.Node, list[int]] | None, str]:
+def awq_fold(
+    group: list[Site], by_key: dict[tuple[int, bool], list[Site]]
+) -> tuple[tuple[ir.Node, list[int]] | None, str]:
     """Where ``x / s`` folds exactly for sites sharing input ``x``: the node making ``x`` (through
     Reshapes that keep the last axis K) and the inputs of it to divide by ``s`` along the last axis —
     a norm's scale (and bias), or a Mul's constant per-channel operand (a decomposed RMSNorm) — or

@@ -18,8 +18,16 @@ import numpy as np
 
 from .._common.gptq import gptq_inverse_factor, gptq_sweep
 
-__all__ = ["SEARCH_RATIOS", "QuantizedWeight", "block_params", "dequantize", "gptq_quantize", "pack_blocks",
-           "quantize_rtn", "unpack_blocks"]
+__all__ = [
+    "SEARCH_RATIOS",
+    "QuantizedWeight",
+    "block_params",
+    "dequantize",
+    "gptq_quantize",
+    "pack_blocks",
+    "quantize_rtn",
+    "unpack_blocks",
+]
 
 
 @dataclasses.dataclass
@@ -50,8 +58,9 @@ def _pad_k(w: np.ndarray, block_size: int) -> np.ndarray:
 SEARCH_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
-def block_params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32,
-                 search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def block_params(
+    blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any = np.float32, search: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-block scale and zero point (as float32 arrays ``blocks.shape[:-1]``) for values in the
     last axis; the scale is rounded to its storage dtype first so ``q`` matches what ORT dequantizes.
 
@@ -65,8 +74,11 @@ def block_params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: An
         s, z = _block_params(blocks, bits, symmetric, scale_dtype, r)
         e = _block_error(blocks, s, z, bits)
         better = e < best_e
-        best_s, best_z, best_e = (np.where(better, s, best_s), np.where(better, z, best_z),
-                                  np.where(better, e, best_e))
+        best_s, best_z, best_e = (
+            np.where(better, s, best_s),
+            np.where(better, z, best_z),
+            np.where(better, e, best_e),
+        )
     return best_s, best_z
 
 
@@ -75,8 +87,9 @@ def _block_error(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: in
     return np.sum(np.square((q - zp[..., None]) * scale[..., None] - blocks), axis=-1)
 
 
-def _block_params(blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any, ratio: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _block_params(
+    blocks: np.ndarray, bits: int, symmetric: bool, scale_dtype: Any, ratio: float
+) -> tuple[np.ndarray, np.ndarray]:
     maxq = (1 << bits) - 1
     if symmetric:
         half = float(1 << (bits - 1))
@@ -100,8 +113,14 @@ def _levels(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.n
     return np.clip(np.round(w / scale) + zp, 0, (1 << bits) - 1)
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                 scale_dtype: Any = np.float32, search: bool = False) -> QuantizedWeight:
+def quantize_rtn(
+    w: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    scale_dtype: Any = np.float32,
+    search: bool = False,
+) -> QuantizedWeight:
     """Round-to-nearest block quantization of ``w [N, K]`` (``search``: see :func:`block_params`)."""
     n, k = w.shape
     blocks = _pad_k(w.astype(np.float32), block_size).reshape(n, -1, block_size)
@@ -112,15 +131,28 @@ def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool,
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
     """``W [N, K]`` (float32) as ORT reconstructs it from ``qw``."""
-    zp = (np.float32(1 << (qw.bits - 1)) if qw.zero_points is None
-          else qw.zero_points.astype(np.float32)[..., None])
+    zp = (
+        np.float32(1 << (qw.bits - 1))
+        if qw.zero_points is None
+        else qw.zero_points.astype(np.float32)[..., None]
+    )
     w = (qw.q.astype(np.float32) - zp) * qw.scales.astype(np.float32)[..., None]
     return w.reshape(w.shape[0], -1)[:, : qw.k]
 
 
-def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symmetric: bool, *,
-                  damp: float = 0.01, act_order: bool = False, scale_dtype: Any = np.float32,
-                  search: bool = False, lazy: int = 128) -> QuantizedWeight:
+def gptq_quantize(
+    w: np.ndarray,
+    h: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    scale_dtype: Any = np.float32,
+    search: bool = False,
+    lazy: int = 128,
+) -> QuantizedWeight:
     """GPTQ of ``w [N, K]`` given ``h = sum X^T X [K, K]`` (float64 inside; deterministic).
 
     Scales of a block are chosen from the block's error-updated weights when its first column is
@@ -138,8 +170,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
     W[:, dead] = 0.0
     static = None
     if act_order:
-        s0, z0 = block_params(W.reshape(n, nb, block_size).astype(np.float32), bits, symmetric, scale_dtype,
-                              search)
+        s0, z0 = block_params(
+            W.reshape(n, nb, block_size).astype(np.float32), bits, symmetric, scale_dtype, search
+        )
         static = (s0.astype(np.float64), z0.astype(np.float64))
         perm = np.argsort(-np.diag(H), kind="stable")
     else:
@@ -159,8 +192,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
         if static is None:
             g = col // block_size
             if col % block_size == 0:
-                s, z = block_params(window[:, i : i + block_size].astype(np.float32), bits, symmetric,
-                                    scale_dtype, search)
+                s, z = block_params(
+                    window[:, i : i + block_size].astype(np.float32), bits, symmetric, scale_dtype, search
+                )
                 scales[:, g], zps[:, g] = s, z
         else:
             g = perm[col] // block_size
@@ -173,7 +207,9 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, bits: int, block_size: int, symm
     inv = np.argsort(perm)
     Q = Q[:, inv]
     qz = None if symmetric else zps.astype(np.uint8)
-    return QuantizedWeight(Q.reshape(n, nb, block_size).astype(np.uint8), scales.astype(scale_dtype), qz, bits, k)
+    return QuantizedWeight(
+        Q.reshape(n, nb, block_size).astype(np.uint8), scales.astype(scale_dtype), qz, bits, k
+    )
 
 
 def pack_blocks(q: np.ndarray, bits: int) -> np.ndarray:

@@ -25,8 +25,9 @@ __all__ = ["hessian_groups", "prefix_model"]
 Key = tuple[int, bool]
 
 
-def hessian_groups(model: ir.Model, by_key: dict[Key, list[Site]], data: Any, o: WeightOnlyOptions,
-                   details: dict[str, Any]) -> Iterator[tuple[list[Key], dict[Key, np.ndarray], int]]:
+def hessian_groups(
+    model: ir.Model, by_key: dict[Key, list[Site]], data: Any, o: WeightOnlyOptions, details: dict[str, Any]
+) -> Iterator[tuple[list[Key], dict[Key, np.ndarray], int]]:
     """Yield groups of weight keys with their Hessians and the run's calibration tokens; each
     group's Hessians fit the memory budget and cost one calibration run (no data: one group, no
     Hessians). The caller rewrites a group's weights before asking for the next one, so a later
@@ -52,8 +53,9 @@ def hessian_groups(model: ir.Model, by_key: dict[Key, list[Site]], data: Any, o:
                 if nm and nm not in names:
                     names.append(nm)
         run_on = prefix_model(model, names) if len(groups) > 1 else model
-        acc, tokens = accumulate_hessians(run_on, names, data, limit=o.calibration_batches,
-                                          description=f"gptq {gi + 1}/{len(groups)}")
+        acc, tokens = accumulate_hessians(
+            run_on, names, data, limit=o.calibration_batches, description=f"gptq {gi + 1}/{len(groups)}"
+        )
         if not acc:
             raise PipelineError("quantize-weight-only: the calibration data has no batches")
         details.setdefault("calibration_tokens", tokens)
@@ -61,8 +63,9 @@ def hessian_groups(model: ir.Model, by_key: dict[Key, list[Site]], data: Any, o:
         for key in group:
             consumers = list(dict.fromkeys(s.node.inputs[0].name for s in by_key[key]))
             if all(n in acc for n in consumers):  # an unnamed activation: RTN for this weight
-                hess[key] = acc[consumers[0]] if len(consumers) == 1 else np.sum(
-                    [acc[n] for n in consumers], axis=0)
+                hess[key] = (
+                    acc[consumers[0]] if len(consumers) == 1 else np.sum([acc[n] for n in consumers], axis=0)
+                )
         del acc
         yield group, hess, tokens
 
@@ -110,15 +113,32 @@ def prefix_model(model: ir.Model, names: list[str]) -> ir.Model:
                     return model
                 inits.append(copy(i))
             ins.append(None if i is None else vmap[id(i)])
-        new = ir.Node(node.domain, node.op_type, ins, attributes=list(node.attributes.values()),
-                      overload=node.overload, num_outputs=len(node.outputs), version=node.version, name=node.name)
+        new = ir.Node(
+            node.domain,
+            node.op_type,
+            ins,
+            attributes=list(node.attributes.values()),
+            overload=node.overload,
+            num_outputs=len(node.outputs),
+            version=node.version,
+            name=node.name,
+        )
         for o, no in zip(node.outputs, new.outputs):
             no.name, no.shape, no.type = o.name, o.shape, o.type
             vmap[id(o)] = no
         nodes.append(new)
     outputs = [vmap[id(by_name[n])] for n in names]
-    pruned = ir.Graph(inputs, outputs, nodes=nodes, initializers=inits,
-                      opset_imports=dict(graph.opset_imports), name=graph.name)
-    return ir.Model(pruned, ir_version=model.ir_version, producer_name=model.producer_name,
-                    functions=list(model.functions.values()))
-
+    pruned = ir.Graph(
+        inputs,
+        outputs,
+        nodes=nodes,
+        initializers=inits,
+        opset_imports=dict(graph.opset_imports),
+        name=graph.name,
+    )
+    return ir.Model(
+        pruned,
+        ir_version=model.ir_version,
+        producer_name=model.producer_name,
+        functions=list(model.functions.values()),
+    )

@@ -20,50 +20,89 @@ def _doc(text: str) -> dict[str, str]:
 class WeightOnlyOptions(CommonOptions):
     """Options of ``quantize-weight-only``."""
 
-    bits: int = dataclasses.field(default=4, metadata=_doc("weight bits: 4 (mode int4) or 8 (mode int8-weight)"))
+    bits: int = dataclasses.field(
+        default=4, metadata=_doc("weight bits: 4 (mode int4) or 8 (mode int8-weight)")
+    )
     block_size: int = dataclasses.field(
-        default=32, metadata=_doc("weights per scale along K: a power of two >= 16 (smaller = more accurate)"))
+        default=32, metadata=_doc("weights per scale along K: a power of two >= 16 (smaller = more accurate)")
+    )
     symmetric: bool = dataclasses.field(
-        default=True, metadata=_doc("True: no zero points; False: per-block zero points (asymmetric)"))
+        default=True, metadata=_doc("True: no zero points; False: per-block zero points (asymmetric)")
+    )
     accuracy_level: int = dataclasses.field(
-        default=4, metadata=_doc("MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute "
-                                 "(fastest on CPU)"))
+        default=4,
+        metadata=_doc(
+            "MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute (fastest on CPU)"
+        ),
+    )
     method: Literal["auto", "rtn", "gptq", "awq", "awq-gptq"] = dataclasses.field(
-        default="auto", metadata=_doc("rtn (no data); with calibration data: gptq, awq (scales folded into the "
-                                      "preceding norm, then rtn), awq-gptq (both); auto: gptq with data else rtn"))
+        default="auto",
+        metadata=_doc(
+            "rtn (no data); with calibration data: gptq, awq (scales folded into the "
+            "preceding norm, then rtn), awq-gptq (both); auto: gptq with data else rtn"
+        ),
+    )
     min_size: int = dataclasses.field(
-        default=4096, metadata=_doc("leave weights with fewer than this many elements (K*N) in float"))
+        default=4096, metadata=_doc("leave weights with fewer than this many elements (K*N) in float")
+    )
     quantize_embeddings: bool = dataclasses.field(
-        default=True, metadata=_doc("Gather on a [vocab, hidden] constant -> GatherBlockQuantized"))
+        default=True, metadata=_doc("Gather on a [vocab, hidden] constant -> GatherBlockQuantized")
+    )
     lm_head: bool = dataclasses.field(
-        default=True, metadata=_doc("quantize a MatMul/Gemm whose result is a graph output (the LM head); "
-                                    "False keeps it float"))
+        default=True,
+        metadata=_doc(
+            "quantize a MatMul/Gemm whose result is a graph output (the LM head); False keeps it float"
+        ),
+    )
     damp: float = dataclasses.field(
-        default=0.01, metadata=_doc("gptq: dampening added to H's diagonal, as a fraction of its mean"))
+        default=0.01, metadata=_doc("gptq: dampening added to H's diagonal, as a fraction of its mean")
+    )
     gptq_min_tokens: float = dataclasses.field(
-        default=1.0, metadata=_doc("gptq: calibration tokens needed per input channel (K); a weight with fewer "
-                                   "gets RTN (its X^T X is rank-deficient and GPTQ would overfit)"))
+        default=1.0,
+        metadata=_doc(
+            "gptq: calibration tokens needed per input channel (K); a weight with fewer "
+            "gets RTN (its X^T X is rank-deficient and GPTQ would overfit)"
+        ),
+    )
     act_order: bool = dataclasses.field(
-        default=False, metadata=_doc("gptq: quantize columns by decreasing H diagonal (static groups)"))
+        default=False, metadata=_doc("gptq: quantize columns by decreasing H diagonal (static groups)")
+    )
     scale_search: bool = dataclasses.field(
-        default=False, metadata=_doc("per block, try clipping the range (ratios 1.0..0.75) and keep the scale "
-                                    "with the least rounding error; False: plain full-range RTN"))
+        default=False,
+        metadata=_doc(
+            "per block, try clipping the range (ratios 1.0..0.75) and keep the scale "
+            "with the least rounding error; False: plain full-range RTN"
+        ),
+    )
     calibration_batches: int | None = dataclasses.field(
-        default=None, metadata=_doc("gptq: use at most this many calibration batches (None: all)"))
+        default=None, metadata=_doc("gptq: use at most this many calibration batches (None: all)")
+    )
     sequential: bool = dataclasses.field(
-        default=True, metadata=_doc("gptq: calibrate the weights of each input activation on the model with the "
-                                    "earlier weights already quantized (one calibration run each; False: one "
-                                    "run, all from the float model)"))
+        default=True,
+        metadata=_doc(
+            "gptq: calibrate the weights of each input activation on the model with the "
+            "earlier weights already quantized (one calibration run each; False: one "
+            "run, all from the float model)"
+        ),
+    )
     awq_grid: int = dataclasses.field(
-        default=11, metadata=_doc("awq: exponents tried for the channel scales, evenly in [0, 1] (0 = no scaling)"))
+        default=11,
+        metadata=_doc("awq: exponents tried for the channel scales, evenly in [0, 1] (0 = no scaling)"),
+    )
     awq_tokens: int = dataclasses.field(
-        default=512, metadata=_doc("awq: calibration rows kept per activation to score the exponents"))
+        default=512, metadata=_doc("awq: calibration rows kept per activation to score the exponents")
+    )
     awq_min_gain: float = dataclasses.field(
-        default=0.05, metadata=_doc("awq: keep a layer unscaled unless scaling cuts its output error on the kept "
-                                    "rows by at least this fraction"))
+        default=0.05,
+        metadata=_doc(
+            "awq: keep a layer unscaled unless scaling cuts its output error on the kept "
+            "rows by at least this fraction"
+        ),
+    )
     hessian_memory_mb: int = dataclasses.field(
-        default=1024, metadata=_doc("gptq: Hessians held at once (float64); more weights = more calibration runs"))
-
+        default=1024,
+        metadata=_doc("gptq: Hessians held at once (float64); more weights = more calibration runs"),
+    )
 
 
 def check_options(o: WeightOnlyOptions) -> None:
@@ -72,8 +111,9 @@ def check_options(o: WeightOnlyOptions) -> None:
         raise PipelineError(f"quantize-weight-only: bits must be 4 or 8, got {o.bits}")
     bs = o.block_size
     if bs < 16 or bs & (bs - 1):
-        raise PipelineError(f"quantize-weight-only: block_size must be a power of two >= 16 (16, 32, 64, 128), "
-                            f"got {bs}")
+        raise PipelineError(
+            f"quantize-weight-only: block_size must be a power of two >= 16 (16, 32, 64, 128), got {bs}"
+        )
     if o.accuracy_level not in (0, 1, 2, 3, 4):
         raise PipelineError(f"quantize-weight-only: accuracy_level must be 0..4, got {o.accuracy_level}")
     if o.min_size < 0:
@@ -82,4 +122,3 @@ def check_options(o: WeightOnlyOptions) -> None:
         raise PipelineError(f"quantize-weight-only: damp must be in [0, 1), got {o.damp}")
     if o.calibration_batches is not None and o.calibration_batches < 1:
         raise PipelineError("quantize-weight-only: calibration_batches must be >= 1 (or None for all)")
-

@@ -91,8 +91,10 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         method = self.options.method
         data = self.calibration_data() if method != "rtn" and has_sites else None
         if method != "auto" and method != "rtn" and data is None:
-            raise PipelineError(f"quantize-weight-only: method={method} needs calibration data; pass "
-                                "calibration=... (an .npz or a list of feed dicts) or use method=rtn")
+            raise PipelineError(
+                f"quantize-weight-only: method={method} needs calibration data; pass "
+                "calibration=... (an .npz or a list of feed dicts) or use method=rtn"
+            )
         if method == "auto":
             method = "gptq" if data is not None else "rtn"
         return method, data
@@ -129,9 +131,17 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                     h, how = None, f"rtn (gptq: {tokens} calibration tokens < {o.gptq_min_tokens:g}*K={k})"
                     self.count("gptq_fallback_rtn")
                 if h is not None:
-                    qw = gptq_quantize(first.w, h, o.bits, o.block_size, o.symmetric,
-                                       damp=o.damp, act_order=o.act_order, scale_dtype=sdt,
-                                       search=o.scale_search)
+                    qw = gptq_quantize(
+                        first.w,
+                        h,
+                        o.bits,
+                        o.block_size,
+                        o.symmetric,
+                        damp=o.damp,
+                        act_order=o.act_order,
+                        scale_dtype=sdt,
+                        search=o.scale_search,
+                    )
                 else:
                     qw = quantize_rtn(first.w, o.bits, o.block_size, o.symmetric, sdt, o.scale_search)
                 weights.append(error_row(first, qw, h))

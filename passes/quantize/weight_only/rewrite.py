@@ -17,8 +17,9 @@ from .sites import Site
 __all__ = ["drop_unused", "error_row", "initializers", "rewrite_gather", "rewrite_matmul"]
 
 
-def initializers(graph: ir.Graph, qw: QuantizedWeight, base: str, taken: set[str]
-                 ) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+def initializers(
+    graph: ir.Graph, qw: QuantizedWeight, base: str, taken: set[str]
+) -> tuple[ir.Value, ir.Value, ir.Value | None]:
     """The packed levels, scales and (asymmetric) packed zero points of ``qw`` as initializers."""
     n, nb, _ = qw.q.shape
     packed = pack_blocks(qw.q, qw.bits)
@@ -30,8 +31,14 @@ def initializers(graph: ir.Graph, qw: QuantizedWeight, base: str, taken: set[str
     return b, s, z
 
 
-def rewrite_matmul(graph: ir.Graph, site: Site, qw: QuantizedWeight,
-                   inits: tuple[ir.Value, ir.Value, ir.Value | None], taken: set[str], accuracy_level: int) -> None:
+def rewrite_matmul(
+    graph: ir.Graph,
+    site: Site,
+    qw: QuantizedWeight,
+    inits: tuple[ir.Value, ir.Value, ir.Value | None],
+    taken: set[str],
+    accuracy_level: int,
+) -> None:
     """Replace ``site.node`` by MatMulNBits on the weight's initializers ``inits``."""
     node = site.node
     b, s, z = inits
@@ -43,16 +50,26 @@ def rewrite_matmul(graph: ir.Graph, site: Site, qw: QuantizedWeight,
         inputs.pop()
     n, k = site.w.shape
     new = ir.Node(
-        MS_DOMAIN, "MatMulNBits", inputs,
-        attributes=[ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", qw.bits),
-                    ir.AttrInt64("block_size", qw.block_size),
-                    ir.AttrInt64("accuracy_level", accuracy_level)],
-        num_outputs=1, name=node.name, version=1,
+        MS_DOMAIN,
+        "MatMulNBits",
+        inputs,
+        attributes=[
+            ir.AttrInt64("K", k),
+            ir.AttrInt64("N", n),
+            ir.AttrInt64("bits", qw.bits),
+            ir.AttrInt64("block_size", qw.block_size),
+            ir.AttrInt64("accuracy_level", accuracy_level),
+        ],
+        num_outputs=1,
+        name=node.name,
+        version=1,
     )
     _replace(graph, node, new)
 
 
-def rewrite_gather(graph: ir.Graph, node: ir.Node, w: np.ndarray, taken: set[str], o: WeightOnlyOptions) -> None:
+def rewrite_gather(
+    graph: ir.Graph, node: ir.Node, w: np.ndarray, taken: set[str], o: WeightOnlyOptions
+) -> None:
     """Replace an embedding Gather by GatherBlockQuantized on the RTN-quantized table ``w``."""
     qw = quantize_rtn(w, o.bits, o.block_size, o.symmetric, w.dtype.type, o.scale_search)
     v, h = w.shape
@@ -61,12 +78,22 @@ def rewrite_gather(graph: ir.Graph, node: ir.Node, w: np.ndarray, taken: set[str
     scales = new_initializer(graph, f"{base}_scales", qw.scales, taken)
     inputs: list[ir.Value | None] = [data, node.inputs[1], scales]
     if qw.zero_points is not None:
-        inputs.append(new_initializer(graph, f"{base}_zero_points", pack_blocks(qw.zero_points, o.bits), taken))
+        inputs.append(
+            new_initializer(graph, f"{base}_zero_points", pack_blocks(qw.zero_points, o.bits), taken)
+        )
     new = ir.Node(
-        MS_DOMAIN, "GatherBlockQuantized", inputs,
-        attributes=[ir.AttrInt64("bits", o.bits), ir.AttrInt64("block_size", o.block_size),
-                    ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1)],
-        num_outputs=1, name=node.name, version=1,
+        MS_DOMAIN,
+        "GatherBlockQuantized",
+        inputs,
+        attributes=[
+            ir.AttrInt64("bits", o.bits),
+            ir.AttrInt64("block_size", o.block_size),
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+        ],
+        num_outputs=1,
+        name=node.name,
+        version=1,
     )
     _replace(graph, node, new)
 
@@ -91,13 +118,18 @@ def error_row(site: Site, qw: QuantizedWeight, h: np.ndarray | None) -> dict[str
     n, k = site.w.shape
     w = site.w.astype(np.float64)
     d = dequantize(qw).astype(np.float64) - w
-    row: dict[str, Any] = {"weight": site.node.inputs[1].name or "", "K": int(k), "N": int(n),
-                           "nodes": len(site.node.inputs[1].uses()),
-                           "rel_error": round(float(np.sum(d * d) / max(np.sum(w * w), 1e-30)), 8)}
+    row: dict[str, Any] = {
+        "weight": site.node.inputs[1].name or "",
+        "K": int(k),
+        "N": int(n),
+        "nodes": len(site.node.inputs[1].uses()),
+        "rel_error": round(float(np.sum(d * d) / max(np.sum(w * w), 1e-30)), 8),
+    }
     if h is not None:
         e = np.diag(h)
-        row["act_weighted_error"] = round(float(np.sum(e * np.sum(d * d, axis=0)) /
-                                                max(float(np.sum(e * np.sum(w * w, axis=0))), 1e-30)), 8)
+        row["act_weighted_error"] = round(
+            float(np.sum(e * np.sum(d * d, axis=0)) / max(float(np.sum(e * np.sum(w * w, axis=0))), 1e-30)), 8
+        )
     return row
 
 

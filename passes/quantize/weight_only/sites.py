@@ -101,4 +101,3 @@ def gather_table(o: WeightOnlyOptions, node: ir.Node) -> tuple[np.ndarray | None
     if w.size < o.min_size:
         return None, f"too small ({w.shape[0]}x{w.shape[1]} < min_size {o.min_size})"
     return w, ""
-

@@ -32,21 +32,33 @@ def parse(text: str) -> onnx.ModelProto:
     return proto
 
 
-def make(nodes: list[onnx.NodeProto], inputs: list[tuple[str, int, list[Any]]], outputs: list[tuple[str, int, Any]],
-         inits: dict[str, np.ndarray], opset: int) -> onnx.ModelProto:
+def make(
+    nodes: list[onnx.NodeProto],
+    inputs: list[tuple[str, int, list[Any]]],
+    outputs: list[tuple[str, int, Any]],
+    inits: dict[str, np.ndarray],
+    opset: int,
+) -> onnx.ModelProto:
     """A model from onnx.helper pieces (for dtypes the text parser cannot write, e.g. float16)."""
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
         [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
-        [numpy_helper.from_array(a, n) for n, a in inits.items()])
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
-def fuse(proto: onnx.ModelProto, feeds: dict[str, Any] | None, pipeline: str,
-         rtol: float = RTOL, atol: float = ATOL) -> tuple[ir.Model, dict[str, int]]:
+def fuse(
+    proto: onnx.ModelProto,
+    feeds: dict[str, Any] | None,
+    pipeline: str,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> tuple[ir.Model, dict[str, int]]:
     """Run ``pipeline``; compare ORT outputs with the original's (when feeds are given)."""
     result = graphopt.optimize(graphopt.load(proto), pipeline=pipeline, verify_each=True)
     if feeds is not None:
@@ -97,8 +109,15 @@ ADD_CASES = [
 ]
 
 
-def chain_model(first: str, second: str, c1: str = "float c1 = {1.7}", c2: str = "float[1] c2 = {-0.3}",
-                x_type: str = "float[2, 3]", extra: str = "", outputs: str = "float[2, 3] y") -> onnx.ModelProto:
+def chain_model(
+    first: str,
+    second: str,
+    c1: str = "float c1 = {1.7}",
+    c2: str = "float[1] c2 = {-0.3}",
+    x_type: str = "float[2, 3]",
+    extra: str = "",
+    outputs: str = "float[2, 3] y",
+) -> onnx.ModelProto:
     return parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g ({x_type} x) => ({outputs}) <{c1}, {c2}> {{
@@ -117,7 +136,8 @@ def test_constant_chain_merges_into_one_node(first: str, second: str, merged: st
 
 
 def test_long_chain_merges_multiplicative_and_additive_parts_separately() -> None:
-    m, stats = fuse(parse("""
+    m, stats = fuse(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x) => (float[2, 3] y) <float a = {2.0}, float b = {3.0}, float[1, 1] c = {0.5}> {
             t1 = Mul (x, a)
@@ -126,32 +146,43 @@ def test_long_chain_merges_multiplicative_and_additive_parts_separately() -> Non
             t4 = Add (t3, a)
             t5 = Sub (t4, b)
             y = Sub (c, t5)
-        }"""), x_feed((2, 3)), CHAIN)
+        }"""),
+        x_feed((2, 3)),
+        CHAIN,
+    )
     assert ops(m) == ["Mul", "Sub"]
     assert stats == {"mul-chain": 2, "add-chain": 2}
 
 
 def test_chain_of_identical_vector_constants_merges_without_knowing_x_rank() -> None:
-    m, _ = fuse(parse("""
+    m, _ = fuse(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 3] x) => (float[N, 3] y) <float[3] a = {1.0, 2.0, 3.0}, float[3] b = {0.5, 0.25, 4.0}> {
             v = Mul (x, a)
             y = Mul (v, b)
-        }"""), x_feed((2, 3)), CHAIN)
+        }"""),
+        x_feed((2, 3)),
+        CHAIN,
+    )
     assert ops(m) == ["Mul"]
     const = m.graph.node(0).inputs[1].const_value.numpy()
     np.testing.assert_array_equal(const, np.float32([0.5, 0.5, 12.0]))
 
 
 def test_constant_chain_keeps_graph_output_name_and_subgraph_chains_use_constant_nodes() -> None:
-    m, stats = fuse(parse("""
+    m, stats = fuse(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3] x, bool cond) => (float[2, 3] y) <float a = {2.0}, float b = {4.0}> {
             y = If (cond) <
                 then_branch = t () => (float[2, 3] ty) { tv = Mul (x, a)  ty = Mul (tv, b) },
                 else_branch = e () => (float[2, 3] ey) { ey = Sub (x, a) }
             >
-        }"""), {**x_feed((2, 3)), "cond": np.array(True)}, CHAIN)
+        }"""),
+        {**x_feed((2, 3)), "cond": np.array(True)},
+        CHAIN,
+    )
     assert stats == {"mul-chain": 1}
     then = m.graph.node(0).attributes["then_branch"].as_graph()
     assert [n.op_type for n in then] == ["Constant", "Mul"] and then.outputs[0].name == "ty"
@@ -159,9 +190,13 @@ def test_constant_chain_keeps_graph_output_name_and_subgraph_chains_use_constant
 
 def _f16_chain(c1: float, c2: float, dtype: Any, first: str = "Mul", second: str = "Mul") -> onnx.ModelProto:
     t = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    return make([helper.make_node(first, ["x", "c1"], ["v"]), helper.make_node(second, ["v", "c2"], ["y"])],
-                [("x", t, [2, 3])], [("y", t, [2, 3])],
-                {"c1": np.array(c1, dtype), "c2": np.array(c2, dtype)}, 17)
+    return make(
+        [helper.make_node(first, ["x", "c1"], ["v"]), helper.make_node(second, ["v", "c2"], ["y"])],
+        [("x", t, [2, 3])],
+        [("y", t, [2, 3])],
+        {"c1": np.array(c1, dtype), "c2": np.array(c2, dtype)},
+        17,
+    )
 
 
 def test_float16_chain_merged_constant_is_computed_in_float32_and_rounded_once() -> None:
@@ -170,31 +205,61 @@ def test_float16_chain_merged_constant_is_computed_in_float32_and_rounded_once()
     assert ops(m) == ["Mul"] and m.graph.node(0).inputs[1].const_value.numpy() == np.float16(0.5)
     m, _ = fuse(_f16_chain(0.1, 3.0, np.float16, "Div"), None, CHAIN)
     got = m.graph.node(0).inputs[1].const_value.numpy()
-    assert got.dtype == np.float16 and got == np.float16(np.float32(np.float16(3.0)) / np.float32(np.float16(0.1)))
+    assert got.dtype == np.float16 and got == np.float16(
+        np.float32(np.float16(3.0)) / np.float32(np.float16(0.1))
+    )
 
 
 def test_bfloat16_chain_is_merged_in_its_own_dtype() -> None:
-    m, _ = fuse(_f16_chain(3.0, 0.5, ml_dtypes.bfloat16), None, CHAIN)  # ORT CPU has no bf16 Mul: structure only
+    m, _ = fuse(
+        _f16_chain(3.0, 0.5, ml_dtypes.bfloat16), None, CHAIN
+    )  # ORT CPU has no bf16 Mul: structure only
     const = m.graph.node(0).inputs[1].const_value.numpy()
     assert ops(m) == ["Mul"] and const.dtype == ml_dtypes.bfloat16 and float(const) == 1.5
 
 
-@pytest.mark.parametrize(("why", "model"), [
-    ("intermediate has another consumer", chain_model(
-        "Mul (x, c1)", "Mul (v, c2)", extra="z = Relu (v)", outputs="float[2, 3] y, float[2, 3] z")),
-    ("intermediate is a graph output", chain_model(
-        "Mul (x, c1)", "Mul (v, c2)", outputs="float[2, 3] y, float[2, 3] v")),
-    ("integer division does not compose", chain_model(
-        "Div (x, c1)", "Div (v, c2)", "int64 c1 = {2}", "int64 c2 = {2}", x_type="int64[2, 3]",
-        outputs="int64[2, 3] y")),
-    ("constants of different shapes, not both single elements", chain_model(
-        "Mul (x, c1)", "Mul (v, c2)", "float[3] c1 = {1.0, 2.0, 3.0}", "float[1] c2 = {2.0}")),
-    ("single-element constant of higher rank than x", chain_model(
-        "Mul (x, c1)", "Mul (v, c2)", "float[1, 1, 1] c1 = {2.0}", "float c2 = {3.0}",
-        outputs="float[1, 2, 3] y")),
-    ("zero constant", chain_model("Div (x, c1)", "Mul (v, c2)", "float c1 = {0.0}")),
-    ("additive after multiplicative", chain_model("Mul (x, c1)", "Add (v, c2)")),
-])
+@pytest.mark.parametrize(
+    ("why", "model"),
+    [
+        (
+            "intermediate has another consumer",
+            chain_model(
+                "Mul (x, c1)", "Mul (v, c2)", extra="z = Relu (v)", outputs="float[2, 3] y, float[2, 3] z"
+            ),
+        ),
+        (
+            "intermediate is a graph output",
+            chain_model("Mul (x, c1)", "Mul (v, c2)", outputs="float[2, 3] y, float[2, 3] v"),
+        ),
+        (
+            "integer division does not compose",
+            chain_model(
+                "Div (x, c1)",
+                "Div (v, c2)",
+                "int64 c1 = {2}",
+                "int64 c2 = {2}",
+                x_type="int64[2, 3]",
+                outputs="int64[2, 3] y",
+            ),
+        ),
+        (
+            "constants of different shapes, not both single elements",
+            chain_model("Mul (x, c1)", "Mul (v, c2)", "float[3] c1 = {1.0, 2.0, 3.0}", "float[1] c2 = {2.0}"),
+        ),
+        (
+            "single-element constant of higher rank than x",
+            chain_model(
+                "Mul (x, c1)",
+                "Mul (v, c2)",
+                "float[1, 1, 1] c1 = {2.0}",
+                "float c2 = {3.0}",
+                outputs="float[1, 2, 3] y",
+            ),
+        ),
+        ("zero constant", chain_model("Div (x, c1)", "Mul (v, c2)", "float c1 = {0.0}")),
+        ("additive after multiplicative", chain_model("Mul (x, c1)", "Add (v, c2)")),
+    ],
+)
 def test_constant_chain_refuses(why: str, model: onnx.ModelProto) -> None:
     x_type = model.graph.input[0].type.tensor_type
     if x_type.elem_type == TensorProto.INT64:
@@ -214,15 +279,22 @@ def test_constant_chain_refuses_when_x_rank_is_not_declared() -> None:
     result = graphopt.optimize(graphopt.load(proto), pipeline=CHAIN)
     assert dict(result.report.passes[-1].stats) == {}
     feeds = x_feed((2, 3))
-    assert_same(run(proto.SerializeToString(), feeds), run(graphopt.to_bytes(result.model), feeds), RTOL, ATOL,
-                where=CHAIN)
+    assert_same(
+        run(proto.SerializeToString(), feeds),
+        run(graphopt.to_bytes(result.model), feeds),
+        RTOL,
+        ATOL,
+        where=CHAIN,
+    )
 
 
 def test_constant_chain_refuses_overflowing_merged_constant_and_overridable_initializer() -> None:
     _, stats = fuse(_f16_chain(300.0, 300.0, np.float16), None, CHAIN)  # 90000 > fp16 max
     assert stats == {}
     proto = chain_model("Mul (x, c1)", "Mul (v, c2)")
-    proto.graph.input.append(helper.make_tensor_value_info("c1", TensorProto.FLOAT, []))  # a caller may feed c1
+    proto.graph.input.append(
+        helper.make_tensor_value_info("c1", TensorProto.FLOAT, [])
+    )  # a caller may feed c1
     _, stats = fuse(proto, x_feed((2, 3)), CHAIN)
     assert stats == {}
 
@@ -234,10 +306,21 @@ def test_constant_chain_refuses_overflowing_merged_constant_and_overridable_init
 NORM = "fuse-normalization"
 
 
-def ln_model(*, opset: int = 18, squared: str = "Mul (d, d)", normalize: str = "Div (d, sd)",
-             scale: str = "Mul (n, s)", bias: str | None = "Add (ns, b)", axes1: str = "-1", axes2: str = "-1",
-             inits: str = "float[4] s = {1.0, 2.0, 3.0, 4.0}, float[4] b = {0.1, 0.2, 0.3, 0.4}",
-             eps: str = "eps", extra_inputs: str = "", extra: str = "", extra_outputs: str = "") -> onnx.ModelProto:
+def ln_model(
+    *,
+    opset: int = 18,
+    squared: str = "Mul (d, d)",
+    normalize: str = "Div (d, sd)",
+    scale: str = "Mul (n, s)",
+    bias: str | None = "Add (ns, b)",
+    axes1: str = "-1",
+    axes2: str = "-1",
+    inits: str = "float[4] s = {1.0, 2.0, 3.0, 4.0}, float[4] b = {0.1, 0.2, 0.3, 0.4}",
+    eps: str = "eps",
+    extra_inputs: str = "",
+    extra: str = "",
+    extra_outputs: str = "",
+) -> onnx.ModelProto:
     if opset >= 18:
         rm1, rm2 = "ReduceMean (x, ax1)", "ReduceMean (dd, ax2)"
         axes = f", int64[1] ax1 = {{{axes1}}}, int64[1] ax2 = {{{axes2}}}"
@@ -263,14 +346,17 @@ def ln_model(*, opset: int = 18, squared: str = "Mul (d, d)", normalize: str = "
         }}""")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),
-    dict(opset=17),  # ReduceMean axes as attribute
-    dict(axes1="2", opset=17),  # last axis written as a positive index
-    dict(squared="Pow (d, two)", normalize="Mul (d, r)"),
-    dict(scale="Mul (s, n)", bias="Add (b, ns)"),
-    dict(bias=None),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(opset=17),  # ReduceMean axes as attribute
+        dict(axes1="2", opset=17),  # last axis written as a positive index
+        dict(squared="Pow (d, two)", normalize="Mul (d, r)"),
+        dict(scale="Mul (s, n)", bias="Add (b, ns)"),
+        dict(bias=None),
+    ],
+)
 def test_layer_norm_decomposition_fuses(variant: dict[str, Any]) -> None:
     m, stats = fuse(ln_model(**variant), x_feed(), NORM)
     assert ops(m) == ["LayerNormalization"]
@@ -281,9 +367,13 @@ def test_layer_norm_decomposition_fuses(variant: dict[str, Any]) -> None:
 
 
 def test_layer_norm_over_two_trailing_axes_sets_axis() -> None:
-    proto = ln_model(inits="float[3, 4] s = {1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.}, float[3, 4] b = "
-                           "{0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.1}", opset=17, axes1="-2, -1",
-                     axes2="1, 2")
+    proto = ln_model(
+        inits="float[3, 4] s = {1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.}, float[3, 4] b = "
+        "{0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.1}",
+        opset=17,
+        axes1="-2, -1",
+        axes2="1, 2",
+    )
     m, _ = fuse(proto, x_feed(), NORM)
     assert ops(m) == ["LayerNormalization"] and m.graph.node(0).attributes["axis"].as_int() == -2
 
@@ -291,15 +381,30 @@ def test_layer_norm_over_two_trailing_axes_sets_axis() -> None:
 def test_layer_norm_fp16_with_float32_casts_keeps_the_casts() -> None:
     f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
     n = helper.make_node
-    proto = make([
-        n("Cast", ["x"], ["xf"], to=f32),
-        n("ReduceMean", ["xf", "ax"], ["m"]), n("Sub", ["xf", "m"], ["d"]), n("Mul", ["d", "d"], ["dd"]),
-        n("ReduceMean", ["dd", "ax"], ["v"]), n("Add", ["v", "eps"], ["ve"]), n("Sqrt", ["ve"], ["sd"]),
-        n("Div", ["d", "sd"], ["nrm"]), n("Mul", ["nrm", "s"], ["ns"]), n("Add", ["ns", "b"], ["yf"]),
-        n("Cast", ["yf"], ["y"], to=f16),
-    ], [("x", f16, [2, 3, 4])], [("y", f16, [2, 3, 4])],
-        {"ax": np.array([-1]), "eps": np.float32(1e-5), "s": np.float32([1, 2, 3, 4]),
-         "b": np.float32([0.1, 0.2, 0.3, 0.4])}, 18)
+    proto = make(
+        [
+            n("Cast", ["x"], ["xf"], to=f32),
+            n("ReduceMean", ["xf", "ax"], ["m"]),
+            n("Sub", ["xf", "m"], ["d"]),
+            n("Mul", ["d", "d"], ["dd"]),
+            n("ReduceMean", ["dd", "ax"], ["v"]),
+            n("Add", ["v", "eps"], ["ve"]),
+            n("Sqrt", ["ve"], ["sd"]),
+            n("Div", ["d", "sd"], ["nrm"]),
+            n("Mul", ["nrm", "s"], ["ns"]),
+            n("Add", ["ns", "b"], ["yf"]),
+            n("Cast", ["yf"], ["y"], to=f16),
+        ],
+        [("x", f16, [2, 3, 4])],
+        [("y", f16, [2, 3, 4])],
+        {
+            "ax": np.array([-1]),
+            "eps": np.float32(1e-5),
+            "s": np.float32([1, 2, 3, 4]),
+            "b": np.float32([0.1, 0.2, 0.3, 0.4]),
+        },
+        18,
+    )
     m, _ = fuse(proto, x_feed(dtype=np.float16), NORM)
     assert ops(m) == ["Cast", "LayerNormalization", "Cast"]
 
@@ -320,17 +425,25 @@ def _pow_model(exponent: float) -> onnx.ModelProto:
         }}""")
 
 
-@pytest.mark.parametrize(("why", "model"), [
-    ("the two ReduceMeans reduce different axes", ln_model(axes2="1")),
-    ("epsilon is not a constant", ln_model(eps="e", extra_inputs=", float e")),
-    ("the deviation has another consumer", ln_model(extra="z = Relu (d)", extra_outputs=", float[2, 3, 4] z")),
-    ("the variance is a graph output", ln_model(extra_outputs=", float[2, 3, 1] v")),
-    ("scale broadcasts over a non-normalized axis", ln_model(
-        inits="float[3, 1] s = {1.0, 2.0, 3.0}, float[4] b = {0.1, 0.2, 0.3, 0.4}", bias=None)),
-    ("not the trailing axis", ln_model(axes1="1", axes2="1", bias=None)),
-    ("Pow exponent is not exactly 2", _pow_model(2.0001)),
-    ("opset 16 has no LayerNormalization", ln_model(opset=16)),
-])
+@pytest.mark.parametrize(
+    ("why", "model"),
+    [
+        ("the two ReduceMeans reduce different axes", ln_model(axes2="1")),
+        ("epsilon is not a constant", ln_model(eps="e", extra_inputs=", float e")),
+        (
+            "the deviation has another consumer",
+            ln_model(extra="z = Relu (d)", extra_outputs=", float[2, 3, 4] z"),
+        ),
+        ("the variance is a graph output", ln_model(extra_outputs=", float[2, 3, 1] v")),
+        (
+            "scale broadcasts over a non-normalized axis",
+            ln_model(inits="float[3, 1] s = {1.0, 2.0, 3.0}, float[4] b = {0.1, 0.2, 0.3, 0.4}", bias=None),
+        ),
+        ("not the trailing axis", ln_model(axes1="1", axes2="1", bias=None)),
+        ("Pow exponent is not exactly 2", _pow_model(2.0001)),
+        ("opset 16 has no LayerNormalization", ln_model(opset=16)),
+    ],
+)
 def test_layer_norm_refuses(why: str, model: onnx.ModelProto) -> None:
     feeds = x_feed()
     if any(i.name == "e" for i in model.graph.input):
@@ -342,8 +455,11 @@ def test_layer_norm_refuses(why: str, model: onnx.ModelProto) -> None:
 
 def test_layer_norm_residual_add_is_not_taken_as_bias() -> None:
     # onnxscript's LayerNormBiasFusion alone would make the [2, 3, 4] residual the op's bias.
-    m, stats = fuse(ln_model(bias="Add (ns, res)", extra_inputs=", float[2, 3, 4] res"),
-                    {**x_feed(), "res": x_feed()["x"]}, NORM)
+    m, stats = fuse(
+        ln_model(bias="Add (ns, res)", extra_inputs=", float[2, 3, 4] res"),
+        {**x_feed(), "res": x_feed()["x"]},
+        NORM,
+    )
     assert stats == {"layer-norm": 1}
     assert ops(m) == ["LayerNormalization", "Add"] and len(m.graph.node(0).inputs) == 2
 
@@ -351,12 +467,22 @@ def test_layer_norm_residual_add_is_not_taken_as_bias() -> None:
 def test_layer_norm_fp16_without_casts_is_refused() -> None:
     f16 = TensorProto.FLOAT16
     n = helper.make_node
-    proto = make([
-        n("ReduceMean", ["x", "ax"], ["m"]), n("Sub", ["x", "m"], ["d"]), n("Mul", ["d", "d"], ["dd"]),
-        n("ReduceMean", ["dd", "ax"], ["v"]), n("Add", ["v", "eps"], ["ve"]), n("Sqrt", ["ve"], ["sd"]),
-        n("Div", ["d", "sd"], ["nrm"]), n("Mul", ["nrm", "s"], ["y"]),
-    ], [("x", f16, [2, 3, 4])], [("y", f16, [2, 3, 4])],
-        {"ax": np.array([-1]), "eps": np.float16(1e-5), "s": np.float16([1, 2, 3, 4])}, 18)
+    proto = make(
+        [
+            n("ReduceMean", ["x", "ax"], ["m"]),
+            n("Sub", ["x", "m"], ["d"]),
+            n("Mul", ["d", "d"], ["dd"]),
+            n("ReduceMean", ["dd", "ax"], ["v"]),
+            n("Add", ["v", "eps"], ["ve"]),
+            n("Sqrt", ["ve"], ["sd"]),
+            n("Div", ["d", "sd"], ["nrm"]),
+            n("Mul", ["nrm", "s"], ["y"]),
+        ],
+        [("x", f16, [2, 3, 4])],
+        [("y", f16, [2, 3, 4])],
+        {"ax": np.array([-1]), "eps": np.float16(1e-5), "s": np.float16([1, 2, 3, 4])},
+        18,
+    )
     _, stats = fuse(proto, x_feed(dtype=np.float16), NORM)
     assert stats == {}
 
@@ -365,9 +491,19 @@ def test_layer_norm_fp16_without_casts_is_refused() -> None:
 # fuse-normalization: RMSNormalization
 
 
-def rms_model(*, opset: int = 23, squared: str = "Pow (x, two)", normalize: str = "Mul (x, r)",
-              scale: str = "Mul (n, s)", s: str = "float[4] s = {1.0, 2.0, 3.0, 4.0}", eps: str = "eps",
-              extra_inputs: str = "", axes: str = "-1", extra: str = "", extra_outputs: str = "") -> onnx.ModelProto:
+def rms_model(
+    *,
+    opset: int = 23,
+    squared: str = "Pow (x, two)",
+    normalize: str = "Mul (x, r)",
+    scale: str = "Mul (n, s)",
+    s: str = "float[4] s = {1.0, 2.0, 3.0, 4.0}",
+    eps: str = "eps",
+    extra_inputs: str = "",
+    axes: str = "-1",
+    extra: str = "",
+    extra_outputs: str = "",
+) -> onnx.ModelProto:
     recip = "r = Reciprocal (sd)" if "r" in normalize.split("(")[1] or "(r)" in extra else ""
     return parse(f"""
         <ir_version: 10, opset_import: ["" : {opset}]>
@@ -384,12 +520,15 @@ def rms_model(*, opset: int = 23, squared: str = "Pow (x, two)", normalize: str 
         }}""")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),
-    dict(squared="Mul (x, x)", normalize="Div (x, sd)"),
-    dict(normalize="Mul (r, x)", scale="Mul (s, n)"),
-    dict(axes="2"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(squared="Mul (x, x)", normalize="Div (x, sd)"),
+        dict(normalize="Mul (r, x)", scale="Mul (s, n)"),
+        dict(axes="2"),
+    ],
+)
 def test_rms_norm_decomposition_fuses(variant: dict[str, Any]) -> None:
     m, stats = fuse(rms_model(**variant), x_feed(), NORM)
     assert ops(m) == ["RMSNormalization"] and stats == {"rms-norm": 1}
@@ -400,17 +539,28 @@ def _llama_rms_fp16(cast_back: bool = True) -> onnx.ModelProto:
     """Llama's RMSNorm: fp16 → Cast(float32) → … → Cast(fp16) → weight · normalized."""
     f16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
     n = helper.make_node
-    nodes = [n("Cast", ["x"], ["xf"], to=f32), n("Pow", ["xf", "two"], ["p"]), n("ReduceMean", ["p", "ax"], ["v"]),
-             n("Add", ["v", "eps"], ["ve"]), n("Sqrt", ["ve"], ["sd"]), n("Reciprocal", ["sd"], ["r"]),
-             n("Mul", ["xf", "r"], ["nf"])]
+    nodes = [
+        n("Cast", ["x"], ["xf"], to=f32),
+        n("Pow", ["xf", "two"], ["p"]),
+        n("ReduceMean", ["p", "ax"], ["v"]),
+        n("Add", ["v", "eps"], ["ve"]),
+        n("Sqrt", ["ve"], ["sd"]),
+        n("Reciprocal", ["sd"], ["r"]),
+        n("Mul", ["xf", "r"], ["nf"]),
+    ]
     if cast_back:
         nodes += [n("Cast", ["nf"], ["nh"], to=f16), n("Mul", ["s", "nh"], ["y"])]
         s, out = np.float16([1, 2, 3, 4]), f16
     else:
         nodes += [n("Mul", ["s", "nf"], ["y"])]
         s, out = np.float32([1, 2, 3, 4]), f32
-    return make(nodes, [("x", f16, [2, 3, 4])], [("y", out, [2, 3, 4])],
-                {"two": np.float32(2), "ax": np.array([-1]), "eps": np.float32(1e-6), "s": s}, 23)
+    return make(
+        nodes,
+        [("x", f16, [2, 3, 4])],
+        [("y", out, [2, 3, 4])],
+        {"two": np.float32(2), "ax": np.array([-1]), "eps": np.float32(1e-6), "s": s},
+        23,
+    )
 
 
 def test_rms_norm_llama_fp16_form_with_both_casts_fuses() -> None:
@@ -419,16 +569,22 @@ def test_rms_norm_llama_fp16_form_with_both_casts_fuses() -> None:
     assert m.graph.node(0).attributes["stash_type"].as_int() == TensorProto.FLOAT
 
 
-@pytest.mark.parametrize(("why", "model"), [
-    # onnxscript's RmsNormFusion fuses this into RMSNormalization(fp16 x, float scale), which
-    # ONNX Runtime rejects ("Type parameter (T) of Optype (Mul) bound to different types").
-    ("up-cast without the cast back", _llama_rms_fp16(cast_back=False)),
-    ("scale of another shape than the normalized one", rms_model(s="float[3, 1] s = {1.0, 2.0, 3.0}")),
-    ("epsilon is not a constant", rms_model(eps="e", extra_inputs=", float e")),
-    ("reciprocal has another consumer", rms_model(extra="z = Relu (r)", extra_outputs=", float[2, 3, 1] z")),
-    ("reduction over a non-trailing axis", rms_model(axes="1", s="float[4] s = {1.0, 2.0, 3.0, 4.0}")),
-    ("opset 22 has no RMSNormalization", rms_model(opset=22)),
-])
+@pytest.mark.parametrize(
+    ("why", "model"),
+    [
+        # onnxscript's RmsNormFusion fuses this into RMSNormalization(fp16 x, float scale), which
+        # ONNX Runtime rejects ("Type parameter (T) of Optype (Mul) bound to different types").
+        ("up-cast without the cast back", _llama_rms_fp16(cast_back=False)),
+        ("scale of another shape than the normalized one", rms_model(s="float[3, 1] s = {1.0, 2.0, 3.0}")),
+        ("epsilon is not a constant", rms_model(eps="e", extra_inputs=", float e")),
+        (
+            "reciprocal has another consumer",
+            rms_model(extra="z = Relu (r)", extra_outputs=", float[2, 3, 1] z"),
+        ),
+        ("reduction over a non-trailing axis", rms_model(axes="1", s="float[4] s = {1.0, 2.0, 3.0, 4.0}")),
+        ("opset 22 has no RMSNormalization", rms_model(opset=22)),
+    ],
+)
 def test_rms_norm_refuses(why: str, model: onnx.ModelProto) -> None:
     is16 = model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     feeds = x_feed(dtype=np.float16 if is16 else np.float32)
@@ -447,9 +603,17 @@ ACT = "fuse-activations"
 SQRT2 = math.sqrt(2.0)
 
 
-def erf_model(arg: str = "Div (x, k)", k: float = SQRT2, tail: str = "h = Mul (x, c)\n y = Mul (h, a)",
-              opset: int = 20, add: str = "Add (e, one)", extra: str = "", extra_outputs: str = "",
-              x_type: str = "float[2, 3, 4]", c: str = "float c = {0.5}") -> onnx.ModelProto:
+def erf_model(
+    arg: str = "Div (x, k)",
+    k: float = SQRT2,
+    tail: str = "h = Mul (x, c)\n y = Mul (h, a)",
+    opset: int = 20,
+    add: str = "Add (e, one)",
+    extra: str = "",
+    extra_outputs: str = "",
+    x_type: str = "float[2, 3, 4]",
+    c: str = "float c = {0.5}",
+) -> onnx.ModelProto:
     return parse(f"""
         <ir_version: 9, opset_import: ["" : {opset}]>
         g ({x_type} x) => ({x_type} y{extra_outputs}) <float k = {{{k!r}}}, float one = {{1.0}}, {c}, float two = {{2.0}}> {{
@@ -461,22 +625,29 @@ def erf_model(arg: str = "Div (x, k)", k: float = SQRT2, tail: str = "h = Mul (x
         }}""")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),  # (x·½)·(1+erf(x/√2))
-    dict(tail="h = Mul (x, a)\n y = Mul (h, c)"),  # (x·(1+erf))·½
-    dict(tail="h = Mul (c, a)\n y = Mul (x, h)"),  # x·(½·(1+erf))
-    dict(tail="h = Mul (a, x)\n y = Div (h, two)"),  # x·(1+erf)/2
-    dict(arg="Mul (x, k)", k=1 / SQRT2, add="Add (one, e)"),  # x·0.7071…, 1 first
-    dict(arg="Mul (k, x)", k=0.7071067811865476, tail="h = Mul (x, a)\n y = Mul (c, h)"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),  # (x·½)·(1+erf(x/√2))
+        dict(tail="h = Mul (x, a)\n y = Mul (h, c)"),  # (x·(1+erf))·½
+        dict(tail="h = Mul (c, a)\n y = Mul (x, h)"),  # x·(½·(1+erf))
+        dict(tail="h = Mul (a, x)\n y = Div (h, two)"),  # x·(1+erf)/2
+        dict(arg="Mul (x, k)", k=1 / SQRT2, add="Add (one, e)"),  # x·0.7071…, 1 first
+        dict(arg="Mul (k, x)", k=0.7071067811865476, tail="h = Mul (x, a)\n y = Mul (c, h)"),
+    ],
+)
 def test_gelu_erf_forms_fuse(variant: dict[str, Any]) -> None:
     m, stats = fuse(erf_model(**variant), x_feed(), ACT)
     assert ops(m) == ["Gelu"] and stats == {"gelu-erf": 1}
     assert m.graph.node(0).attributes["approximate"].as_string() == "none"
 
 
-def tanh_model(cube: str = "Pow (x, three)", tail: str = "h = Mul (x, half)\n y = Mul (h, a)",
-               c3: float = 0.044715, opset: int = 20) -> onnx.ModelProto:
+def tanh_model(
+    cube: str = "Pow (x, three)",
+    tail: str = "h = Mul (x, half)\n y = Mul (h, a)",
+    c3: float = 0.044715,
+    opset: int = 20,
+) -> onnx.ModelProto:
     return parse(f"""
         <ir_version: 9, opset_import: ["" : {opset}]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y)
@@ -493,25 +664,37 @@ def tanh_model(cube: str = "Pow (x, three)", tail: str = "h = Mul (x, half)\n y 
         }}""")
 
 
-@pytest.mark.parametrize("variant", [
-    dict(),  # GPT-2's association: (0.5·x)·(1 + tanh(…))
-    dict(cube="Mul (xx, x)"),
-    dict(cube="Mul (x, xx)", tail="h = Mul (a, x)\n y = Mul (half, h)"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),  # GPT-2's association: (0.5·x)·(1 + tanh(…))
+        dict(cube="Mul (xx, x)"),
+        dict(cube="Mul (x, xx)", tail="h = Mul (a, x)\n y = Mul (half, h)"),
+    ],
+)
 def test_gelu_tanh_forms_fuse(variant: dict[str, Any]) -> None:
     m, stats = fuse(tanh_model(**variant), x_feed(), ACT)
     assert ops(m) == ["Gelu"] and stats == {"gelu-tanh": 1}
     assert m.graph.node(0).attributes["approximate"].as_string() == "tanh"
 
 
-@pytest.mark.parametrize(("why", "model"), [
-    ("1/√2 off by more than 1e-5 relative", erf_model(arg="Mul (x, k)", k=0.707)),
-    ("0.044715 off by more than 1e-5 relative", tanh_model(c3=0.0447)),
-    ("Pow exponent not exactly 3", tanh_model(cube="Pow (x, c3)")),
-    ("erf output has another consumer", erf_model(extra="z = Relu (e)", extra_outputs=", float[2, 3, 4] z")),
-    ("½ as a rank-2 constant broadcasts a rank-1 x", erf_model(x_type="float[4]", c="float[1, 1] c = {0.5}")),
-    ("opset 19 has no Gelu", erf_model(opset=19)),
-])
+@pytest.mark.parametrize(
+    ("why", "model"),
+    [
+        ("1/√2 off by more than 1e-5 relative", erf_model(arg="Mul (x, k)", k=0.707)),
+        ("0.044715 off by more than 1e-5 relative", tanh_model(c3=0.0447)),
+        ("Pow exponent not exactly 3", tanh_model(cube="Pow (x, c3)")),
+        (
+            "erf output has another consumer",
+            erf_model(extra="z = Relu (e)", extra_outputs=", float[2, 3, 4] z"),
+        ),
+        (
+            "½ as a rank-2 constant broadcasts a rank-1 x",
+            erf_model(x_type="float[4]", c="float[1, 1] c = {0.5}"),
+        ),
+        ("opset 19 has no Gelu", erf_model(opset=19)),
+    ],
+)
 def test_gelu_refuses(why: str, model: onnx.ModelProto) -> None:
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     if why.startswith("½ as a rank-2"):
@@ -526,7 +709,8 @@ def test_gelu_refuses(why: str, model: onnx.ModelProto) -> None:
 
 
 def test_hard_swish_and_hard_sigmoid_fuse() -> None:
-    m, stats = fuse(parse("""
+    m, stats = fuse(
+        parse("""
         <ir_version: 8, opset_import: ["" : 14]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[2, 3, 4] z)
         <float three = {3.0}, float zero = {0.0}, float six = {6.0}> {
@@ -537,14 +721,20 @@ def test_hard_swish_and_hard_sigmoid_fuse() -> None:
             a2 = Add (three, x)
             c2 = Clip (a2, zero, six)
             z = Div (c2, six)
-        }"""), x_feed(low=-5, high=5), ACT)
+        }"""),
+        x_feed(low=-5, high=5),
+        ACT,
+    )
     assert sorted(ops(m)) == ["HardSigmoid", "HardSwish"] and stats == {"hard-swish": 2}
 
 
-@pytest.mark.parametrize(("why", "x_type", "three"), [
-    ("no double HardSwish kernel in ONNX Runtime", "double[2, 3, 4]", "double three = {3.0}"),
-    ("constant broadcasts x to a larger rank", "float[4]", "float[1, 1] three = {3.0}"),
-])
+@pytest.mark.parametrize(
+    ("why", "x_type", "three"),
+    [
+        ("no double HardSwish kernel in ONNX Runtime", "double[2, 3, 4]", "double three = {3.0}"),
+        ("constant broadcasts x to a larger rank", "float[4]", "float[1, 1] three = {3.0}"),
+    ],
+)
 def test_hard_swish_refuses(why: str, x_type: str, three: str) -> None:
     dt = x_type.split("[")[0]
     proto = parse(f"""
@@ -562,7 +752,8 @@ def test_hard_swish_refuses(why: str, x_type: str, three: str) -> None:
 
 
 def test_relu_and_clip_chains_merge_with_their_ranges_intersected() -> None:
-    m, stats = fuse(parse("""
+    m, stats = fuse(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y1, float[2, 3, 4] y2, float[2, 3, 4] y3, float[2, 3, 4] y4)
         <float lo = {-1.0}, float hi = {6.0}, float lo2 = {0.5}, float hi2 = {4.0}> {
@@ -574,14 +765,18 @@ def test_relu_and_clip_chains_merge_with_their_ranges_intersected() -> None:
             y3 = Clip (r2, lo, hi)
             c3 = Clip (x, lo, hi)
             y4 = Clip (c3, lo2, hi2)
-        }"""), x_feed(low=-8, high=8), ACT)
+        }"""),
+        x_feed(low=-8, high=8),
+        ACT,
+    )
     assert sorted(ops(m)).count("Clip") == 3 and ops(m).count("Relu") == 1
     assert stats == {"relu-relu": 1, "clip-chains": 3}
 
 
 def test_two_clip_chains_on_the_same_input_stay_valid() -> None:
     # onnxscript names the merged bounds "{x}_min"/"{x}_max": the second chain collides (invalid model).
-    m, stats = fuse(parse("""
+    m, stats = fuse(
+        parse("""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y1, float[2, 3, 4] y2)
         <float a0 = {0.0}, float a6 = {6.0}, float b1 = {1.0}, float b5 = {5.0}> {
@@ -589,43 +784,65 @@ def test_two_clip_chains_on_the_same_input_stay_valid() -> None:
             y1 = Relu (c1)
             c2 = Clip (x, b1, b5)
             y2 = Relu (c2)
-        }"""), x_feed(low=-8, high=8), ACT)
+        }"""),
+        x_feed(low=-8, high=8),
+        ACT,
+    )
     assert stats == {"clip-chains": 2}
 
 
-@pytest.mark.parametrize(("why", "text"), [
-    # Relu(Clip(x, -5, -1)) is 0; a merged Clip(x, 0, -1) would return -1 (ONNX Clip gives max if min > max).
-    ("ranges do not intersect", """<ir_version: 8, opset_import: ["" : 17]>
+@pytest.mark.parametrize(
+    ("why", "text"),
+    [
+        # Relu(Clip(x, -5, -1)) is 0; a merged Clip(x, 0, -1) would return -1 (ONNX Clip gives max if min > max).
+        (
+            "ranges do not intersect",
+            """<ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y) <float lo = {-5.0}, float hi = {-1.0}> {
             c = Clip (x, lo, hi)
             y = Relu (c)
-        }"""),
-    ("opset 10 Clip keeps its bounds in attributes", """<ir_version: 8, opset_import: ["" : 10]>
+        }""",
+        ),
+        (
+            "opset 10 Clip keeps its bounds in attributes",
+            """<ir_version: 8, opset_import: ["" : 10]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
             c = Clip <min = -1.0, max = 2.0> (x)
             y = Relu (c)
-        }"""),
-    ("bounds not constant", """<ir_version: 8, opset_import: ["" : 17]>
+        }""",
+        ),
+        (
+            "bounds not constant",
+            """<ir_version: 8, opset_import: ["" : 17]>
         g (float[2, 3, 4] x, float hi) => (float[2, 3, 4] y) <float lo = {-1.0}> {
             c = Clip (x, lo, hi)
             y = Relu (c)
-        }"""),
-])
+        }""",
+        ),
+    ],
+)
 def test_clip_chain_refuses(why: str, text: str) -> None:
     proto = parse(text)
-    feeds = {**x_feed(low=-8, high=8), **({"hi": np.array(2.0, np.float32)} if len(proto.graph.input) > 1 else {})}
+    feeds = {
+        **x_feed(low=-8, high=8),
+        **({"hi": np.array(2.0, np.float32)} if len(proto.graph.input) > 1 else {}),
+    }
     _, stats = fuse(proto, feeds, ACT)
     assert stats == {}, why
 
 
 @pytest.mark.parametrize("opset", [23, 24])
 def test_silu_becomes_swish_only_where_the_opset_has_it(opset: int) -> None:
-    m, stats = fuse(parse(f"""
+    m, stats = fuse(
+        parse(f"""
         <ir_version: 10, opset_import: ["" : {opset}]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y) {{
             s = Sigmoid (x)
             y = Mul (s, x)
-        }}"""), x_feed(), ACT)
+        }}"""),
+        x_feed(),
+        ACT,
+    )
     assert ops(m) == (["Swish"] if opset >= 24 else ["Sigmoid", "Mul"])
 
 
@@ -651,7 +868,9 @@ def cleaned() -> dict[str, onnx.ModelProto]:
 
 
 def test_gpt2_tanh_gelu_fuses_once_per_layer(cleaned: dict[str, onnx.ModelProto]) -> None:
-    m, stats = fuse(cleaned["gpt2"], _token_feeds(), "fuse-constant-chains,fuse-normalization,fuse-activations")
+    m, stats = fuse(
+        cleaned["gpt2"], _token_feeds(), "fuse-constant-chains,fuse-normalization,fuse-activations"
+    )
     assert stats == {"gelu-tanh": 2}
     assert ops(m).count("Gelu") == 2 and "Tanh" not in ops(m)
 

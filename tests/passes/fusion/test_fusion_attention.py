@@ -34,23 +34,41 @@ def parse(text: str) -> onnx.ModelProto:
 
 def counts(model: ir.Model) -> collections.Counter[tuple[str, str]]:
     return collections.Counter(
-        (n.domain if n.domain != "ai.onnx" else "", n.op_type) for n in ir.traversal.RecursiveGraphIterator(model.graph))
+        (n.domain if n.domain != "ai.onnx" else "", n.op_type)
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
 
 
 def optimize(proto: onnx.ModelProto, pipeline: str, feeds: dict[str, Any]) -> graphopt.OptimizeResult:
     """Run ``pipeline`` with the checker after each pass; outputs must match the original's."""
     result = graphopt.optimize(graphopt.load(proto), pipeline=pipeline, verify_each=True)
-    assert_same(run(proto.SerializeToString(), feeds), run(graphopt.to_bytes(result.model), feeds),
-                1e-5, ATOL, where=pipeline)
+    assert_same(
+        run(proto.SerializeToString(), feeds),
+        run(graphopt.to_bytes(result.model), feeds),
+        1e-5,
+        ATOL,
+        where=pipeline,
+    )
     return result
 
 
-def sdpa_text(*, opset: int = 23, scale: str = "c = Constant <value = float {0.35}> ()", scores: str = "Mul (s, c)",
-              axis: int = -1, key: str = f"float[{B},{H},{S},{D}] k", key_t: str = "Transpose <perm = [0, 1, 3, 2]> (k)",
-              mask: str = f"float[{B},1,{S},{S}] m", masked: str = "Add (ss, m)", extra_in: str = "",
-              extra_out: str = "") -> str:
+def sdpa_text(
+    *,
+    opset: int = 23,
+    scale: str = "c = Constant <value = float {0.35}> ()",
+    scores: str = "Mul (s, c)",
+    axis: int = -1,
+    key: str = f"float[{B},{H},{S},{D}] k",
+    key_t: str = "Transpose <perm = [0, 1, 3, 2]> (k)",
+    mask: str = f"float[{B},1,{S},{S}] m",
+    masked: str = "Add (ss, m)",
+    extra_in: str = "",
+    extra_out: str = "",
+) -> str:
     """MatMul(Q, Kᵀ) · c + mask → Softmax → MatMul(·, V), with the piece under test swapped in."""
-    inputs = ", ".join(x for x in (f"float[{B},{H},{S},{D}] q", key, f"float[{B},{H},{S},{D}] v", mask, extra_in) if x)
+    inputs = ", ".join(
+        x for x in (f"float[{B},{H},{S},{D}] q", key, f"float[{B},{H},{S},{D}] v", mask, extra_in) if x
+    )
     outputs = ", ".join(x for x in (f"float[{B},{H},{S},{D}] y", extra_out) if x)
     return f"""
         <ir_version: 10, opset_import: ["" : {opset}]>
@@ -93,8 +111,11 @@ def test_every_layer_becomes_standard_attention(kind: str) -> None:
     assert c[("", "Attention")] == L, c
     assert c[("", "Softmax")] == 0, c
     assert not [k for k in c if k[0] != ""], c  # no com.microsoft, no ai.onnxruntime._fusion
-    assert all(n.metadata_props.get("graphopt.rule") == "fuse-attention/sdpa-attention"
-               for n in result.model.graph if n.op_type == "Attention")
+    assert all(
+        n.metadata_props.get("graphopt.rule") == "fuse-attention/sdpa-attention"
+        for n in result.model.graph
+        if n.op_type == "Attention"
+    )
     rows = {r.name: r for r in result.report.passes}
     assert rows["fuse-attention"].stats == {"sdpa-attention": L}
     _check_outputs(model, result.model, _feeds(kind, built))  # padded attention masks
@@ -104,14 +125,18 @@ def test_every_layer_becomes_standard_attention(kind: str) -> None:
 # Hand-built: what fires and what must not
 
 
-@pytest.mark.parametrize("case", [
-    dict(),
-    dict(mask="", masked=""),
-    dict(scale="c = Constant <value = float {2.0}> ()", scores="Div (s, c)"),
-    dict(mask=f"float[{S},{S}] m"),
-    dict(mask=f"float[1,{H},{S},{S}] m"),
-    dict(key=f"float[{B},{S},{H},{D}] k", key_t="Transpose <perm = [0, 2, 3, 1]> (k)"),  # BSHd key
-], ids=["mask", "no-mask", "div-scale", "mask-2d", "mask-per-head", "key-bshd"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(mask="", masked=""),
+        dict(scale="c = Constant <value = float {2.0}> ()", scores="Div (s, c)"),
+        dict(mask=f"float[{S},{S}] m"),
+        dict(mask=f"float[1,{H},{S},{S}] m"),
+        dict(key=f"float[{B},{S},{H},{D}] k", key_t="Transpose <perm = [0, 2, 3, 1]> (k)"),  # BSHd key
+    ],
+    ids=["mask", "no-mask", "div-scale", "mask-2d", "mask-per-head", "key-bshd"],
+)
 def test_sdpa_fuses(case: dict[str, str]) -> None:
     proto = parse(sdpa_text(**case))
     result = optimize(proto, "fuse-attention", feeds_for(proto))
@@ -122,22 +147,33 @@ def test_sdpa_fuses(case: dict[str, str]) -> None:
     assert attn.attributes.get_float("scale") == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("case", [
-    # the score scale is a graph input, not a constant
-    dict(scale="", extra_in="float c"),
-    # Softmax over the query axis, or a positive axis that is not the last
-    dict(axis=2),
-    dict(axis=1),
-    # the attention weights are also a graph output
-    dict(extra_out=f"float[{B},{H},{S},{S}] p"),
-    # Attention scales Q and K by sqrt(scale): a negative scale cannot be expressed
-    dict(scale="c = Constant <value = float {-0.35}> ()"),
-    # a mask that broadcasts over the query axis (ONNX Runtime's kernel rejects it) or that
-    # broadcasts the scores to a larger shape
-    dict(mask=f"float[{B},1,1,{S}] m"),
-    dict(mask=f"float[3,{B},{H},{S},{S}] m"),
-], ids=["non-constant-scale", "softmax-axis-2", "softmax-axis-1", "weights-used", "negative-scale",
-        "mask-broadcast-query", "mask-rank-5"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # the score scale is a graph input, not a constant
+        dict(scale="", extra_in="float c"),
+        # Softmax over the query axis, or a positive axis that is not the last
+        dict(axis=2),
+        dict(axis=1),
+        # the attention weights are also a graph output
+        dict(extra_out=f"float[{B},{H},{S},{S}] p"),
+        # Attention scales Q and K by sqrt(scale): a negative scale cannot be expressed
+        dict(scale="c = Constant <value = float {-0.35}> ()"),
+        # a mask that broadcasts over the query axis (ONNX Runtime's kernel rejects it) or that
+        # broadcasts the scores to a larger shape
+        dict(mask=f"float[{B},1,1,{S}] m"),
+        dict(mask=f"float[3,{B},{H},{S},{S}] m"),
+    ],
+    ids=[
+        "non-constant-scale",
+        "softmax-axis-2",
+        "softmax-axis-1",
+        "weights-used",
+        "negative-scale",
+        "mask-broadcast-query",
+        "mask-rank-5",
+    ],
+)
 def test_lookalikes_stay(case: dict[str, str]) -> None:
     text = sdpa_text(**case)
     if case.get("mask", "").startswith("float[3,"):  # Add broadcasts the scores, so y, to rank 5

@@ -34,8 +34,13 @@ def parse(text: str, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     return proto
 
 
-def fuse(proto: onnx.ModelProto, feeds: dict[str, Any], rules: str | None = None,
-         rtol: float = RTOL, atol: float = ATOL) -> tuple[ir.Model, dict[str, int]]:
+def fuse(
+    proto: onnx.ModelProto,
+    feeds: dict[str, Any],
+    rules: str | None = None,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+) -> tuple[ir.Model, dict[str, int]]:
     """Run ``fuse-ort`` (only ``rules`` when given); compare ORT outputs with the original's."""
     pipeline = f"fuse-ort(rules=[{rules}])" if rules else "fuse-ort"
     result = graphopt.optimize(graphopt.load(proto), pipeline=pipeline, verify_each=True)
@@ -57,7 +62,9 @@ def node(model: ir.Model, op_type: str) -> ir.Node:
     return found
 
 
-def feed(shape: tuple[int, ...], name: str = "x", dtype: Any = np.float32, scale: float = 3.0) -> dict[str, Any]:
+def feed(
+    shape: tuple[int, ...], name: str = "x", dtype: Any = np.float32, scale: float = 3.0
+) -> dict[str, Any]:
     return {name: (RNG.standard_normal(shape) * scale).astype(dtype)}
 
 
@@ -89,7 +96,9 @@ GELU_FORMS = {
 }
 
 
-def gelu_model(body: str, tanh_arg: str = TANH_ARG, dtype: str = "float", extra_out: str = "") -> onnx.ModelProto:
+def gelu_model(
+    body: str, tanh_arg: str = TANH_ARG, dtype: str = "float", extra_out: str = ""
+) -> onnx.ModelProto:
     outs = f"{dtype}[2, 8, 16] y" + (f", {dtype}[2, 8, 16] {extra_out}" if extra_out else "")
     return parse(f"""
         <ir_version: 10, opset_import: ["" : 18]>
@@ -130,9 +139,12 @@ BIAS_MODEL = """
 def bias_model(bias: np.ndarray, order: str = "mm, b") -> onnx.ModelProto:
     text = BIAS_MODEL.format(bshape=", ".join(map(str, bias.shape)), order=order, tanh_arg=TANH_ARG)
     proto = onnx.parser.parse_model(text)
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(RNG.standard_normal((12, 16)).astype(np.float32), "w"),
-        onnx.numpy_helper.from_array(bias, "b")])
+    proto.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(RNG.standard_normal((12, 16)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(bias, "b"),
+        ]
+    )
     del proto.graph.value_info[:]
     onnx.checker.check_model(proto)
     return proto
@@ -140,21 +152,34 @@ def bias_model(bias: np.ndarray, order: str = "mm, b") -> onnx.ModelProto:
 
 @pytest.mark.parametrize("order", ["mm, b", "b, mm"])
 def test_fast_gelu_folds_the_matmul_bias(order: str) -> None:
-    m, _ = fuse(bias_model(RNG.standard_normal(16).astype(np.float32), order), feed((2, 8, 12), "inp"),
-                "fast-gelu-tanh")
+    m, _ = fuse(
+        bias_model(RNG.standard_normal(16).astype(np.float32), order),
+        feed((2, 8, 12), "inp"),
+        "fast-gelu-tanh",
+    )
     assert ops(m) == Counter({"MatMul": 1, "FastGelu": 1}), ops(m)
     assert [v.name for v in node(m, "FastGelu").inputs] == ["mm", "b"]
 
 
 def test_fast_gelu_keeps_a_bias_that_is_not_1d() -> None:
-    m, _ = fuse(bias_model(RNG.standard_normal((1, 16)).astype(np.float32)), feed((2, 8, 12), "inp"),
-                "fast-gelu-tanh")
+    m, _ = fuse(
+        bias_model(RNG.standard_normal((1, 16)).astype(np.float32)), feed((2, 8, 12), "inp"), "fast-gelu-tanh"
+    )
     assert ops(m) == Counter({"MatMul": 1, "Add": 1, "FastGelu": 1})
     assert len(node(m, "FastGelu").inputs) == 1
 
 
-@pytest.mark.parametrize("case", ["wrong 0.044715", "wrong sqrt(2/pi)", "half of another value",
-                                  "tanh output also used", "pow 2", "float64"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong 0.044715",
+        "wrong sqrt(2/pi)",
+        "half of another value",
+        "tanh output also used",
+        "pow 2",
+        "float64",
+    ],
+)
 def test_fast_gelu_look_alikes_are_not_fused(case: str) -> None:
     body, arg, extra, dtype = GELU_FORMS["gpt2 (0.5x)(1+t)"], TANH_ARG, "", "float"
     if case == "wrong 0.044715":
@@ -170,8 +195,11 @@ def test_fast_gelu_look_alikes_are_not_fused(case: str) -> None:
     else:
         dtype = "double"
         arg = arg.replace("float {", "double {")
-    m, stats = fuse(gelu_model(body, arg, dtype, extra), feed((2, 8, 16), dtype=np.float64 if dtype == "double"
-                                                               else np.float32), "fast-gelu-tanh")
+    m, stats = fuse(
+        gelu_model(body, arg, dtype, extra),
+        feed((2, 8, 16), dtype=np.float64 if dtype == "double" else np.float32),
+        "fast-gelu-tanh",
+    )
     assert "FastGelu" not in ops(m) and "fast-gelu-tanh" not in stats
 
 
@@ -179,12 +207,21 @@ def test_fast_gelu_look_alikes_are_not_fused(case: str) -> None:
 # QuickGelu
 
 
-@pytest.mark.parametrize(("body", "alpha"), [
-    ("s = Sigmoid (x)\n y = Mul (x, s)", 1.0),
-    ("s = Sigmoid (x)\n y = Mul (s, x)", 1.0),
-    ("c = Constant <value = float {1.702}> ()\n xs = Mul (x, c)\n s = Sigmoid (xs)\n y = Mul (s, x)", 1.702),
-    ("c = Constant <value = float {1.702}> ()\n xs = Mul (c, x)\n s = Sigmoid (xs)\n y = Mul (x, s)", 1.702),
-])
+@pytest.mark.parametrize(
+    ("body", "alpha"),
+    [
+        ("s = Sigmoid (x)\n y = Mul (x, s)", 1.0),
+        ("s = Sigmoid (x)\n y = Mul (s, x)", 1.0),
+        (
+            "c = Constant <value = float {1.702}> ()\n xs = Mul (x, c)\n s = Sigmoid (xs)\n y = Mul (s, x)",
+            1.702,
+        ),
+        (
+            "c = Constant <value = float {1.702}> ()\n xs = Mul (c, x)\n s = Sigmoid (xs)\n y = Mul (x, s)",
+            1.702,
+        ),
+    ],
+)
 def test_quick_gelu_fires_in_any_operand_order(body: str, alpha: float) -> None:
     proto = parse(f"""<ir_version: 10, opset_import: ["" : 18]>
         g (float[2, 8, 16] x) => (float[2, 8, 16] y) {{ {body} }}""")
@@ -193,21 +230,24 @@ def test_quick_gelu_fires_in_any_operand_order(body: str, alpha: float) -> None:
     assert node(m, "QuickGelu").attributes.get_float("alpha") == pytest.approx(alpha, rel=1e-6)
 
 
-@pytest.mark.parametrize("case", ["sigmoid(x)*y", "alpha not constant", "alpha not scalar", "sigmoid used twice",
-                                  "float64"])
+@pytest.mark.parametrize(
+    "case", ["sigmoid(x)*y", "alpha not constant", "alpha not scalar", "sigmoid used twice", "float64"]
+)
 def test_quick_gelu_look_alikes_are_not_fused(case: str) -> None:
     dtype, inputs, outs = "float", "float[2, 8, 16] x, float[2, 8, 16] z", "float[2, 8, 16] y"
     body = {
         "sigmoid(x)*y": "s = Sigmoid (x)\n y = Mul (s, z)",
         "alpha not constant": "xs = Mul (x, z)\n s = Sigmoid (xs)\n y = Mul (s, x)",
         "alpha not scalar": "c = Constant <value = float[2] {1.0, 2.0}> ()\n r = Reshape (x, sh)\n"
-                            "xs = Mul (r, c)\n s = Sigmoid (xs)\n y0 = Mul (s, r)\n y = Reshape (y0, back)",
+        "xs = Mul (r, c)\n s = Sigmoid (xs)\n y0 = Mul (s, r)\n y = Reshape (y0, back)",
         "sigmoid used twice": "s = Sigmoid (x)\n y = Mul (s, x)\n w = Identity (s)",
         "float64": "s = Sigmoid (x)\n y = Mul (x, s)",
     }[case]
     if case == "alpha not scalar":
-        body = "sh = Constant <value = int64[4] {2, 8, 8, 2}> ()\n back = Constant <value = int64[3] {2, 8, 16}> ()\n" \
-               + body
+        body = (
+            "sh = Constant <value = int64[4] {2, 8, 8, 2}> ()\n back = Constant <value = int64[3] {2, 8, 16}> ()\n"
+            + body
+        )
     if case == "sigmoid used twice":
         outs += ", float[2, 8, 16] w"
     if case == "float64":
@@ -215,7 +255,9 @@ def test_quick_gelu_look_alikes_are_not_fused(case: str) -> None:
     proto = parse(f"""<ir_version: 10, opset_import: ["" : 18]>
         g ({inputs}) => ({outs}) {{ {body} }}""")
     np_dtype = np.float64 if dtype == "double" else np.float32
-    m, stats = fuse(proto, {**feed((2, 8, 16), dtype=np_dtype), **feed((2, 8, 16), "z", np_dtype)}, "quick-gelu")
+    m, stats = fuse(
+        proto, {**feed((2, 8, 16), dtype=np_dtype), **feed((2, 8, 16), "z", np_dtype)}, "quick-gelu"
+    )
     assert "QuickGelu" not in ops(m) and not stats
 
 
@@ -223,12 +265,17 @@ def test_quick_gelu_look_alikes_are_not_fused(case: str) -> None:
 # FusedConv
 
 
-def conv_model(tail: str, extra_inputs: str = "", bias: bool = True, opset: int = 18,
-               outputs: str = "float[2, 4, 8, 8] y") -> onnx.ModelProto:
+def conv_model(
+    tail: str,
+    extra_inputs: str = "",
+    bias: bool = True,
+    opset: int = 18,
+    outputs: str = "float[2, 4, 8, 8] y",
+) -> onnx.ModelProto:
     b = ", b" if bias else ""
     proto = onnx.parser.parse_model(f"""
         <ir_version: 10, opset_import: ["" : {opset}]>
-        g (float[2, 3, 8, 8] x{extra_inputs}) => ({outputs}) <float[4, 3, 3, 3] w{', float[4] b' if bias else ''}> {{
+        g (float[2, 3, 8, 8] x{extra_inputs}) => ({outputs}) <float[4, 3, 3, 3] w{", float[4] b" if bias else ""}> {{
             c = Conv <pads = [1, 1, 1, 1]> (x, w{b})
             {tail}
         }}""")
@@ -245,18 +292,30 @@ X_CONV = {"x": RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)}
 Z_CONV = {"z": RNG.standard_normal((2, 4, 8, 8)).astype(np.float32)}
 
 
-@pytest.mark.parametrize(("tail", "activation", "params"), [
-    ("y = Relu (c)", "Relu", None),
-    ("y = Sigmoid (c)", "Sigmoid", None),
-    ("y = Tanh (c)", "Tanh", None),
-    ("y = LeakyRelu <alpha = 0.2> (c)", "LeakyRelu", [0.2]),
-    ("y = LeakyRelu (c)", "LeakyRelu", [0.01]),
-    ("y = HardSigmoid <alpha = 0.3, beta = 0.4> (c)", "HardSigmoid", [0.3, 0.4]),
-    ("lo = Constant <value = float {0.0}> ()\n hi = Constant <value = float {6.0}> ()\n y = Clip (c, lo, hi)",
-     "Clip", [0.0, 6.0]),
-    ("lo = Constant <value = float {-0.5}> ()\n y = Clip (c, lo)", "Clip", [-0.5, float(np.finfo(np.float32).max)]),
-])
-def test_fused_conv_fires_for_each_cpu_activation(tail: str, activation: str, params: list[float] | None) -> None:
+@pytest.mark.parametrize(
+    ("tail", "activation", "params"),
+    [
+        ("y = Relu (c)", "Relu", None),
+        ("y = Sigmoid (c)", "Sigmoid", None),
+        ("y = Tanh (c)", "Tanh", None),
+        ("y = LeakyRelu <alpha = 0.2> (c)", "LeakyRelu", [0.2]),
+        ("y = LeakyRelu (c)", "LeakyRelu", [0.01]),
+        ("y = HardSigmoid <alpha = 0.3, beta = 0.4> (c)", "HardSigmoid", [0.3, 0.4]),
+        (
+            "lo = Constant <value = float {0.0}> ()\n hi = Constant <value = float {6.0}> ()\n y = Clip (c, lo, hi)",
+            "Clip",
+            [0.0, 6.0],
+        ),
+        (
+            "lo = Constant <value = float {-0.5}> ()\n y = Clip (c, lo)",
+            "Clip",
+            [-0.5, float(np.finfo(np.float32).max)],
+        ),
+    ],
+)
+def test_fused_conv_fires_for_each_cpu_activation(
+    tail: str, activation: str, params: list[float] | None
+) -> None:
     m, stats = fuse(conv_model(tail), X_CONV, "fused-conv")
     assert stats == {"fused-conv": 1} and ops(m) == Counter({"FusedConv": 1}), ops(m)
     fc = node(m, "FusedConv")
@@ -271,12 +330,15 @@ def test_fused_conv_reads_clip_attributes_below_opset_11() -> None:
     assert node(m, "FusedConv").attributes.get_floats("activation_params") == pytest.approx([0.0, 6.0])
 
 
-@pytest.mark.parametrize(("tail", "bias"), [
-    ("s = Add (c, z)\n y = Relu (s)", True),
-    ("s = Add (z, c)\n y = Relu (s)", True),
-    ("s = Add (c, z)\n y = Relu (s)", False),
-    ("s = Add (c, z)\n y = Sigmoid (s)", True),
-])
+@pytest.mark.parametrize(
+    ("tail", "bias"),
+    [
+        ("s = Add (c, z)\n y = Relu (s)", True),
+        ("s = Add (z, c)\n y = Relu (s)", True),
+        ("s = Add (c, z)\n y = Relu (s)", False),
+        ("s = Add (c, z)\n y = Sigmoid (s)", True),
+    ],
+)
 def test_fused_conv_takes_a_same_shape_residual_as_z(tail: str, bias: bool) -> None:
     m, _ = fuse(conv_model(tail, ", float[2, 4, 8, 8] z", bias), {**X_CONV, **Z_CONV}, "fused-conv")
     assert ops(m) == Counter({"FusedConv": 1}), ops(m)
@@ -285,8 +347,10 @@ def test_fused_conv_takes_a_same_shape_residual_as_z(tail: str, bias: bool) -> N
     assert (inputs[2] is None) == (not bias)
 
 
-@pytest.mark.parametrize("case", ["conv used twice", "clip min not constant", "broadcast residual",
-                                  "add without activation", "elu"])
+@pytest.mark.parametrize(
+    "case",
+    ["conv used twice", "clip min not constant", "broadcast residual", "add without activation", "elu"],
+)
 def test_fused_conv_look_alikes_are_not_fused(case: str) -> None:
     extra, outputs, feeds = "", "float[2, 4, 8, 8] y", dict(X_CONV)
     if case == "conv used twice":
@@ -294,8 +358,11 @@ def test_fused_conv_look_alikes_are_not_fused(case: str) -> None:
     elif case == "clip min not constant":
         tail, extra, feeds["lo"] = "y = Clip (c, lo)", ", float lo", np.array(0.1, dtype=np.float32)
     elif case == "broadcast residual":
-        tail, extra, feeds["z"] = ("s = Add (c, z)\n y = Relu (s)", ", float[1, 4, 1, 1] z",
-                                   RNG.standard_normal((1, 4, 1, 1)).astype(np.float32))
+        tail, extra, feeds["z"] = (
+            "s = Add (c, z)\n y = Relu (s)",
+            ", float[1, 4, 1, 1] z",
+            RNG.standard_normal((1, 4, 1, 1)).astype(np.float32),
+        )
     elif case == "add without activation":
         tail, extra, feeds = "y = Add (c, z)", ", float[2, 4, 8, 8] z", {**feeds, **Z_CONV}
     else:
@@ -312,10 +379,18 @@ INV_FREQ = (1.0 / (10000 ** (np.arange(0, HEAD, 2, dtype=np.float32) / HEAD))).a
 BOUND = {"pkg.torch.export.ExportedProgram.range_constraints": "{s0: VR[1, 64], s1: VR[0, 32]}"}
 
 
-def rope_model(positions: str = "zero = Constant <value = int64 {0}> ()\n pos = Range (zero, s, one)",
-               inputs: str = "", pos_type: str = "int64[s1] pos", freqs: str = "Mul (pf, inv_freq)",
-               unsqueeze_axes: str = "0, 2", scale: str = "", split: int = E, cos_dtype: str = "",
-               qtype: str = "float", metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+def rope_model(
+    positions: str = "zero = Constant <value = int64 {0}> ()\n pos = Range (zero, s, one)",
+    inputs: str = "",
+    pos_type: str = "int64[s1] pos",
+    freqs: str = "Mul (pf, inv_freq)",
+    unsqueeze_axes: str = "0, 2",
+    scale: str = "",
+    split: int = E,
+    cos_dtype: str = "",
+    qtype: str = "float",
+    metadata: dict[str, str] | None = None,
+) -> onnx.ModelProto:
     """q [B, 4 heads, S, 16] rotated like transformers 5's apply_rotary_pos_emb."""
     cos, sin = "c0", "s0"
     extra = ""
@@ -385,8 +460,20 @@ def test_rotary_gets_a_constant_cache_of_the_sequence_bound(rules: str | None) -
 
 def test_rotary_without_a_bound_computes_the_cache_from_the_angles() -> None:
     m, _ = fuse(rope_model(metadata={}), q_feed(), "rotary-embedding-mul")
-    assert ops(m) - Counter({"Constant": 99}) == Counter({"RotaryEmbedding": 1, "Shape": 1, "Squeeze": 1, "Range": 1, "Unsqueeze": 1,
-                              "Cast": 1, "Mul": 1, "Reshape": 1, "Cos": 1, "Sin": 1}), ops(m)
+    assert ops(m) - Counter({"Constant": 99}) == Counter(
+        {
+            "RotaryEmbedding": 1,
+            "Shape": 1,
+            "Squeeze": 1,
+            "Range": 1,
+            "Unsqueeze": 1,
+            "Cast": 1,
+            "Mul": 1,
+            "Reshape": 1,
+            "Cos": 1,
+            "Sin": 1,
+        }
+    ), ops(m)
 
 
 def test_rotary_with_an_offset_start_and_scaling() -> None:
@@ -406,12 +493,15 @@ def test_rotary_constant_cache_keeps_scaling_and_float16_cast() -> None:
     np.testing.assert_allclose(cos.const_value.numpy()[3, 1], expected, rtol=1e-3)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("case", ["per-batch positions", "split not at half", "inv_freq not constant",
-                                  "angles from a float input"])
+@pytest.mark.parametrize(
+    "case", ["per-batch positions", "split not at half", "inv_freq not constant", "angles from a float input"]
+)
 def test_rotary_look_alikes_are_not_fused(case: str) -> None:
     feeds = q_feed()
     if case == "per-batch positions":
-        proto = rope_model("pos = Identity (pid)", ", int64[s0, s1] pid", "int64[s0, s1] pos", unsqueeze_axes="2")
+        proto = rope_model(
+            "pos = Identity (pid)", ", int64[s0, s1] pid", "int64[s0, s1] pos", unsqueeze_axes="2"
+        )
         feeds["pid"] = np.tile(np.arange(12, dtype=np.int64), (2, 1))
     elif case == "split not at half":
         proto = rope_model(split=4)

@@ -18,8 +18,9 @@ from graphopt.verify import run_model
 H = 16
 
 
-def _skip_model(op: str = "SkipLayerNormalization", outputs: tuple[str, ...] = ("y",), opset: int = 18,
-                bias: bool = True) -> ir.Model:
+def _skip_model(
+    op: str = "SkipLayerNormalization", outputs: tuple[str, ...] = ("y",), opset: int = 18, bias: bool = True
+) -> ir.Model:
     rng = np.random.default_rng(0)
     params = [("gamma", rng.uniform(0.5, 1.5, H))]
     if op == "SkipLayerNormalization":
@@ -31,14 +32,19 @@ def _skip_model(op: str = "SkipLayerNormalization", outputs: tuple[str, ...] = (
     outs = {"y": "y", "mean": "", "inv": "", "sum": ""}
     for o in outputs:
         outs[o] = o
-    node = helper.make_node(op, names, [outs["y"], outs["mean"], outs["inv"], outs["sum"]],
-                            domain="com.microsoft", epsilon=1e-5)
+    node = helper.make_node(
+        op, names, [outs["y"], outs["mean"], outs["inv"], outs["sum"]], domain="com.microsoft", epsilon=1e-5
+    )
     graph = helper.make_graph(
-        [node], "g",
+        [node],
+        "g",
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", H]) for n in ("x", "skip")],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     return ir.serde.deserialize_model(model)
 

@@ -36,7 +36,9 @@ def _prune(model: ir.Model, context: dict | None = None, **options):
 
 
 def _inits(model: ir.Model) -> dict[str, np.ndarray]:
-    return {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if v.const_value is not None}
+    return {
+        n: v.const_value.numpy() for n, v in model.graph.initializers.items() if v.const_value is not None
+    }
 
 
 def _check(model: ir.Model) -> None:

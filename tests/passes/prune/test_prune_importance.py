@@ -27,14 +27,16 @@ def digits_cnn():
 def test_structured_activation_importance_uses_calibration_and_differs_from_l1(digits_cnn):
     d, model = digits_cnn
     _, pl1 = _prune(model, mode="structured", sparsity=0.5)
-    pruned, pact = _prune(model, {"calibration": d.calibration(64)}, mode="structured", sparsity=0.5,
-                          importance="activation")
+    pruned, pact = _prune(
+        model, {"calibration": d.calibration(64)}, mode="structured", sparsity=0.5, importance="activation"
+    )
     r1 = [g["removed"] for g in pl1.details["groups"]]
     ra = [g["removed"] for g in pact.details["groups"]]
     assert len(r1) == len(ra) == 3 and r1 != ra
     _check(pruned)
-    light, _ = _prune(model, {"calibration": d.calibration(64)}, mode="structured", sparsity=0.25,
-                      importance="activation")
+    light, _ = _prune(
+        model, {"calibration": d.calibration(64)}, mode="structured", sparsity=0.25, importance="activation"
+    )
     acc = (run_model(light, {"x": d.x_test})[0][1].argmax(-1) == d.y_test).mean()
     assert acc > 0.5  # still a classifier (no fine-tuning)
     with pytest.raises(PipelineError, match="calibration"):

@@ -155,8 +155,9 @@ def test_already_nm_weights_are_reported():
     w[::2] = 1.0  # 2 of every 4 along K are zero
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
-                          [numpy_helper.from_array(w, "w")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [numpy_helper.from_array(w, "w")]
+    )
     model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     pruned, p = _prune(model, mode="2:4", min_size=0)
     assert p.details["layers"][0]["already_nm"] is True

@@ -24,7 +24,9 @@ def bert():
 
 def test_prune_composes_with_fusion_in_one_pipeline(bert):
     ex, model = bert
-    out, report = Pipeline.parse("cleanup,prune(mode=structured,sparsity=0.5),fuse,cleanup").run(model.clone())
+    out, report = Pipeline.parse("cleanup,prune(mode=structured,sparsity=0.5),fuse,cleanup").run(
+        model.clone()
+    )
     rows = [r for r in report.passes if r.name == "prune"]
     assert rows and rows[0].modified and rows[0].details["groups"]
     feeds = ex.feeds(2, 9)
@@ -38,7 +40,10 @@ def test_prune_then_quantize_in_one_pipeline_and_through_optimize(bert):
     base = "cleanup,prune(mode=structured,sparsity=0.5),fuse,cleanup"
     pruned, _ = Pipeline.parse(base).run(model.clone())
     quant, report = Pipeline.parse(base + ",quantize-dynamic").run(model.clone())
-    assert [r.name for r in report.passes if r.name in ("prune", "quantize-dynamic")] == ["prune", "quantize-dynamic"]
+    assert [r.name for r in report.passes if r.name in ("prune", "quantize-dynamic")] == [
+        "prune",
+        "quantize-dynamic",
+    ]
     assert next(r for r in report.passes if r.name == "quantize-dynamic").stats.get("quantized", 0) > 0
     a, b = run_model(pruned, feeds)[0][1].ravel(), run_model(quant, feeds)[0][1].ravel()
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
@@ -48,13 +53,16 @@ def test_prune_then_quantize_in_one_pipeline_and_through_optimize(bert):
     np.testing.assert_allclose(run_model(r.model, feeds)[0][1], run_model(pruned, feeds)[0][1], atol=1e-4)
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"sparsity": 1.5}, "sparsity"),
-    ({"mode": "3:2"}, "N:M"),
-    ({"mode": "blocky"}, "mode"),
-    ({"targets": ["rows"]}, "target"),
-    ({"scope": "world"}, "scope"),
-])
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"sparsity": 1.5}, "sparsity"),
+        ({"mode": "3:2"}, "N:M"),
+        ({"mode": "blocky"}, "mode"),
+        ({"targets": ["rows"]}, "target"),
+        ({"scope": "world"}, "scope"),
+    ],
+)
 def test_bad_options_raise_pipeline_errors(options, match):
     with pytest.raises(PipelineError, match=match):
         PrunePass(**options)

@@ -25,14 +25,20 @@ def test_sparse_storage_shrinks_the_file_and_loads_in_onnxruntime(tmp_path, bert
     ex, model = bert
     pruned, _ = _prune(model, sparsity=0.9, sparse_storage=True)
     assert pruned.metadata_props.get("graphopt.sparse_storage") == "1"
-    dense_path, sparse_path, auto_path = tmp_path / "dense.onnx", tmp_path / "sparse.onnx", tmp_path / "auto.onnx"
+    dense_path, sparse_path, auto_path = (
+        tmp_path / "dense.onnx",
+        tmp_path / "sparse.onnx",
+        tmp_path / "auto.onnx",
+    )
     graphopt.save(pruned, dense_path, sparse=False)
     size = save_sparse(pruned, str(sparse_path))
     graphopt.save(pruned, auto_path)  # the pass's metadata flag asks graphopt.save for sparse storage
     assert auto_path.read_bytes() == sparse_path.read_bytes()
     # graphopt loads its own sparse files back (densified, as ONNX Runtime does)
     reloaded = graphopt.load(sparse_path)
-    np.testing.assert_array_equal(run_model(reloaded, ex.feeds(2, 12))[0][1], run_model(pruned, ex.feeds(2, 12))[0][1])
+    np.testing.assert_array_equal(
+        run_model(reloaded, ex.feeds(2, 12))[0][1], run_model(pruned, ex.feeds(2, 12))[0][1]
+    )
     assert size < 0.75 * dense_path.stat().st_size  # embeddings and norms stay dense
     proto = onnx.load(str(sparse_path))
     assert len(proto.graph.sparse_initializer) >= 12

@@ -42,7 +42,9 @@ def test_structured_bert_ffn_and_heads_match_torch_with_the_same_units_removed(b
     assert len(kinds["ffn"]) == 2 and all(g["kept"] == 64 for g in kinds["ffn"])
     # the hidden size is not prunable (LayerNorm, residuals, graph output): recorded reasons
     assert any("LayerNormalization" in s["reason"] for s in p.details["skipped"])
-    shapes = {tuple(v.const_value.shape) for v in pruned.graph.initializers.values() if v.const_value is not None}
+    shapes = {
+        tuple(v.const_value.shape) for v in pruned.graph.initializers.values() if v.const_value is not None
+    }
     assert (64, 64) in shapes and (64, 32) in shapes and (32, 64) in shapes  # FFN [64,64]+[64,64]; heads
     _check(pruned)
     module = copy.deepcopy(ex.module)
@@ -91,7 +93,11 @@ def test_structured_cnn_channels_through_batchnorm_residual_pool_and_flatten_mat
     flat = next(g for g in groups if "," not in g["group"])
     assert any(s["role"] == "in" and s["block"] == 16 for s in flat["slices"])  # Reshape → Gemm rows
     assert any(s["reason"] == "ffn not in targets" for s in p.details["skipped"])
-    shapes = {n: tuple(v.const_value.shape) for n, v in pruned.graph.initializers.items() if v.const_value is not None}
+    shapes = {
+        n: tuple(v.const_value.shape)
+        for n, v in pruned.graph.initializers.items()
+        if v.const_value is not None
+    }
     assert sorted(shapes.values(), key=str).count((16, 1, 3, 3)) == 1
     assert (128, 512) in shapes.values()
     _check(pruned)
@@ -127,13 +133,17 @@ def test_structured_unknown_consumer_leaves_the_group_alone_with_a_reason():
     w2 = rng.standard_normal((16, 4)).astype(np.float32)
     w3 = rng.standard_normal((32, 4)).astype(np.float32)
     # h feeds a Concat along the units (not understood) and a MatMul
-    model = _graph([
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["y"]),
-        helper.make_node("Concat", ["r", "r"], ["c"], axis=-1),
-        helper.make_node("MatMul", ["c", "w3"], ["z"]),
-    ], {"w1": w1, "w2": w2, "w3": w3}, outputs=("y", "z"))
+    model = _graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+            helper.make_node("Concat", ["r", "r"], ["c"], axis=-1),
+            helper.make_node("MatMul", ["c", "w3"], ["z"]),
+        ],
+        {"w1": w1, "w2": w2, "w3": w3},
+        outputs=("y", "z"),
+    )
     pruned, p = _prune(model, mode="structured", sparsity=0.5)
     assert p.details["groups"] == []
     reasons = [s["reason"] for s in p.details["skipped"]]
@@ -147,12 +157,15 @@ def test_structured_simple_mlp_matches_numpy():
     w1 = rng.standard_normal((8, 16)).astype(np.float32)
     b1 = rng.standard_normal(16).astype(np.float32)
     w2 = rng.standard_normal((16, 4)).astype(np.float32)
-    model = _graph([
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Add", ["h", "b1"], ["hb"]),
-        helper.make_node("Gelu", ["hb"], ["g"], domain=""),
-        helper.make_node("MatMul", ["g", "w2"], ["y"]),
-    ], {"w1": w1, "b1": b1, "w2": w2})
+    model = _graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Add", ["h", "b1"], ["hb"]),
+            helper.make_node("Gelu", ["hb"], ["g"], domain=""),
+            helper.make_node("MatMul", ["g", "w2"], ["y"]),
+        ],
+        {"w1": w1, "b1": b1, "w2": w2},
+    )
     model.opset_imports[""] = 20
     pruned, p = _prune(model, mode="structured", sparsity=0.25)
     removed = p.details["groups"][0]["removed"]
@@ -169,11 +182,17 @@ def test_structured_simple_mlp_matches_numpy():
     assert set(removed) == set(np.argsort(s)[:4].tolist())
 
 
-@pytest.mark.parametrize("kind,expect", [
-    ("gpt2", {"ffn": 2, "heads": 2}),  # Conv1D FFN through [B*S, C] ⇄ [B, S, C] reshapes; fused QKV + Split heads
-    pytest.param("vit", {"ffn": 2, "heads": 2}, marks=pytest.mark.slow),  # literal head counts rewritten
-    pytest.param("resnet", {"channels": 11}, marks=pytest.mark.slow),  # bottlenecks, shortcut convs
-])
+@pytest.mark.parametrize(
+    "kind,expect",
+    [
+        (
+            "gpt2",
+            {"ffn": 2, "heads": 2},
+        ),  # Conv1D FFN through [B*S, C] ⇄ [B, S, C] reshapes; fused QKV + Split heads
+        pytest.param("vit", {"ffn": 2, "heads": 2}, marks=pytest.mark.slow),  # literal head counts rewritten
+        pytest.param("resnet", {"channels": 11}, marks=pytest.mark.slow),  # bottlenecks, shortcut convs
+    ],
+)
 def test_structured_other_models_match_torch(kind, expect):
     import copy
 

@@ -59,7 +59,9 @@ def test_greedy_keeps_the_fewest_most_sensitive_layers() -> None:
 def test_greedy_reports_the_best_when_the_target_is_out_of_reach() -> None:
     harm = {"a": 0.01, "b": 0.01}
     evaluate, _ = _evaluator(harm)
-    kept, achieved, _ = greedy_keep_float(["a", "b"], lambda k: Fidelity(evaluate(k).min_cosine - 0.5, 1.0), 0.99)
+    kept, achieved, _ = greedy_keep_float(
+        ["a", "b"], lambda k: Fidelity(evaluate(k).min_cosine - 0.5, 1.0), 0.99
+    )
     assert kept == ["a", "b"] and achieved.min_cosine < 0.99
 
 

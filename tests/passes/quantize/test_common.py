@@ -15,16 +15,24 @@ MS = "com.microsoft"
 
 
 def _const(name: str, array: np.ndarray) -> ir.Value:
-    return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                    const_value=ir.tensor(array, name=name))
+    return ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(array, name=name),
+    )
 
 
 def _norm_graph() -> tuple[ir.Graph, ir.Node, ir.Value]:
     """x -> LayerNormalization(gamma, beta) -> Reshape to 2-D (channels last) -> y."""
     x = ir.Value(name="x", shape=ir.Shape([1, 4, 8]), type=ir.TensorType(ir.DataType.FLOAT))
     gamma, beta = _const("gamma", np.full(8, 2.0, np.float32)), _const("beta", np.arange(8, dtype=np.float32))
-    shape = ir.Value(name="shape", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.INT64),
-                     const_value=ir.tensor(np.array([4, 8], np.int64), name="shape"))
+    shape = ir.Value(
+        name="shape",
+        shape=ir.Shape([2]),
+        type=ir.TensorType(ir.DataType.INT64),
+        const_value=ir.tensor(np.array([4, 8], np.int64), name="shape"),
+    )
     ln = ir.Node("", "LayerNormalization", [x, gamma, beta], num_outputs=1, name="ln")
     ln.outputs[0].name, ln.outputs[0].shape = "normed", ir.Shape([1, 4, 8])
     reshape = ir.Node("", "Reshape", [ln.outputs[0], shape], num_outputs=1, name="flat")
@@ -78,4 +86,7 @@ def test_budget_groups_split_runs_and_share_held_activations() -> None:
     size = 4 * 4 * 8
     assert budget_groups(list(needs), needs.__getitem__, 10 * size) == [["a", "b", "c"]]
     assert budget_groups(list(needs), needs.__getitem__, size) == [["a", "b"], ["c"]]  # b reuses x's Hessian
-    assert budget_groups(list(needs), needs.__getitem__, 10 * size, run_per_activation=True) == [["a", "b"], ["c"]]
+    assert budget_groups(list(needs), needs.__getitem__, 10 * size, run_per_activation=True) == [
+        ["a", "b"],
+        ["c"],
+    ]

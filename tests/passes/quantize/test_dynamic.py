@@ -137,11 +137,15 @@ def test_activation_times_activation_not_quantized():
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
-         helper.make_node("MatMul", ["h", "y"], ["z"], name="act_act")],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("MatMul", ["h", "y"], ["z"], name="act_act"),
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32]),
-         helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8]),
+        ],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 8])],
         [w],
     )
@@ -152,7 +156,10 @@ def test_activation_times_activation_not_quantized():
     assert not by_name["act_act"]["quantized"] and "activation" in by_name["act_act"]["reason"]
     assert ops(q) == collections.Counter({"DynamicQuantizeMatMul": 1, "MatMul": 1})
     assert ops(quantize(model)[0])["MatMul"] == 1
-    feeds = {"x": rng.standard_normal((4, 32)).astype(np.float32), "y": rng.standard_normal((32, 8)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((4, 32)).astype(np.float32),
+        "y": rng.standard_normal((32, 8)).astype(np.float32),
+    }
     assert outputs_cosine(model, q, feeds) > 0.999
 
 
@@ -163,9 +170,11 @@ def test_gemm_and_bias_fusion():
     w2 = rng.standard_normal((16, 40)).astype(np.float32)
     b2 = rng.standard_normal(40).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1, alpha=0.5, name="gemm"),
-         helper.make_node("MatMul", ["h", "w2"], ["m"], name="mm"),
-         helper.make_node("Add", ["m", "b2"], ["y"], name="bias")],
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1, alpha=0.5, name="gemm"),
+            helper.make_node("MatMul", ["h", "w2"], ["m"], name="mm"),
+            helper.make_node("Add", ["m", "b2"], ["y"], name="bias"),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40])],
@@ -222,19 +231,25 @@ def _outlier_mlp():
     w1 = rng.standard_normal((64, 256)).astype(np.float32) * 0.1
     w1[:, 5] *= 60  # neuron 5 fires far above the others
     w2 = rng.standard_normal((256, 64)).astype(np.float32) * 0.1
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             ((gamma, "g"), (np.zeros(64, np.float32), "beta"), (w1, "w1"), (w2, "w2"))]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in ((gamma, "g"), (np.zeros(64, np.float32), "beta"), (w1, "w1"), (w2, "w2"))
+    ]
     graph = helper.make_graph(
-        [helper.make_node("LayerNormalization", ["x", "g", "beta"], ["n"], axis=-1, name="ln"),
-         helper.make_node("MatMul", ["n", "w1"], ["h"], name="up"),
-         helper.make_node("Relu", ["h"], ["r"], name="act"),
-         helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")],
+        [
+            helper.make_node("LayerNormalization", ["x", "g", "beta"], ["n"], axis=-1, name="ln"),
+            helper.make_node("MatMul", ["n", "w1"], ["h"], name="up"),
+            helper.make_node("Relu", ["h"], ["r"], name="act"),
+            helper.make_node("MatMul", ["r", "w2"], ["y"], name="down"),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16, 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, 64])],
         inits,
-        value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 16, k])
-                    for n, k in (("n", 64), ("h", 256), ("r", 256))],
+        value_info=[
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 16, k])
+            for n, k in (("n", 64), ("h", 256), ("r", 256))
+        ],
     )
     return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
@@ -258,7 +273,9 @@ def test_outliers_smoothed_and_split():
     tok_plain, _ = quantize(model, "smooth=0,outlier_channels=0,center=false")
     tok, rec = quantize(model)
     assert ops(tok)["MatMulIntegerToFloat"] == 2 and rec.stats.get("outlier_split") == 1
-    err_tok = {name: 1 - outputs_cosine(model, m, feeds) for name, m in (("plain", tok_plain), ("handled", tok))}
+    err_tok = {
+        name: 1 - outputs_cosine(model, m, feeds) for name, m in (("plain", tok_plain), ("handled", tok))
+    }
     assert err_tok["handled"] < err_tok["plain"] and err_tok["plain"] < err["plain"], (err, err_tok)
 
 
@@ -296,8 +313,17 @@ def test_reduce_range_and_per_tensor(bert):
             assert node.inputs[2].const_value.numpy().shape == ()
 
 
-@pytest.mark.parametrize("options", ["op_types=[Conv]", "smooth=1.5", "min_size=-1", "probe_batches=0",
-                                     "probe_length=0", "outlier_channels=-1"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        "op_types=[Conv]",
+        "smooth=1.5",
+        "min_size=-1",
+        "probe_batches=0",
+        "probe_length=0",
+        "outlier_channels=-1",
+    ],
+)
 def test_bad_options(options):
     with pytest.raises(PipelineError):
         Pipeline.parse(f"quantize-dynamic({options})")
@@ -349,11 +375,18 @@ MINILM_MIN_COSINE_CALIBRATED = 0.998
 def test_gather_embedding_opt_in(bert):
     built, fused = bert
     q, _ = quantize(fused)
-    assert all(n.inputs[0].const_value is None or n.inputs[0].dtype != ir.DataType.INT8
-               for n in q.graph if n.op_type == "Gather")
+    assert all(
+        n.inputs[0].const_value is None or n.inputs[0].dtype != ir.DataType.INT8
+        for n in q.graph
+        if n.op_type == "Gather"
+    )
     q, rec = quantize(fused, "op_types=[MatMul,Gemm,Attention,Gather]")
-    tables = [n.inputs[0].const_value.numpy() for n in q.graph
-              if n.op_type == "Gather" and n.inputs[0].const_value is not None
-              and n.inputs[0].dtype == ir.DataType.INT8]
+    tables = [
+        n.inputs[0].const_value.numpy()
+        for n in q.graph
+        if n.op_type == "Gather"
+        and n.inputs[0].const_value is not None
+        and n.inputs[0].dtype == ir.DataType.INT8
+    ]
     assert rec.stats.get("Gather", 0) >= 1 and len(tables) == rec.stats["Gather"]
     assert outputs_cosine(fused, q, built.feeds(3, 16, seed=2)) >= 0.99

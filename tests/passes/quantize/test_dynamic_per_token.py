@@ -46,11 +46,22 @@ def _mlp(act: str | None, ln_shift: float | None = None) -> ir.Model:
     if act:
         nodes.append(helper.make_node(act, [src], ["a"], domain="com.microsoft" if act == "Gelu" else ""))
         src = "a"
-    nodes += [helper.make_node("MatMul", [src, "W"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["y"])]
+    nodes += [
+        helper.make_node("MatMul", [src, "W"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b"], ["y"]),
+    ]
     vi = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, 5, K]) for v in ("n", "a") if v != "x"]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, N])], inits, value_info=vi)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, N])],
+        inits,
+        value_info=vi,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     return ir.serde.deserialize_model(model)
 
@@ -76,13 +87,17 @@ def test_ort_output_is_the_per_token_scheme(act):
     symmetric = act == "symmetric"
     act = None if symmetric else act
     model = _mlp(act)
-    q, stats = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token", asymmetric=not symmetric)
+    q, stats = _quantize(
+        model, outlier_channels=0.0, smooth=0.0, activations="per-token", asymmetric=not symmetric
+    )
     assert collections.Counter(n.op_type for n in q.graph)["MatMulIntegerToFloat"] == 1
     x = (np.random.default_rng(1).standard_normal((2, 5, K)) * 3).astype(np.float32)
     if act is None:  # rows on one side of zero
         x[0, 0] = np.abs(x[0, 0]) + 5
         x[1, 4] = -np.abs(x[1, 4]) - 5
-    a = {None: x, "Relu": np.maximum(x, 0), "Gelu": x * 0.5 * (1 + erf(x / np.sqrt(2)))}[act].astype(np.float64)
+    a = {None: x, "Relu": np.maximum(x, 0), "Gelu": x * 0.5 * (1 + erf(x / np.sqrt(2)))}[act].astype(
+        np.float64
+    )
     w = model.graph.initializers["W"].const_value.numpy()
     b = model.graph.initializers["b"].const_value.numpy()
     lv, scale, _ = quantize_weight(w)
@@ -131,7 +146,13 @@ def test_the_row_zero_point_goes_into_the_kernel():
     err = np.abs(_out(q, x) - ref).max() / np.abs(ref).max()
     aw, _ = _quantize(model, outlier_channels=0.0, smooth=0.0, activations="per-token", symmetric=False)
     assert collections.Counter(n.op_type for n in aw.graph)["Pad"] == 0
-    assert next(n for n in aw.graph if n.op_type == "MatMulIntegerToFloat").inputs[1].const_value.numpy().shape[0] == K
+    assert (
+        next(n for n in aw.graph if n.op_type == "MatMulIntegerToFloat")
+        .inputs[1]
+        .const_value.numpy()
+        .shape[0]
+        == K
+    )
     err_aw = np.abs(_out(aw, x) - ref).max() / np.abs(ref).max()
     assert err < 0.02 and err_aw < 0.02, (err, err_aw)
 
@@ -145,18 +166,29 @@ def test_auto_goes_per_token_where_a_few_tokens_set_the_range():
     inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), n) for n in ("w1", "w2")]
     inits.append(numpy_helper.from_array(gain, "gain"))
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "gain"], ["hot"]),
-         helper.make_node("MatMul", ["hot", "w1"], ["y1"], name="hot_tokens"),
-         helper.make_node("MatMul", ["x", "w2"], ["y2"], name="even_tokens")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, K])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8, N]) for n in ("y1", "y2")], inits,
-        value_info=[helper.make_tensor_value_info("hot", TensorProto.FLOAT, [2, 8, K])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        [
+            helper.make_node("Mul", ["x", "gain"], ["hot"]),
+            helper.make_node("MatMul", ["hot", "w1"], ["y1"], name="hot_tokens"),
+            helper.make_node("MatMul", ["x", "w2"], ["y2"], name="even_tokens"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, K])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 8, N]) for n in ("y1", "y2")],
+        inits,
+        value_info=[helper.make_tensor_value_info("hot", TensorProto.FLOAT, [2, 8, K])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     m = ir.serde.deserialize_model(model)
     p = QuantizeDynamicPass(outlier_channels=0.0)
     p(m)
-    kinds = {n.outputs[0].name: n.op_type for n in m.graph if n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")}
+    kinds = {
+        n.outputs[0].name: n.op_type
+        for n in m.graph
+        if n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")
+    }
     assert sorted(kinds.values()) == ["DynamicQuantizeMatMul", "MatMulIntegerToFloat"]
     assert p.details["token_ratio"]["hot"] > 10 > 2 > p.details["token_ratio"]["x"]
     y = dict(run_model(m, {"x": rng.standard_normal((2, 8, K)).astype(np.float32)}))
@@ -233,8 +265,9 @@ def test_calibration_data_switches_weights_to_gptq(bert_tiny):
 
     def cos(a: ir.Model) -> float:
         r, c = dict(run_model(fused, test)), dict(run_model(a, test))
-        return min(float(np.dot(r[k].ravel(), c[k].ravel()) / np.linalg.norm(r[k]) / np.linalg.norm(c[k]))
-                   for k in r)
+        return min(
+            float(np.dot(r[k].ravel(), c[k].ravel()) / np.linalg.norm(r[k]) / np.linalg.norm(c[k])) for k in r
+        )
 
     assert cos(m) >= 0.99 and cos(m_rtn) >= 0.99
 
@@ -253,7 +286,10 @@ def test_output_projection_bias_goes_into_the_skip_norm(bert_tiny):
     assert stats.get("bias:absorbed", 0) >= 2
     for node in q.graph:
         if node.op_type == "SkipLayerNormalization":
-            assert node.inputs[0].producer().op_type != "Add" or node.inputs[0].producer().inputs[1].const_value is None
+            assert (
+                node.inputs[0].producer().op_type != "Add"
+                or node.inputs[0].producer().inputs[1].const_value is None
+            )
 
 
 def test_attention_with_mask_index_stays_per_tensor():
@@ -262,14 +298,27 @@ def test_attention_with_mask_index_stays_per_tensor():
     w = rng.standard_normal((d, 3 * d)).astype(np.float32)
     b = rng.standard_normal(3 * d).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Attention", ["x", "w", "b", "mask"], ["y"], domain="com.microsoft", num_heads=heads,
-                          name="att")],
+        [
+            helper.make_node(
+                "Attention",
+                ["x", "w", "b", "mask"],
+                ["y"],
+                domain="com.microsoft",
+                num_heads=heads,
+                name="att",
+            )
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, d]),
-         helper.make_tensor_value_info("mask", TensorProto.INT32, [2, 6])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, d]),
+            helper.make_tensor_value_info("mask", TensorProto.INT32, [2, 6]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, d])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     q, stats = _quantize(ir.serde.deserialize_model(model), min_size=0)
     assert collections.Counter(n.op_type for n in q.graph)["QAttention"] == 1
@@ -294,8 +343,9 @@ def test_a_massive_norm_channel_is_split_into_copies_with_calibration_data():
 
     def run(copies: int) -> tuple[ir.Model, dict]:
         m = model.clone()
-        p = QuantizeDynamicPass(outlier_channels=0.0, activations="per-token", method="rtn",
-                                channel_copies=copies)
+        p = QuantizeDynamicPass(
+            outlier_channels=0.0, activations="per-token", method="rtn", channel_copies=copies
+        )
         p.context = {"calibration": CalibrationData.from_any(data)}
         p(m)
         return m, p.stats
@@ -306,7 +356,9 @@ def test_a_massive_norm_channel_is_split_into_copies_with_calibration_data():
     w = next(n for n in split.graph if n.op_type == "MatMulIntegerToFloat").inputs[1].const_value.numpy()
     w0 = next(n for n in plain.graph if n.op_type == "MatMulIntegerToFloat").inputs[1].const_value.numpy()
     assert w.shape[0] > w0.shape[0]
-    np.testing.assert_array_equal(w[K:K + stats["channel_copies"]], np.repeat(w[3:4], stats["channel_copies"], axis=0))
+    np.testing.assert_array_equal(
+        w[K : K + stats["channel_copies"]], np.repeat(w[3:4], stats["channel_copies"], axis=0)
+    )
     err = np.abs(_out(split, x) - ref)[:, 0].max()
     err0 = np.abs(_out(plain, x) - ref)[:, 0].max()
     assert err < 0.7 * err0, (err, err0)
@@ -319,15 +371,27 @@ def _symbolic(name: str, dims: list[str | int], op: str = "Identity") -> ir.Mode
     """x [dims] → Identity, or Add of a (1, 8, K) constant (then it runs only with 8 rows, as a
     model that cannot take longer inputs) → MatMul."""
     rng = np.random.default_rng(7)
-    inits = [numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.zeros((1, 8, K), np.float32), "eight_rows")]
-    nodes = [helper.make_node("Add", [name, "eight_rows"], ["r"]) if op == "Add"
-             else helper.make_node("Identity", [name], ["r"]),
-             helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
-                              value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, dims)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((K, N)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros((1, 8, K), np.float32), "eight_rows"),
+    ]
+    nodes = [
+        helper.make_node("Add", [name, "eight_rows"], ["r"])
+        if op == "Add"
+        else helper.make_node("Identity", [name], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, dims)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 9
     return ir.serde.deserialize_model(model)
 

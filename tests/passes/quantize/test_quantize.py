@@ -38,7 +38,9 @@ def test_optimize_dynamic_runs_the_mode_pass_and_reports_every_candidate(bert) -
     built, model = bert
     r = graphopt.optimize(model, quantize="dynamic", verify=True, verify_options={"inputs": built.feeds()})
     row = _row(r)
-    assert r.model.metadata_props["graphopt.pipeline"].endswith("quantize(mode=dynamic),lower-ort-cpu,cleanup")
+    assert r.model.metadata_props["graphopt.pipeline"].endswith(
+        "quantize(mode=dynamic),lower-ort-cpu,cleanup"
+    )
     assert row.stats["quantized"] == sum(1 for n in row.details["nodes"] if n["quantized"]) > 0
     assert all(n["reason"] for n in row.details["nodes"] if not n["quantized"])
     assert r.report.verification.passed and all(o.cosine > 0.99 for o in r.report.verification.outputs)
@@ -102,8 +104,24 @@ def test_cli_quantize_with_sensitivity_table_plot_and_report(bert, tmp_path, cap
     src = tmp_path / "m.onnx"
     graphopt.save(model, src)
     out, report, plot = tmp_path / "q.onnx", tmp_path / "r.json", tmp_path / "s.png"
-    code = main(["optimize", str(src), "-o", str(out), "--quantize", "dynamic", "--exclude", "MatMul_does_not_exist",
-                 "--sensitivity", "--sensitivity-plot", str(plot), "--report", str(report), "--verify"])
+    code = main(
+        [
+            "optimize",
+            str(src),
+            "-o",
+            str(out),
+            "--quantize",
+            "dynamic",
+            "--exclude",
+            "MatMul_does_not_exist",
+            "--sensitivity",
+            "--sensitivity-plot",
+            str(plot),
+            "--report",
+            str(report),
+            "--verify",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "per-layer sensitivity" in printed and "min cosine" in printed
@@ -111,4 +129,7 @@ def test_cli_quantize_with_sensitivity_table_plot_and_report(bert, tmp_path, cap
     rows = json.loads(report.read_text())["passes"]
     (q,) = [p for p in rows if p["name"] == "quantize"]
     assert q["details"]["sensitivity"] and q["details"]["nodes"]
-    assert any(n.op_type in ("DynamicQuantizeMatMul", "QAttention", "MatMulInteger") for n in graphopt.load(out).graph)
+    assert any(
+        n.op_type in ("DynamicQuantizeMatMul", "QAttention", "MatMulInteger")
+        for n in graphopt.load(out).graph
+    )

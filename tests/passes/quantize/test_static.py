@@ -168,10 +168,16 @@ def test_bert_tiny_close_to_float() -> None:
     # The residual stream and the scores+mask stay float on ort-cpu, each with its reason; the
     # residual Adds of a CNN (into Relu) are still quantized (test_cnn_* above).
     reasons = {n["node"]: n["reason"] for n in row.details["nodes"] if n["op_type"] == "Add"}
-    into_norm = [n.name for n in model.graph if n.op_type == "Add"
-                 and any(c.op_type == "LayerNormalization" for c in n.outputs[0].consumers())]
-    into_softmax = [n.name for n in model.graph if n.op_type == "Add"
-                    and any(c.op_type == "Softmax" for c in n.outputs[0].consumers())]
+    into_norm = [
+        n.name
+        for n in model.graph
+        if n.op_type == "Add" and any(c.op_type == "LayerNormalization" for c in n.outputs[0].consumers())
+    ]
+    into_softmax = [
+        n.name
+        for n in model.graph
+        if n.op_type == "Add" and any(c.op_type == "Softmax" for c in n.outputs[0].consumers())
+    ]
     assert len(into_norm) >= 4 and len(into_softmax) == 2
     assert all(reasons[n].startswith("residual Add into a normalization") for n in into_norm)
     assert all(reasons[n].startswith("attention-mask Add into Softmax") for n in into_softmax)
@@ -222,7 +228,9 @@ def test_include_exclude_and_int8_symmetric(cnn) -> None:
     decisions = {n["node"]: n for n in row.details["nodes"]}
     assert decisions["node_Conv_4"]["quantized"] is False and decisions["node_Conv_4"]["reason"] == "excluded"
 
-    q, row = quantize(model, d.calibration(64), "include=[Gemm],activation_type=int8,activation_symmetric=true")
+    q, row = quantize(
+        model, d.calibration(64), "include=[Gemm],activation_type=int8,activation_symmetric=true"
+    )
     assert all(producer_op(n.inputs[1]) != "DequantizeLinear" for n in q.graph if n.op_type == "Conv")
     gemms = [n for n in q.graph if n.op_type == "Gemm"]
     assert all(producer_op(n.inputs[1]) == "DequantizeLinear" for n in gemms)
@@ -241,7 +249,9 @@ def test_tensorrt_placement(cnn) -> None:
     assert sum(n.op_type == "Relu" for n in g) == 4  # TensorRT fuses activations itself
     for n in g:
         if n.op_type in ("Conv", "Gemm"):
-            assert producer_op(n.inputs[1]) == "DequantizeLinear" and n.inputs[2].const_value is not None  # float bias
+            assert (
+                producer_op(n.inputs[1]) == "DequantizeLinear" and n.inputs[2].const_value is not None
+            )  # float bias
     add = next(n for n in g if n.op_type == "Add")
     assert all(producer_op(v) == "DequantizeLinear" for v in add.inputs)  # both residual inputs
     for n in g:
@@ -258,7 +268,8 @@ def test_calibration_is_cached_across_runs(cnn) -> None:
     shared: dict = {"calibration": CalibrationData.from_any(d.calibration(64))}
     _, r1 = Pipeline.parse("quantize-static(calibrator=entropy)").run(model.clone(), context=shared)
     _, r2 = Pipeline.parse("quantize-static(calibrator=entropy,include=[node_Conv_4])").run(
-        model.clone(), context=shared)
+        model.clone(), context=shared
+    )
     _, r3 = Pipeline.parse("quantize-static(calibrator=mse)").run(model.clone(), context=shared)
     assert r1.passes[0].details["calibration"]["cached"] is False
     assert r2.passes[0].details["calibration"]["cached"] is True
@@ -278,8 +289,10 @@ def test_no_calibration_data_is_a_clear_error(cnn) -> None:
         quantize(model, [{"x": d.x_train[:4]}, {"x": d.x_train[:4, :, :4]}])
 
 
-@pytest.mark.parametrize("opt", ["calibrator=kmeans", "placement=gpu", "activation_type=float8",
-                                 "op_types=[Softmax2]", "percentile=10"])
+@pytest.mark.parametrize(
+    "opt",
+    ["calibrator=kmeans", "placement=gpu", "activation_type=float8", "op_types=[Softmax2]", "percentile=10"],
+)
 def test_bad_options(cnn, opt: str) -> None:
     d, model = cnn
     with pytest.raises(PipelineError):
@@ -291,15 +304,27 @@ def test_unknown_dtype_input_is_skipped_with_reason() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.ones(12, np.float32))
-    nodes = [helper.make_node("Mystery", ["x"], ["h"], domain="example.custom"),
-             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    nodes = [
+        helper.make_node("Mystery", ["x"], ["h"], domain="example.custom"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+    ]
     graph = helper.make_graph(nodes, "g", [x], [y], initializer=[w])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)])
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    )
     model = ir.serde.deserialize_model(proto)
-    m, report = Pipeline.parse("quantize-static").run(model, context={"calibration": [{"x": np.ones((2, 4), np.float32)}]})
+    m, report = Pipeline.parse("quantize-static").run(
+        model, context={"calibration": [{"x": np.ones((2, 4), np.float32)}]}
+    )
     decisions = report.passes[0].details["nodes"]
-    assert decisions == [{"node": "mm", "op_type": "MatMul", "quantized": False,
-                          "reason": "input dtype unknown is not float32"}]
+    assert decisions == [
+        {
+            "node": "mm",
+            "op_type": "MatMul",
+            "quantized": False,
+            "reason": "input dtype unknown is not float32",
+        }
+    ]
     assert not any(n.op_type == "QuantizeLinear" for n in m.graph)
 
 
@@ -315,13 +340,19 @@ def test_smooth_quant_folds_into_layernorm() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, c])
     y1 = helper.make_tensor_value_info("y1", TensorProto.FLOAT, [None, 5, 32])
     y2 = helper.make_tensor_value_info("y2", TensorProto.FLOAT, [None, 5, 32])
-    inits = [onnx.numpy_helper.from_array(a, n) for a, n in
-             [(scale, "g"), (np.zeros(c, np.float32), "b"), (w1, "w1"), (w2, "w2")]]
-    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
-             helper.make_node("MatMul", ["h", "w1"], ["y1"], name="mm1"),
-             helper.make_node("MatMul", ["h", "w2"], ["y2"], name="mm2")]
-    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y1, y2], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    inits = [
+        onnx.numpy_helper.from_array(a, n)
+        for a, n in [(scale, "g"), (np.zeros(c, np.float32), "b"), (w1, "w1"), (w2, "w2")]
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "w1"], ["y1"], name="mm1"),
+        helper.make_node("MatMul", ["h", "w2"], ["y2"], name="mm2"),
+    ]
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y1, y2], initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model = ir.serde.deserialize_model(proto)
     calib = [{"x": rng.standard_normal((2, 5, c)).astype(np.float32)} for _ in range(4)]
     test = {"x": rng.standard_normal((4, 5, c)).astype(np.float32)}
@@ -346,21 +377,36 @@ def test_relu6_clip_is_absorbed_and_runs_as_qlinearconv(tmp_path) -> None:
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
     w2 = rng.standard_normal((4, 8, 1, 1)).astype(np.float32)
-    inits = [onnx.numpy_helper.from_array(a, n) for a, n in
-             [(w1, "w1"), (np.zeros(8, np.float32), "b1"), (w2, "w2"), (np.array(0.0, np.float32), "lo"),
-              (np.array(6.0, np.float32), "hi")]]
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="relu6"),
-             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    inits = [
+        onnx.numpy_helper.from_array(a, n)
+        for a, n in [
+            (w1, "w1"),
+            (np.zeros(8, np.float32), "b1"),
+            (w2, "w2"),
+            (np.array(0.0, np.float32), "lo"),
+            (np.array(6.0, np.float32), "hi"),
+        ]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="relu6"),
+        helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])
-    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model = ir.serde.deserialize_model(proto)
     calib = [{"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
     q, row = quantize(model, calib)
     assert not any(n.op_type == "Clip" for n in q.graph)
-    assert {d["node"]: d["quantized"] for d in row.details["nodes"]} == {"conv1": True, "relu6": True, "conv2": True}
+    assert {d["node"]: d["quantized"] for d in row.details["nodes"]} == {
+        "conv1": True,
+        "relu6": True,
+        "conv2": True,
+    }
     conv1 = next(n for n in q.graph if n.name == "conv1")
     q1 = next(iter(conv1.outputs[0].consumers()))
     assert const(q1.inputs[2]) == 0
@@ -389,6 +435,7 @@ def test_other_transformers_close_to_float(kind: str) -> None:
 
     b = getattr(models, f"build_{kind}")("tiny")
     model = graphopt.optimize(b.export(), pipeline=PRE).model
+
     def feeds(seed: int) -> dict:
         return b.feeds(2, seed=seed) if kind == "vit" else b.feeds(2, 16, seed=seed)
 
@@ -405,12 +452,16 @@ def test_embeddings_option_stores_int8_tables() -> None:
     table = rng.standard_normal((10, 8)).astype(np.float32)
     w = rng.standard_normal((8, 4)).astype(np.float32)
     inits = [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(w, "w")]
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
-             helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["y"], name="mm"),
+    ]
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [None, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 4])
-    proto = helper.make_model(helper.make_graph(nodes, "g", [ids], [y], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [ids], [y], initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model = ir.serde.deserialize_model(proto)
     calib = [{"ids": rng.integers(0, 10, (2, 3))} for _ in range(3)]
     plain, row = quantize(model, calib)
@@ -443,10 +494,14 @@ def test_smooth_quant_folds_into_rmsnorm_mul() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, c])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 16])
     inits = [onnx.numpy_helper.from_array(gamma, "gamma"), onnx.numpy_helper.from_array(w, "w")]
-    nodes = [helper.make_node("Mul", ["x", "gamma"], ["h"], name="rms_scale"),
-             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
-    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [
+        helper.make_node("Mul", ["x", "gamma"], ["h"], name="rms_scale"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+    ]
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     model = ir.serde.deserialize_model(proto)
     calib = [{"x": rng.standard_normal((2, 4, c)).astype(np.float32)} for _ in range(4)]
     q, row = quantize(model, calib, "smooth_quant=0.5")

@@ -82,20 +82,32 @@ def dequantize_node(node: ir.Node) -> np.ndarray:
     return w.reshape(n, nb * bs)[:, :k].T
 
 
-def matmul_model(w: np.ndarray, *, gemm: dict | None = None, bias: np.ndarray | None = None,
-                 shared: bool = False) -> ir.Model:
+def matmul_model(
+    w: np.ndarray, *, gemm: dict | None = None, bias: np.ndarray | None = None, shared: bool = False
+) -> ir.Model:
     """x[B, S, K] @ w (MatMul) or Gemm(x[M, K], w, bias, **gemm); ``shared``: two MatMuls read w."""
     k = w.shape[1] if gemm and gemm.get("transB") else w.shape[0]
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT),
-                 shape=ir.Shape(["M", k] if gemm is not None else ["B", "S", k]))
-    wv = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(w.shape),
-                  const_value=ir.tensor(w, name="w"))
+    x = ir.Value(
+        name="x",
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape(["M", k] if gemm is not None else ["B", "S", k]),
+    )
+    wv = ir.Value(
+        name="w",
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape(w.shape),
+        const_value=ir.tensor(w, name="w"),
+    )
     inits = [wv]
     if gemm is not None:
         inputs = [x, wv]
         if bias is not None:
-            bv = ir.Value(name="c", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(bias.shape),
-                          const_value=ir.tensor(bias, name="c"))
+            bv = ir.Value(
+                name="c",
+                type=ir.TensorType(ir.DataType.FLOAT),
+                shape=ir.Shape(bias.shape),
+                const_value=ir.tensor(bias, name="c"),
+            )
             inits.append(bv)
             inputs.append(bv)
         nodes = [ir.node("Gemm", inputs, attributes=gemm, name="gemm")]
@@ -135,8 +147,11 @@ def gpt2_lm():
 # --- structure -------------------------------------------------------------------------------
 def test_llama_after_fuse_matmuls_become_matmulnbits_with_schema_shapes(llama):
     built, fused = llama
-    shapes = {n.name: n.inputs[1].const_value.numpy().shape for n in fused.graph
-              if n.op_type == "MatMul" and n.inputs[1].const_value is not None}
+    shapes = {
+        n.name: n.inputs[1].const_value.numpy().shape
+        for n in fused.graph
+        if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+    }
     q, row = quantize(fused.clone(), "quantize-weight-only(min_size=0)")
     nbits = ms_nodes(q, "MatMulNBits")
     assert len(nbits) == len(shapes) == 14
@@ -157,7 +172,10 @@ def test_llama_after_fuse_matmuls_become_matmulnbits_with_schema_shapes(llama):
     assert row.stats["quantized"] == 15
     # the float weights are gone: the file is smaller
     assert "embed_tokens.weight" not in q.graph.initializers
-    assert graphopt.pipeline.model_stats(q).initializer_bytes < 0.3 * graphopt.pipeline.model_stats(fused).initializer_bytes
+    assert (
+        graphopt.pipeline.model_stats(q).initializer_bytes
+        < 0.3 * graphopt.pipeline.model_stats(fused).initializer_bytes
+    )
 
 
 def test_min_size_skips_small_weights_with_reason(llama):
@@ -177,8 +195,11 @@ def test_packed_weights_dequantize_to_numpy_rtn_reference(bits, block, k, symmet
     w = (rng.standard_normal((k, 48)) * rng.uniform(0.1, 2, (1, 48))).astype(np.float32)
     w[:, 3] = 0.0  # all-zero blocks
     model = matmul_model(w)
-    q, _ = quantize(model, f"quantize-weight-only(bits={bits},block_size={block},symmetric={str(symmetric).lower()},"
-                           "min_size=0,accuracy_level=0)")
+    q, _ = quantize(
+        model,
+        f"quantize-weight-only(bits={bits},block_size={block},symmetric={str(symmetric).lower()},"
+        "min_size=0,accuracy_level=0)",
+    )
     (node,) = ms_nodes(q, "MatMulNBits")
     assert node.attributes.get_int("K") == k
     assert (len(node.inputs) > 3) == (not symmetric)
@@ -198,8 +219,11 @@ def test_llama_output_close_to_float(llama):
     built, fused = llama
     feeds = built.feeds(2, 16, seed=3)
     ref = run_model(fused, feeds)[0][1]
-    for spec, bound in [("quantize-weight-only", 0.99), ("quantize-weight-only(bits=8)", 0.9995),
-                        ("quantize-weight-only(symmetric=false,accuracy_level=0)", 0.99)]:
+    for spec, bound in [
+        ("quantize-weight-only", 0.99),
+        ("quantize-weight-only(bits=8)", 0.9995),
+        ("quantize-weight-only(symmetric=false,accuracy_level=0)", 0.99),
+    ]:
         q, _ = quantize(fused.clone(), spec)
         assert cosine(run_model(q, feeds)[0][1], ref) > bound, spec
 
@@ -242,8 +266,11 @@ def test_gemm_trans_b_with_bias_and_rejected_gemms():
     np.testing.assert_allclose(dequantize_node(node), ref, rtol=1e-6, atol=1e-7)
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(run_model(q, {"x": x})[0][1], x @ ref + c, rtol=1e-4, atol=1e-4)
-    for attrs, reason in [({"alpha": 2.0}, "Gemm alpha != 1"), ({"transA": 1}, "Gemm transA=1"),
-                          ({"beta": 0.5}, "Gemm beta != 1")]:
+    for attrs, reason in [
+        ({"alpha": 2.0}, "Gemm alpha != 1"),
+        ({"transA": 1}, "Gemm transA=1"),
+        ({"beta": 0.5}, "Gemm beta != 1"),
+    ]:
         k = 64
         m = matmul_model(rng.standard_normal((k, 40)).astype(np.float32), gemm=attrs, bias=c)
         if attrs.get("transA"):
@@ -305,14 +332,17 @@ def test_gptq_on_llama_improves_hidden_state_and_is_default_with_data(llama):
 
 
 # --- options and skips -----------------------------------------------------------------------
-@pytest.mark.parametrize("spec", [
-    "quantize-weight-only(bits=3)",
-    "quantize-weight-only(block_size=24)",
-    "quantize-weight-only(block_size=8)",
-    "quantize-weight-only(accuracy_level=7)",
-    "quantize-weight-only(method=awq2)",
-    "quantize-weight-only(damp=2)",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "quantize-weight-only(bits=3)",
+        "quantize-weight-only(block_size=24)",
+        "quantize-weight-only(block_size=8)",
+        "quantize-weight-only(accuracy_level=7)",
+        "quantize-weight-only(method=awq2)",
+        "quantize-weight-only(damp=2)",
+    ],
+)
 def test_bad_options_raise_pipeline_error(spec):
     with pytest.raises(PipelineError):
         Pipeline.parse(spec)
@@ -367,8 +397,12 @@ def norm_matmul_model(gamma: np.ndarray, w: np.ndarray, w2: np.ndarray) -> ir.Mo
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "S", k]))
 
     def init(name: str, a: np.ndarray) -> ir.Value:
-        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(a.shape),
-                        const_value=ir.tensor(a, name=name))
+        return ir.Value(
+            name=name,
+            type=ir.TensorType(ir.DataType.FLOAT),
+            shape=ir.Shape(a.shape),
+            const_value=ir.tensor(a, name=name),
+        )
 
     g, b = init("gamma", gamma), init("beta", np.full(k, 0.1, np.float32))
     wa, wb = init("wa", w), init("wb", w2)
@@ -377,8 +411,9 @@ def norm_matmul_model(gamma: np.ndarray, w: np.ndarray, w2: np.ndarray) -> ir.Mo
     m2 = ir.node("MatMul", [ln.outputs[0], wb], name="m2")
     add = ir.node("Add", [m1.outputs[0], m2.outputs[0]], name="add")
     add.outputs[0].name = "y"
-    graph = ir.Graph([x], [add.outputs[0]], nodes=[ln, m1, m2, add], initializers=[g, b, wa, wb],
-                     opset_imports={"": 21})
+    graph = ir.Graph(
+        [x], [add.outputs[0]], nodes=[ln, m1, m2, add], initializers=[g, b, wa, wb], opset_imports={"": 21}
+    )
     from graphopt.passes.cleanup import ShapeInferencePass
 
     model = ir.Model(graph, ir_version=10)
@@ -397,8 +432,11 @@ def test_awq_folds_channel_scales_into_the_norm_and_beats_rtn_on_salient_channel
     ref = run_model(norm_matmul_model(gamma, w, w2), test)[0][1]
 
     def error(method: str) -> tuple[float, dict, ir.Model]:
-        q, row = quantize(norm_matmul_model(gamma, w, w2),
-                          f"quantize-weight-only(min_size=0,accuracy_level=0,method={method})", calibration=calib)
+        q, row = quantize(
+            norm_matmul_model(gamma, w, w2),
+            f"quantize-weight-only(min_size=0,accuracy_level=0,method={method})",
+            calibration=calib,
+        )
         return float(np.mean((run_model(q, test)[0][1] - ref) ** 2)), row.details, q
 
     e_rtn, _, _ = error("rtn")
@@ -414,8 +452,11 @@ def test_awq_folds_channel_scales_into_the_norm_and_beats_rtn_on_salient_channel
 def test_awq_skips_sites_it_cannot_fold_exactly():
     rng = np.random.default_rng(0)
     calib = [{"x": rng.standard_normal((1, 8, 64)).astype(np.float32)}]
-    q, row = quantize(matmul_model(rng.standard_normal((64, 32)).astype(np.float32)),
-                      "quantize-weight-only(min_size=0,method=awq)", calibration=calib)
+    q, row = quantize(
+        matmul_model(rng.standard_normal((64, 32)).astype(np.float32)),
+        "quantize-weight-only(min_size=0,method=awq)",
+        calibration=calib,
+    )
     assert row.details["awq_skipped"] == {"input not from a norm or a Mul by a constant": 1}
     assert row.details["awq_folded"] == 0
     assert len(ms_nodes(q, "MatMulNBits")) == 1
@@ -428,14 +469,22 @@ def test_float16_weights_and_embedding_get_float16_scales_and_run():
     e = rng.standard_normal((100, 64)).astype(np.float16)
     x = ir.Value(name="x", type=ir.TensorType(f16), shape=ir.Shape(["B", 64]))
     ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B"]))
-    wv = ir.Value(name="w", type=ir.TensorType(f16), shape=ir.Shape(w.shape), const_value=ir.tensor(w, name="w"))
-    ev = ir.Value(name="e", type=ir.TensorType(f16), shape=ir.Shape(e.shape), const_value=ir.tensor(e, name="e"))
+    wv = ir.Value(
+        name="w", type=ir.TensorType(f16), shape=ir.Shape(w.shape), const_value=ir.tensor(w, name="w")
+    )
+    ev = ir.Value(
+        name="e", type=ir.TensorType(f16), shape=ir.Shape(e.shape), const_value=ir.tensor(e, name="e")
+    )
     gather = ir.node("Gather", [ev, ids], name="embed")
     add = ir.node("Add", [x, gather.outputs[0]], name="add")
     mm = ir.node("MatMul", [add.outputs[0], wv], name="mm")
     mm.outputs[0].name = "y"
-    model = ir.Model(ir.Graph([x, ids], [mm.outputs[0]], nodes=[gather, add, mm], initializers=[wv, ev],
-                              opset_imports={"": 21}), ir_version=10)
+    model = ir.Model(
+        ir.Graph(
+            [x, ids], [mm.outputs[0]], nodes=[gather, add, mm], initializers=[wv, ev], opset_imports={"": 21}
+        ),
+        ir_version=10,
+    )
     from graphopt.passes.cleanup import ShapeInferencePass
 
     ShapeInferencePass()(model)
@@ -470,7 +519,9 @@ def test_awq_folds_into_decomposed_rmsnorm_mul_or_fused_norm_exactly_on_llama(ll
     built = llama[0]
     model = graphopt.optimize(built.export(), pipeline=pipeline).model
     calib = [built.feeds(2, 64, seed=s) for s in range(2)]
-    q, row = quantize(model.clone(), "quantize-weight-only(method=awq,min_size=0,awq_grid=3)", calibration=calib)
+    q, row = quantize(
+        model.clone(), "quantize-weight-only(method=awq,min_size=0,awq_grid=3)", calibration=calib
+    )
     assert row.details["awq_folded"] + list(row.details["awq_alphas"]).count(0.0) == 4  # q/k/v, gate/up x 2
     feeds = built.feeds(2, 16, seed=5)
     assert cosine(run_model(q, feeds)[0][1], run_model(model, feeds)[0][1]) > 0.985
@@ -484,8 +535,9 @@ def test_awq_scaling_is_exact_before_rounding_through_a_reshape():
     built = build_gpt2("tiny")
     model = graphopt.optimize(built.export(), pipeline="cleanup").model
     calib = [built.feeds(2, 32, seed=s) for s in range(2)]
-    q, row = quantize(model.clone(), "quantize-weight-only(method=awq,bits=8,block_size=16,min_size=0)",
-                      calibration=calib)
+    q, row = quantize(
+        model.clone(), "quantize-weight-only(method=awq,bits=8,block_size=16,min_size=0)", calibration=calib
+    )
     assert row.details["awq_folded"] >= 1
     feeds = built.feeds(2, 16, seed=5)
     assert cosine(run_model(q, feeds)[0][1], run_model(model, feeds)[0][1]) > 0.9995
