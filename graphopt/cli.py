@@ -1,7 +1,9 @@
 """The ``graphopt`` command: optimize, inspect, verify, passes.
 
-Exit codes: 0 done; 1 verification failed; 2 bad input or usage (one line on stderr, nothing
-written); 3 internal error (a bug: rerun with GRAPHOPT_DEBUG=1 for the traceback).
+Exit codes: 0 done; 1 verification failed, nothing else; 2 bad input or usage (one line on stderr,
+no traceback, nothing written); 3 internal error, only for a genuine bug (rerun with
+GRAPHOPT_DEBUG=1 for the traceback). Input models are validated before any pass runs, so a pass
+that fails on a model that got that far is a bug (3), never "verification failed" (1).
 """
 
 from __future__ import annotations
@@ -125,13 +127,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "passes": _passes}[
             args.command
         ](args)
-    except VerificationError as e:
-        sys.stderr.write(f"graphopt: verification failed: {e}\n")
+    except VerificationError as e:  # exit code 1 means this and nothing else
+        sys.stderr.write(f"graphopt: verification failed: {' '.join(str(e).split())}\n")
         return 1
     except GraphoptError as e:
         msg = " ".join(str(e).split())
+        if e.exit_code == 3:  # a pass crashed or broke a validated model: a bug, not bad input
+            if os.environ.get("GRAPHOPT_DEBUG"):
+                raise
+            sys.stderr.write(f"graphopt: internal error: {msg} (this is a bug; rerun with GRAPHOPT_DEBUG=1 "
+                             "for the traceback)\n")
+            return 3
         sys.stderr.write(f"graphopt: error: {msg}\n")
-        return e.exit_code
+        return 2
     except BrokenPipeError:
         # `graphopt passes | head`: the reader went away; that is not an error.
         with contextlib.suppress(OSError):
