@@ -172,7 +172,9 @@ def optimize(
     if calibration is not None:
         from graphopt.calibration import CalibrationData
 
-        context["calibration"] = CalibrationData.from_any(calibration)
+        data = CalibrationData.from_any(calibration)
+        data.check(original)  # names, dtypes, shapes (from headers) and finite values: before any pass
+        context["calibration"] = data
     # The clone shares weight data with the input (no copies) through its own tensor objects;
     # passes never change tensor data in place, so the input model stays as it was.
     result_model, report = pipe.run(

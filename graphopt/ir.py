@@ -30,6 +30,7 @@ from graphopt.errors import (
     UnsafeExternalDataError,
     UnsupportedModelError,
 )
+from graphopt.files import read_regular
 
 __all__ = [
     "ModelSource",
@@ -107,16 +108,12 @@ def load(
     elif isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         where = path
-        if not os.path.exists(path):
-            raise ModelLoadError(f"{path}: no such file; check the path")
-        if os.path.isdir(path):
-            raise ModelLoadError(f"{path}: is a folder; give the path of an .onnx file")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
+        # A regular file only (a FIFO would block, /dev/zero never end), and no more than one
+        # protobuf message can hold: weights beyond 2 GB live in external data files.
+        data = read_regular(path, "model", PROTOBUF_LIMIT, ModelLoadError,
+                            hint="larger models keep their weights in external data files")
         proto = _parse_bytes(data, path)
+        del data
         folder = os.path.dirname(os.path.abspath(path)) if base_dir is None else os.fspath(base_dir)
         source_path = os.path.realpath(path)
     else:

@@ -215,37 +215,20 @@ def generate_inputs(model: Any, *, dims: dict[str, int] | None = None, seed: int
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read feeds from an .npz file of named arrays.
 
-    Never unpickles (``allow_pickle=False``): a pickled object array in an untrusted file could
-    run code, so such files are refused.
+    Never unpickles: object arrays are refused from their headers, as are negative or oversized
+    shapes and headers that disagree with the stored size, before any data is decompressed; only a
+    regular file is opened (a FIFO would block).
     """
+    from graphopt.files import npz_infos, open_npz, read_npz_array
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise GraphoptError(f"{path}: no such input file; give an .npz of named arrays")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise GraphoptError(
-                f"{path}: not an .npz file (it holds pickled data, which is never loaded); "
-                "save the inputs with numpy.savez"
-            ) from None
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
-    except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
+    if path.endswith(".npy"):
         raise GraphoptError(f"{path}: holds a single array, not named arrays; save the inputs with numpy.savez")
-    try:
-        with data:
-            return {k: data[k] for k in data.files}
-    except ValueError as e:
-        if "object" in str(e).lower() or "pickle" in str(e).lower():
-            raise GraphoptError(
-                f"{path}: object arrays are not allowed (loading them would need unpickling); "
-                "save plain numeric, bool or fixed-width string arrays"
-            ) from None
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
-    except Exception as e:
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    infos = npz_infos(path)
+    with open_npz(path) as zf:
+        return {i.name: read_npz_array(zf, i, path) for i in infos}
 
 
 # ---------------------------------------------------------------------------------------------
