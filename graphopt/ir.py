@@ -5,6 +5,9 @@ Why not just ``onnx_ir.load``/``onnx_ir.save``: they trust external-data ``locat
 hole), write the model file non-atomically and can overwrite the data file the input model
 reads from. This module adds those checks and atomic, deterministic writes, and keeps onnx_ir's
 lazy, memory-mapped external tensors so weights are never copied into Python objects on load.
+The load-side checks live in :mod:`graphopt.files` (regular files, bounded reads),
+:mod:`graphopt.external` (external data and sparse initializers) and :mod:`graphopt.validate`
+(the model against the ONNX spec).
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import ntpath
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +31,9 @@ from graphopt.errors import (
     UnsafeExternalDataError,
     UnsupportedModelError,
 )
+from graphopt.external import check_external_protos, check_external_tensor, densify_sparse_initializers
+from graphopt.external import expected_nbytes as _expected_nbytes
+from graphopt.external import safe_relative as _safe_relative
 from graphopt.files import read_regular
 
 __all__ = [
@@ -123,23 +127,20 @@ def load(
         )
 
     check_supported(proto, where, allow_custom_domains=allow_custom_domains)
+    # Every external reference (sparse initializers' too) against the model's folder, before
+    # anything reads one.
+    check_external_protos(proto, folder, where)
     if proto.graph.sparse_initializer:
-        proto = _densify_sparse_initializers(proto, where)
+        proto = densify_sparse_initializers(proto, where, folder)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises plain exceptions on malformed protos
         raise ModelLoadError(f"{where}: malformed ONNX model ({_one_line(e)})") from None
 
-    tensors = list(external_tensors(model))
-    if tensors:
-        if folder is None:
-            raise ModelLoadError(
-                f"{where}: the model keeps weights in external data files; load it from its "
-                "path or pass base_dir= the folder that holds the data files"
-            )
-        for tensor in tensors:
-            tensor.base_dir = folder
-            check_external_tensor(tensor, folder, where)
+    for tensor in external_tensors(model):
+        assert folder is not None  # check_external_protos refused external data without a folder
+        tensor.base_dir = folder
+        check_external_tensor(tensor, folder, where)
     if source_path is not None:
         model.meta[SOURCE_KEY] = source_path
     return model
@@ -148,36 +149,6 @@ def load(
 #: Model metadata key: "1" = ``save`` stores mostly-zero weights as sparse initializers
 #: (set by ``prune(sparse_storage=true)``).
 SPARSE_STORAGE_KEY = "graphopt.sparse_storage"
-
-
-def _densify_sparse_initializers(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """Sparse initializers as dense ones (a copy; the caller's proto is untouched).
-
-    onnx_ir has no sparse tensors and would drop them, leaving the nodes that read them without
-    an input; ONNX Runtime densifies them at load time anyway, so graphopt does the same.
-    """
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    graph = out.graph
-    for sp in graph.sparse_initializer:
-        try:
-            values = numpy_helper.to_array(sp.values)
-            indices = numpy_helper.to_array(sp.indices).astype(np.int64)
-            dims = tuple(int(d) for d in sp.dims)
-            dense = np.zeros(dims, dtype=values.dtype)
-            if indices.ndim == 2:  # [nnz, rank] coordinates
-                dense[tuple(indices.T)] = values
-            else:  # linearized indices
-                dense.reshape(-1)[indices] = values
-        except Exception as e:
-            raise ModelLoadError(
-                f"{where}: sparse initializer '{sp.values.name}' is malformed ({_one_line(e)})"
-            ) from None
-        graph.initializer.append(numpy_helper.from_array(dense, sp.values.name))
-    del graph.sparse_initializer[:]
-    return out
 
 
 def to_sparse_proto(proto: onnx.ModelProto, *, min_sparsity: float | None = None) -> onnx.ModelProto:
@@ -307,88 +278,6 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
                     if isinstance(t, ir.ExternalTensor) and id(t) not in seen:
                         seen.add(id(t))
                         yield t
-
-
-def _is_absolute(location: str) -> bool:
-    return (
-        os.path.isabs(location)
-        or ntpath.isabs(location)
-        or bool(ntpath.splitdrive(location)[0])
-        or location.startswith(("\\", "/"))
-    )
-
-
-def _safe_relative(location: str, folder: str, where: str, what: str) -> str:
-    """Resolve ``location`` inside ``folder``; refuse absolute paths, escapes and symlinks."""
-    if not location or "\x00" in location:
-        raise UnsafeExternalDataError(f"{where}: {what} has an empty or invalid location")
-    if _is_absolute(location):
-        raise UnsafeExternalDataError(
-            f"{where}: {what} location '{location}' is an absolute path; external data must "
-            "be a relative path inside the model's folder"
-        )
-    parts = location.replace("\\", "/").split("/")
-    if ".." in parts:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} location '{location}' contains '..' and may leave the model's "
-            "folder; move the data file next to the model"
-        )
-    root = os.path.realpath(folder)
-    current = root
-    for part in parts:
-        if part in ("", "."):
-            continue
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            raise UnsafeExternalDataError(
-                f"{where}: {what} location '{location}' goes through a symbolic link; "
-                "copy the data file next to the model instead"
-            )
-    resolved = os.path.realpath(current)
-    if os.path.commonpath([resolved, root]) != root:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} location '{location}' resolves outside the model's folder"
-        )
-    return resolved
-
-
-def _expected_nbytes(tensor: ir.ExternalTensor) -> int:
-    count = math.prod(tensor.shape.numpy())
-    return math.ceil(count * tensor.dtype.bitwidth / 8)
-
-
-def check_external_tensor(tensor: ir.ExternalTensor, folder: str, where: str) -> None:
-    """Refuse an external reference that escapes, links, is missing or lies past the file's end."""
-    what = f"external data of tensor '{tensor.name}'"
-    path = _safe_relative(os.fspath(tensor.location), folder, where, what)
-    if not os.path.exists(path):
-        raise ModelLoadError(
-            f"{where}: {what} is missing: file '{tensor.location}' not found next to the model; "
-            "copy the data file into the model's folder"
-        )
-    st = os.stat(path)
-    if not os.path.isfile(path):
-        raise UnsafeExternalDataError(f"{where}: {what} '{tensor.location}' is not a regular file")
-    if st.st_nlink > 1:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} '{tensor.location}' is a hard-linked file; copy it to a plain "
-            "file next to the model"
-        )
-    offset = tensor.offset or 0
-    expected = _expected_nbytes(tensor)
-    length = tensor.length if tensor.length is not None else expected
-    if offset < 0 or length < 0:
-        raise UnsafeExternalDataError(f"{where}: {what} has a negative offset or length")
-    if length < expected:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} has length {length} but its shape and dtype need {expected} bytes"
-        )
-    if offset + length > st.st_size:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} reads bytes {offset}..{offset + length} of '{tensor.location}', "
-            f"which has only {st.st_size} bytes; the data file is truncated or does not belong "
-            "to this model"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
