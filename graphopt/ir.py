@@ -29,12 +29,12 @@ from graphopt.errors import (
     ModelLoadError,
     OutputError,
     UnsafeExternalDataError,
-    UnsupportedModelError,
 )
 from graphopt.external import check_external_protos, check_external_tensor, densify_sparse_initializers
 from graphopt.external import expected_nbytes as _expected_nbytes
 from graphopt.external import safe_relative as _safe_relative
 from graphopt.files import read_regular
+from graphopt.validate import KNOWN_DOMAINS, check_supported, validate_model
 
 __all__ = [
     "ModelSource",
@@ -59,23 +59,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 AUTO_EXTERNAL_BYTES = 1_800_000_000
 #: Tensors at least this large go to the external data file when one is written.
 EXTERNAL_SIZE_THRESHOLD = 1024
-
-#: Operator domains ONNX Runtime implements. A node in any other domain (and not a model-local
-#: function) is an op nobody here can run, fold or verify.
-KNOWN_DOMAINS = frozenset(
-    {
-        "",
-        "ai.onnx",
-        "ai.onnx.ml",
-        "ai.onnx.training",
-        "ai.onnx.preview",
-        "ai.onnx.preview.training",
-        "com.microsoft",
-        "com.microsoft.nchwc",
-        "com.microsoft.experimental",
-        "com.ms.internal.nhwc",
-    }
-)
 
 #: Key under which a loaded model remembers the file it came from (never serialised).
 SOURCE_KEY = "graphopt.source_path"
@@ -128,8 +111,9 @@ def load(
 
     check_supported(proto, where, allow_custom_domains=allow_custom_domains)
     # Every external reference (sparse initializers' too) against the model's folder, before
-    # anything reads one.
+    # anything reads one; then the model against the ONNX spec, before any pass sees it.
     check_external_protos(proto, folder, where)
+    proto = validate_model(proto, where, folder=folder, allow_custom_domains=allow_custom_domains)
     if proto.graph.sparse_initializer:
         proto = densify_sparse_initializers(proto, where, folder)
     try:
@@ -205,53 +189,6 @@ def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
             f"{where}: not an ONNX model (no ir_version or graph); check that the file is an .onnx model"
         )
     return proto
-
-
-def check_supported(
-    proto: onnx.ModelProto, where: str = "<model>", *, allow_custom_domains: bool = False
-) -> None:
-    """Refuse models whose opset or operator domains graphopt cannot handle safely."""
-    if proto.ir_version > onnx.IR_VERSION:
-        raise UnsupportedModelError(
-            f"{where}: IR version {proto.ir_version} is newer than this onnx package supports "
-            f"({onnx.IR_VERSION}); upgrade onnx or re-export with an older IR version"
-        )
-    newest = onnx.defs.onnx_opset_version()
-    for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > newest:
-            raise UnsupportedModelError(
-                f"{where}: opset {opset.version} is newer than this onnx package supports "
-                f"({newest}); upgrade onnx or export with opset <= {newest}"
-            )
-    if allow_custom_domains:
-        return
-    local = {f.domain for f in proto.functions}
-    for domain, op_type in _node_domains(proto):
-        if domain not in KNOWN_DOMAINS and domain not in local:
-            raise UnsupportedModelError(
-                f"{where}: operator {domain}::{op_type} is in an unknown custom domain "
-                f"'{domain}' that ONNX Runtime cannot run, so graphopt cannot optimize or verify "
-                "it; remove the custom op or pass allow_custom_domains=True "
-                "(--allow-custom-domains) to leave those nodes untouched"
-            )
-
-
-def _node_domains(proto: onnx.ModelProto) -> Iterator[tuple[str, str]]:
-    stack: list[onnx.GraphProto] = [proto.graph]
-    nodes: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
-    while stack:
-        g = stack.pop()
-        nodes.extend(g.node)
-        for n in g.node:
-            for a in n.attribute:
-                if a.HasField("g"):
-                    stack.append(a.g)
-                stack.extend(a.graphs)
-    seen = set()
-    for n in nodes:
-        if n.domain not in seen:
-            seen.add(n.domain)
-            yield n.domain, n.op_type
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
