@@ -1,4 +1,6 @@
-"""Reading untrusted input files: regular files only, bounded reads, array headers before data.
+"""Files in and out: untrusted input read safely, output written atomically.
+
+Reading untrusted input files: regular files only, bounded reads, array headers before data.
 
 A FIFO given as a model or data path blocks ``open()`` until some writer appears, and a device
 such as ``/dev/zero`` never ends; a ``.npz`` member can declare any shape and inflate to any size.
@@ -6,6 +8,10 @@ So every input file is opened without blocking and refused unless it is a regula
 bounded by what the file can legitimately hold, and ``.npy``/``.npz`` headers are read and checked
 (no object arrays, no negative dimensions, the declared size equal to the stored size, a size that
 fits in memory) before any array data is read or decompressed.
+
+Writing: every output file appears complete or not at all (a temporary file in the same folder,
+fsync, rename). A writer holds a lock on its temporary file until the rename, so one killed
+mid-write leaves a temporary file nobody holds, and the next save of the same output removes it.
 """
 
 from __future__ import annotations
@@ -14,10 +20,18 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import stat
+import tempfile
+import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporary files are recognised by age instead
+    fcntl = None  # type: ignore[assignment]  # the module is optional
 
 import numpy as np
 
@@ -289,3 +303,123 @@ def count_non_finite(arr: np.ndarray, chunk: int = 1 << 22) -> int:
         part = flat[start : start + chunk]
         bad += int(part.size - np.count_nonzero(np.isfinite(part)))
     return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+#: A temporary file of no writer (no lock) this old is always stale; younger and empty, it may
+#: be one a writer has just created and not locked yet.
+_FRESH_S = 5.0
+#: Without file locks (Windows), only temporary files older than this are taken as stale.
+_STALE_WITHOUT_LOCKS_S = 24 * 3600.0
+
+
+class _Temp:
+    """A complete, fsynced temporary file, still open and locked until it is renamed or removed."""
+
+    def __init__(self, path: str, file: IO[bytes]) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = file
+
+    def commit(self, dest: str) -> None:
+        os.replace(self.path, dest)
+        self.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the lock
+            self._file = None
+
+
+def _temp_name_pattern(path: str) -> re.Pattern[str]:
+    # mkstemp's names: prefix + 8 characters of "a-z0-9_" + suffix
+    return re.compile(r"\." + re.escape(os.path.basename(path)) + r"\.[a-z0-9_]{8}\.tmp\Z")
+
+
+def clean_stale_temps(path: str) -> list[str]:
+    """Remove the temporary files that interrupted saves of ``path`` left behind; returns their
+    names. A file some live writer still holds (locked) is left alone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = _temp_name_pattern(path)
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not pattern.match(name):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode) or (hasattr(os, "geteuid") and st.st_uid != os.geteuid()):
+                continue
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            age = time.time() - st.st_mtime
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # a live writer holds it
+                    continue
+                if st.st_size == 0 and age < _FRESH_S:
+                    continue
+            elif age < _STALE_WITHOUT_LOCKS_S:
+                continue
+            os.unlink(full)
+            removed.append(name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _write_temp(path: str, write: Callable[[IO[bytes]], object]) -> _Temp:
+    """Write a complete, fsynced temporary file next to ``path`` (removing stale ones of earlier,
+    interrupted saves first); it stays locked until committed or discarded."""
+    folder = os.path.dirname(os.path.abspath(path))
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    f = os.fdopen(fd, "wb")
+    try:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        f.close()
+        raise
+    return _Temp(tmp, f)
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _atomic_write(path: str, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` so that it appears complete or not at all (temp file, fsync, rename)."""
+    tmp = _write_temp(path, write)
+    try:
+        tmp.commit(path)
+    except BaseException:
+        tmp.discard()
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))

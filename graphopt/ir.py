@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import IO
 
@@ -33,7 +32,7 @@ from graphopt.errors import (
 from graphopt.external import check_external_protos, check_external_tensor, densify_sparse_initializers
 from graphopt.external import expected_nbytes as _expected_nbytes
 from graphopt.external import safe_relative as _safe_relative
-from graphopt.files import read_regular
+from graphopt.files import _atomic_write, _fsync_dir, _write_temp, read_regular
 from graphopt.validate import KNOWN_DOMAINS, check_supported, validate_model
 
 __all__ = [
@@ -535,53 +534,14 @@ def _save_external(
         blob = proto.SerializeToString(deterministic=True)
         del proto
         model_tmp = _write_temp(path, lambda f: f.write(blob))
-        os.replace(data_tmp, data_path)
-        os.replace(model_tmp, path)
+        data_tmp.commit(data_path)
+        model_tmp.commit(path)
     except BaseException:
         for tmp in (data_tmp, model_tmp):
             if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                tmp.discard()
         raise
     _fsync_dir(folder)
-
-
-def _write_temp(path: str, write: object) -> str:
-    """Write a complete, fsynced temporary file next to ``path``; return its name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)  # type: ignore[operator]
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _atomic_write(path: str, write: object) -> None:
-    """Write ``path`` so that it appears complete or not at all (temp file, fsync, rename)."""
-    tmp = _write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _one_line(e: BaseException) -> str:
