@@ -313,7 +313,7 @@ def stream_tensors(
             work.graph.outputs.append(by_name[n])
             outputs.add(n)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, reported by the caller
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(to_bytes(work), so, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]

@@ -8,32 +8,38 @@ type inference where they cover it, and graphopt's own checks where they fall sh
 * text fields must be UTF-8 (protobuf requires it; the Python runtime hands out ``bytes`` for a
   broken one, which later breaks serialization) and string attributes decodable (onnx_ir keeps
   them as ``str``);
-* every node input, subgraph reference and graph output must name a defined value, with no cycle:
-  the checker only reports "not topologically sorted" for all of these, while an out-of-order
-  graph is fine for ONNX Runtime, so graphopt sorts it (stable) instead of refusing it;
-* tensor data must match its dims and dtype exactly: the checker lets more data than the shape
-  needs pass, which the IR cannot reshape;
-* contrib ops (``com.microsoft``) must be ops this ONNX Runtime registers: ONNX has no schemas
-  for them, so the checker lets any name through.
+* every node input, subgraph reference and graph output must name a defined value, with no cycle
+  (:mod:`graphopt.topology`): the checker only reports "not topologically sorted" for all of
+  these, while a graph merely listed out of order is fine for ONNX Runtime, so graphopt sorts it;
+* tensor data must match its dims and dtype exactly (the checker lets more data than the shape
+  needs pass, which the IR cannot reshape), declared element types must be ONNX data types;
+* calls of model-local functions must name a function and fit its inputs and outputs;
+* contrib ops (``com.microsoft``) must match a schema this ONNX Runtime registers (name, opset,
+  input/output counts, attributes): ONNX has no schemas for them, so the checker lets anything by.
+
+What none of these catch (ONNX's shape inference does not check, say, a Conv bias's length) is
+caught when a pass fails on it: ``optimize`` then asks ONNX Runtime whether it can run the input,
+and reports bad input (exit 2) when it cannot either.
 
 Validation is cheap for big models: weights are never handed to the checker (its C++ side would
-copy the whole model twice); large and external tensors are replaced, in a light copy, by
-placeholders of the same dtype and shape.
+copy the whole model twice); large and external tensors are replaced, in a light copy
+(:mod:`graphopt.light`), by placeholders of the same dtype and shape.
 """
 
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 import re
-from collections.abc import Iterator, MutableSequence, Sequence
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import Message
 
 from graphopt.errors import InvalidModelError, UnsupportedModelError
+from graphopt.light import light_copy
+from graphopt.topology import all_graphs, all_nodes, check_structure, describe_node
 
 __all__ = ["KNOWN_DOMAINS", "check_supported", "validate_model"]
 
@@ -54,8 +60,6 @@ KNOWN_DOMAINS = frozenset(
     }
 )
 
-#: Inline tensors larger than this are not handed to the checker (a placeholder is).
-LIGHT_BYTES = 1 << 20
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
@@ -67,17 +71,18 @@ def validate_model(
     never modified. External data must have been checked already (graphopt.external)."""
     _check_text(proto, where)
     _check_tensors(proto, where)
+    _check_value_types(proto, where)
     work = proto
     if _needs_rewrite(proto, where):
         work = onnx.ModelProto()
         work.CopyFrom(proto)
-        _check_structure(work, where, apply=True)
+        check_structure(work, where, apply=True)
         _normalize_string_constants(work, where)
-    light = _light_copy(work, folder, where)
+    light = light_copy(work, folder, where)
     _run_checker(light, where)
     _run_shape_inference(light, where, {f.name for f in proto.functions})
-    if not allow_custom_domains:
-        _check_contrib_ops(proto, where)
+    _check_function_calls(proto, where, allow_custom_domains)
+    _check_contrib_ops(proto, where, allow_custom_domains)
     return work
 
 
@@ -95,11 +100,17 @@ def check_supported(
             f"({onnx.IR_VERSION}); upgrade onnx or re-export with an older IR version"
         )
     newest = onnx.defs.onnx_opset_version()
+    newest_ml = onnx.defs.onnx_ml_opset_version()
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version > newest:
             raise UnsupportedModelError(
                 f"{where}: opset {opset.version} is newer than this onnx package supports "
                 f"({newest}); upgrade onnx or export with opset <= {newest}"
+            )
+        if opset.domain == "ai.onnx.ml" and opset.version > newest_ml:
+            raise UnsupportedModelError(
+                f"{where}: ai.onnx.ml opset {opset.version} is newer than this onnx package supports "
+                f"({newest_ml}); upgrade onnx or export with ai.onnx.ml opset <= {newest_ml}"
             )
     if allow_custom_domains:
         return
@@ -114,32 +125,33 @@ def check_supported(
             )
 
 
-def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
-    """Every node: main graph, subgraphs (any depth) and local functions."""
-    stack: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
-    stack.extend(proto.graph.node)
-    while stack:
-        n = stack.pop()
-        yield n
-        for a in n.attribute:
-            if a.HasField("g"):
-                stack.extend(a.g.node)
-            for g in a.graphs:
-                stack.extend(g.node)
-
-
 def _node_domains(proto: onnx.ModelProto) -> Iterator[tuple[str, str]]:
     seen = set()
-    for n in _all_nodes(proto):
+    for n in all_nodes(proto):
         if n.domain not in seen:
             seen.add(n.domain)
             yield n.domain, n.op_type
 
 
-def _node(n: onnx.NodeProto, index: int | None = None) -> str:
-    if n.name:
-        return f"node '{n.name}' ({n.op_type})"
-    return f"node #{index} ({n.op_type})" if index is not None else f"a nameless {n.op_type} node"
+def _needs_rewrite(proto: onnx.ModelProto, where: str) -> bool:
+    """Check the structure (raising on what is invalid); True when the nodes need sorting or a
+    Constant's string attribute needs rewriting."""
+    unsorted = check_structure(proto, where, apply=False)
+    return unsorted or any(
+        n.op_type == "Constant"
+        and any(a.name in ("value_string", "value_strings") for a in n.attribute)
+        and any(_undecodable(a) for a in n.attribute)
+        for n in all_nodes(proto)
+    )
+
+
+def _undecodable(a: onnx.AttributeProto) -> bool:
+    try:
+        for s in [a.s] if a.type == a.STRING else list(a.strings):
+            s.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +203,7 @@ def _text(value: object, field: str, message: str, where: str) -> None:
 def _normalize_string_constants(proto: onnx.ModelProto, where: str) -> None:
     """Constant(value_string(s)=...) as Constant(value=<string tensor>): the same value, but held as
     bytes, so text that is not UTF-8 survives (onnx_ir decodes string attributes)."""
-    for n in _all_nodes(proto):
+    for n in all_nodes(proto):
         if n.op_type != "Constant" or n.domain not in ("", "ai.onnx"):
             continue
         for i, a in enumerate(n.attribute):
@@ -206,185 +218,35 @@ def _normalize_string_constants(proto: onnx.ModelProto, where: str) -> None:
             break
 
 
-# ---------------------------------------------------------------------------------------------
-# Structure: definitions, uses, order
+def _check_value_types(proto: onnx.ModelProto, where: str) -> None:
+    """Declared element types of graph inputs, outputs and value_info must be ONNX data types
+    (shape inference stops at the first bad one with a bare ValueError that names nothing)."""
 
+    def element_types(t: onnx.TypeProto) -> Iterator[int]:
+        kind = t.WhichOneof("value")
+        if kind in ("tensor_type", "sparse_tensor_type"):
+            yield getattr(t, kind).elem_type
+        elif kind == "sequence_type":
+            yield from element_types(t.sequence_type.elem_type)
+        elif kind == "optional_type":
+            yield from element_types(t.optional_type.elem_type)
+        elif kind == "map_type":
+            yield t.map_type.key_type
+            yield from element_types(t.map_type.value_type)
 
-def _needs_rewrite(proto: onnx.ModelProto, where: str) -> bool:
-    """Check the structure (raising on what is invalid); True when the nodes need sorting or a
-    Constant's string attribute needs rewriting."""
-    unsorted = _check_structure(proto, where, apply=False)
-    return unsorted or any(
-        n.op_type == "Constant"
-        and any(a.name in ("value_string", "value_strings") for a in n.attribute)
-        and any(_undecodable(a) for a in n.attribute)
-        for n in _all_nodes(proto)
-    )
-
-
-def _undecodable(a: onnx.AttributeProto) -> bool:
-    try:
-        for s in [a.s] if a.type == a.STRING else list(a.strings):
-            s.decode("utf-8")
-    except UnicodeDecodeError:
-        return True
-    return False
-
-
-def _check_structure(proto: onnx.ModelProto, where: str, *, apply: bool) -> bool:
-    """Every graph and local function: defined names, no cycle, outputs produced. Returns whether
-    any graph is out of topological order (sorted in place when ``apply``)."""
-    unsorted = False
-    for f in proto.functions:
-        ctx = f" in function '{f.name}'"
-        defined = set(f.input)
-        unsorted |= _sort_nodes(f.node, defined, set(), ctx, where, apply)[1]
-        for o in f.output:
-            if o not in defined and not any(o in n.output for n in f.node):
+    values = [(v, ctx) for g, ctx in all_graphs(proto) for v in (*g.input, *g.output, *g.value_info)]
+    values += [(v, f" in function '{f.name}'") for f in proto.functions for v in f.value_info]
+    for v, ctx in values:
+        for dtype in element_types(v.type):
+            try:
+                known = ir.DataType(dtype) != ir.DataType.UNDEFINED
+            except ValueError:
+                known = False
+            if not known:
                 raise InvalidModelError(
-                    f"{where}: output '{o}'{ctx} is not produced by any node of the function"
-                )
-    unsorted |= _check_graph(proto.graph, set(), "", where, apply, main=True)[1]
-    return unsorted
-
-
-def _check_graph(
-    g: onnx.GraphProto, outer: set[str], ctx: str, where: str, apply: bool, main: bool = False
-) -> tuple[set[str], bool]:
-    """Check one graph; returns (names it uses from the enclosing scopes, whether it was unsorted)."""
-    defined: set[str] = set()
-    for i, v in enumerate(g.input):
-        if not v.name:
-            raise InvalidModelError(f"{where}: graph input #{i}{ctx} has an empty name; name it")
-        defined.add(v.name)
-    defined.update(t.name for t in g.initializer)
-    defined.update(sp.values.name for sp in g.sparse_initializer)
-    if main and not g.output:
-        raise InvalidModelError(f"{where}: the graph has no outputs, so there is nothing to compute")
-    free, unsorted = _sort_nodes(g.node, defined, outer, ctx, where, apply)
-    produced = defined | {o for n in g.node for o in n.output if o}
-    for i, v in enumerate(g.output):
-        if not v.name:
-            raise InvalidModelError(f"{where}: graph output #{i}{ctx} has an empty name; name it")
-        if v.name in produced:
-            continue
-        if v.name in outer:
-            free.add(v.name)
-            continue
-        raise InvalidModelError(
-            f"{where}: graph output '{v.name}'{ctx} is not a graph input, initializer or output of any node"
-        )
-    return free, unsorted
-
-
-def _sort_nodes(
-    nodes: MutableSequence[onnx.NodeProto],
-    defined: set[str],
-    outer: set[str],
-    ctx: str,
-    where: str,
-    apply: bool,
-) -> tuple[set[str], bool]:
-    producer: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for o in n.output:
-            if not o:
-                continue
-            if o in producer or o in defined:
-                other = (
-                    _node(nodes[producer[o]], producer[o])
-                    if o in producer
-                    else "a graph input or initializer"
-                )
-                raise InvalidModelError(
-                    f"{where}: value '{o}'{ctx} is defined twice ({other} and {_node(n, i)}); ONNX values have "
-                    "one definition: rename one"
-                )
-            producer[o] = i
-    visible = defined | set(producer) | outer
-    free: set[str] = set()
-    deps: list[set[int]] = []
-    subgraphs_unsorted = False
-    for i, n in enumerate(nodes):
-        needed = [x for x in n.input if x]
-        for a in n.attribute:
-            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
-            for sub in subs:
-                used, sub_unsorted = _check_graph(
-                    sub, visible, f" in a subgraph of {_node(n, i)}{ctx}", where, apply
-                )
-                needed.extend(sorted(used))
-                subgraphs_unsorted |= sub_unsorted
-        mine = set()
-        for x in needed:
-            if x in producer:
-                mine.add(producer[x])
-            elif x in defined:
-                continue
-            elif x in outer:
-                free.add(x)
-            else:
-                raise InvalidModelError(
-                    f"{where}: {_node(n, i)}{ctx} reads '{x}', which is not a graph input, initializer or "
-                    "output of any node" + (" (nor a value of an enclosing graph)" if ctx else "")
-                )
-        deps.append(mine)
-    order = _topological_order(nodes, deps, ctx, where)
-    unsorted = order != list(range(len(nodes)))
-    if unsorted and apply:
-        ordered = []
-        for i in order:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(nodes[i])
-            ordered.append(copy)
-        del nodes[:]
-        nodes.extend(ordered)
-    return free, unsorted or subgraphs_unsorted
-
-
-def _topological_order(
-    nodes: Sequence[onnx.NodeProto], deps: list[set[int]], ctx: str, where: str
-) -> list[int]:
-    """Kahn's algorithm, stable (a sorted graph keeps its order); refuses a cycle, naming it."""
-    users: list[list[int]] = [[] for _ in nodes]
-    missing = [len(d) for d in deps]
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    ready = [i for i, m in enumerate(missing) if m == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            missing[u] -= 1
-            if missing[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) < len(nodes):
-        left = sorted(set(range(len(nodes))) - set(order))
-        cycle = _a_cycle(left, deps)
-        if len(cycle) == 2:
-            raise InvalidModelError(
-                f"{where}: {_node(nodes[cycle[0]], cycle[0])}{ctx} reads its own output; "
-                "ONNX graphs must be acyclic"
-            )
-        names = " -> ".join(_node(nodes[i], i) for i in cycle)
-        raise InvalidModelError(f"{where}: nodes{ctx} form a cycle: {names}; ONNX graphs must be acyclic")
-    return order
-
-
-def _a_cycle(left: list[int], deps: list[set[int]]) -> list[int]:
-    """One cycle among the nodes Kahn's algorithm could not order (first node repeated at the end)."""
-    rest = set(left)
-    i = left[0]
-    path: list[int] = []
-    seen: dict[int, int] = {}
-    while i not in seen:
-        seen[i] = len(path)
-        path.append(i)
-        i = min(j for j in deps[i] if j in rest)  # a node left over always waits for another one
-    return [*path[seen[i] :], i]
+                    f"{where}: value '{v.name}'{ctx} is declared with element type {dtype}, which is not an "
+                    "ONNX data type"
+                ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,164 +300,6 @@ def _check_tensors(proto: onnx.ModelProto, where: str) -> None:
             )
 
 
-def _light_copy(proto: onnx.ModelProto, folder: str | None, where: str) -> onnx.ModelProto:
-    """What the checker sees: the model with every large or external tensor replaced by a
-    placeholder of the same dtype and shape (a Constant of an empty sparse tensor), or, where a
-    placeholder cannot stand in (old opsets), read in; small tensors are kept for the checker."""
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    sparse_ok = opset >= 11  # Constant(sparse_value) exists from opset 11
-    light = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        if proto.HasField(field):
-            setattr(light, field, getattr(proto, field))
-    light.opset_import.extend(proto.opset_import)
-    for f in proto.functions:
-        lf = light.functions.add()
-        lf.CopyFrom(f) if not any(_heavy_node(n) for n in f.node) else _light_function(lf, f, folder, where)
-    _light_graph(light.graph, proto.graph, folder, where, sparse_ok, main=True, ir_version=proto.ir_version)
-    return light
-
-
-def _heavy(t: onnx.TensorProto) -> bool:
-    return t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() > LIGHT_BYTES
-
-
-def _heavy_node(n: onnx.NodeProto) -> bool:
-    return any(
-        (a.HasField("t") and _heavy(a.t))
-        or a.HasField("g")
-        or len(a.graphs)
-        or any(_heavy(t) for t in a.tensors)
-        or (
-            a.HasField("sparse_tensor")
-            and (_heavy(a.sparse_tensor.values) or _heavy(a.sparse_tensor.indices))
-        )
-        for a in n.attribute
-    )
-
-
-def _placeholder(t: onnx.TensorProto) -> onnx.SparseTensorProto:
-    sp = onnx.SparseTensorProto()
-    sp.values.data_type = t.data_type
-    sp.values.dims.append(0)
-    sp.indices.data_type = onnx.TensorProto.INT64
-    sp.indices.dims.append(0)
-    sp.dims.extend(t.dims)
-    return sp
-
-
-def _inline(t: onnx.TensorProto, folder: str | None, where: str) -> onnx.TensorProto:
-    if t.data_location != onnx.TensorProto.EXTERNAL:
-        return t
-    from graphopt.external import _read_external
-
-    if folder is None:  # graphopt.external refused this already
-        raise InvalidModelError(
-            f"{where}: tensor '{t.name}' keeps its data in an external file; load from a path"
-        )
-    return _read_external(t, folder, where, f"external data of tensor '{t.name}'")
-
-
-def _light_graph(
-    out: onnx.GraphProto,
-    g: onnx.GraphProto,
-    folder: str | None,
-    where: str,
-    sparse_ok: bool,
-    main: bool = False,
-    ir_version: int = 0,
-) -> None:
-    out.name = g.name
-    out.input.extend(g.input)
-    out.output.extend(g.output)
-    out.value_info.extend(g.value_info)
-    inputs = {v.name for v in g.input}
-    for t in g.initializer:
-        if not _heavy(t):
-            out.initializer.append(t)
-        elif t.name in inputs:
-            continue  # the graph input declares its type and shape
-        elif sparse_ok:
-            c = out.node.add(op_type="Constant", output=[t.name], name=f"initializer:{t.name}")
-            c.attribute.append(onnx.helper.make_attribute("sparse_value", _placeholder(t)))
-        elif main and ir_version >= 4:
-            out.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            out.initializer.append(_inline(t, folder, where))
-    for sp in g.sparse_initializer:
-        # Shape inference types a sparse initializer as a sparse tensor, never the dense tensor its
-        # readers see (ONNX Runtime densifies it): a Constant of it gives them the dense type.
-        light_sp = onnx.SparseTensorProto()
-        light_sp.dims.extend(sp.dims)
-        light_sp.values.CopyFrom(_inline(sp.values, folder, where))
-        light_sp.indices.CopyFrom(_inline(sp.indices, folder, where))
-        name = sp.values.name
-        if name in inputs:
-            continue
-        if sparse_ok:
-            c = out.node.add(op_type="Constant", output=[name], name=f"sparse_initializer:{name}")
-            c.attribute.append(onnx.helper.make_attribute("sparse_value", light_sp))
-        elif main:
-            out.input.append(onnx.helper.make_tensor_value_info(name, sp.values.data_type, list(sp.dims)))
-        else:
-            out.sparse_initializer.append(light_sp)
-    for n in g.node:
-        if not _heavy_node(n):
-            out.node.append(n)
-        else:
-            _light_node(out.node.add(), n, folder, where, sparse_ok)
-
-
-def _light_function(out: onnx.FunctionProto, f: onnx.FunctionProto, folder: str | None, where: str) -> None:
-    out.CopyFrom(f)
-    del out.node[:]
-    for n in f.node:
-        _light_node(out.node.add(), n, folder, where, sparse_ok=False) if _heavy_node(n) else out.node.append(
-            n
-        )
-
-
-def _light_node(
-    out: onnx.NodeProto, n: onnx.NodeProto, folder: str | None, where: str, sparse_ok: bool
-) -> None:
-    for field in ("name", "op_type", "domain", "overload"):
-        setattr(out, field, getattr(n, field))
-    out.input.extend(n.input)
-    out.output.extend(n.output)
-    for a in n.attribute:
-        b = out.attribute.add()
-        for field in ("name", "ref_attr_name", "doc_string", "type"):
-            if a.HasField(field):
-                setattr(b, field, getattr(a, field))
-        if a.HasField("g"):
-            _light_graph(b.g, a.g, folder, where, sparse_ok)
-        for g in a.graphs:
-            _light_graph(b.graphs.add(), g, folder, where, sparse_ok)
-        if a.HasField("t"):
-            if a.name == "value" and n.op_type == "Constant" and sparse_ok and _heavy(a.t):
-                out.attribute.pop()
-                out.attribute.append(onnx.helper.make_attribute("sparse_value", _placeholder(a.t)))
-                continue
-            b.t.CopyFrom(_inline(a.t, folder, where))
-        for t in a.tensors:
-            b.tensors.append(_inline(t, folder, where))
-        if a.HasField("sparse_tensor"):
-            b.sparse_tensor.dims.extend(a.sparse_tensor.dims)
-            b.sparse_tensor.values.CopyFrom(_inline(a.sparse_tensor.values, folder, where))
-            b.sparse_tensor.indices.CopyFrom(_inline(a.sparse_tensor.indices, folder, where))
-        for field in ("f", "i", "s", "tp"):
-            if a.HasField(field):
-                if field == "tp":
-                    b.tp.CopyFrom(a.tp)
-                else:
-                    setattr(b, field, getattr(a, field))
-        b.floats.extend(a.floats)
-        b.ints.extend(a.ints)
-        b.strings.extend(a.strings)
-        b.sparse_tensors.extend(a.sparse_tensors)
-        b.type_protos.extend(a.type_protos)
-
-
 # ---------------------------------------------------------------------------------------------
 # ONNX's checker and strict shape inference; ONNX Runtime's contrib ops
 
@@ -619,7 +323,7 @@ def _checker_message(text: str) -> str:
 def _run_shape_inference(light: onnx.ModelProto, where: str, local_functions: set[str]) -> None:
     try:
         onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
         errors = [err for err in _inference_errors(str(e)) if not _onnx_function_bug(err, local_functions)]
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -668,23 +372,87 @@ def _readable(error: str) -> str:
     return " ".join(text.split())
 
 
-def _check_contrib_ops(proto: onnx.ModelProto, where: str) -> None:
-    """ONNX has no schemas for ONNX Runtime's contrib ops: check their names against ORT's."""
-    ms = {n.op_type: n for n in _all_nodes(proto) if n.domain == "com.microsoft"}
-    if not ms:
-        return
-    local = {f.name for f in proto.functions if f.domain == "com.microsoft"}
-    known = _ort_contrib_ops()
-    for op, n in sorted(ms.items()):
-        if op not in known and op not in local:
+def _check_function_calls(proto: onnx.ModelProto, where: str, allow_custom_domains: bool) -> None:
+    """Calls of model-local functions: the function exists and takes that many inputs and outputs
+    (ONNX's checker does not look at call sites; ONNX Runtime refuses such a call)."""
+    functions = {(f.domain, f.name, f.overload): f for f in proto.functions}
+    domains = {f.domain for f in proto.functions}
+    for n in all_nodes(proto):
+        f = functions.get((n.domain, n.op_type, n.overload))
+        if f is None:
+            if n.domain in domains and n.domain not in KNOWN_DOMAINS and not allow_custom_domains:
+                raise InvalidModelError(
+                    f"{where}: {describe_node(n)} calls '{n.domain}::{n.op_type}', which no function of the model defines"
+                )
+            continue
+        if len(n.input) > len(f.input) or len(n.output) > len(f.output):
             raise InvalidModelError(
-                f"{where}: {_node(n)} is not an operator of ONNX Runtime's com.microsoft domain; fix the op "
-                "type (or pass --allow-custom-domains if a custom ONNX Runtime build provides it)"
+                f"{where}: {describe_node(n)} calls function '{f.name}' with {len(n.input)} inputs and {len(n.output)} "
+                f"outputs; it takes at most {len(f.input)} and {len(f.output)}"
             )
 
 
+def _check_contrib_ops(proto: onnx.ModelProto, where: str, allow_custom_domains: bool) -> None:
+    """ONNX has no schemas for ONNX Runtime's contrib ops, so its checker lets any com.microsoft
+    node through: check the opset version, op names, input/output counts and attributes against
+    the schemas this ONNX Runtime registers (types are left to it)."""
+    version = next((o.version for o in proto.opset_import if o.domain == "com.microsoft"), None)
+    nodes = [n for n in all_nodes(proto) if n.domain == "com.microsoft"]
+    if version is None and not nodes:
+        return
+    schemas = _ort_contrib_schemas()
+    newest = max(s.since_version for versions in schemas.values() for s in versions)
+    if version is not None and version > newest:
+        raise UnsupportedModelError(
+            f"{where}: com.microsoft opset {version} is newer than this ONNX Runtime knows ({newest}); "
+            f"import com.microsoft opset {newest}"
+        )
+    if allow_custom_domains:
+        return
+    local = {f.name for f in proto.functions if f.domain == "com.microsoft"}
+    for n in nodes:
+        if n.op_type in local:
+            continue
+        versions = [s for s in schemas.get(n.op_type, []) if s.since_version <= (version or newest)]
+        if not versions:
+            raise InvalidModelError(
+                f"{where}: {describe_node(n)} is not an operator of ONNX Runtime's com.microsoft domain (opset "
+                f"{version or newest}); fix the op type (or pass --allow-custom-domains if a custom ONNX Runtime "
+                "build provides it)"
+            )
+        s = max(versions, key=lambda x: x.since_version)
+        if (
+            not s.min_input <= len(n.input) <= s.max_input
+            or not s.min_output <= len(n.output) <= s.max_output
+        ):
+            raise InvalidModelError(
+                f"{where}: {describe_node(n)} has {len(n.input)} inputs and {len(n.output)} outputs; com.microsoft::"
+                f"{n.op_type} takes {s.min_input}-{s.max_input} and {s.min_output}-{s.max_output}"
+            )
+        given = {a.name: a for a in n.attribute}
+        for name, a in given.items():
+            spec = s.attributes.get(name)
+            if spec is None:
+                raise InvalidModelError(
+                    f"{where}: {describe_node(n)}: com.microsoft::{n.op_type} has no attribute '{name}'"
+                )
+            want = str(spec.type).rpartition(".")[2]
+            if not a.ref_attr_name and onnx.AttributeProto.AttributeType.Name(a.type) != want:
+                raise InvalidModelError(
+                    f"{where}: {describe_node(n)}: attribute '{name}' must be {want}, not "
+                    f"{onnx.AttributeProto.AttributeType.Name(a.type)}"
+                )
+        missing = sorted(k for k, spec in s.attributes.items() if spec.required and k not in given)
+        if missing:
+            raise InvalidModelError(f"{where}: {describe_node(n)} lacks required attribute(s) {missing}")
+
+
 @functools.cache
-def _ort_contrib_ops() -> frozenset[str]:
+def _ort_contrib_schemas() -> dict[str, list]:
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-    return frozenset(s.name for s in ort_c.get_all_operator_schema() if s.domain == "com.microsoft")
+    out: dict[str, list] = {}
+    for s in ort_c.get_all_operator_schema():
+        if s.domain == "com.microsoft":
+            out.setdefault(s.name, []).append(s)
+    return out

@@ -305,7 +305,7 @@ def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> l
 
     model = load(model)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions; graphopt reports them (one line)
     so.use_deterministic_compute = True
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -320,6 +320,33 @@ def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> l
             return _run_session(session, feeds)
     session = ort.InferenceSession(to_bytes(model), so, providers=providers)
     return _run_session(session, feeds)
+
+
+def ort_refusal(model: Any) -> str | None:
+    """Why ONNX Runtime cannot load ``model`` or run it on generated inputs (one line), or None
+    when it can. The oracle for input that ONNX's checker lets through but that is invalid all the
+    same (a Conv bias of the wrong length): asked only after a pass failed on the model."""
+    import re
+
+    import onnxruntime as ort
+
+    from graphopt.ir import load, to_bytes
+
+    try:
+        model = load(model)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # the reason is returned, not logged
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(to_bytes(model), so, providers=["CPUExecutionProvider"])
+        try:
+            feeds = generate_inputs(model)
+        except GraphoptError:  # inputs that cannot be made up: loading it is all that can be tried
+            return None
+        _run_session(session, feeds)
+    except Exception as e:  # whatever ONNX Runtime says
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+        return text if len(text) <= 300 else text[:297] + "..."
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,6 +232,75 @@ INVALID = {
         ),
         "node 'f' (Frobnicate) is not an operator of ONNX Runtime's com.microsoft domain",
     ),
+    "contrib-op-unknown-attribute": (
+        lambda: model(
+            [helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft", name="g", perm=[1, 0])],
+            extra_opsets=[("com.microsoft", 1)],
+        ),
+        "node 'g' (FastGelu): com.microsoft::FastGelu has no attribute 'perm'",
+    ),
+    "contrib-op-too-many-inputs": (
+        lambda: model(
+            [helper.make_node("FastGelu", ["x", "x", "x"], ["y"], domain="com.microsoft", name="g")],
+            extra_opsets=[("com.microsoft", 1)],
+        ),
+        "node 'g' (FastGelu) has 3 inputs and 1 outputs; com.microsoft::FastGelu takes 1-2",
+    ),
+    "contrib-opset-5": (
+        lambda: model([helper.make_node("Relu", ["x"], ["y"])], extra_opsets=[("com.microsoft", 5)]),
+        "com.microsoft opset 5 is newer than this ONNX Runtime knows",
+    ),
+    "ml-opset-99": (
+        lambda: model([helper.make_node("Relu", ["x"], ["y"])], extra_opsets=[("ai.onnx.ml", 99)]),
+        "ai.onnx.ml opset 99 is newer than this onnx package supports",
+    ),
+    "function-call-too-many-inputs": (
+        lambda: model(
+            [helper.make_node("F", ["x", "x", "x"], ["y"], domain="loc", name="call")],
+            functions=[
+                helper.make_function(
+                    "loc",
+                    "F",
+                    ["a"],
+                    ["b"],
+                    [helper.make_node("Relu", ["a"], ["b"])],
+                    [helper.make_opsetid("", 17)],
+                )
+            ],
+            extra_opsets=[("loc", 1)],
+        ),
+        "node 'call' (F) calls function 'F' with 3 inputs and 1 outputs; it takes at most 1 and 1",
+    ),
+    "call-of-no-function": (
+        lambda: model(
+            [helper.make_node("Pow", ["x"], ["y"], domain="loc", name="p")],
+            functions=[
+                helper.make_function(
+                    "loc",
+                    "F",
+                    ["a"],
+                    ["b"],
+                    [helper.make_node("Relu", ["a"], ["b"])],
+                    [helper.make_opsetid("", 17)],
+                )
+            ],
+            extra_opsets=[("loc", 1)],
+        ),
+        "node 'p' (Pow) calls 'loc::Pow', which no function of the model defines",
+    ),
+    "undefined-element-type": (
+        lambda: model(
+            [helper.make_node("Relu", ["x"], ["y"])], inputs=[helper.make_tensor_value_info("x", 0, [2, 4])]
+        ),
+        "value 'x' is declared with element type 0",
+    ),
+    "element-type-999": (
+        lambda: model(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            outputs=[helper.make_tensor_value_info("y", 999, [2, 4])],
+        ),
+        "value 'y' is declared with element type 999",
+    ),
     "data-type-999": (
         lambda: model([helper.make_node("Add", ["x", "w"], ["y"])], inits=[raw("w", 999, [1], b"\0" * 4)]),
         "initializer 'w' has data type 999, which is not an ONNX data type",
@@ -417,3 +486,36 @@ def test_the_checker_never_sees_large_weights(monkeypatch) -> None:
     )
     with pytest.raises(InvalidModelError, match="node 'mm' .MatMul."):
         graphopt.load(bad)
+
+
+def test_invalid_model_the_checker_misses_is_still_bad_input(tmp_path, capsys) -> None:
+    """A Conv bias of the wrong length passes ONNX's checker and crashed fuse-batchnorm (exit 3);
+    ONNX Runtime cannot run it either, so it is bad input (exit 2), saying both."""
+    rng = np.random.default_rng(0)
+    init = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in [
+            ("k", (4, 2, 3, 3)),
+            ("kb", (3,)),
+            ("s", (4,)),
+            ("b", (4,)),
+            ("m", (4,)),
+            ("v", (4,)),
+        ]
+    ]
+    proto = model(
+        [
+            helper.make_node("Conv", ["x", "k", "kb"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]),
+        ],
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        inits=init,
+    )
+    path = tmp_path / "in.onnx"
+    path.write_bytes(proto.SerializeToString())
+    code = main(["optimize", str(path), "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err.strip("\n").splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "ONNX Runtime cannot run it either" in err[0] and "bias must be a 1D tensor" in err[0], err[0]
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
