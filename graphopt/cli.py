@@ -120,9 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Python warnings (numpy's overflow/invalid-value RuntimeWarnings inside a pass) go through
+    # logging: shown with -v, never as extra lines next to an error's one line.
+    logging.captureWarnings(True)
     if args.verbose == 0:
         logging.getLogger("onnxscript").setLevel(logging.ERROR)
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    try:
+        return _run(args)
+    finally:
+        logging.captureWarnings(False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every exception mapped to the exit-code contract."""
     try:
         return {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "passes": _passes}[
             args.command

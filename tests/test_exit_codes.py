@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import warnings
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -38,6 +41,10 @@ class _MisbehavingPass(Pass):
         if mode == "crash":
             raise IndexError("list index out of range")
         if mode == "refuse":
+            raise PassFailedError("misbehave: cannot handle this model; remove the pass")
+        if mode == "warn":
+            np.sqrt(np.float32(-1.0))  # numpy's RuntimeWarning, as a pass meets on odd weights
+            warnings.warn("something odd", UserWarning, stacklevel=1)
             raise PassFailedError("misbehave: cannot handle this model; remove the pass")
         node = next(n for n in model.graph if n.op_type == "Relu")
         node.op_type = "NoSuchOp" if mode == "invalid" else "Sigmoid"
@@ -110,3 +117,18 @@ def test_an_error_claiming_exit_1_is_still_exit_2_unless_it_is_a_verification(
     monkeypatch.setattr(graphopt, "optimize", boom)
     code, err = _cli(capsys, "optimize", mlp_path, "-o", tmp_path / "o.onnx")
     assert code == 2 and err == ["graphopt: error: odd input; fix it"]
+
+
+def test_warnings_inside_a_pass_do_not_add_lines_to_an_error(
+    tmp_path, capsys, mlp_path, registry, monkeypatch
+) -> None:
+    out = tmp_path / "o.onnx"
+
+    def printed(msg: warnings.WarningMessage) -> None:  # what Python does outside pytest
+        sys.stderr.write(warnings.formatwarning(msg.message, msg.category, msg.filename, msg.lineno))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "_showwarnmsg_impl", printed)
+        code, err = _cli(capsys, "optimize", mlp_path, "-o", out, "--pipeline", "misbehave(mode=warn)")
+    assert code == 2 and err == ["graphopt: error: misbehave: cannot handle this model; remove the pass"], err
