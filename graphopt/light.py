@@ -35,7 +35,44 @@ def light_copy(proto: onnx.ModelProto, folder: str | None, where: str) -> onnx.M
         lf = light.functions.add()
         lf.CopyFrom(f) if not any(_heavy_node(n) for n in f.node) else _light_function(lf, f, folder, where)
     _light_graph(light.graph, proto.graph, folder, where, sparse_ok, main=True, ir_version=proto.ir_version)
+    _relax_unshaped_io(light.graph, opset)
     return light
+
+
+def _unshaped(v: onnx.ValueInfoProto) -> bool:
+    return v.type.WhichOneof("value") == "tensor_type" and not v.type.tensor_type.HasField("shape")
+
+
+def _relax_unshaped_io(g: onnx.GraphProto, opset: int) -> None:
+    """ONNX's checker wants a shape on every tensor the main graph takes or returns; ONNX Runtime
+    does not (no shape is an unknown rank), nor does graphopt. So here an unshaped output is left
+    out of the outputs (its producer is still checked, and graphopt's own checks saw it defined) and
+    an unshaped input is made by a Reshape to an unknown shape, which is what shape inference
+    downstream then sees: a tensor of that type and unknown rank."""
+    keep = [v for v in g.output if not _unshaped(v)]
+    if len(keep) != len(g.output):
+        del g.output[:]
+        g.output.extend(keep)
+    if opset < 5:  # Reshape takes its shape as an input from opset 5
+        return
+    initializers = {t.name for t in g.initializer}
+    reshapes = []
+    for v in list(g.input):
+        if not _unshaped(v) or v.name in initializers:
+            continue
+        name, flat, shape = v.name, f"{v.name}::flat", f"{v.name}::shape"
+        v.name = flat
+        v.type.tensor_type.shape.dim.add().dim_param = "graphopt::n"
+        g.input.append(onnx.helper.make_tensor_value_info(shape, onnx.TensorProto.INT64, ["graphopt::rank"]))
+        reshapes.append(onnx.helper.make_node("Reshape", [flat, shape], [name], name=f"unshaped input:{name}"))
+    if reshapes:
+        nodes = []
+        for n in g.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            nodes.append(copy)
+        del g.node[:]
+        g.node.extend(reshapes + nodes)
 
 
 def _heavy(t: onnx.TensorProto) -> bool:

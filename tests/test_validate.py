@@ -519,3 +519,18 @@ def test_invalid_model_the_checker_misses_is_still_bad_input(tmp_path, capsys) -
     assert code == 2 and len(err) == 1, err
     assert "ONNX Runtime cannot run it either" in err[0] and "bias must be a 1D tensor" in err[0], err[0]
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_graph_io_without_a_shape_is_an_unknown_rank_not_an_error(tmp_path, capsys) -> None:
+    """ONNX's checker wants a shape on the main graph's inputs and outputs; ONNX Runtime does not."""
+    proto = model([helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])])
+    proto.graph.input[0].type.tensor_type.ClearField("shape")
+    proto.graph.output[0].type.tensor_type.ClearField("shape")
+    _optimize_and_compare(tmp_path, capsys, proto)
+    # ... and what is wrong downstream of such an input is still found.
+    bad = model(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Cast", ["h"], ["y"], to=999, name="c")]
+    )
+    bad.graph.input[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(InvalidModelError, match="node 'c' .Cast."):
+        graphopt.load(bad)
