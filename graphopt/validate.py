@@ -29,6 +29,7 @@ copy the whole model twice); large and external tensors are replaced, in a light
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ from graphopt.light import light_copy
 from graphopt.topology import all_graphs, all_nodes, check_structure, describe_node
 
 __all__ = ["KNOWN_DOMAINS", "check_supported", "validate_model"]
+
+logger = logging.getLogger("graphopt.validate")
 
 #: Operator domains ONNX Runtime implements. A node in any other domain (and not a model-local
 #: function) is an op nobody here can run, fold or verify.
@@ -325,6 +328,13 @@ def _run_shape_inference(light: onnx.ModelProto, where: str, local_functions: se
         onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
         errors = [err for err in _inference_errors(str(e)) if not _onnx_function_bug(err, local_functions)]
+        # A declared shape (graph output, value_info) that contradicts the inferred one: ONNX
+        # Runtime warns and uses the inferred shape, and exporters leave such stale shapes behind,
+        # so it is not refused (a declared element type that contradicts is: ONNX Runtime refuses).
+        for err in [e for e in errors if _SHAPE_CONFLICT in e]:
+            logger.info("%s: %s (ONNX Runtime ignores the declared shape; so does this check)", where,
+                           _readable(err))
+            errors.remove(err)
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise InvalidModelError(
@@ -332,6 +342,7 @@ def _run_shape_inference(light: onnx.ModelProto, where: str, local_functions: se
             ) from None
 
 
+_SHAPE_CONFLICT = "Inferred shape and existing shape differ"
 _ENTRY = re.compile(r"^\(op_type:(?P<op>[^,)]*)(?:, node name: (?P<name>[^)]*))?\): (?P<text>.*)$")
 
 

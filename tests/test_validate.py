@@ -534,3 +534,14 @@ def test_graph_io_without_a_shape_is_an_unknown_rank_not_an_error(tmp_path, caps
     bad.graph.input[0].type.tensor_type.ClearField("shape")
     with pytest.raises(InvalidModelError, match="node 'c' .Cast."):
         graphopt.load(bad)
+
+
+def test_a_declared_shape_that_contradicts_inference_is_tolerated_like_onnx_runtime(tmp_path, capsys) -> None:
+    """Stale declared shapes are common in exported models; ONNX Runtime warns and uses the inferred
+    shape (a contradicting element type it refuses, and so does graphopt: see INVALID)."""
+    proto = model(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])],
+    )
+    proto.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [5]))
+    _optimize_and_compare(tmp_path, capsys, proto)
