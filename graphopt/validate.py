@@ -33,6 +33,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -83,9 +84,9 @@ def validate_model(
         _normalize_string_constants(work, where)
     light = light_copy(work, folder, where)
     _run_checker(light, where)
-    _run_shape_inference(light, where, {f.name for f in proto.functions})
+    inferred = _run_shape_inference(light, where, {f.name for f in proto.functions})
     _check_function_calls(proto, where, allow_custom_domains)
-    _check_contrib_ops(proto, where, allow_custom_domains)
+    _check_contrib_ops(proto, where, allow_custom_domains, inferred)
     return work
 
 
@@ -323,23 +324,32 @@ def _checker_message(text: str) -> str:
     return first.strip()
 
 
-def _run_shape_inference(light: onnx.ModelProto, where: str, local_functions: set[str]) -> None:
+def _run_shape_inference(
+    light: onnx.ModelProto, where: str, local_functions: set[str]
+) -> onnx.ModelProto | None:
+    """Strict shape and type inference; returns the model with what it inferred (None when only a
+    tolerated error let it through and it cannot say more)."""
     try:
-        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+        return onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
         errors = [err for err in _inference_errors(str(e)) if not _onnx_function_bug(err, local_functions)]
         # A declared shape (graph output, value_info) that contradicts the inferred one: ONNX
         # Runtime warns and uses the inferred shape, and exporters leave such stale shapes behind,
         # so it is not refused (a declared element type that contradicts is: ONNX Runtime refuses).
         for err in [e for e in errors if _SHAPE_CONFLICT in e]:
-            logger.info("%s: %s (ONNX Runtime ignores the declared shape; so does this check)", where,
-                           _readable(err))
+            logger.info(
+                "%s: %s (ONNX Runtime ignores the declared shape; so does this check)", where, _readable(err)
+            )
             errors.remove(err)
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise InvalidModelError(
                 f"{where}: not a valid ONNX model: {_readable(errors[0])}{more}"
             ) from None
+    try:  # what can be inferred, the errors tolerated above aside
+        return onnx.shape_inference.infer_shapes(light)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
+        return None
 
 
 _SHAPE_CONFLICT = "Inferred shape and existing shape differ"
@@ -401,9 +411,34 @@ def _check_function_calls(proto: onnx.ModelProto, where: str, allow_custom_domai
                 f"{where}: {describe_node(n)} calls function '{f.name}' with {len(n.input)} inputs and {len(n.output)} "
                 f"outputs; it takes at most {len(f.input)} and {len(f.output)}"
             )
+        for i, formal in enumerate(f.input):
+            if (i >= len(n.input) or not n.input[i]) and _required_in_body(f, formal, proto):
+                raise InvalidModelError(
+                    f"{where}: {describe_node(n)} gives no value for input '{formal}' of function '{f.name}', "
+                    "which its body needs"
+                )
 
 
-def _check_contrib_ops(proto: onnx.ModelProto, where: str, allow_custom_domains: bool) -> None:
+def _required_in_body(f: onnx.FunctionProto, formal: str, proto: onnx.ModelProto) -> bool:
+    """Whether a node of ``f``'s body takes ``formal`` as a required (not optional) input."""
+    versions = {o.domain: o.version for o in (*proto.opset_import, *f.opset_import)}
+    for n in f.node:
+        for i, name in enumerate(n.input):
+            if name != formal:
+                continue
+            try:
+                schema = onnx.defs.get_schema(n.op_type, versions.get(n.domain, 1), n.domain)
+            except onnx.defs.SchemaError:
+                return True  # a call of another function or an unknown op: take it as required
+            option = schema.inputs[min(i, len(schema.inputs) - 1)].option if schema.inputs else None
+            if option != onnx.defs.OpSchema.FormalParameterOption.Optional:
+                return True
+    return False
+
+
+def _check_contrib_ops(
+    proto: onnx.ModelProto, where: str, allow_custom_domains: bool, inferred: onnx.ModelProto | None = None
+) -> None:
     """ONNX has no schemas for ONNX Runtime's contrib ops, so its checker lets any com.microsoft
     node through: check the opset version, op names, input/output counts and attributes against
     the schemas this ONNX Runtime registers (types are left to it)."""
@@ -456,6 +491,63 @@ def _check_contrib_ops(proto: onnx.ModelProto, where: str, allow_custom_domains:
         missing = sorted(k for k, spec in s.attributes.items() if spec.required and k not in given)
         if missing:
             raise InvalidModelError(f"{where}: {describe_node(n)} lacks required attribute(s) {missing}")
+        if inferred is not None:
+            _check_contrib_types(n, s, _value_types(inferred), where)
+
+
+def _value_types(inferred: onnx.ModelProto) -> dict[str, str]:
+    """ONNX Runtime's type string (``tensor(float)``) of every main-graph value shape inference typed."""
+    out = {}
+    for t in inferred.graph.initializer:
+        if t.data_type in _TYPE_NAMES:
+            out[t.name] = f"tensor({_TYPE_NAMES[t.data_type]})"
+    for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        if v.type.WhichOneof("value") == "tensor_type" and v.type.tensor_type.elem_type in _TYPE_NAMES:
+            out[v.name] = f"tensor({_TYPE_NAMES[v.type.tensor_type.elem_type]})"
+    return out
+
+
+def _check_contrib_types(n: onnx.NodeProto, schema: Any, types: dict[str, str], where: str) -> None:
+    """The input types of a contrib node against its schema's type constraints (where known)."""
+    if not schema.inputs:
+        return
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    bound: dict[str, tuple[str, str]] = {}
+    for i, name in enumerate(n.input):
+        if not name or name not in types:
+            continue
+        param = schema.inputs[min(i, len(schema.inputs) - 1)].typeStr
+        ok = allowed.get(param, {param})
+        if types[name] not in ok:
+            raise InvalidModelError(
+                f"{where}: {describe_node(n)}: input '{name}' is {types[name]}, which com.microsoft::{n.op_type} "
+                f"does not take there ({', '.join(sorted(ok))})"
+            )
+        if param in allowed:
+            first = bound.setdefault(param, (name, types[name]))
+            if first[1] != types[name]:
+                raise InvalidModelError(
+                    f"{where}: {describe_node(n)}: inputs '{first[0]}' ({first[1]}) and '{name}' ({types[name]}) "
+                    "must have the same type"
+                )
+
+
+_TYPE_NAMES = {
+    onnx.TensorProto.FLOAT: "float",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT16: "uint16",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.STRING: "string",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "double",
+    onnx.TensorProto.UINT32: "uint32",
+    onnx.TensorProto.UINT64: "uint64",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+}
 
 
 @functools.cache

@@ -271,6 +271,39 @@ INVALID = {
         ),
         "node 'call' (F) calls function 'F' with 3 inputs and 1 outputs; it takes at most 1 and 1",
     ),
+    "function-call-without-a-needed-input": (
+        lambda: model(
+            [helper.make_node("F", ["x", ""], ["y"], domain="loc", name="call")],
+            functions=[
+                helper.make_function(
+                    "loc",
+                    "F",
+                    ["a", "b"],
+                    ["c"],
+                    [helper.make_node("Add", ["a", "b"], ["c"])],
+                    [helper.make_opsetid("", 17)],
+                )
+            ],
+            extra_opsets=[("loc", 1)],
+        ),
+        "node 'call' (F) gives no value for input 'b' of function 'F', which its body needs",
+    ),
+    "contrib-op-input-of-a-wrong-type": (
+        lambda: model(
+            [helper.make_node("FastGelu", ["i"], ["y"], domain="com.microsoft", name="g")],
+            inputs=[helper.make_tensor_value_info("i", TensorProto.INT32, [2, 4])],
+            extra_opsets=[("com.microsoft", 1)],
+        ),
+        "node 'g' (FastGelu): input 'i' is tensor(int32), which com.microsoft::FastGelu does not take",
+    ),
+    "contrib-op-inputs-of-different-types": (
+        lambda: model(
+            [helper.make_node("FastGelu", ["x", "b"], ["y"], domain="com.microsoft", name="g")],
+            inits=[numpy_helper.from_array(np.ones(4, np.float16), "b")],
+            extra_opsets=[("com.microsoft", 1)],
+        ),
+        "inputs 'x' (tensor(float)) and 'b' (tensor(float16)) must have the same type",
+    ),
     "call-of-no-function": (
         lambda: model(
             [helper.make_node("Pow", ["x"], ["y"], domain="loc", name="p")],
@@ -544,4 +577,19 @@ def test_a_declared_shape_that_contradicts_inference_is_tolerated_like_onnx_runt
         outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])],
     )
     proto.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [5]))
+    _optimize_and_compare(tmp_path, capsys, proto)
+
+
+def test_a_function_input_the_body_takes_as_optional_may_be_left_out(tmp_path, capsys) -> None:
+    f = helper.make_function(
+        "loc",
+        "F",
+        ["a", "lo"],
+        ["c"],
+        [helper.make_node("Clip", ["a", "lo"], ["c"])],
+        [helper.make_opsetid("", 17)],
+    )
+    proto = model(
+        [helper.make_node("F", ["x", ""], ["y"], domain="loc")], functions=[f], extra_opsets=[("loc", 1)]
+    )
     _optimize_and_compare(tmp_path, capsys, proto)
