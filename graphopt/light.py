@@ -14,7 +14,7 @@ import onnx
 
 from graphopt.errors import InvalidModelError
 
-__all__ = ["LIGHT_BYTES", "light_copy"]
+__all__ = ["LIGHT_BYTES", "light_copy", "without_declared_shapes"]
 
 #: Inline tensors larger than this are not handed to the checker (a placeholder is).
 LIGHT_BYTES = 1 << 20
@@ -64,7 +64,9 @@ def _relax_unshaped_io(g: onnx.GraphProto, opset: int) -> None:
         v.name = flat
         v.type.tensor_type.shape.dim.add().dim_param = "graphopt::n"
         g.input.append(onnx.helper.make_tensor_value_info(shape, onnx.TensorProto.INT64, ["graphopt::rank"]))
-        reshapes.append(onnx.helper.make_node("Reshape", [flat, shape], [name], name=f"unshaped input:{name}"))
+        reshapes.append(
+            onnx.helper.make_node("Reshape", [flat, shape], [name], name=f"unshaped input:{name}")
+        )
     if reshapes:
         nodes = []
         for n in g.node:
@@ -213,3 +215,20 @@ def _light_node(
         b.strings.extend(a.strings)
         b.sparse_tensors.extend(a.sparse_tensors)
         b.type_protos.extend(a.type_protos)
+
+
+def without_declared_shapes(light: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a light model that declares no shapes but its inputs': no value_info, and graph and
+    subgraph outputs of their element type only (for shape inference, not for the checker)."""
+    from graphopt.topology import all_graphs
+
+    out = onnx.ModelProto()
+    out.CopyFrom(light)
+    for g, _ in all_graphs(out):
+        del g.value_info[:]
+        for v in g.output:
+            if v.type.WhichOneof("value") == "tensor_type":
+                v.type.tensor_type.ClearField("shape")
+    for f in out.functions:
+        del f.value_info[:]
+    return out

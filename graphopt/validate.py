@@ -40,7 +40,7 @@ import onnx_ir as ir
 from google.protobuf.message import Message
 
 from graphopt.errors import InvalidModelError, UnsupportedModelError
-from graphopt.light import light_copy
+from graphopt.light import light_copy, without_declared_shapes
 from graphopt.topology import all_graphs, all_nodes, check_structure, describe_node
 
 __all__ = ["KNOWN_DOMAINS", "check_supported", "validate_model"]
@@ -327,29 +327,48 @@ def _checker_message(text: str) -> str:
 def _run_shape_inference(
     light: onnx.ModelProto, where: str, local_functions: set[str]
 ) -> onnx.ModelProto | None:
-    """Strict shape and type inference; returns the model with what it inferred (None when only a
-    tolerated error let it through and it cannot say more)."""
+    """Strict shape and type inference; returns the model with what it inferred (None when it
+    cannot say more than that the model is valid).
+
+    A declared shape (a graph or subgraph output, value_info) that contradicts the inferred one is
+    not refused: ONNX Runtime warns and uses the inferred shape, and exporters leave such stale
+    shapes behind (a contradicting element type is refused: ONNX Runtime refuses it). Such a
+    conflict can stop inference before it reaches the rest of the graph, so inference then runs
+    again on a copy that declares no shapes but the inputs', and that run's verdict counts."""
     try:
-        return onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+        return _strict_inference(light, where, local_functions)
+    except _DeclaredShapeConflict as conflict:
+        logger.info("%s: %s (ONNX Runtime ignores the declared shape; so does this check)", where, conflict)
+    undeclared = without_declared_shapes(light)
+    try:
+        return _strict_inference(undeclared, where, local_functions)
+    except _DeclaredShapeConflict:  # the inputs' own declared shapes against their initializers
+        return None
+
+
+class _DeclaredShapeConflict(Exception):
+    pass
+
+
+def _strict_inference(model: onnx.ModelProto, where: str, local_functions: set[str]) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
         errors = [err for err in _inference_errors(str(e)) if not _onnx_function_bug(err, local_functions)]
-        # A declared shape (graph output, value_info) that contradicts the inferred one: ONNX
-        # Runtime warns and uses the inferred shape, and exporters leave such stale shapes behind,
-        # so it is not refused (a declared element type that contradicts is: ONNX Runtime refuses).
-        for err in [e for e in errors if _SHAPE_CONFLICT in e]:
-            logger.info(
-                "%s: %s (ONNX Runtime ignores the declared shape; so does this check)", where, _readable(err)
-            )
-            errors.remove(err)
+        conflicts = [err for err in errors if _SHAPE_CONFLICT in err]
+        errors = [err for err in errors if _SHAPE_CONFLICT not in err]
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise InvalidModelError(
                 f"{where}: not a valid ONNX model: {_readable(errors[0])}{more}"
             ) from None
-    try:  # what can be inferred, the errors tolerated above aside
-        return onnx.shape_inference.infer_shapes(light)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
-        return None
+        if conflicts:
+            raise _DeclaredShapeConflict(_readable(conflicts[0])) from None
+        # only ONNX's own function-body errors: what can be inferred besides them
+        try:
+            return onnx.shape_inference.infer_shapes(model)
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
+            return model
 
 
 _SHAPE_CONFLICT = "Inferred shape and existing shape differ"

@@ -593,3 +593,15 @@ def test_a_function_input_the_body_takes_as_optional_may_be_left_out(tmp_path, c
         [helper.make_node("F", ["x", ""], ["y"], domain="loc")], functions=[f], extra_opsets=[("loc", 1)]
     )
     _optimize_and_compare(tmp_path, capsys, proto)
+
+
+def test_a_stale_declared_shape_does_not_hide_an_error_after_it() -> None:
+    """A contradicting declared shape stops shape inference early; the rest is still checked."""
+    proto = model(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")],
+        inits=[numpy_helper.from_array(np.ones((3, 4), np.float32), "w")],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    proto.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [7, 7]))  # stale
+    with pytest.raises(InvalidModelError, match="node 'mm' .MatMul."):
+        graphopt.load(proto)
