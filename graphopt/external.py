@@ -152,7 +152,11 @@ def tensor_protos(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, st
             continue
         n, ctx = nodes.pop()
         for a in n.attribute:
-            where = f"attribute '{a.name}' of " + (f"node '{n.name}' ({n.op_type})" if n.name else f"a {n.op_type} node") + ctx
+            where = (
+                f"attribute '{a.name}' of "
+                + (f"node '{n.name}' ({n.op_type})" if n.name else f"a {n.op_type} node")
+                + ctx
+            )
             if a.HasField("t"):
                 yield a.t, where
             for t in a.tensors:
