@@ -14,12 +14,12 @@ from typing import Any
 
 import onnx_ir as _onnx_ir
 
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError, InvalidModelError, PassCrashedError, VerificationError
 from graphopt.export import export
 from graphopt.ir import SOURCE_KEY, detach_tensors, load, save, to_bytes
 from graphopt.pipeline import Pipeline, Report
 from graphopt.registry import PassInfo, Registry, default_registry
-from graphopt.verify import VerificationResult, verify
+from graphopt.verify import VerificationResult, ort_refusal, verify
 from graphopt.verify import verify as _verify_models
 
 __version__ = "0.1.0"
@@ -173,19 +173,33 @@ def optimize(
     if calibration is not None:
         from graphopt.calibration import CalibrationData
 
-        context["calibration"] = CalibrationData.from_any(calibration)
+        data = CalibrationData.from_any(calibration)
+        data.check(original)  # names, dtypes, shapes (from headers) and finite values: before any pass
+        context["calibration"] = data
     # The clone shares weight data with the input (no copies) through its own tensor objects;
     # passes never change tensor data in place, so the input model stays as it was.
-    result_model, report = pipe.run(
-        work,
-        registry=reg,
-        verify_each=verify_each,
-        numeric_each=numeric_each,
-        reference=original if numeric_each else None,
-        verify_options=vopts,
-        dump_dir=dump_dir,
-        context=context,
-    )
+    try:
+        result_model, report = pipe.run(
+            work,
+            registry=reg,
+            verify_each=verify_each,
+            numeric_each=numeric_each,
+            reference=original if numeric_each else None,
+            verify_options=vopts,
+            dump_dir=dump_dir,
+            context=context,
+        )
+    except PassCrashedError as e:
+        # A pass broke on a model that passed ONNX's checks. If ONNX Runtime cannot run the model
+        # either, the input is what is wrong (ONNX's checker misses some rules, e.g. a Conv bias
+        # of the wrong length): bad input, not a bug.
+        why = ort_refusal(original)
+        if why is not None:
+            where = original.meta.get(SOURCE_KEY, "the model")
+            raise InvalidModelError(
+                f"{where}: not a valid model: ONNX Runtime cannot run it either ({why}); pass failure: {e}"
+            ) from e
+        raise
     report.target = target
     _drop_added_annotations(result_model, annotated)
     result_model.metadata_props[PIPELINE_KEY] = str(pipe)

@@ -10,7 +10,10 @@ Sources a user can give (``optimize(calibration=...)``, ``--calibration``):
 * any Python iterable of ``{input_name: array}`` dicts (a list, a generator function's result
   is consumed once: pass a list or a callable returning a fresh iterator to calibrate twice).
 
-Arrays are loaded lazily (``np.load(mmap_mode="r")`` for .npy), one batch at a time.
+Arrays are loaded lazily (memory-mapped for .npy), one batch at a time. Files are hostile until
+checked: only regular files are opened (a FIFO would block), and every array header is read and
+checked (no object arrays, no negative or oversized shapes, the declared size equal to the stored
+one) before any data is read or decompressed; floating-point data must be finite.
 """
 
 from __future__ import annotations
@@ -21,8 +24,18 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
+from graphopt.files import (
+    ArrayInfo,
+    count_non_finite,
+    load_npy,
+    npy_info,
+    npz_infos,
+    open_npz,
+    read_npz_array,
+)
 
 __all__ = ["CalibrationData", "CalibrationError"]
 
@@ -34,15 +47,27 @@ class CalibrationError(GraphoptError):
 _INDEXED = re.compile(r"^(?P<name>.+)/(?P<index>\d+)$")
 
 
+#: What a file source declares for one batch, read from the array headers: input name ->
+#: (shape, with None for the axis that is split into batches; dtype).
+BatchSpec = dict[str, tuple[tuple[int | None, ...], np.dtype]]
+
+
 class CalibrationData:
-    """A re-iterable source of feed dicts (``for feeds in data.batches(): ...``)."""
+    """A re-iterable source of feed dicts (``for feeds in data.batches(): ...``).
+
+    Every batch is checked as it is read: floating-point arrays must be finite (a NaN or Inf in
+    calibration data would silently skew or void the ranges). File sources also carry ``specs``,
+    what their array headers declare, so :meth:`check` can compare them with a model's inputs
+    before any array data is read or decompressed.
+    """
 
     def __init__(self, factory: Callable[[], Iterator[dict[str, Any]]], description: str,
-                 *, single_use: bool = False) -> None:
+                 *, single_use: bool = False, specs: list[BatchSpec] | None = None) -> None:
         self._factory = factory
         self.description = description
         self._single_use = single_use
         self._used = False
+        self.specs = specs
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -54,7 +79,7 @@ class CalibrationData:
             path = os.fspath(source)
             if os.path.isdir(path):
                 return cls._from_folder(path)
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise CalibrationError(f"{path}: calibration data not found; give an .npz file or a folder of .npy/.npz")
             if path.endswith(".npy"):
                 raise CalibrationError(
@@ -78,38 +103,43 @@ class CalibrationData:
 
     @classmethod
     def _from_npz(cls, path: str, batch_size: int | None) -> CalibrationData:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.files)
-        except Exception as e:
-            raise CalibrationError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-        if not keys:
+        # Headers only (each checked against the archive's directory): nothing is decompressed yet.
+        infos = npz_infos(path, CalibrationError)
+        if not infos:
             raise CalibrationError(f"{path}: the .npz file holds no arrays")
-        indexed = [(_INDEXED.match(k), k) for k in keys]
+        indexed = [(_INDEXED.match(i.name), i) for i in infos]
         if all(m for m, _ in indexed):
-            order = sorted({int(m.group("index")) for m, _ in indexed})  # type: ignore[union-attr]
+            groups: dict[int, dict[str, ArrayInfo]] = {}
+            for m, info in indexed:
+                groups.setdefault(int(m.group("index")), {})[m.group("name")] = info  # type: ignore[union-attr]  # all() above
+            order = sorted(groups)
 
             def gen_indexed() -> Iterator[dict[str, Any]]:
-                with np.load(path, allow_pickle=False) as z:
+                with open_npz(path, CalibrationError) as zf:
                     for i in order:
-                        yield {m.group("name"): z[k] for m, k in indexed if int(m.group("index")) == i}  # type: ignore[union-attr]
+                        yield {name: read_npz_array(zf, info, path, CalibrationError)
+                               for name, info in groups[i].items()}
 
-            return cls(gen_indexed, f"{path} ({len(order)} batches)")
+            specs: list[BatchSpec] = [{name: (info.shape, info.dtype) for name, info in groups[i].items()}
+                                      for i in order]
+            return cls(gen_indexed, f"{path} ({len(order)} batches)", specs=specs)
 
-        with np.load(path, allow_pickle=False) as z:
-            rows = {z[k].shape[0] if z[k].ndim else 1 for k in keys}
+        rows = {i.shape[0] if i.shape else 1 for i in infos}
         n = rows.pop() if len(rows) == 1 else None
+        split = n is not None and batch_size is not None and batch_size < n
 
         def gen_rows() -> Iterator[dict[str, Any]]:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in keys}
-            if n is None or batch_size is None or batch_size >= n:
+            with open_npz(path, CalibrationError) as zf:
+                arrays = {i.name: read_npz_array(zf, i, path, CalibrationError) for i in infos}
+            if not split:
                 yield arrays
                 return
+            assert n is not None and batch_size is not None
             for start in range(0, n, batch_size):
                 yield {k: a[start : start + batch_size] for k, a in arrays.items()}
 
-        return cls(gen_rows, f"{path}")
+        spec: BatchSpec = {i.name: ((None, *i.shape[1:]) if split and i.shape else i.shape, i.dtype) for i in infos}
+        return cls(gen_rows, f"{path}", specs=[spec])
 
     @classmethod
     def _from_folder(cls, path: str) -> CalibrationData:
@@ -118,24 +148,30 @@ class CalibrationData:
             raise CalibrationError(f"{path}: the folder holds no .npz or .npy files")
         npz = [f for f in files if f.endswith(".npz")]
         if npz:
-            def gen_npz() -> Iterator[dict[str, Any]]:
-                for f in npz:
-                    yield from cls._from_npz(os.path.join(path, f), None).batches()
+            parts = [cls._from_npz(os.path.join(path, f), None) for f in npz]
 
-            return cls(gen_npz, f"{path} ({len(npz)} .npz files)")
+            def gen_npz() -> Iterator[dict[str, Any]]:
+                for part in parts:
+                    yield from part.batches()
+
+            return cls(gen_npz, f"{path} ({len(npz)} .npz files)",
+                       specs=[spec for part in parts for spec in part.specs or []])
         # INPUT.npy (one batch), INPUT.INDEX.npy (batch INDEX)
-        groups: dict[int, dict[str, str]] = {}
+        groups: dict[int, dict[str, tuple[str, ArrayInfo]]] = {}
         for f in files:
             stem = f[: -len(".npy")]
             m = re.match(r"^(?P<name>.+)\.(?P<index>\d+)$", stem)
             index, name = (int(m.group("index")), m.group("name")) if m else (0, stem)
-            groups.setdefault(index, {})[name] = os.path.join(path, f)
+            file = os.path.join(path, f)
+            groups.setdefault(index, {})[name] = (file, npy_info(file, name, CalibrationError))
 
         def gen_npy() -> Iterator[dict[str, Any]]:
             for i in sorted(groups):
-                yield {name: np.load(p, mmap_mode="r", allow_pickle=False) for name, p in groups[i].items()}
+                yield {name: load_npy(file, info, CalibrationError) for name, (file, info) in groups[i].items()}
 
-        return cls(gen_npy, f"{path} ({len(groups)} batches of .npy)")
+        specs: list[BatchSpec] = [{name: (info.shape, info.dtype) for name, (_, info) in groups[i].items()}
+                                  for i in sorted(groups)]
+        return cls(gen_npy, f"{path} ({len(groups)} batches of .npy)", specs=specs)
 
     # --- use --------------------------------------------------------------------------------
     def batches(self, limit: int | None = None) -> Iterator[dict[str, Any]]:
@@ -153,15 +189,77 @@ class CalibrationData:
                 raise CalibrationError(
                     f"calibration batch {i} is a {type(feeds).__name__}, not a dict of input name -> array"
                 )
+            for name, value in feeds.items():
+                _check_finite(name, value, i, self.description)
             yield feeds
+
+    def check(self, model: Any) -> None:
+        """Refuse data that cannot calibrate ``model`` before any pass runs (so no pass can swallow
+        the error): for file sources, the declared names, dtypes and shapes of every batch against
+        the model's inputs, from the headers, before any data is read; then, unless the source is a
+        one-shot iterator, every batch's values (finite)."""
+        from graphopt.verify import _real_inputs
+
+        inputs = [v for v in _real_inputs(model) if isinstance(v.type, ir.TensorType)]
+        for i, spec in enumerate(self.specs or []):
+            missing = [v.name for v in inputs if v.name not in spec]
+            if missing:
+                raise CalibrationError(
+                    f"calibration batch {i} ({self.description}) lacks model input(s) {missing} (it has "
+                    f"{sorted(spec)}); name the arrays after the model's inputs")
+            for v in inputs:
+                _check_declared(v, *spec[v.name], i, self.description)  # type: ignore[index]  # names checked above
+        if not self._single_use:
+            for _ in self.batches():
+                pass
 
     def materialize(self, limit: int | None = None) -> CalibrationData:
         """A re-iterable copy (for one-shot iterators used by several steps; holds the batches)."""
         items = list(self.batches(limit))
-        return CalibrationData(lambda: iter(items), self.description)
+        return CalibrationData(lambda: iter(items), self.description, specs=self.specs)
 
     def __repr__(self) -> str:
         return f"CalibrationData({self.description})"
+
+
+def _check_finite(name: str, value: Any, index: int, description: str) -> None:
+    arr = value if isinstance(value, np.ndarray) else None
+    if arr is None:
+        try:
+            arr = np.asarray(value)
+        except Exception:  # ONNX Runtime says what is wrong with it when the batch is run
+            return
+    try:
+        bad = count_non_finite(arr)
+    except TypeError:  # dtypes numpy cannot test (e.g. ml_dtypes' 8-bit floats)
+        return
+    if bad:
+        raise CalibrationError(
+            f"calibration array '{name}' of batch {index} ({description}) holds {bad:,} NaN/Inf values of "
+            f"{arr.size:,}; calibration needs finite data: drop or fix those samples")
+
+
+def _check_declared(value: ir.Value, shape: tuple[int | None, ...], dtype: np.dtype, index: int,
+                    description: str) -> None:
+    assert isinstance(value.type, ir.TensorType)
+    where = f"calibration array '{value.name}' of batch {index} ({description})"
+    try:
+        want = np.dtype(value.type.dtype.numpy())
+    except Exception:  # a dtype numpy does not name: ONNX Runtime checks it when the batch runs
+        want = None
+    if want is not None and dtype != want:
+        raise CalibrationError(f"{where} is {dtype}, but the model input is {want}; save it as {want}")
+    if value.shape is None:
+        return
+    if len(shape) != len(value.shape):
+        raise CalibrationError(
+            f"{where} has shape {list(shape)}, but the model input has rank {len(value.shape)} "
+            f"({[str(d) for d in value.shape]}); reshape the data")
+    for axis, (got, need) in enumerate(zip(shape, value.shape)):
+        if isinstance(need, int) and got is not None and got != need:
+            raise CalibrationError(
+                f"{where} has shape {list(shape)}, but the model input needs {need} on axis {axis} "
+                f"({[str(d) for d in value.shape]}); reshape the data")
 
 
 def check_feeds(feeds: dict[str, Any], input_names: list[str], index: int) -> dict[str, np.ndarray]:
@@ -191,7 +289,6 @@ def stream_tensors(
     each batch into mergeable statistics keep memory flat however long the data is. ORT's
     graph optimizations are off so that no fusion hides a requested value.
     """
-    import onnx_ir as ir
     import onnxruntime as ort
 
     from graphopt.ir import load, to_bytes
@@ -216,7 +313,7 @@ def stream_tensors(
             work.graph.outputs.append(by_name[n])
             outputs.add(n)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, reported by the caller
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(to_bytes(work), so, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]

@@ -1,7 +1,9 @@
 """The ``graphopt`` command: optimize, inspect, verify, passes.
 
-Exit codes: 0 done; 1 verification failed; 2 bad input or usage (one line on stderr, nothing
-written); 3 internal error (a bug: rerun with GRAPHOPT_DEBUG=1 for the traceback).
+Exit codes: 0 done; 1 verification failed, nothing else; 2 bad input or usage (one line on stderr,
+no traceback, nothing written); 3 internal error, only for a genuine bug (rerun with
+GRAPHOPT_DEBUG=1 for the traceback). Input models are validated before any pass runs, so a pass
+that fails on a model that got that far is a bug (3), never "verification failed" (1).
 """
 
 from __future__ import annotations
@@ -118,20 +120,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # Python warnings (numpy's overflow/invalid-value RuntimeWarnings inside a pass) go through
+    # logging: shown with -v, never as extra lines next to an error's one line.
+    logging.captureWarnings(True)
     if args.verbose == 0:
         logging.getLogger("onnxscript").setLevel(logging.ERROR)
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    try:
+        return _run(args)
+    finally:
+        logging.captureWarnings(False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every exception mapped to the exit-code contract."""
     try:
         return {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "passes": _passes}[
             args.command
         ](args)
-    except VerificationError as e:
-        sys.stderr.write(f"graphopt: verification failed: {e}\n")
+    except VerificationError as e:  # exit code 1 means this and nothing else
+        sys.stderr.write(f"graphopt: verification failed: {' '.join(str(e).split())}\n")
         return 1
     except GraphoptError as e:
         msg = " ".join(str(e).split())
+        if e.exit_code == 3:  # a pass crashed or broke a validated model: a bug, not bad input
+            if os.environ.get("GRAPHOPT_DEBUG"):
+                raise
+            sys.stderr.write(f"graphopt: internal error: {msg} (this is a bug; rerun with GRAPHOPT_DEBUG=1 "
+                             "for the traceback)\n")
+            return 3
         sys.stderr.write(f"graphopt: error: {msg}\n")
-        return e.exit_code
+        return 2
     except BrokenPipeError:
         # `graphopt passes | head`: the reader went away; that is not an error.
         with contextlib.suppress(OSError):
@@ -184,6 +204,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.sensitivity_plot:
         _check_output_dir(args.sensitivity_plot, "sensitivity plot")
         _check_output_path(args.sensitivity_plot, "sensitivity plot")
+        _pyplot()  # missing matplotlib is an error now, before any work
     vopts = _verify_options(args)
     if args.verify_min_cosine is not None:
         vopts["min_cosine"] = args.verify_min_cosine
@@ -222,19 +243,27 @@ def _optimize(args: argparse.Namespace) -> int:
             payload = json.dumps({"verification": e.result.to_dict()}, indent=2)  # type: ignore[attr-defined]
             _atomic_write(args.report, lambda f: f.write(payload.encode()))
         raise
+    rows = next((p.details["sensitivity"] for p in result.report.passes if "sensitivity" in p.details), None)
+    # Asked for sensitivity but no layer was measured (none quantized): say so, never stay silent.
+    none_measured = None if rows else _nothing_quantized(result.report)
+    # The plot is drawn before anything is written, so a failure leaves no files behind.
+    plot = _plot_sensitivity(rows or [], none_measured) if args.sensitivity_plot else None
     graphopt.save(result.model, args.output, external_data=True if args.external_data else None)
     if args.report:
         payload = result.report.to_json()
         _atomic_write(args.report, lambda f: f.write(payload.encode()))
+    if plot is not None:
+        _atomic_write(args.sensitivity_plot, lambda f: f.write(plot))
     print(result.report.table())
-    rows = next((p.details["sensitivity"] for p in result.report.passes if "sensitivity" in p.details), None)
     if rows and (args.sensitivity or args.min_cosine is not None):
         print("\nper-layer sensitivity (each layer quantized alone; worst first):")
         print(_sensitivity_table(rows[:30]))
         if len(rows) > 30:
             print(f"... and {len(rows) - 30} more layers (all in the JSON report)")
-    if rows and args.sensitivity_plot:
-        _plot_sensitivity(rows, args.sensitivity_plot)
+    elif not rows and (args.sensitivity or args.sensitivity_plot):
+        print(f"\nper-layer sensitivity: nothing to measure, {none_measured}")
+    if plot is not None:
+        print(f"wrote {args.sensitivity_plot} (per-layer sensitivity)")
     if result.report.verification is not None:
         print()
         print(result.report.verification.table())
@@ -297,12 +326,7 @@ def _sensitivity_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in out)
 
 
-def _plot_sensitivity(rows: list[dict[str, Any]], path: str) -> None:
-    """Bar chart of 1 - cosine per layer (log scale), worst first; written atomically."""
-    import io
-
-    from graphopt.ir import _atomic_write
-
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -310,6 +334,37 @@ def _plot_sensitivity(rows: list[dict[str, Any]], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise GraphoptError("--sensitivity-plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def _nothing_quantized(report: Any) -> str:
+    """Why no layer was measured: the quantize pass's reasons for keeping layers in float."""
+    reasons: collections.Counter[str] = collections.Counter()
+    for p in report.passes:
+        for key, n in p.stats.items():
+            if key.startswith("float:"):
+                reasons[key[len("float:"):]] += n
+    if not reasons:
+        return "no layer was quantized"
+    listed = "; ".join(f"{why} ({n} layer{'s' if n > 1 else ''})" for why, n in reasons.most_common(3))
+    return f"no layer was quantized: {listed}"
+
+
+def _plot_sensitivity(rows: list[dict[str, Any]], none_measured: str | None = None) -> bytes:
+    """PNG bar chart of 1 - cosine per layer (log scale), worst first; with no rows, a figure
+    that says why there is nothing to show."""
+    import io
+
+    plt = _pyplot()
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "per-layer quantization sensitivity:\n" + (none_measured or "no layer was quantized"),
+                ha="center", va="center", wrap=True, fontsize=9)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        plt.close(fig)
+        return buf.getvalue()
     names = [str(r["node"]) for r in rows]
     loss = [max(1.0 - float(r["min_cosine"]), 1e-9) if isinstance(r["min_cosine"], float) else 1.0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
@@ -322,7 +377,7 @@ def _plot_sensitivity(rows: list[dict[str, Any]], path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return buf.getvalue()
 
 
 def inspect_model(model: ir.Model) -> dict[str, Any]:

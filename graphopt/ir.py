@@ -5,6 +5,9 @@ Why not just ``onnx_ir.load``/``onnx_ir.save``: they trust external-data ``locat
 hole), write the model file non-atomically and can overwrite the data file the input model
 reads from. This module adds those checks and atomic, deterministic writes, and keeps onnx_ir's
 lazy, memory-mapped external tensors so weights are never copied into Python objects on load.
+The load-side checks live in :mod:`graphopt.files` (regular files, bounded reads),
+:mod:`graphopt.external` (external data and sparse initializers) and :mod:`graphopt.validate`
+(the model against the ONNX spec).
 """
 
 from __future__ import annotations
@@ -12,10 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import ntpath
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import IO
 
@@ -28,8 +28,12 @@ from graphopt.errors import (
     ModelLoadError,
     OutputError,
     UnsafeExternalDataError,
-    UnsupportedModelError,
 )
+from graphopt.external import check_external_protos, check_external_tensor, densify_sparse_initializers
+from graphopt.external import expected_nbytes as _expected_nbytes
+from graphopt.external import safe_relative as _safe_relative
+from graphopt.files import _atomic_write, _fsync_dir, _write_temp, read_regular
+from graphopt.validate import KNOWN_DOMAINS, check_supported, validate_model
 
 __all__ = [
     "ModelSource",
@@ -54,23 +58,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 AUTO_EXTERNAL_BYTES = 1_800_000_000
 #: Tensors at least this large go to the external data file when one is written.
 EXTERNAL_SIZE_THRESHOLD = 1024
-
-#: Operator domains ONNX Runtime implements. A node in any other domain (and not a model-local
-#: function) is an op nobody here can run, fold or verify.
-KNOWN_DOMAINS = frozenset(
-    {
-        "",
-        "ai.onnx",
-        "ai.onnx.ml",
-        "ai.onnx.training",
-        "ai.onnx.preview",
-        "ai.onnx.preview.training",
-        "com.microsoft",
-        "com.microsoft.nchwc",
-        "com.microsoft.experimental",
-        "com.ms.internal.nhwc",
-    }
-)
 
 #: Key under which a loaded model remembers the file it came from (never serialised).
 SOURCE_KEY = "graphopt.source_path"
@@ -107,16 +94,12 @@ def load(
     elif isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         where = path
-        if not os.path.exists(path):
-            raise ModelLoadError(f"{path}: no such file; check the path")
-        if os.path.isdir(path):
-            raise ModelLoadError(f"{path}: is a folder; give the path of an .onnx file")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ModelLoadError(f"{path}: cannot be read ({e.strerror})") from None
+        # A regular file only (a FIFO would block, /dev/zero never end), and no more than one
+        # protobuf message can hold: weights beyond 2 GB live in external data files.
+        data = read_regular(path, "model", PROTOBUF_LIMIT, ModelLoadError,
+                            hint="larger models keep their weights in external data files")
         proto = _parse_bytes(data, path)
+        del data
         folder = os.path.dirname(os.path.abspath(path)) if base_dir is None else os.fspath(base_dir)
         source_path = os.path.realpath(path)
     else:
@@ -126,23 +109,21 @@ def load(
         )
 
     check_supported(proto, where, allow_custom_domains=allow_custom_domains)
+    # Every external reference (sparse initializers' too) against the model's folder, before
+    # anything reads one; then the model against the ONNX spec, before any pass sees it.
+    check_external_protos(proto, folder, where)
+    proto = validate_model(proto, where, folder=folder, allow_custom_domains=allow_custom_domains)
     if proto.graph.sparse_initializer:
-        proto = _densify_sparse_initializers(proto, where)
+        proto = densify_sparse_initializers(proto, where, folder)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:  # onnx_ir raises plain exceptions on malformed protos
         raise ModelLoadError(f"{where}: malformed ONNX model ({_one_line(e)})") from None
 
-    tensors = list(external_tensors(model))
-    if tensors:
-        if folder is None:
-            raise ModelLoadError(
-                f"{where}: the model keeps weights in external data files; load it from its "
-                "path or pass base_dir= the folder that holds the data files"
-            )
-        for tensor in tensors:
-            tensor.base_dir = folder
-            check_external_tensor(tensor, folder, where)
+    for tensor in external_tensors(model):
+        assert folder is not None  # check_external_protos refused external data without a folder
+        tensor.base_dir = folder
+        check_external_tensor(tensor, folder, where)
     if source_path is not None:
         model.meta[SOURCE_KEY] = source_path
     return model
@@ -151,36 +132,6 @@ def load(
 #: Model metadata key: "1" = ``save`` stores mostly-zero weights as sparse initializers
 #: (set by ``prune(sparse_storage=true)``).
 SPARSE_STORAGE_KEY = "graphopt.sparse_storage"
-
-
-def _densify_sparse_initializers(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
-    """Sparse initializers as dense ones (a copy; the caller's proto is untouched).
-
-    onnx_ir has no sparse tensors and would drop them, leaving the nodes that read them without
-    an input; ONNX Runtime densifies them at load time anyway, so graphopt does the same.
-    """
-    from onnx import numpy_helper
-
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    graph = out.graph
-    for sp in graph.sparse_initializer:
-        try:
-            values = numpy_helper.to_array(sp.values)
-            indices = numpy_helper.to_array(sp.indices).astype(np.int64)
-            dims = tuple(int(d) for d in sp.dims)
-            dense = np.zeros(dims, dtype=values.dtype)
-            if indices.ndim == 2:  # [nnz, rank] coordinates
-                dense[tuple(indices.T)] = values
-            else:  # linearized indices
-                dense.reshape(-1)[indices] = values
-        except Exception as e:
-            raise ModelLoadError(
-                f"{where}: sparse initializer '{sp.values.name}' is malformed ({_one_line(e)})"
-            ) from None
-        graph.initializer.append(numpy_helper.from_array(dense, sp.values.name))
-    del graph.sparse_initializer[:]
-    return out
 
 
 def to_sparse_proto(proto: onnx.ModelProto, *, min_sparsity: float | None = None) -> onnx.ModelProto:
@@ -239,53 +190,6 @@ def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
-def check_supported(
-    proto: onnx.ModelProto, where: str = "<model>", *, allow_custom_domains: bool = False
-) -> None:
-    """Refuse models whose opset or operator domains graphopt cannot handle safely."""
-    if proto.ir_version > onnx.IR_VERSION:
-        raise UnsupportedModelError(
-            f"{where}: IR version {proto.ir_version} is newer than this onnx package supports "
-            f"({onnx.IR_VERSION}); upgrade onnx or re-export with an older IR version"
-        )
-    newest = onnx.defs.onnx_opset_version()
-    for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > newest:
-            raise UnsupportedModelError(
-                f"{where}: opset {opset.version} is newer than this onnx package supports "
-                f"({newest}); upgrade onnx or export with opset <= {newest}"
-            )
-    if allow_custom_domains:
-        return
-    local = {f.domain for f in proto.functions}
-    for domain, op_type in _node_domains(proto):
-        if domain not in KNOWN_DOMAINS and domain not in local:
-            raise UnsupportedModelError(
-                f"{where}: operator {domain}::{op_type} is in an unknown custom domain "
-                f"'{domain}' that ONNX Runtime cannot run, so graphopt cannot optimize or verify "
-                "it; remove the custom op or pass allow_custom_domains=True "
-                "(--allow-custom-domains) to leave those nodes untouched"
-            )
-
-
-def _node_domains(proto: onnx.ModelProto) -> Iterator[tuple[str, str]]:
-    stack: list[onnx.GraphProto] = [proto.graph]
-    nodes: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
-    while stack:
-        g = stack.pop()
-        nodes.extend(g.node)
-        for n in g.node:
-            for a in n.attribute:
-                if a.HasField("g"):
-                    stack.append(a.g)
-                stack.extend(a.graphs)
-    seen = set()
-    for n in nodes:
-        if n.domain not in seen:
-            seen.add(n.domain)
-            yield n.domain, n.op_type
-
-
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Every external tensor of the model: initializers and tensor attributes, subgraphs too."""
     seen: set[int] = set()
@@ -310,88 +214,6 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
                     if isinstance(t, ir.ExternalTensor) and id(t) not in seen:
                         seen.add(id(t))
                         yield t
-
-
-def _is_absolute(location: str) -> bool:
-    return (
-        os.path.isabs(location)
-        or ntpath.isabs(location)
-        or bool(ntpath.splitdrive(location)[0])
-        or location.startswith(("\\", "/"))
-    )
-
-
-def _safe_relative(location: str, folder: str, where: str, what: str) -> str:
-    """Resolve ``location`` inside ``folder``; refuse absolute paths, escapes and symlinks."""
-    if not location or "\x00" in location:
-        raise UnsafeExternalDataError(f"{where}: {what} has an empty or invalid location")
-    if _is_absolute(location):
-        raise UnsafeExternalDataError(
-            f"{where}: {what} location '{location}' is an absolute path; external data must "
-            "be a relative path inside the model's folder"
-        )
-    parts = location.replace("\\", "/").split("/")
-    if ".." in parts:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} location '{location}' contains '..' and may leave the model's "
-            "folder; move the data file next to the model"
-        )
-    root = os.path.realpath(folder)
-    current = root
-    for part in parts:
-        if part in ("", "."):
-            continue
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            raise UnsafeExternalDataError(
-                f"{where}: {what} location '{location}' goes through a symbolic link; "
-                "copy the data file next to the model instead"
-            )
-    resolved = os.path.realpath(current)
-    if os.path.commonpath([resolved, root]) != root:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} location '{location}' resolves outside the model's folder"
-        )
-    return resolved
-
-
-def _expected_nbytes(tensor: ir.ExternalTensor) -> int:
-    count = math.prod(tensor.shape.numpy())
-    return math.ceil(count * tensor.dtype.bitwidth / 8)
-
-
-def check_external_tensor(tensor: ir.ExternalTensor, folder: str, where: str) -> None:
-    """Refuse an external reference that escapes, links, is missing or lies past the file's end."""
-    what = f"external data of tensor '{tensor.name}'"
-    path = _safe_relative(os.fspath(tensor.location), folder, where, what)
-    if not os.path.exists(path):
-        raise ModelLoadError(
-            f"{where}: {what} is missing: file '{tensor.location}' not found next to the model; "
-            "copy the data file into the model's folder"
-        )
-    st = os.stat(path)
-    if not os.path.isfile(path):
-        raise UnsafeExternalDataError(f"{where}: {what} '{tensor.location}' is not a regular file")
-    if st.st_nlink > 1:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} '{tensor.location}' is a hard-linked file; copy it to a plain "
-            "file next to the model"
-        )
-    offset = tensor.offset or 0
-    expected = _expected_nbytes(tensor)
-    length = tensor.length if tensor.length is not None else expected
-    if offset < 0 or length < 0:
-        raise UnsafeExternalDataError(f"{where}: {what} has a negative offset or length")
-    if length < expected:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} has length {length} but its shape and dtype need {expected} bytes"
-        )
-    if offset + length > st.st_size:
-        raise UnsafeExternalDataError(
-            f"{where}: {what} reads bytes {offset}..{offset + length} of '{tensor.location}', "
-            f"which has only {st.st_size} bytes; the data file is truncated or does not belong "
-            "to this model"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,53 +534,14 @@ def _save_external(
         blob = proto.SerializeToString(deterministic=True)
         del proto
         model_tmp = _write_temp(path, lambda f: f.write(blob))
-        os.replace(data_tmp, data_path)
-        os.replace(model_tmp, path)
+        data_tmp.commit(data_path)
+        model_tmp.commit(path)
     except BaseException:
         for tmp in (data_tmp, model_tmp):
             if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+                tmp.discard()
         raise
     _fsync_dir(folder)
-
-
-def _write_temp(path: str, write: object) -> str:
-    """Write a complete, fsynced temporary file next to ``path``; return its name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)  # type: ignore[operator]
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _atomic_write(path: str, write: object) -> None:
-    """Write ``path`` so that it appears complete or not at all (temp file, fsync, rename)."""
-    tmp = _write_temp(path, write)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _one_line(e: BaseException) -> str:

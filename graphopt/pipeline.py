@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import spec as _spec
-from graphopt.errors import GraphoptError, PassFailedError, PipelineError
+from graphopt.errors import GraphoptError, PassChangedOutputsError, PassCrashedError, PipelineError
 from graphopt.registry import Registry, default_registry
 
 __all__ = [
@@ -290,7 +290,7 @@ class _Runner:
             for inst in self.instruments:
                 if hasattr(inst, "after_pass_failed"):
                     inst.after_pass_failed(name, model, e)
-            raise PassFailedError(
+            raise PassCrashedError(
                 f"pass '{name}' failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 f"{self._after()}"
             ) from e
@@ -300,7 +300,7 @@ class _Runner:
             # one object (a pipeline as a whole is in-place).
             _adopt(model, result.model)
         if fp is not None and not result.modified and _fingerprint(model) != fp:
-            raise PassFailedError(f"pass '{name}' reported no change but changed the model{self._after()}")
+            raise PassCrashedError(f"pass '{name}' reported no change but changed the model{self._after()}")
         record = PassRecord(name, wall, bool(result.modified), before, model_stats(model), iteration,
                             dict(getattr(p, "stats", {}) or {}), dict(getattr(p, "details", {}) or {}))
         self.records.append(record)
@@ -325,7 +325,7 @@ class _Runner:
                     onnx.checker.check_model(proto)
             except onnx.checker.ValidationError as e:
                 msg = str(e).strip().splitlines()[0]
-                raise PassFailedError(f"pass '{name}' produced an invalid model: {msg}{self._after_prev()}") from None
+                raise PassCrashedError(f"pass '{name}' produced an invalid model: {msg}{self._after_prev()}") from None
         if self.numeric_each and self.reference is not None:
             from graphopt.verify import generate_inputs, verify
 
@@ -336,7 +336,7 @@ class _Runner:
             opts = {k: v for k, v in self.verify_options.items() if k not in ("inputs",)}
             result = verify(self.reference, model, inputs=self._inputs, **opts)
             if not result.passed:
-                raise PassFailedError(
+                raise PassChangedOutputsError(
                     f"pass '{name}' changed the model's outputs: {result.failure_summary()}{self._after_prev()}"
                 )
 

@@ -215,37 +215,20 @@ def generate_inputs(model: Any, *, dims: dict[str, int] | None = None, seed: int
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read feeds from an .npz file of named arrays.
 
-    Never unpickles (``allow_pickle=False``): a pickled object array in an untrusted file could
-    run code, so such files are refused.
+    Never unpickles: object arrays are refused from their headers, as are negative or oversized
+    shapes and headers that disagree with the stored size, before any data is decompressed; only a
+    regular file is opened (a FIFO would block).
     """
+    from graphopt.files import npz_infos, open_npz, read_npz_array
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise GraphoptError(f"{path}: no such input file; give an .npz of named arrays")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise GraphoptError(
-                f"{path}: not an .npz file (it holds pickled data, which is never loaded); "
-                "save the inputs with numpy.savez"
-            ) from None
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
-    except Exception as e:  # OSError, EOFError, zipfile.BadZipFile, ...
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
+    if path.endswith(".npy"):
         raise GraphoptError(f"{path}: holds a single array, not named arrays; save the inputs with numpy.savez")
-    try:
-        with data:
-            return {k: data[k] for k in data.files}
-    except ValueError as e:
-        if "object" in str(e).lower() or "pickle" in str(e).lower():
-            raise GraphoptError(
-                f"{path}: object arrays are not allowed (loading them would need unpickling); "
-                "save plain numeric, bool or fixed-width string arrays"
-            ) from None
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
-    except Exception as e:
-        raise GraphoptError(f"{path}: not a readable .npz file ({_first_line(e)})") from None
+    infos = npz_infos(path)
+    with open_npz(path) as zf:
+        return {i.name: read_npz_array(zf, i, path) for i in infos}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +305,7 @@ def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> l
 
     model = load(model)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions; graphopt reports them (one line)
     so.use_deterministic_compute = True
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -337,6 +320,33 @@ def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> l
             return _run_session(session, feeds)
     session = ort.InferenceSession(to_bytes(model), so, providers=providers)
     return _run_session(session, feeds)
+
+
+def ort_refusal(model: Any) -> str | None:
+    """Why ONNX Runtime cannot load ``model`` or run it on generated inputs (one line), or None
+    when it can. The oracle for input that ONNX's checker lets through but that is invalid all the
+    same (a Conv bias of the wrong length): asked only after a pass failed on the model."""
+    import re
+
+    import onnxruntime as ort
+
+    from graphopt.ir import load, to_bytes
+
+    try:
+        model = load(model)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # the reason is returned, not logged
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(to_bytes(model), so, providers=["CPUExecutionProvider"])
+        try:
+            feeds = generate_inputs(model)
+        except GraphoptError:  # inputs that cannot be made up: loading it is all that can be tried
+            return None
+        _run_session(session, feeds)
+    except Exception as e:  # whatever ONNX Runtime says
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+        return text if len(text) <= 300 else text[:297] + "..."
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
