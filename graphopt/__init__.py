@@ -72,7 +72,9 @@ def _quantize_request(quantize: str | dict[str, Any] | None, registry: Registry)
     if isinstance(quantize, str):
         quantize = {"mode": quantize}
     if not isinstance(quantize, dict):
-        raise GraphoptError(f"quantize= must be a mode name or a dict of options, got {type(quantize).__name__}")
+        raise GraphoptError(
+            f"quantize= must be a mode name or a dict of options, got {type(quantize).__name__}"
+        )
     opts = dict(quantize)
     mode = opts.get("mode")
     modes = quantize_modes(registry)
@@ -86,7 +88,9 @@ def _prune_request(prune: float | dict[str, Any] | None) -> dict[str, Any] | Non
         return None
     if isinstance(prune, bool) or not isinstance(prune, (int, float, dict)):
         raise GraphoptError(f"prune= must be a sparsity (0 to 1) or a dict of options, got {prune!r}")
-    opts = {"sparsity": float(prune), "mode": "unstructured"} if isinstance(prune, (int, float)) else dict(prune)
+    opts = (
+        {"sparsity": float(prune), "mode": "unstructured"} if isinstance(prune, (int, float)) else dict(prune)
+    )
     sparsity = opts.get("sparsity")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise GraphoptError(f"prune sparsity must be a number in [0, 1), got {sparsity!r}")
@@ -215,11 +219,14 @@ def optimize(
         if not vr.passed:
             hint = ""
             if (qopts or popts) and "min_cosine" in vopts:
-                hint = (f"; quantization/pruning change outputs by design: the check asks cosine ≥ "
-                        f"{vopts['min_cosine']:g} per output (verify_options min_cosine / --verify-min-cosine "
-                        "set the loss you accept)")
+                hint = (
+                    f"; quantization/pruning change outputs by design: the check asks cosine ≥ "
+                    f"{vopts['min_cosine']:g} per output (verify_options min_cosine / --verify-min-cosine "
+                    "set the loss you accept)"
+                )
             raise VerificationError(
-                f"optimized model differs from the original: {vr.failure_summary()}{hint}", vr)
+                f"optimized model differs from the original: {vr.failure_summary()}{hint}", vr
+            )
     return OptimizeResult(result_model, report)
 
 
@@ -232,7 +239,9 @@ def _intermediate_values(model: _onnx_ir.Model) -> Iterator[_onnx_ir.Value]:
 
 
 def _annotated_values(model: _onnx_ir.Model) -> set[str]:
-    return {v.name for v in _intermediate_values(model) if v.name and (v.type is not None or v.shape is not None)}
+    return {
+        v.name for v in _intermediate_values(model) if v.name and (v.type is not None or v.shape is not None)
+    }
 
 
 def _drop_added_annotations(model: _onnx_ir.Model, annotated: set[str]) -> None:

@@ -61,8 +61,14 @@ class CalibrationData:
     before any array data is read or decompressed.
     """
 
-    def __init__(self, factory: Callable[[], Iterator[dict[str, Any]]], description: str,
-                 *, single_use: bool = False, specs: list[BatchSpec] | None = None) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], Iterator[dict[str, Any]]],
+        description: str,
+        *,
+        single_use: bool = False,
+        specs: list[BatchSpec] | None = None,
+    ) -> None:
         self._factory = factory
         self.description = description
         self._single_use = single_use
@@ -80,7 +86,9 @@ class CalibrationData:
             if os.path.isdir(path):
                 return cls._from_folder(path)
             if not os.path.lexists(path):
-                raise CalibrationError(f"{path}: calibration data not found; give an .npz file or a folder of .npy/.npz")
+                raise CalibrationError(
+                    f"{path}: calibration data not found; give an .npz file or a folder of .npy/.npz"
+                )
             if path.endswith(".npy"):
                 raise CalibrationError(
                     f"{path}: a single .npy has no input name; put it in a folder as INPUT.npy or use an .npz"
@@ -117,11 +125,14 @@ class CalibrationData:
             def gen_indexed() -> Iterator[dict[str, Any]]:
                 with open_npz(path, CalibrationError) as zf:
                     for i in order:
-                        yield {name: read_npz_array(zf, info, path, CalibrationError)
-                               for name, info in groups[i].items()}
+                        yield {
+                            name: read_npz_array(zf, info, path, CalibrationError)
+                            for name, info in groups[i].items()
+                        }
 
-            specs: list[BatchSpec] = [{name: (info.shape, info.dtype) for name, info in groups[i].items()}
-                                      for i in order]
+            specs: list[BatchSpec] = [
+                {name: (info.shape, info.dtype) for name, info in groups[i].items()} for i in order
+            ]
             return cls(gen_indexed, f"{path} ({len(order)} batches)", specs=specs)
 
         rows = {i.shape[0] if i.shape else 1 for i in infos}
@@ -138,7 +149,9 @@ class CalibrationData:
             for start in range(0, n, batch_size):
                 yield {k: a[start : start + batch_size] for k, a in arrays.items()}
 
-        spec: BatchSpec = {i.name: ((None, *i.shape[1:]) if split and i.shape else i.shape, i.dtype) for i in infos}
+        spec: BatchSpec = {
+            i.name: ((None, *i.shape[1:]) if split and i.shape else i.shape, i.dtype) for i in infos
+        }
         return cls(gen_rows, f"{path}", specs=[spec])
 
     @classmethod
@@ -154,8 +167,11 @@ class CalibrationData:
                 for part in parts:
                     yield from part.batches()
 
-            return cls(gen_npz, f"{path} ({len(npz)} .npz files)",
-                       specs=[spec for part in parts for spec in part.specs or []])
+            return cls(
+                gen_npz,
+                f"{path} ({len(npz)} .npz files)",
+                specs=[spec for part in parts for spec in part.specs or []],
+            )
         # INPUT.npy (one batch), INPUT.INDEX.npy (batch INDEX)
         groups: dict[int, dict[str, tuple[str, ArrayInfo]]] = {}
         for f in files:
@@ -167,10 +183,13 @@ class CalibrationData:
 
         def gen_npy() -> Iterator[dict[str, Any]]:
             for i in sorted(groups):
-                yield {name: load_npy(file, info, CalibrationError) for name, (file, info) in groups[i].items()}
+                yield {
+                    name: load_npy(file, info, CalibrationError) for name, (file, info) in groups[i].items()
+                }
 
-        specs: list[BatchSpec] = [{name: (info.shape, info.dtype) for name, (_, info) in groups[i].items()}
-                                  for i in sorted(groups)]
+        specs: list[BatchSpec] = [
+            {name: (info.shape, info.dtype) for name, (_, info) in groups[i].items()} for i in sorted(groups)
+        ]
         return cls(gen_npy, f"{path} ({len(groups)} batches of .npy)", specs=specs)
 
     # --- use --------------------------------------------------------------------------------
@@ -206,7 +225,8 @@ class CalibrationData:
             if missing:
                 raise CalibrationError(
                     f"calibration batch {i} ({self.description}) lacks model input(s) {missing} (it has "
-                    f"{sorted(spec)}); name the arrays after the model's inputs")
+                    f"{sorted(spec)}); name the arrays after the model's inputs"
+                )
             for v in inputs:
                 _check_declared(v, *spec[v.name], i, self.description)  # type: ignore[index]  # names checked above
         if not self._single_use:
@@ -236,11 +256,13 @@ def _check_finite(name: str, value: Any, index: int, description: str) -> None:
     if bad:
         raise CalibrationError(
             f"calibration array '{name}' of batch {index} ({description}) holds {bad:,} NaN/Inf values of "
-            f"{arr.size:,}; calibration needs finite data: drop or fix those samples")
+            f"{arr.size:,}; calibration needs finite data: drop or fix those samples"
+        )
 
 
-def _check_declared(value: ir.Value, shape: tuple[int | None, ...], dtype: np.dtype, index: int,
-                    description: str) -> None:
+def _check_declared(
+    value: ir.Value, shape: tuple[int | None, ...], dtype: np.dtype, index: int, description: str
+) -> None:
     assert isinstance(value.type, ir.TensorType)
     where = f"calibration array '{value.name}' of batch {index} ({description})"
     try:
@@ -254,12 +276,14 @@ def _check_declared(value: ir.Value, shape: tuple[int | None, ...], dtype: np.dt
     if len(shape) != len(value.shape):
         raise CalibrationError(
             f"{where} has shape {list(shape)}, but the model input has rank {len(value.shape)} "
-            f"({[str(d) for d in value.shape]}); reshape the data")
+            f"({[str(d) for d in value.shape]}); reshape the data"
+        )
     for axis, (got, need) in enumerate(zip(shape, value.shape)):
         if isinstance(need, int) and got is not None and got != need:
             raise CalibrationError(
                 f"{where} has shape {list(shape)}, but the model input needs {need} on axis {axis} "
-                f"({[str(d) for d in value.shape]}); reshape the data")
+                f"({[str(d) for d in value.shape]}); reshape the data"
+            )
 
 
 def check_feeds(feeds: dict[str, Any], input_names: list[str], index: int) -> dict[str, np.ndarray]:

@@ -54,44 +54,83 @@ def _build_parser() -> _Parser:
     o.add_argument("input", help="input .onnx file")
     o.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     o.add_argument("--target", default="ort-cpu", help="ort-cpu (default) | ort-cuda | tensorrt")
-    o.add_argument("--target-option", action="append", metavar="KEY=VALUE",
-                   help="an option of the target, e.g. precision=bfloat16 (ort-cuda), fp16=true (tensorrt)")
+    o.add_argument(
+        "--target-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the target, e.g. precision=bfloat16 (ort-cuda), fp16=true (tensorrt)",
+    )
     o.add_argument("--pipeline", help="pipeline spec text, or a .json/.yaml/.txt file with one")
     o.add_argument("--level", type=int, default=2, help="optimization level of the target's default pipeline")
     o.add_argument("--report", help="write the JSON report here")
-    o.add_argument("--verify", action="store_true", help="compare outputs with the original (exit 1 on mismatch)")
+    o.add_argument(
+        "--verify", action="store_true", help="compare outputs with the original (exit 1 on mismatch)"
+    )
     o.add_argument("--verify-each", action="store_true", help="ONNX checker after every pass")
     o.add_argument("--numeric-each", action="store_true", help="numeric check after every pass (slow)")
     o.add_argument("--inputs", help=".npz of inputs for verification (default: generated)")
-    o.add_argument("--dim", action="append", help="value of a symbolic dimension for generated inputs, NAME=INT")
+    o.add_argument(
+        "--dim", action="append", help="value of a symbolic dimension for generated inputs, NAME=INT"
+    )
     o.add_argument("--rtol", type=float, default=1e-3)
     o.add_argument("--atol", type=float, default=1e-4)
     o.add_argument("--dump-dir", help="save the model after every pass into this folder")
     o.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
-    o.add_argument("--allow-custom-domains", action="store_true",
-                   help="accept ops of unknown custom domains (left untouched; verification impossible)")
+    o.add_argument(
+        "--allow-custom-domains",
+        action="store_true",
+        help="accept ops of unknown custom domains (left untouched; verification impossible)",
+    )
     q = o.add_argument_group("quantization")
     # No argparse choices: the modes are the installed quantize-* passes' (checked by optimize).
-    q.add_argument("--quantize", metavar="MODE",
-                   help="quantization mode: dynamic, static, int4, int8-weight, or a plugin's (`graphopt passes`)")
-    q.add_argument("--calibration", help="calibration data: .npz file or folder of .npy/.npz (static needs it)")
-    q.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
-                   help="activation range calibrator (static)")
-    q.add_argument("--min-cosine", type=float,
-                   help="fidelity target: keep the most sensitive layers in float until outputs reach it")
-    q.add_argument("--exclude", action="append", metavar="PATTERN",
-                   help="node name, fnmatch pattern or op type to leave in float (repeatable)")
-    q.add_argument("--quantize-option", action="append", metavar="KEY=VALUE",
-                   help="any other option of the quantize pass (`graphopt passes`), e.g. block_size=64")
+    q.add_argument(
+        "--quantize",
+        metavar="MODE",
+        help="quantization mode: dynamic, static, int4, int8-weight, or a plugin's (`graphopt passes`)",
+    )
+    q.add_argument(
+        "--calibration", help="calibration data: .npz file or folder of .npy/.npz (static needs it)"
+    )
+    q.add_argument(
+        "--calibrator",
+        choices=["minmax", "percentile", "entropy", "mse"],
+        help="activation range calibrator (static)",
+    )
+    q.add_argument(
+        "--min-cosine",
+        type=float,
+        help="fidelity target: keep the most sensitive layers in float until outputs reach it",
+    )
+    q.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATTERN",
+        help="node name, fnmatch pattern or op type to leave in float (repeatable)",
+    )
+    q.add_argument(
+        "--quantize-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other option of the quantize pass (`graphopt passes`), e.g. block_size=64",
+    )
     q.add_argument("--sensitivity", action="store_true", help="measure and print per-layer sensitivity")
     q.add_argument("--sensitivity-plot", metavar="PNG", help="also plot per-layer sensitivity to this PNG")
     pr = o.add_argument_group("pruning")
-    pr.add_argument("--prune", type=float, metavar="SPARSITY", help="fraction of weights/units to remove (0-1)")
+    pr.add_argument(
+        "--prune", type=float, metavar="SPARSITY", help="fraction of weights/units to remove (0-1)"
+    )
     pr.add_argument("--prune-mode", help="unstructured (default) | 2:4 (or N:M) | structured")
-    pr.add_argument("--prune-option", action="append", metavar="KEY=VALUE",
-                    help="any other option of the prune pass, e.g. scope=global")
-    o.add_argument("--verify-min-cosine", type=float,
-                   help="with --verify on a quantized/pruned model: cosine each output must reach (default 0.99)")
+    pr.add_argument(
+        "--prune-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other option of the prune pass, e.g. scope=global",
+    )
+    o.add_argument(
+        "--verify-min-cosine",
+        type=float,
+        help="with --verify on a quantized/pruned model: cosine each output must reach (default 0.99)",
+    )
 
     i = sub.add_parser("inspect", help="summarise a model: ops, parameters, sparsity, I/O")
     i.add_argument("input")
@@ -147,8 +186,10 @@ def _run(args: argparse.Namespace) -> int:
         if e.exit_code == 3:  # a pass crashed or broke a validated model: a bug, not bad input
             if os.environ.get("GRAPHOPT_DEBUG"):
                 raise
-            sys.stderr.write(f"graphopt: internal error: {msg} (this is a bug; rerun with GRAPHOPT_DEBUG=1 "
-                             "for the traceback)\n")
+            sys.stderr.write(
+                f"graphopt: internal error: {msg} (this is a bug; rerun with GRAPHOPT_DEBUG=1 "
+                "for the traceback)\n"
+            )
             return 3
         sys.stderr.write(f"graphopt: error: {msg}\n")
         return 2
@@ -199,7 +240,11 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.report:
         _check_output_dir(args.report, "report")
         _check_output_path(args.report, "report")
-    if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.output, args.input):
+    if (
+        os.path.exists(args.output)
+        and os.path.exists(args.input)
+        and os.path.samefile(args.output, args.input)
+    ):
         raise OutputError(f"{args.output}: output is the input file; write to another file")
     if args.sensitivity_plot:
         _check_output_dir(args.sensitivity_plot, "sensitivity plot")
@@ -215,8 +260,10 @@ def _optimize(args: argparse.Namespace) -> int:
     model = load(args.input, allow_custom_domains=args.allow_custom_domains)
     if args.report:
         # The report must not replace the input model, its weights, or the output model.
-        taken = {os.path.realpath(p) for p in (args.input, args.output, args.output + ".data",
-                                               settings_file_for(args.output))}
+        taken = {
+            os.path.realpath(p)
+            for p in (args.input, args.output, args.output + ".data", settings_file_for(args.output))
+        }
         taken |= _referenced_files(model)
         if os.path.realpath(args.report) in taken:
             raise OutputError(
@@ -299,19 +346,34 @@ def _quantize_and_prune(args: argparse.Namespace) -> tuple[dict[str, Any] | None
         if args.sensitivity or args.sensitivity_plot:
             quantize["sensitivity"] = True
     else:
-        given = [f for f, v in (("--calibrator", args.calibrator), ("--min-cosine", args.min_cosine),
-                                ("--exclude", args.exclude), ("--quantize-option", args.quantize_option),
-                                ("--sensitivity", args.sensitivity or args.sensitivity_plot)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--calibrator", args.calibrator),
+                ("--min-cosine", args.min_cosine),
+                ("--exclude", args.exclude),
+                ("--quantize-option", args.quantize_option),
+                ("--sensitivity", args.sensitivity or args.sensitivity_plot),
+            )
+            if v
+        ]
         if given:
             raise GraphoptError(f"{', '.join(given)} only apply with --quantize MODE; add it or remove them")
     prune: dict[str, Any] | None = None
     if args.prune is not None:
-        prune = {"sparsity": args.prune, "mode": args.prune_mode or "unstructured",
-                 **_options(args.prune_option, "--prune-option")}
+        prune = {
+            "sparsity": args.prune,
+            "mode": args.prune_mode or "unstructured",
+            **_options(args.prune_option, "--prune-option"),
+        }
     elif args.prune_mode or args.prune_option:
-        raise GraphoptError("--prune-mode/--prune-option only apply with --prune SPARSITY; add it or remove them")
+        raise GraphoptError(
+            "--prune-mode/--prune-option only apply with --prune SPARSITY; add it or remove them"
+        )
     if args.pipeline and (quantize or prune):
-        raise GraphoptError("give either --pipeline or --quantize/--prune: add quantize(...)/prune(...) to the pipeline")
+        raise GraphoptError(
+            "give either --pipeline or --quantize/--prune: add quantize(...)/prune(...) to the pipeline"
+        )
     return quantize, prune
 
 
@@ -319,9 +381,14 @@ def _sensitivity_table(rows: list[dict[str, Any]]) -> str:
     out = [("layer", "op", "min cosine", "SQNR dB")]
     for r in rows:
         cos, sq = r.get("min_cosine"), r.get("sqnr_db")
-        out.append((str(r.get("node")), str(r.get("op_type")),
-                    f"{cos:.6f}" if isinstance(cos, float) else str(cos),
-                    f"{sq:.1f}" if isinstance(sq, float) else str(sq)))
+        out.append(
+            (
+                str(r.get("node")),
+                str(r.get("op_type")),
+                f"{cos:.6f}" if isinstance(cos, float) else str(cos),
+                f"{sq:.1f}" if isinstance(sq, float) else str(sq),
+            )
+        )
     widths = [max(len(row[i]) for row in out) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in out)
 
@@ -343,7 +410,7 @@ def _nothing_quantized(report: Any) -> str:
     for p in report.passes:
         for key, n in p.stats.items():
             if key.startswith("float:"):
-                reasons[key[len("float:"):]] += n
+                reasons[key[len("float:") :]] += n
     if not reasons:
         return "no layer was quantized"
     listed = "; ".join(f"{why} ({n} layer{'s' if n > 1 else ''})" for why, n in reasons.most_common(3))
@@ -359,14 +426,23 @@ def _plot_sensitivity(rows: list[dict[str, Any]], none_measured: str | None = No
     if not rows:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.axis("off")
-        ax.text(0.5, 0.5, "per-layer quantization sensitivity:\n" + (none_measured or "no layer was quantized"),
-                ha="center", va="center", wrap=True, fontsize=9)
+        ax.text(
+            0.5,
+            0.5,
+            "per-layer quantization sensitivity:\n" + (none_measured or "no layer was quantized"),
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=9,
+        )
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         plt.close(fig)
         return buf.getvalue()
     names = [str(r["node"]) for r in rows]
-    loss = [max(1.0 - float(r["min_cosine"]), 1e-9) if isinstance(r["min_cosine"], float) else 1.0 for r in rows]
+    loss = [
+        max(1.0 - float(r["min_cosine"]), 1e-9) if isinstance(r["min_cosine"], float) else 1.0 for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
     ax.bar(range(len(rows)), loss, color="tab:red")
     ax.set_yscale("log")
@@ -395,7 +471,18 @@ def inspect_model(model: ir.Model) -> dict[str, Any]:
     float_params = 0
     quantized = 0
     total = 0
-    quant_types = {"INT8", "UINT8", "INT4", "UINT4", "INT16", "UINT16", "FLOAT8E4M3FN", "FLOAT8E5M2", "INT2", "UINT2"}
+    quant_types = {
+        "INT8",
+        "UINT8",
+        "INT4",
+        "UINT4",
+        "INT16",
+        "UINT16",
+        "FLOAT8E4M3FN",
+        "FLOAT8E5M2",
+        "INT2",
+        "UINT2",
+    }
     for g in model.graphs():
         for v in g.initializers.values():
             t = v.const_value
@@ -413,10 +500,25 @@ def inspect_model(model: ir.Model) -> dict[str, Any]:
                 arr = t.numpy()
                 zeros += int(n - np.count_nonzero(arr))
                 float_params += n
-    quant_nodes = sum(c for k, c in ops.items() if k.split("::")[-1] in (
-        "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
-        "QLinearConv", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "QGemm", "MatMulIntegerToFloat",
-        "QAttention"))
+    quant_nodes = sum(
+        c
+        for k, c in ops.items()
+        if k.split("::")[-1]
+        in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "DynamicQuantizeLinear",
+            "MatMulInteger",
+            "QLinearMatMul",
+            "QLinearConv",
+            "ConvInteger",
+            "MatMulNBits",
+            "DynamicQuantizeMatMul",
+            "QGemm",
+            "MatMulIntegerToFloat",
+            "QAttention",
+        )
+    )
 
     def io(values: Sequence[ir.Value]) -> list[dict[str, Any]]:
         out = []
@@ -452,13 +554,19 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{args.input}: ir_version {info['ir_version']}, opsets "
-          + ", ".join(f"{k or 'ai.onnx'}={v}" for k, v in info["opsets"].items())
-          + (f", producer {info['producer']}" if info["producer"] else ""))
-    print(f"nodes {info['nodes']}, parameters {info['parameters']:,} ({info['weight_bytes'] / 1e6:.2f} MB), "
-          f"sparsity {info['sparsity']:.1%}, quantized {info['quantized_fraction']:.1%}")
+    print(
+        f"{args.input}: ir_version {info['ir_version']}, opsets "
+        + ", ".join(f"{k or 'ai.onnx'}={v}" for k, v in info["opsets"].items())
+        + (f", producer {info['producer']}" if info["producer"] else "")
+    )
+    print(
+        f"nodes {info['nodes']}, parameters {info['parameters']:,} ({info['weight_bytes'] / 1e6:.2f} MB), "
+        f"sparsity {info['sparsity']:.1%}, quantized {info['quantized_fraction']:.1%}"
+    )
     for name, d in info["parameters_by_dtype"].items():
-        print(f"  {name:<10} {d['tensors']:>6} tensors {d['parameters']:>14,} params {d['bytes'] / 1e6:>10.2f} MB")
+        print(
+            f"  {name:<10} {d['tensors']:>6} tensors {d['parameters']:>14,} params {d['bytes'] / 1e6:>10.2f} MB"
+        )
     print("ops:")
     for op, c in info["ops"].items():
         print(f"  {op:<32} {c}")
@@ -489,11 +597,26 @@ def _passes(args: argparse.Namespace) -> int:
 
     infos = list_passes()
     if args.json:
-        print(json.dumps([
-            {"name": i.name, "summary": i.summary, "source": i.source,
-             "options": [{"name": o.name, "type": o.type, "default": o.default} for o in i.options],
-             "rules": [{"name": r.name, "summary": r.summary, "domain": r.domain} for r in i.rules]}
-            for i in infos], indent=2, default=str))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "summary": i.summary,
+                        "source": i.source,
+                        "options": [
+                            {"name": o.name, "type": o.type, "default": o.default} for o in i.options
+                        ],
+                        "rules": [
+                            {"name": r.name, "summary": r.summary, "domain": r.domain} for r in i.rules
+                        ],
+                    }
+                    for i in infos
+                ],
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     width = max(len(i.name) for i in infos)
     for i in infos:

@@ -96,8 +96,13 @@ def load(
         where = path
         # A regular file only (a FIFO would block, /dev/zero never end), and no more than one
         # protobuf message can hold: weights beyond 2 GB live in external data files.
-        data = read_regular(path, "model", PROTOBUF_LIMIT, ModelLoadError,
-                            hint="larger models keep their weights in external data files")
+        data = read_regular(
+            path,
+            "model",
+            PROTOBUF_LIMIT,
+            ModelLoadError,
+            hint="larger models keep their weights in external data files",
+        )
         proto = _parse_bytes(data, path)
         del data
         folder = os.path.dirname(os.path.abspath(path)) if base_dir is None else os.fspath(base_dir)
@@ -148,15 +153,20 @@ def to_sparse_proto(proto: onnx.ModelProto, *, min_sparsity: float | None = None
     keep = []
     moved = 0
     for t in graph.initializer:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
-                or t.data_location == onnx.TensorProto.EXTERNAL:
+        if (
+            t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+            or t.data_location == onnx.TensorProto.EXTERNAL
+        ):
             keep.append(t)
             continue
         arr = numpy_helper.to_array(t)
         nnz = int(np.count_nonzero(arr))
         sparsity = 1 - nnz / arr.size if arr.size else 0.0
-        if arr.size < 16 or (min_sparsity is not None and sparsity < min_sparsity) or \
-                nnz * (arr.itemsize + 8) >= arr.nbytes:
+        if (
+            arr.size < 16
+            or (min_sparsity is not None and sparsity < min_sparsity)
+            or nnz * (arr.itemsize + 8) >= arr.nbytes
+        ):
             keep.append(t)
             continue
         flat = arr.ravel()
@@ -360,16 +370,16 @@ def save(
     if source:
         inputs.add(source)
     if os.path.realpath(path) in inputs:
-        raise OutputError(
-            f"{path}: this is the input model (or its data); write the output to another file"
-        )
+        raise OutputError(f"{path}: this is the input model (or its data); write the output to another file")
 
     settings_doc = None if settings is False else _target_settings(model, path, required=bool(settings))
     if settings_doc is not None:
         settings_file = settings_file_for(path)
         _check_output_path(settings_file, "settings file")
         if os.path.realpath(settings_file) in inputs:
-            raise OutputError(f"{settings_file}: this is a file of the input model; write the output to another name")
+            raise OutputError(
+                f"{settings_file}: this is a file of the input model; write the output to another name"
+            )
 
     size = total_tensor_bytes(model)
     if external_data is None:
@@ -381,9 +391,7 @@ def save(
         )
 
     if external_data:
-        location = (
-            os.path.basename(path) + ".data" if external_data is True else os.fspath(external_data)
-        )
+        location = os.path.basename(path) + ".data" if external_data is True else os.fspath(external_data)
         _check_output_path(os.path.join(folder, location), "external data file")
         try:
             data_path = _safe_relative(location, folder, path, "output external data")
@@ -472,7 +480,8 @@ def _save_external(
     """
     values = _initializer_values(model)
     large = [
-        v for v in values
+        v
+        for v in values
         if _tensor_nbytes(v.const_value) >= size_threshold  # type: ignore[arg-type]
         and v.const_value.dtype != ir.DataType.STRING  # type: ignore[union-attr]
     ]
@@ -586,8 +595,16 @@ def _fresh_tensor(t: ir.TensorProtocol | None) -> ir.TensorProtocol | None:
         return None
     fresh: ir.TensorProtocol
     if isinstance(t, ir.ExternalTensor):
-        fresh = ir.ExternalTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
-                                  doc_string=t.doc_string, base_dir=t.base_dir)
+        fresh = ir.ExternalTensor(
+            t.location,
+            t.offset,
+            t.length,
+            t.dtype,
+            shape=t.shape,
+            name=t.name,
+            doc_string=t.doc_string,
+            base_dir=t.base_dir,
+        )
     elif isinstance(t, ir.serde.TensorProtoTensor):
         proto = onnx.TensorProto()
         proto.CopyFrom(t.raw)

@@ -265,10 +265,16 @@ class _Runner:
                 else:
                     logger.info("fixpoint group reached max_iterations=%d", step.max_iterations)
             else:
-                p = step if isinstance(step, ir.passes.PassBase) else self.registry.create_pass(step.name, step.options)
+                p = (
+                    step
+                    if isinstance(step, ir.passes.PassBase)
+                    else self.registry.create_pass(step.name, step.options)
+                )
                 if isinstance(p, Pass):
                     p.context = self.context
-                name = prefix + (step.name if isinstance(step, _spec.PassSpec) else getattr(p, "name", type(p).__name__))
+                name = prefix + (
+                    step.name if isinstance(step, _spec.PassSpec) else getattr(p, "name", type(p).__name__)
+                )
                 modified |= self.run_pass(model, p, name, iteration)
         return modified
 
@@ -301,8 +307,16 @@ class _Runner:
             _adopt(model, result.model)
         if fp is not None and not result.modified and _fingerprint(model) != fp:
             raise PassCrashedError(f"pass '{name}' reported no change but changed the model{self._after()}")
-        record = PassRecord(name, wall, bool(result.modified), before, model_stats(model), iteration,
-                            dict(getattr(p, "stats", {}) or {}), dict(getattr(p, "details", {}) or {}))
+        record = PassRecord(
+            name,
+            wall,
+            bool(result.modified),
+            before,
+            model_stats(model),
+            iteration,
+            dict(getattr(p, "stats", {}) or {}),
+            dict(getattr(p, "details", {}) or {}),
+        )
         self.records.append(record)
         self.history.append(name)
         if result.modified:
@@ -325,13 +339,17 @@ class _Runner:
                     onnx.checker.check_model(proto)
             except onnx.checker.ValidationError as e:
                 msg = str(e).strip().splitlines()[0]
-                raise PassCrashedError(f"pass '{name}' produced an invalid model: {msg}{self._after_prev()}") from None
+                raise PassCrashedError(
+                    f"pass '{name}' produced an invalid model: {msg}{self._after_prev()}"
+                ) from None
         if self.numeric_each and self.reference is not None:
             from graphopt.verify import generate_inputs, verify
 
             if self._inputs is None:
                 self._inputs = self.verify_options.get("inputs") or generate_inputs(
-                    self.reference, dims=self.verify_options.get("dims"), seed=self.verify_options.get("seed", 0)
+                    self.reference,
+                    dims=self.verify_options.get("dims"),
+                    seed=self.verify_options.get("seed", 0),
                 )
             opts = {k: v for k, v in self.verify_options.items() if k not in ("inputs",)}
             result = verify(self.reference, model, inputs=self._inputs, **opts)
@@ -375,8 +393,9 @@ class Pipeline:
     True
     """
 
-    def __init__(self, steps: Iterable[_spec.Step | str], *, registry: Registry | None = None,
-                 validate: bool = True) -> None:
+    def __init__(
+        self, steps: Iterable[_spec.Step | str], *, registry: Registry | None = None, validate: bool = True
+    ) -> None:
         norm: list[_spec.Step] = []
         for s in steps:
             if isinstance(s, str):
@@ -495,5 +514,7 @@ class Pipeline:
         before = model_stats(model)
         t0 = time.perf_counter()
         runner.run_steps(model, self.steps, "", None)
-        report = Report(str(self), before, model_stats(model), runner.records, wall_s=time.perf_counter() - t0)
+        report = Report(
+            str(self), before, model_stats(model), runner.records, wall_s=time.perf_counter() - t0
+        )
         return model, report

@@ -231,9 +231,7 @@ def _coerce(pass_name: str, key: str, t: Any, value: Any) -> Any:
     args = typing.get_args(t)
 
     def fail() -> PipelineError:
-        return PipelineError(
-            f"pass '{pass_name}' option '{key}' must be {_type_name(t)}, got {value!r}"
-        )
+        return PipelineError(f"pass '{pass_name}' option '{key}' must be {_type_name(t)}, got {value!r}")
 
     if t is Any:
         return value
@@ -251,9 +249,7 @@ def _coerce(pass_name: str, key: str, t: Any, value: Any) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise PipelineError(
-            f"pass '{pass_name}' option '{key}' must be one of {list(args)}, got {value!r}"
-        )
+        raise PipelineError(f"pass '{pass_name}' option '{key}' must be one of {list(args)}, got {value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             value = [value]

@@ -254,7 +254,7 @@ def from_data(data: Any) -> tuple[Step, ...]:
                 raise PipelineError(f"options of '{item['name']}' must be a mapping")
             steps.append(PassSpec(str(item["name"]), dict(opts)))
         elif isinstance(item, dict) and len(item) == 1:
-            (name, opts), = item.items()
+            ((name, opts),) = item.items()
             if opts is None:
                 opts = {}
             if not isinstance(opts, dict):

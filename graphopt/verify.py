@@ -206,7 +206,9 @@ def generate_inputs(model: Any, *, dims: dict[str, int] | None = None, seed: int
                     high = min(high, int(np.iinfo(np_dtype).max) + 1)
                 arr = rng.integers(0, high, shape).astype(np_dtype)
         else:
-            raise GraphoptError(f"input '{name}' has dtype {dtype.name}, which cannot be generated; {_GIVE_INPUTS}")
+            raise GraphoptError(
+                f"input '{name}' has dtype {dtype.name}, which cannot be generated; {_GIVE_INPUTS}"
+            )
         feeds[name] = np.ascontiguousarray(arr)
         logger.debug("generated input %s: %s %s", name, arr.dtype, arr.shape)
     return feeds
@@ -225,7 +227,9 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.lexists(path):
         raise GraphoptError(f"{path}: no such input file; give an .npz of named arrays")
     if path.endswith(".npy"):
-        raise GraphoptError(f"{path}: holds a single array, not named arrays; save the inputs with numpy.savez")
+        raise GraphoptError(
+            f"{path}: holds a single array, not named arrays; save the inputs with numpy.savez"
+        )
     infos = npz_infos(path)
     with open_npz(path) as zf:
         return {i.name: read_npz_array(zf, i, path) for i in infos}
@@ -528,7 +532,9 @@ def _float_metrics(
     else:
         sqnr = 10 * math.log10(signal / noise)
     mismatches = n_bad + int(np.count_nonzero((nan_r != nan_g) | inf_bad))
-    return OutputComparison(name, dtype, shape, ok, max_abs, max_rel, cosine, sqnr, mismatches, "; ".join(notes))
+    return OutputComparison(
+        name, dtype, shape, ok, max_abs, max_rel, cosine, sqnr, mismatches, "; ".join(notes)
+    )
 
 
 def _compare(name: str, ref: Any, got: Any, rtol: float, atol: float) -> OutputComparison:
@@ -570,7 +576,9 @@ def _compare(name: str, ref: Any, got: Any, rtol: float, atol: float) -> OutputC
     if ref.dtype.kind in "iub":
         max_abs = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64))))
     note = "" if mismatches == 0 else f"{mismatches} of {ref.size} elements differ"
-    return OutputComparison(name, dtype, shape, mismatches == 0, max_abs=max_abs, mismatches=mismatches, note=note)
+    return OutputComparison(
+        name, dtype, shape, mismatches == 0, max_abs=max_abs, mismatches=mismatches, note=note
+    )
 
 
 def _merge(name: str, kind: str, shape: tuple[int, ...], parts: list[OutputComparison]) -> OutputComparison:
@@ -651,8 +659,11 @@ def verify(
         if rname != gname:
             cmp.passed = False
             cmp.note = f"candidate output is named '{gname}'" + (f"; {cmp.note}" if cmp.note else "")
-        if min_cosine is not None and cmp.cosine is not None and rname == gname and not cmp.note.startswith(
-            ("shape", "dtype")
+        if (
+            min_cosine is not None
+            and cmp.cosine is not None
+            and rname == gname
+            and not cmp.note.startswith(("shape", "dtype"))
         ):
             special = "NaN" in cmp.note or "infinities" in cmp.note  # never acceptable
             cmp.passed = bool(not special and np.isfinite(cmp.cosine) and cmp.cosine >= min_cosine)
