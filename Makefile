@@ -16,15 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python benchmarks/demo.py
 
-test: $(STAMP)
-	$(BIN)/ruff check graphopt passes backends tests benchmarks
+test: lint
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
+# The linter, the formatter's check and the type checker (graphopt/ and backends/, see pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check graphopt passes backends tests benchmarks
+	$(BIN)/ruff format --check graphopt passes backends tests benchmarks
+	$(BIN)/mypy
 
 # The suite: every graphopt mode against every anchor on every model, one table (results/suite.md).
 bench: $(STAMP)
