@@ -217,9 +217,9 @@ class CalibrationData:
         the error): for file sources, the declared names, dtypes and shapes of every batch against
         the model's inputs, from the headers, before any data is read; then, unless the source is a
         one-shot iterator, every batch's values (finite)."""
-        from graphopt.verify import _real_inputs
+        from graphopt.inputs import real_inputs
 
-        inputs = [v for v in _real_inputs(model) if isinstance(v.type, ir.TensorType)]
+        inputs = [v for v in real_inputs(model) if isinstance(v.type, ir.TensorType)]
         for i, spec in enumerate(self.specs or []):
             missing = [v.name for v in inputs if v.name not in spec]
             if missing:

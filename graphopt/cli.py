@@ -218,7 +218,7 @@ def _verify_options(args: argparse.Namespace) -> dict[str, Any]:
     if dims:
         opts["dims"] = dims
     if args.inputs:
-        from graphopt.verify import load_inputs
+        from graphopt.inputs import load_inputs
 
         opts["inputs"] = load_inputs(args.inputs)
     return opts

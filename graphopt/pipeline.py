@@ -343,7 +343,8 @@ class _Runner:
                     f"pass '{name}' produced an invalid model: {msg}{self._after_prev()}"
                 ) from None
         if self.numeric_each and self.reference is not None:
-            from graphopt.verify import generate_inputs, verify
+            from graphopt.inputs import generate_inputs
+            from graphopt.verify import verify
 
             if self._inputs is None:
                 self._inputs = self.verify_options.get("inputs") or generate_inputs(

@@ -599,7 +599,7 @@ def run_case(
     if code != 0:
         return {"outcome": f"exit-{code}", "code": code, "line": line}
     import graphopt
-    from graphopt.verify import generate_inputs
+    from graphopt.inputs import generate_inputs
 
     try:  # (not ONNX's checker: it refuses what the input may have had too, e.g. I/O without a shape)
         graphopt.load(out)

@@ -17,7 +17,7 @@ import graphopt
 from graphopt.calibration import CalibrationData, CalibrationError
 from graphopt.cli import main
 from graphopt.errors import GraphoptError, ModelLoadError
-from graphopt.verify import load_inputs
+from graphopt.inputs import load_inputs
 
 
 def _cli(capsys, *argv) -> tuple[int, list[str]]:

@@ -13,11 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import GraphoptError
+from graphopt.inputs import generate_inputs, load_inputs
 from graphopt.verify import (
     OutputComparison,
     VerificationResult,
-    generate_inputs,
-    load_inputs,
     run_model,
     verify,
 )

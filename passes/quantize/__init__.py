@@ -235,7 +235,7 @@ class QuantizePass(Pass):
 
     def _eval_feeds(self, model: ir.Model) -> list[dict[str, Any]]:
         from graphopt.calibration import CalibrationData
-        from graphopt.verify import generate_inputs
+        from graphopt.inputs import generate_inputs
 
         source = getattr(self.options, "calibration", None) or self.context.get("calibration")
         if source is not None:

@@ -45,7 +45,7 @@ def probe(
         except Exception as exc:  # noqa: BLE001 - the probe is optional; the report counts the failure
             logger.warning("quantize-dynamic probe failed (%s)", exc)
             return None
-    from graphopt.verify import generate_inputs
+    from graphopt.inputs import generate_inputs
 
     failure: Exception | None = None
     for dims in (probe_dims(model, length), None):
