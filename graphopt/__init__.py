@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import onnx_ir as _onnx_ir
 
+from graphopt.annotations import DECLARED_KEY, declared_annotations
 from graphopt.errors import GraphoptError, InvalidModelError, PassCrashedError, VerificationError
 from graphopt.export import export
 from graphopt.ir import SOURCE_KEY, detach_tensors, load, save, to_bytes
@@ -161,7 +162,7 @@ def optimize(
         if calibration is not None and not (qopts or popts) and "convert-float16" not in text:
             raise GraphoptError("calibration data was given but nothing uses it; add quantize= (or prune=)")
     original = load(model)
-    annotated = _annotated_values(original)
+    declared = declared_annotations(original)
     work = original.clone()
     detach_tensors(work)
     if SOURCE_KEY in original.meta:
@@ -205,7 +206,7 @@ def optimize(
             ) from e
         raise
     report.target = target
-    _drop_added_annotations(result_model, annotated)
+    result_model.meta[DECLARED_KEY] = declared  # the file keeps only these (graphopt.annotations)
     result_model.metadata_props[PIPELINE_KEY] = str(pipe)
     result_model.metadata_props[TARGET_KEY] = target
     if target_options:
@@ -228,30 +229,6 @@ def optimize(
                 f"optimized model differs from the original: {vr.failure_summary()}{hint}", vr
             )
     return OptimizeResult(result_model, report)
-
-
-def _intermediate_values(model: _onnx_ir.Model) -> Iterator[_onnx_ir.Value]:
-    """Node outputs that are not graph outputs, main graph and subgraphs (functions left alone)."""
-    for graph in model.graphs():
-        outputs = {id(v) for v in graph.outputs}
-        for node in graph:
-            yield from (v for v in node.outputs if id(v) not in outputs)
-
-
-def _annotated_values(model: _onnx_ir.Model) -> set[str]:
-    return {
-        v.name for v in _intermediate_values(model) if v.name and (v.type is not None or v.shape is not None)
-    }
-
-
-def _drop_added_annotations(model: _onnx_ir.Model, annotated: set[str]) -> None:
-    """Forget the types and shapes that shape inference added while the passes ran: they served the
-    rewrites' checks, ONNX Runtime infers them again, and written out they would make the file grow
-    with the node count (a value_info entry per value). What the input declared is kept."""
-    for v in _intermediate_values(model):
-        if v.name not in annotated:
-            v.type = None
-            v.shape = None
 
 
 def list_passes(registry: Registry | None = None) -> list[PassInfo]:

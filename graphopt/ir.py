@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from graphopt.annotations import declared_annotations_only
 from graphopt.errors import (
     ModelLoadError,
     OutputError,
@@ -248,9 +249,14 @@ def total_tensor_bytes(model: ir.Model) -> int:
     return sum(_tensor_nbytes(v.const_value) for v in _initializer_values(model) if v.const_value is not None)
 
 
+def _serialize(model: ir.Model) -> onnx.ModelProto:
+    with declared_annotations_only(model):
+        return ir.serde.serialize_model(model)
+
+
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialise to a ModelProto; external tensors keep their references (no data read)."""
-    return ir.serde.serialize_model(model)
+    return _serialize(model)
 
 
 def to_bytes(model: ir.Model) -> bytes:
@@ -262,7 +268,7 @@ def to_bytes(model: ir.Model) -> bytes:
             "message; save it to a file with external data instead (graphopt.save)"
         )
     with _all_inline(model):
-        proto = ir.serde.serialize_model(model)
+        proto = _serialize(model)
     return proto.SerializeToString(deterministic=True)
 
 
@@ -408,7 +414,7 @@ def save(
             _save_external(model, path, folder, location, data_path, size_threshold)
         else:
             with _all_inline(model):
-                proto = ir.serde.serialize_model(model)
+                proto = _serialize(model)
             if sparse or (sparse is None and model.metadata_props.get(SPARSE_STORAGE_KEY) == "1"):
                 to_sparse_proto(proto)
             data = proto.SerializeToString(deterministic=True)
@@ -536,7 +542,7 @@ def _save_external(
                 for v, ext in new_refs:
                     swapped.append((v, v.const_value))  # type: ignore[arg-type]
                     v.const_value = ext
-                proto = ir.serde.serialize_model(model)
+                proto = _serialize(model)
             finally:
                 for v, t in swapped:
                     v.const_value = t
