@@ -84,10 +84,38 @@ def validate_model(
         _normalize_string_constants(work, where)
     light = light_copy(work, folder, where)
     _run_checker(light, where)
-    inferred = _run_shape_inference(light, where, {f.name for f in proto.functions})
+    inferred, stale = _run_shape_inference(light, where, {f.name for f in proto.functions})
     _check_function_calls(proto, where, allow_custom_domains)
     _check_contrib_ops(proto, where, allow_custom_domains, inferred)
+    if stale:
+        # Like ONNX Runtime, use the inferred shapes, not the stale declared ones: passes must not
+        # trust them, and the output must not carry them.
+        if work is proto:
+            work = onnx.ModelProto()
+            work.CopyFrom(proto)
+        _forget_declared_shapes(work, inferred)
     return work
+
+
+def _forget_declared_shapes(proto: onnx.ModelProto, inferred: onnx.ModelProto | None) -> None:
+    """Drop every value_info, and declare the graph outputs with their inferred shapes (none where
+    inference has none); subgraph outputs keep their element types only."""
+    for g, ctx in all_graphs(proto):
+        del g.value_info[:]
+        if ctx:
+            for v in g.output:
+                if v.type.WhichOneof("value") == "tensor_type":
+                    v.type.tensor_type.ClearField("shape")
+    for f in proto.functions:
+        del f.value_info[:]
+    found = {v.name: v for v in inferred.graph.output} if inferred is not None else {}
+    for v in proto.graph.output:
+        if v.type.WhichOneof("value") != "tensor_type":
+            continue
+        v.type.tensor_type.ClearField("shape")
+        new = found.get(v.name)
+        if new is not None and new.type.tensor_type.HasField("shape"):
+            v.type.tensor_type.shape.CopyFrom(new.type.tensor_type.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +354,9 @@ def _checker_message(text: str) -> str:
 
 def _run_shape_inference(
     light: onnx.ModelProto, where: str, local_functions: set[str]
-) -> onnx.ModelProto | None:
+) -> tuple[onnx.ModelProto | None, bool]:
     """Strict shape and type inference; returns the model with what it inferred (None when it
-    cannot say more than that the model is valid).
+    cannot say more than that the model is valid) and whether a declared shape was stale.
 
     A declared shape (a graph or subgraph output, value_info) that contradicts the inferred one is
     not refused: ONNX Runtime warns and uses the inferred shape, and exporters leave such stale
@@ -336,14 +364,14 @@ def _run_shape_inference(
     conflict can stop inference before it reaches the rest of the graph, so inference then runs
     again on a copy that declares no shapes but the inputs', and that run's verdict counts."""
     try:
-        return _strict_inference(light, where, local_functions)
+        return _strict_inference(light, where, local_functions), False
     except _DeclaredShapeConflict as conflict:
         logger.info("%s: %s (ONNX Runtime ignores the declared shape; so does this check)", where, conflict)
     undeclared = without_declared_shapes(light)
     try:
-        return _strict_inference(undeclared, where, local_functions)
+        return _strict_inference(undeclared, where, local_functions), True
     except _DeclaredShapeConflict:  # the inputs' own declared shapes against their initializers
-        return None
+        return None, True
 
 
 class _DeclaredShapeConflict(Exception):

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from corpus import assert_same, run
 from onnx import TensorProto, helper, numpy_helper
@@ -577,7 +578,14 @@ def test_a_declared_shape_that_contradicts_inference_is_tolerated_like_onnx_runt
         outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])],
     )
     proto.graph.value_info.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [5]))
-    _optimize_and_compare(tmp_path, capsys, proto)
+    out = _optimize_and_compare(tmp_path, capsys, proto)
+    # ... and, like ONNX Runtime, uses the inferred shapes: the stale ones are neither trusted nor kept.
+    assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [2, 4]
+    assert all(
+        v.name != "h" or [d.dim_value for d in v.type.tensor_type.shape.dim] == [2, 4]
+        for v in out.graph.value_info
+    )
+    assert graphopt.load(proto).graph.outputs[0].shape == ir.Shape([2, 4])
 
 
 def test_a_function_input_the_body_takes_as_optional_may_be_left_out(tmp_path, capsys) -> None:
