@@ -9,30 +9,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import fuzzing
 import pytest
 
 
-def _campaign(n: int, seed: int, budget_s: float) -> None:
-    t0 = time.monotonic()
+def _campaign(n: int, seed: int) -> None:
+    # A hang is caught by the per-case timeout; how fast the cases run is not asserted here
+    # (speed is measured in benchmarks, not tests).
     counts, bad = fuzzing.campaign(n, seed, timeout=60.0)
-    elapsed = time.monotonic() - t0
     assert not bad, f"{len(bad)} of {n} cases broke the exit-code contract ({dict(counts)}): {bad[:5]}"
     # Both paths are exercised: a fuzzer that only produced garbage would prove little.
     assert counts["refused"] >= n * 0.3 and counts["correct"] >= n * 0.05, dict(counts)
-    assert elapsed < budget_s, f"{n} cases took {elapsed:.0f}s"
 
 
 def test_fuzzed_models_keep_the_exit_code_contract() -> None:
-    _campaign(400, seed=0, budget_s=240)
+    _campaign(400, seed=0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fuzzed_models_keep_the_exit_code_contract_large(seed) -> None:
-    _campaign(2000, seed=seed, budget_s=1800)
+    _campaign(2000, seed=seed)
 
 
 def test_a_handful_through_the_real_command(tmp_path) -> None:
