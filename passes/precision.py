@@ -8,7 +8,7 @@ silently clamp out-of-range values, and keep elementwise chains in fp16 between 
 
 * an **allow list**: only ops known to have fp16 kernels and to be numerically safe in fp16 are
   converted; every other op (unknown ops and custom domains included) keeps float32, and the
-  reasons for the ops kept on purpose are listed in :data:`KEEP_FP32`;
+  reasons for the ops kept on purpose are listed in :data:`~graphopt.passes.precision_ops.KEEP_FP32`;
 * **follow the data**: a node converts only when one of its non-constant float inputs is already
   fp16 (or a graph input), or it gathers rows of a constant table (embeddings). Position and
   statistics chains that start at a ``Cast(int → float)`` or at a kept op (``Pow``) stay float32
@@ -27,7 +27,7 @@ its input range is what overflows, and calibration checks it); fused ``LayerNorm
 ``SkipLayerNormalization`` / RMSNorm ops convert (their kernels keep mean and variance in float32),
 while a decomposed norm keeps its statistics in float32 because ``Pow`` is kept and the reduction after
 it follows its float32 input; ``Pow``/``Exp``/sum reductions, angles (``Sin``/``Cos``), ``Range``,
-random ops, ``TopK``/``ArgMax`` indices and comparisons stay float32 (:data:`KEEP_FP32`).
+random ops, ``TopK``/``ArgMax`` indices and comparisons stay float32 (:data:`~graphopt.passes.precision_ops.KEEP_FP32`).
 
 Numeric checks on the CPU provider understate fp16 error: ONNX Runtime's CPU provider runs fp16 nodes
 without an fp16 kernel in float32 (it inserts casts), so overflow shows only on the GPU.
@@ -53,202 +53,22 @@ from graphopt.pipeline import Pass
 from .fusion._base import RULE_KEY
 from .ir_helpers import MS_DOMAIN as _MS
 from .ir_helpers import STANDARD_DOMAINS, constant_array, model_opset
+from .precision_ops import (
+    ANY_INPUT,
+    CONVERTIBLE,
+    FP16_MAX,
+    FP16_MIN_NORMAL,
+    GATHERS,
+    HEAVY,
+    KEEP_FP32,
+    KEEP_INPUTS,
+    KEEP_OUTPUTS,
+    SENTINEL,
+)
 
-__all__ = ["ConvertFloat16Pass", "CONVERTIBLE", "KEEP_FP32"]
+__all__ = ["ConvertFloat16Pass"]
 
 logger = logging.getLogger("graphopt.passes.precision")
-
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
-FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.1e-05
-#: Constants at least this large are "infinity" sentinels (finfo(float32).min masks): clamped.
-SENTINEL = 1e30
-
-
-#: (domain, op) that run in reduced precision. Compute ops have fp16 kernels in ONNX Runtime's
-#: CUDA provider that accumulate in float32 (MatMul/Gemm/Conv via cuBLAS/cuDNN, Softmax, the
-#: normalizations, attention); the rest move or combine elements without growing them.
-CONVERTIBLE: frozenset[tuple[str, str]] = frozenset(
-    [
-        ("", op)
-        for op in (
-            # compute
-            "MatMul",
-            "Gemm",
-            "Conv",
-            "ConvTranspose",
-            "Einsum",
-            "Attention",
-            "LayerNormalization",
-            "RMSNormalization",
-            "SimplifiedLayerNormalization",
-            "BatchNormalization",
-            "InstanceNormalization",
-            "GroupNormalization",
-            "Softmax",
-            "LogSoftmax",
-            "MaxPool",
-            "AveragePool",
-            "GlobalAveragePool",
-            "GlobalMaxPool",
-            # activations (bounded or linear growth)
-            "Relu",
-            "LeakyRelu",
-            "PRelu",
-            "Gelu",
-            "Erf",
-            "Tanh",
-            "Sigmoid",
-            "HardSigmoid",
-            "HardSwish",
-            "Elu",
-            "Selu",
-            "Celu",
-            "Mish",
-            "Clip",
-            "Abs",
-            "Neg",
-            "Sign",
-            "Floor",
-            "Ceil",
-            "Round",
-            # elementwise arithmetic (ranges checked with calibration data)
-            "Add",
-            "Sub",
-            "Mul",
-            "Div",
-            "Sqrt",
-            "Reciprocal",
-            "Max",
-            "Min",
-            "Where",
-            "Sum",
-            "Mean",
-            # reductions that cannot grow values
-            "ReduceMean",
-            "ReduceMax",
-            "ReduceMin",
-            # data movement
-            "Identity",
-            "Reshape",
-            "Flatten",
-            "Squeeze",
-            "Unsqueeze",
-            "Transpose",
-            "Concat",
-            "Split",
-            "Slice",
-            "Gather",
-            "GatherElements",
-            "GatherND",
-            "Expand",
-            "Tile",
-            "Pad",
-            "Resize",
-            "DepthToSpace",
-            "SpaceToDepth",
-        )
-    ]
-    + [
-        (_MS, op)
-        for op in (
-            "Attention",
-            "MultiHeadAttention",
-            "GroupQueryAttention",
-            "SkipLayerNormalization",
-            "SkipSimplifiedLayerNormalization",
-            "BiasGelu",
-            "FastGelu",
-            "Gelu",
-            "QuickGelu",
-            "BiasAdd",
-            "BiasSplitGelu",
-            "RotaryEmbedding",
-            "FusedMatMul",
-            "MatMulNBits",
-            "GemmFastGelu",
-        )
-    ]
-)
-
-#: Ops kept in float32 on purpose, with the reason (any op not in CONVERTIBLE is kept too).
-KEEP_FP32: dict[str, str] = {
-    **dict.fromkeys(("Pow", "Exp", "Softplus"), "grows values past fp16's 65504 (x², eˣ)"),
-    **dict.fromkeys(("Log",), "loses the precision of small inputs"),
-    **dict.fromkeys(
-        (
-            "ReduceSum",
-            "ReduceSumSquare",
-            "ReduceProd",
-            "ReduceL1",
-            "ReduceL2",
-            "ReduceLogSum",
-            "ReduceLogSumExp",
-            "CumSum",
-        ),
-        "sums or products of many terms overflow",
-    ),
-    **dict.fromkeys(("Cos", "Sin"), "angles (positions × frequencies) need float32's mantissa"),
-    **dict.fromkeys(("Range", "ConstantOfShape", "EyeLike"), "shape and position computations"),
-    **dict.fromkeys(
-        (
-            "RandomNormal",
-            "RandomUniform",
-            "RandomNormalLike",
-            "RandomUniformLike",
-            "Multinomial",
-            "Bernoulli",
-        ),
-        "sampling",
-    ),
-    **dict.fromkeys(("TopK", "ArgMax", "ArgMin"), "rounding creates ties that change the indices"),
-    **dict.fromkeys(
-        ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"), "rounding changes comparison results"
-    ),
-    **dict.fromkeys(("NonMaxSuppression", "RoiAlign", "GridSample"), "coordinates need float32"),
-    **dict.fromkeys(
-        ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"), "quantization scales stay float32"
-    ),
-    "FusedConv": "ONNX Runtime's FusedConv kernels are float32 only",
-}
-
-#: Inputs / outputs that keep their type although the op converts (type constraints other than T).
-_KEEP_INPUTS: dict[tuple[str, str], frozenset[int]] = {
-    ("", "Resize"): frozenset({1, 2}),  # roi, scales
-}
-_KEEP_OUTPUTS: dict[tuple[str, str], frozenset[int]] = {
-    ("", "LayerNormalization"): frozenset({1, 2}),  # mean, inv_std_dev: U (float32 stash type)
-    ("", "SimplifiedLayerNormalization"): frozenset({1}),
-    (_MS, "SkipLayerNormalization"): frozenset({1, 2}),
-    (_MS, "SkipSimplifiedLayerNormalization"): frozenset({1, 2}),
-}
-#: Compute ops that convert whenever an activation (not a position/shape value) reaches them,
-#: even from a float32 producer: one kept op early in a graph must not keep the rest in fp32.
-_HEAVY = frozenset(
-    [
-        ("", op)
-        for op in (
-            "MatMul",
-            "Gemm",
-            "Conv",
-            "ConvTranspose",
-            "Einsum",
-            "Attention",
-            "LayerNormalization",
-            "RMSNormalization",
-            "SimplifiedLayerNormalization",
-            "BatchNormalization",
-            "InstanceNormalization",
-            "GroupNormalization",
-            "Softmax",
-            "LogSoftmax",
-        )
-    ]
-    + [k for k in CONVERTIBLE if k[0] == _MS]
-)
-#: Ops that read rows of a constant table: fp16 from the start (embedding lookups).
-_GATHERS = frozenset({("", "Gather"), ("", "GatherElements"), ("", "GatherND")})
-#: Ops whose float inputs may have any type (no cast needed either way).
-_ANY_INPUT = frozenset({("", "Shape"), ("", "Size"), ("", "Cast"), ("", "IsNaN"), ("", "IsInf")})
 
 
 @dataclasses.dataclass
@@ -327,7 +147,7 @@ class ConvertFloat16Pass(Pass):
             key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
             if _starts_position_chain(node) or _all_tainted(node, tainted):
                 tainted.update(id(v) for v in node.outputs if v.dtype == ir.DataType.FLOAT)
-            if key in _ANY_INPUT or key == ("", "Constant"):  # constants convert where they are read
+            if key in ANY_INPUT or key == ("", "Constant"):  # constants convert where they are read
                 continue
             float_in = [
                 (i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype == ir.DataType.FLOAT
@@ -335,8 +155,8 @@ class ConvertFloat16Pass(Pass):
             float_out = [(i, v) for i, v in enumerate(node.outputs) if v.dtype == ir.DataType.FLOAT]
             if not float_in and not float_out:
                 continue
-            keep_in = _KEEP_INPUTS.get(key, frozenset())
-            keep_out = _KEEP_OUTPUTS.get(key, frozenset())
+            keep_in = KEEP_INPUTS.get(key, frozenset())
+            keep_out = KEEP_OUTPUTS.get(key, frozenset())
             reason = self._keep_reason(
                 node, key, float_in, float_out, keep_in, keep_out, stats, outer, is_low, tainted
             )
@@ -388,8 +208,8 @@ class ConvertFloat16Pass(Pass):
         dynamic = [v for _, v in active if constant_array(v) is None]
         if any(id(v) in tainted for v in dynamic) and not any(is_low(v) for v in dynamic):
             return "computes positions or shapes (from integers)"
-        heavy = key in _HEAVY and any(id(v) not in tainted for v in dynamic)
-        if not (heavy or any(is_low(v) for v in dynamic) or (key in _GATHERS and len(dynamic) < len(active))):
+        heavy = key in HEAVY and any(id(v) not in tainted for v in dynamic)
+        if not (heavy or any(is_low(v) for v in dynamic) or (key in GATHERS and len(dynamic) < len(active))):
             return "follows float32 inputs"
         if o.dtype == "float16":
             for _, v in active:
@@ -553,9 +373,9 @@ class ConvertFloat16Pass(Pass):
                         v.type = ir.TensorType(low)
         for node in nodes:
             key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
-            if key in _ANY_INPUT:
+            if key in ANY_INPUT:
                 continue
-            keep_in = _KEEP_INPUTS.get(key, frozenset())
+            keep_in = KEEP_INPUTS.get(key, frozenset())
             for i, v in enumerate(list(node.inputs)):
                 if v is None:
                     continue
@@ -636,7 +456,7 @@ def _fill_contrib_types(nodes: list[ir.Node]) -> int:
         t = node.inputs[0].dtype
         if t is None:
             continue
-        keep = _KEEP_OUTPUTS.get(key, frozenset())
+        keep = KEEP_OUTPUTS.get(key, frozenset())
         for i, v in enumerate(node.outputs):
             if v.dtype is None:
                 v.type = ir.TensorType(ir.DataType.FLOAT if i in keep else t)
