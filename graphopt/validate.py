@@ -379,8 +379,9 @@ class _DeclaredShapeConflict(Exception):
 
 
 def _strict_inference(model: onnx.ModelProto, where: str, local_functions: set[str]) -> onnx.ModelProto:
+    # data_prop: shapes computed from constants (a Reshape target made by a Concat) are checked too
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
         errors = [err for err in _inference_errors(str(e)) if not _onnx_function_bug(err, local_functions)]
         conflicts = [err for err in errors if _SHAPE_CONFLICT in err]

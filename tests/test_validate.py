@@ -210,6 +210,16 @@ INVALID = {
         ),
         "node 'rs' (Reshape): Target shape may not have multiple -1 dimensions",
     ),
+    "reshape-two-minus-ones-computed": (
+        lambda: model(
+            [
+                helper.make_node("Concat", ["m1", "m1"], ["shape"], axis=0),
+                helper.make_node("Reshape", ["x", "shape"], ["y"], name="rs"),
+            ],
+            inits=[numpy_helper.from_array(np.int64([-1]), "m1")],
+        ),
+        "node 'rs' (Reshape): Target shape may not have multiple -1 dimensions",
+    ),
     "huge-constant-16-bytes": (
         lambda: model(
             [
