@@ -449,13 +449,11 @@ def test_non_utf8_strings_are_data_not_errors(tmp_path, capsys) -> None:
     assert list(k_value.string_data) == [b"\xfa", b"b"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fold-constants (passes/cleanup.py _prepare_folded_tensor) folds a string "
-    "result into ir.Tensor, which cannot serialize STRING data: a pass bug, owned by the passes",
-)
 def test_folding_a_string_initializer_keeps_a_saveable_model(tmp_path, capsys) -> None:
-    s = helper.make_tensor("s", TensorProto.STRING, [1], [b"\xff\xfe"])
+    # fold-constants leaves string results alone (ir.Tensor cannot serialize them). UTF-8 text, so
+    # that ONNX Runtime's Python binding can return the output for the comparison; non-UTF-8
+    # strings surviving a save are checked above.
+    s = helper.make_tensor("s", TensorProto.STRING, [1], [b"ok"])
     proto = model(
         [helper.make_node("Identity", ["s"], ["z"]), helper.make_node("Relu", ["x"], ["y"])],
         outputs=[Y, helper.make_tensor_value_info("z", TensorProto.STRING, [1])],

@@ -162,6 +162,11 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
             return None
 
     def _prepare_folded_tensor(self, node: ir.Node, output_name: str, output_array: Any) -> ir.Tensor | None:
+        if isinstance(output_array, np.ndarray) and output_array.dtype.kind in "OSU":
+            # String results: ir.Tensor cannot serialize numpy string/object arrays (the model
+            # could not be saved); the node stays, and ONNX Runtime computes it.
+            self.owner.count("skipped_string")
+            return None
         if isinstance(output_array, np.ndarray):
             declared = node.outputs[0] if node.outputs else None
             if declared is not None and declared.dtype is not None:
