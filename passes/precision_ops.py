@@ -9,6 +9,7 @@ import numpy as np
 from .ir_helpers import MS_DOMAIN as _MS
 
 __all__ = [
+    "COMPUTE",
     "ANY_INPUT",
     "CONVERTIBLE",
     "FP16_MAX",
@@ -29,26 +30,30 @@ SENTINEL = 1e30
 
 #: (domain, op) that run in reduced precision. Compute ops have fp16 kernels in ONNX Runtime's
 #: CUDA provider that accumulate in float32 (MatMul/Gemm/Conv via cuBLAS/cuDNN, Softmax, the
+#: Standard compute ops with fp16 kernels that accumulate in float32 (converted, and HEAVY).
+COMPUTE = (
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "ConvTranspose",
+    "Einsum",
+    "Attention",
+    "LayerNormalization",
+    "RMSNormalization",
+    "SimplifiedLayerNormalization",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "Softmax",
+    "LogSoftmax",
+)
+
 #: normalizations, attention); the rest move or combine elements without growing them.
 CONVERTIBLE: frozenset[tuple[str, str]] = frozenset(
     [
         ("", op)
         for op in (
-            # compute
-            "MatMul",
-            "Gemm",
-            "Conv",
-            "ConvTranspose",
-            "Einsum",
-            "Attention",
-            "LayerNormalization",
-            "RMSNormalization",
-            "SimplifiedLayerNormalization",
-            "BatchNormalization",
-            "InstanceNormalization",
-            "GroupNormalization",
-            "Softmax",
-            "LogSoftmax",
+            *COMPUTE,
             "MaxPool",
             "AveragePool",
             "GlobalAveragePool",
@@ -186,28 +191,7 @@ KEEP_OUTPUTS: dict[tuple[str, str], frozenset[int]] = {
 }
 #: Compute ops that convert whenever an activation (not a position/shape value) reaches them,
 #: even from a float32 producer: one kept op early in a graph must not keep the rest in fp32.
-HEAVY = frozenset(
-    [
-        ("", op)
-        for op in (
-            "MatMul",
-            "Gemm",
-            "Conv",
-            "ConvTranspose",
-            "Einsum",
-            "Attention",
-            "LayerNormalization",
-            "RMSNormalization",
-            "SimplifiedLayerNormalization",
-            "BatchNormalization",
-            "InstanceNormalization",
-            "GroupNormalization",
-            "Softmax",
-            "LogSoftmax",
-        )
-    ]
-    + [k for k in CONVERTIBLE if k[0] == _MS]
-)
+HEAVY = frozenset([("", op) for op in COMPUTE] + [k for k in CONVERTIBLE if k[0] == _MS])
 #: Ops that read rows of a constant table: fp16 from the start (embedding lookups).
 GATHERS = frozenset({("", "Gather"), ("", "GatherElements"), ("", "GatherND")})
 #: Ops whose float inputs may have any type (no cast needed either way).
