@@ -1,0 +1,194 @@
+"""``graphopt llm build``: a causal LM in, an onnxruntime-genai folder out, through graphopt's pipeline.
+
+source (folder / .gguf / model) → export with KV cache → ``graphopt.optimize`` (the target's own
+pipeline: cleanup, fusion, weight-only quantization, lowering; the same passes as any
+``graphopt optimize``) → package (model.onnx, genai_config.json, tokenizer, build report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError
+
+from .export import decoder_shape, export_decoder
+from .package import MARKER, check_destination, genai_config, write_folder, write_json
+from .source import ARCHITECTURES, load_source
+
+__all__ = ["PRECISIONS", "TARGETS", "BuildResult", "build", "calibration_feeds"]
+
+logger = logging.getLogger("graphopt.llm")
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: target → onnxruntime-genai provider name.
+TARGETS = {"ort-cpu": "cpu", "ort-cuda": "cuda"}
+#: Calibration text is cut into windows of this many tokens, at most this many windows.
+CALIBRATION_WINDOW = 256
+CALIBRATION_WINDOWS = 16
+
+
+@dataclasses.dataclass
+class BuildResult:
+    """Where the build went and what it did (``report`` is also saved in the folder)."""
+
+    out_dir: Path
+    report: dict[str, Any]
+    model: ir.Model
+
+
+def _check_request(precision: str, target: str) -> None:
+    if target not in TARGETS:
+        raise GraphoptError(f"llm build target {target!r} is unknown; use one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise GraphoptError(f"precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and target != "ort-cuda":
+        raise GraphoptError(
+            "fp16 is for --target ort-cuda (ONNX Runtime's CPU kernels are float32 or int4/int8)"
+        )
+
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise GraphoptError(f"calibration folder {path} has no .txt files")
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    if not path.is_file():
+        raise GraphoptError(f"calibration text {path} does not exist")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def calibration_feeds(
+    text: str,
+    tokenizer: Any,
+    model: ir.Model,
+    window: int = CALIBRATION_WINDOW,
+    windows: int = CALIBRATION_WINDOWS,
+) -> list[dict[str, np.ndarray]]:
+    """Tokenized text as decoder feeds: windows of ``window`` tokens, an empty KV cache each."""
+    if tokenizer is None:
+        raise GraphoptError("calibration text needs a tokenizer, and this source has none")
+    ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64).reshape(-1)
+    if ids.size < 8:
+        raise GraphoptError(f"the calibration text has {ids.size} tokens; give at least a paragraph of text")
+    past: dict[str, np.ndarray] = {}
+    for value in model.graph.inputs:
+        name = value.name or ""
+        if name.startswith("past_key_values.") and value.shape is not None:
+            dims = [d if isinstance(d, int) else 0 for d in value.shape]
+            dims[0] = 1
+            past[name] = np.zeros(dims, dtype=np.float32)
+    feeds: list[dict[str, np.ndarray]] = []
+    for start in range(0, min(ids.size, window * windows), window):
+        chunk = ids[start : start + window][None, :]
+        if chunk.shape[1] < 8:
+            break
+        n = chunk.shape[1]
+        feeds.append(
+            {
+                "input_ids": chunk,
+                "attention_mask": np.ones((1, n), dtype=np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None, :],
+                **past,
+            }
+        )
+    return feeds
+
+
+def _quantize_request(precision: str, group_size: int | None) -> dict[str, Any] | None:
+    if precision == "int4":
+        return {"mode": "int4", **({"block_size": group_size} if group_size else {})}
+    if precision == "int8":
+        return {"mode": "int8-weight", **({"block_size": group_size} if group_size else {})}
+    return None
+
+
+def build(
+    src: Any,
+    out_dir: str | os.PathLike,
+    *,
+    precision: str = "int4",
+    target: str = "ort-cpu",
+    calibration: str | os.PathLike | Iterable[dict[str, Any]] | None = None,
+    full_logits: bool = False,
+    group_size: int | None = None,
+    tokenizer: Any = None,
+    report_path: str | os.PathLike | None = None,
+) -> BuildResult:
+    """Build an onnxruntime-genai decoder folder from ``src`` (folder, .gguf path or model).
+
+    ``precision``: fp32, fp16 (ort-cuda), int8 or int4 weight-only (MatMulNBits).
+    ``calibration``: a text file or a folder of .txt files (tokenized into windows), or feed dicts;
+    with it, int4 is data-aware. ``full_logits`` keeps logits for every position (perplexity
+    evaluation needs them); by default only the last position's are computed, which is all that
+    generation reads. Nothing is written until the build succeeded.
+    """
+    started = time.perf_counter()
+    _check_request(precision, target)
+    check_destination(out_dir)
+    source = load_source(src, tokenizer)
+    config = source.model.config
+    shape = decoder_shape(config)
+    t0 = time.perf_counter()
+    exported = export_decoder(source.model, last_token_logits=not full_logits)
+    export_s = time.perf_counter() - t0
+
+    feeds: Any = calibration
+    if isinstance(calibration, (str, os.PathLike)):
+        feeds = calibration_feeds(_read_text(Path(calibration)), source.tokenizer, exported)
+    target_options = (
+        {"precision": "float16" if precision == "fp16" else "float32"} if target == "ort-cuda" else None
+    )
+
+    import graphopt
+
+    result = graphopt.optimize(
+        exported,
+        target=target,
+        quantize=_quantize_request(precision, group_size),
+        calibration=feeds if _quantize_request(precision, group_size) else None,
+        target_options=target_options,
+    )
+    model = result.model
+    genai = genai_config(
+        model,
+        shape,
+        ARCHITECTURES[source.model_type],
+        config,
+        source.generation_config,
+        provider=TARGETS[target],
+    )
+    report: dict[str, Any] = {
+        "source": source.name,
+        "architecture": source.model_type,
+        "precision": precision,
+        "target": target,
+        "full_logits": full_logits,
+        "calibration": None if calibration is None else (len(feeds) if isinstance(feeds, list) else "feeds"),
+        "export_s": round(export_s, 3),
+        "pipeline": result.report.to_dict(),
+    }
+
+    def write(tmp: Path) -> None:
+        graphopt.save(model, tmp / "model.onnx", external_data="model.onnx.data")
+        write_json(tmp / "genai_config.json", genai)
+        if source.tokenizer is not None:
+            source.tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        report["files"] = files
+        report["build_s"] = round(time.perf_counter() - started, 3)
+        write_json(tmp / MARKER, report)
+
+    out = write_folder(out_dir, write)
+    if report_path is not None:
+        write_json(Path(report_path), report)
+    return BuildResult(out, report, model)
