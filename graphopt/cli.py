@@ -148,6 +148,10 @@ def _build_parser() -> _Parser:
 
     ps = sub.add_parser("passes", help="list every registered pass with its options")
     ps.add_argument("--json", action="store_true")
+
+    from graphopt.llm.cli import add_parser as add_llm_parser
+
+    add_llm_parser(sub)
     return p
 
 
@@ -175,9 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The command, with every exception mapped to the exit-code contract."""
     try:
-        return {"optimize": _optimize, "inspect": _inspect, "verify": _verify, "passes": _passes}[
-            args.command
-        ](args)
+        from graphopt.llm.cli import run as _llm
+
+        commands = {
+            "optimize": _optimize,
+            "inspect": _inspect,
+            "verify": _verify,
+            "passes": _passes,
+            "llm": _llm,
+        }
+        return commands[args.command](args)
     except VerificationError as e:  # exit code 1 means this and nothing else
         sys.stderr.write(f"graphopt: verification failed: {' '.join(str(e).split())}\n")
         return 1
