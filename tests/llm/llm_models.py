@@ -1,0 +1,50 @@
+"""Tiny random causal LMs of every architecture graphopt llm builds (no download: configs only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARCHS = ("llama", "qwen2", "mistral", "phi3", "gpt2")
+
+
+def tiny_causal_lm(arch: str, seed: int = 0, tied: bool = False, layers: int = 2) -> Any:
+    """A 2-layer, 64-wide model; ``initializer_range`` large enough that greedy tokens vary."""
+    import torch
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3
+    )
+    if arch == "gpt2":
+        config: Any = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **common)
+        cls: Any = tf.GPT2LMHeadModel
+    else:
+        config_cls, cls = {
+            "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+            "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+            "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+        }[arch]
+        config = config_cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=tied,
+            **common,
+        )
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def greedy(model: Any, ids: list[int], new: int) -> list[int]:
+    """transformers' own greedy continuation (exactly ``new`` tokens)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    return [int(t) for t in out[0, len(ids) :]]
