@@ -7,13 +7,13 @@ from typing import Any
 ARCHS = ("llama", "qwen2", "mistral", "phi3", "gpt2")
 
 
-def tiny_causal_lm(arch: str, seed: int = 0, tied: bool = False, layers: int = 2) -> Any:
+def tiny_causal_lm(arch: str, seed: int = 0, tied: bool = False, layers: int = 2, vocab: int = 128) -> Any:
     """A 2-layer, 64-wide model; ``initializer_range`` large enough that greedy tokens vary."""
     import torch
     import transformers as tf
 
     common: dict[str, Any] = dict(
-        vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3
+        vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.3
     )
     if arch == "gpt2":
         config: Any = tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=128, **common)
@@ -48,3 +48,26 @@ def greedy(model: Any, ids: list[int], new: int) -> list[int]:
             torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
         )
     return [int(t) for t in out[0, len(ids) :]]
+
+
+TEXT = (
+    "the quick brown fox jumps over the lazy dog while graphopt builds decoders for onnxruntime genai "
+    "and every layer of the model keeps its cache of keys and values for the next token"
+)
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer trained here on one sentence (what genai's tokenizer reads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT] * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -44,7 +44,9 @@ def test_cached_decode_equals_full_recomputation(arch):
     out = session.run(None, feeds)
     np.testing.assert_allclose(out[0], full[:, :prompt], atol=1e-4, rtol=1e-4)
     for t in range(prompt, ids.shape[1]):
-        feeds = {n.replace("present", "past_key_values"): v for n, v in zip(outputs[1:], out[1:], strict=True)}
+        feeds = {
+            n.replace("present", "past_key_values"): v for n, v in zip(outputs[1:], out[1:], strict=True)
+        }
         feeds |= {
             "input_ids": ids[:, t : t + 1],
             "attention_mask": np.ones((2, t + 1), np.int64),

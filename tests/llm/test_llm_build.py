@@ -1,0 +1,182 @@
+"""graphopt llm build / generate: genai folders that generate like transformers; bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime_genai")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from llm_models import greedy, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+
+import graphopt.llm as gl  # noqa: E402
+from graphopt import GraphoptError  # noqa: E402
+from graphopt.cli import main  # noqa: E402
+from graphopt.llm.package import MARKER  # noqa: E402
+
+PROMPT = "the quick brown"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tokenizer):
+    return tiny_causal_lm("llama", tied=True, vocab=len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def fp32_build(tmp_path_factory, tied_llama, tokenizer):
+    out = tmp_path_factory.mktemp("fp32") / "build"
+    return gl.build(tied_llama, out, precision="fp32", tokenizer=tokenizer)
+
+
+def _ops(folder):
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {n.op_type for n in model.graph.node}
+
+
+def _last_logits(folder, ids):
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float32)
+    n = len(ids)
+    feeds |= {
+        "input_ids": np.array([ids], np.int64),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+    }
+    return session.run(["logits"], feeds)[0][0, -1]
+
+
+def test_fp32_build_generates_token_for_token_like_transformers(fp32_build, tied_llama, tokenizer):
+    out = fp32_build.out_dir
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", MARKER} <= names
+    config = json.loads((out / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    assert decoder["num_hidden_layers"] == 2 and decoder["num_key_value_heads"] == 2
+    assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    report = json.loads((out / MARKER).read_text())
+    assert report["pipeline"]["passes"][0]["name"].startswith("cleanup")
+    result = gl.generate(out, PROMPT, max_new_tokens=8)
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert result["prompt_tokens"] == len(ids)
+    assert result["tokens"] == greedy(tied_llama, ids, 8)
+    assert len(set(result["tokens"])) > 2  # the check means something: the model does not repeat one token
+
+
+def test_gpt2_build_generates_like_transformers(tmp_path):
+    lm = tiny_causal_lm("gpt2")
+    result = gl.build(lm, tmp_path / "gpt2", precision="fp32")
+    assert "MultiHeadAttention" in _ops(result.out_dir) or "Attention" in _ops(result.out_dir)
+    ids = [5, 17, 33, 4, 9, 70]
+    assert gl.generate(result.out_dir, tokens=ids, max_new_tokens=10)["tokens"] == greedy(lm, ids, 10)
+
+
+def test_int4_build_is_smaller_and_close(tmp_path, fp32_build, tied_llama, tokenizer):
+    result = gl.build(tied_llama, tmp_path / "int4", precision="int4", tokenizer=tokenizer)
+    ops = _ops(result.out_dir)
+    assert "MatMulNBits" in ops
+    size = sum(
+        result.report["files"][f] for f in ("model.onnx", "model.onnx.data") if f in result.report["files"]
+    )
+    ref_size = sum(fp32_build.report["files"][f] for f in ("model.onnx", "model.onnx.data"))
+    assert size < 0.75 * ref_size  # tiny: norms, rotary caches and the graph itself stay float
+    ids = tokenizer(PROMPT)["input_ids"]
+    a, b = _last_logits(fp32_build.out_dir, ids), _last_logits(result.out_dir, ids)
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.98
+    assert len(gl.generate(result.out_dir, PROMPT, max_new_tokens=4)["tokens"]) == 4
+
+
+def test_rebuild_replaces_an_earlier_build_and_a_foreign_folder_is_refused(tmp_path, tied_llama, tokenizer):
+    out = tmp_path / "b"
+    gl.build(tied_llama, out, precision="fp32", tokenizer=tokenizer)
+    (out / "model.onnx").write_bytes(b"stale")
+    gl.build(tied_llama, out, precision="fp32", tokenizer=tokenizer)
+    assert onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(GraphoptError, match="not a graphopt llm build"):
+        gl.build(tied_llama, foreign, precision="fp32")
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_prompt_longer_than_the_context_is_refused(fp32_build):
+    with pytest.raises(GraphoptError, match="context of 128"):
+        gl.generate(fp32_build.out_dir, tokens=[5] * 120, max_new_tokens=16)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: None, "has no config.json"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "has no weights"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "'bert' is not supported"),
+    ],
+)
+def test_bad_source_folders_are_refused_and_nothing_is_written(tmp_path, make, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    make(src)
+    out = tmp_path / "out"
+    with pytest.raises(GraphoptError, match=message):
+        gl.build(src, out)
+    assert not out.exists()
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(GraphoptError, match="not a readable GGUF file"):
+        gl.build(bad, tmp_path / "out")
+
+
+def test_an_unsupported_model_object_is_refused(tmp_path):
+    import transformers as tf
+
+    bert = tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(GraphoptError, match="supported: gpt2, llama, mistral, phi3, qwen2"):
+        gl.build(bert, tmp_path / "out")
+
+
+def test_cli_build_and_generate(tmp_path, tied_llama, tokenizer, capsys):
+    src = tmp_path / "hf"
+    tied_llama.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "llm",
+                "build",
+                str(src),
+                "-o",
+                str(out),
+                "--precision",
+                "fp32",
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "r.json").read_text())["architecture"] == "llama"
+    capsys.readouterr()
+    assert main(["llm", "generate", str(out), "--prompt", PROMPT, "--max-new-tokens", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tokens"] == greedy(tied_llama, tokenizer(PROMPT)["input_ids"], 5)
+    assert main(["llm", "build", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    assert main(["llm", "build", str(src), "-o", str(tmp_path / "o3"), "--precision", "fp16"]) == 2
