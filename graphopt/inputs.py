@@ -176,7 +176,7 @@ def _index_bound(value: ir.Value, depth: int = 0) -> int | None:
 
 
 def _dim_name(d: Any) -> str | None:
-    """A symbolic dim's name; None for an unnamed or unknown one (no name, ``?``, a literal -1 or 0:
+    """A symbolic dim's name; None for an unnamed or unknown one (no name, ``?``, a literal -1:
     exporters write those for "any size")."""
     if isinstance(d, ir.SymbolicDim) and d.value and d.value not in _ANONYMOUS:
         return d.value
@@ -184,7 +184,9 @@ def _dim_name(d: Any) -> str | None:
 
 
 def _is_fixed(d: Any) -> bool:
-    return isinstance(d, int) and d > 0
+    """A literal size. A negative one means "any" (exporters write -1); a 0 is kept: ONNX Runtime
+    holds an input declared 0 to 0."""
+    return isinstance(d, int) and d >= 0
 
 
 def _const_array(value: ir.Value) -> np.ndarray | None:
@@ -325,7 +327,11 @@ def _layout(model: ir.Model, dims: dict[str, int]) -> _Layout:
             if isinstance(v.type, ir.TensorType) and v.type.dtype == ir.DataType.BOOL:
                 found = [True, False]
             if found:
-                values[v.name or ""] = list(dict.fromkeys(found))[:_MAX_VALUES]
+                # Each constant (the branch where it matches), then one matching none (the others).
+                options = list(dict.fromkeys(found))[: _MAX_VALUES - 1]
+                if not isinstance(options[0], bool):
+                    options.append(1 if 1 not in options else int(max(options)) + 1)
+                values[v.name or ""] = options
     return _Layout(shapes, grown, values, _size_hints(model))
 
 
@@ -415,7 +421,7 @@ def _generate(model: ir.Model, layout: _Layout, seed: int, size: int, choice: in
             raise InputsError(
                 f"input '{name}' has dtype {dtype.name}, which cannot be generated; {_GIVE_INPUTS}"
             )
-        feeds[name] = np.ascontiguousarray(arr)
+        feeds[name] = np.array(arr, order="C")  # a copy; ascontiguousarray makes a scalar 1-D
         logger.debug("generated input %s: %s %s", name, arr.dtype, arr.shape)
     return feeds
 
