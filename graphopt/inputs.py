@@ -501,17 +501,19 @@ def static_batches(model: ir.Model) -> dict[str, tuple[int, int]]:
     return out
 
 
-def stacked_count(feeds: dict[str, Any], batches: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """For each feed that stacks several of the model's static batches on its first axis (8 samples
-    for a model of batch 1), how many it stacks; feeds that already fit are left out."""
+def stacked_count(
+    shapes: dict[str, tuple[int | None, ...]], batches: dict[str, tuple[int, int]]
+) -> dict[str, int]:
+    """For each array (by its shape) that stacks several of the model's static batches on its first
+    axis (8 samples for a model of batch 1), how many it stacks; arrays that already fit, or whose
+    rank is not the input's, are left out. ``batches``: :func:`static_batches`."""
     counts: dict[str, int] = {}
-    for name, arr in feeds.items():
+    for name, shape in shapes.items():
         spec = batches.get(name)
-        shape = getattr(arr, "shape", None)
-        if spec is None or shape is None or len(shape) != spec[1]:
+        if spec is None or len(shape) != spec[1] or shape[0] is None:
             continue
         b = spec[0]
-        if shape[0] > b and shape[0] % b == 0:
+        if b > 0 and shape[0] > b and shape[0] % b == 0:
             counts[name] = shape[0] // b
     return counts
 
@@ -521,7 +523,8 @@ def split_batches(feeds: dict[str, Any], batches: dict[str, tuple[int, int]]) ->
     :func:`static_batches`); a feed that already fits goes with every part (a shared state or
     sample rate). Unchanged (one part) when nothing stacks or the feeds stack different counts:
     then ONNX Runtime says what does not fit. A model with a symbolic batch takes the whole."""
-    counts = stacked_count(feeds, batches)
+    shapes = {name: tuple(arr.shape) for name, arr in feeds.items() if hasattr(arr, "shape")}
+    counts = stacked_count(shapes, batches)
     if not counts or len(set(counts.values())) != 1:
         return [feeds]
     k = next(iter(counts.values()))
