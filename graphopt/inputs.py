@@ -491,13 +491,16 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def static_batches(model: ir.Model) -> dict[str, tuple[int, int]]:
-    """``{input: (fixed first dim, rank)}`` for every real tensor input whose first dim is fixed."""
+    """``{input: (fixed first dim, rank)}`` when every real tensor input has a fixed first dim (a
+    static batch); empty when one has a symbolic one: then the batch is that one, and another
+    input's fixed first dim (a recurrent state's layers) is no batch to split by."""
     out: dict[str, tuple[int, int]] = {}
     for v in real_inputs(model):
         if isinstance(v.type, ir.TensorType) and v.shape is not None and len(v.shape) >= 1:
             first = v.shape[0]
-            if isinstance(first, int) and first > 0:
-                out[v.name or ""] = (first, len(v.shape))
+            if not (isinstance(first, int) and first > 0):
+                return {}
+            out[v.name or ""] = (first, len(v.shape))
     return out
 
 

@@ -149,3 +149,33 @@ def test_cli_verify_with_stacked_inputs(tmp_path, capsys) -> None:
     path = _npz(tmp_path, "in.npz", x=_samples(3))
     code, _, err = cli(capsys, "verify", model_path, model_path, "--inputs", path)
     assert code == 0, err
+
+
+def test_fixed_first_dim_beside_a_symbolic_batch_is_not_split(tmp_path) -> None:
+    """Silero-VAD: audio [?, ?] and a state [2, ?, 128]: the state's 2 is layers, not a batch, so
+    a state stacked on axis 0 is refused as before (the samples belong on the symbolic batch)."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["s"], ["y"], keepdims=0), helper.make_node("Identity", ["a"], ["z"])],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, None]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, None, 4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, None]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = _npz(tmp_path, a=np.zeros((3, 16), np.float32), s=np.zeros((6, 1, 4), np.float32))
+    with pytest.raises(CalibrationError, match="needs 2 on axis 0"):
+        CalibrationData.from_any(path).check(graphopt.load(model))
+
+
+def test_literal_minus_one_dim_is_dynamic_in_the_check(tmp_path) -> None:
+    """paddle2onnx declares [-1, 3, ?, ?]: -1 is "any size", not a size the data must have."""
+    model = conv(1)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    data = CalibrationData.from_any(_npz(tmp_path, x=_samples(2)))
+    data.check(graphopt.load(model))  # refused before: "needs -1 on axis 0"
+    assert [b["x"].shape for b in data.batches()] == [(2, 3, 8, 8)]
