@@ -74,7 +74,7 @@ _GROW_SIZES = (16, 32, 64, 128, 224, 256, 320, 416, 512, 640, 1024)
 _MAX_SIZE = 4096
 #: Generated inputs stay under this many elements in all (64 MB of float32).
 _MAX_ELEMENTS = 1 << 24
-_MAX_ATTEMPTS = 32
+_MAX_ATTEMPTS = 48
 _MAX_VALUES = 4
 _DEFAULT_INT_HIGH = 8
 _MAX_CHAIN = 16
@@ -434,8 +434,9 @@ def input_attempts(
     First the default sizes; then the sizes the model's metadata states; then the free
     non-batch dims (spatial sizes, sequence lengths) grown together through sizes that strided
     and pooled nets accept (powers of two, multiples of 32), while the inputs stay under a
-    memory bound. At each size, every value read from the graph for a compared scalar is tried.
-    Deterministic: the same model and arguments give the same attempts.
+    memory bound. A scalar the graph compares with constants takes each constant at every size
+    before the value matching none is tried (a sample rate of 16000 at a larger size is a truer
+    input than a rate of 1). Deterministic: the same model and arguments give the same attempts.
     """
     from graphopt.ir import load
 
@@ -444,17 +445,22 @@ def input_attempts(
     sizes = [_DEFAULT_DIM]
     if layout.grown:
         sizes += [s for s in (*layout.hinted, *_GROW_SIZES) if s not in sizes]
+    sizes = [
+        s
+        for s in sizes
+        if s == _DEFAULT_DIM
+        or sum(math.prod(_shape_of(row, layout, s)) for row in layout.shapes.values()) <= _MAX_ELEMENTS
+    ]
     choices = max((len(v) for v in layout.values.values()), default=1)
+    phases = [range(choices - 1), range(choices - 1, choices)] if choices > 1 else [range(1)]
     n = 0
-    for size in sizes:
-        elements = sum(math.prod(_shape_of(row, layout, size)) for row in layout.shapes.values())
-        if size != _DEFAULT_DIM and elements > _MAX_ELEMENTS:
-            return
-        for choice in range(choices):
-            n += 1
-            if n > _MAX_ATTEMPTS:
-                return
-            yield _label(layout, size, choice), _generate(model, layout, seed, size, choice)
+    for phase in phases:
+        for size in sizes:
+            for choice in phase:
+                n += 1
+                if n > _MAX_ATTEMPTS:
+                    return
+                yield _label(layout, size, choice), _generate(model, layout, seed, size, choice)
 
 
 def _label(layout: _Layout, size: int, choice: int) -> str:

@@ -341,6 +341,44 @@ def test_sample_rate_scalar_other_branch_is_tried() -> None:
     assert verify(model, model).passed
 
 
+def test_compared_constant_is_tried_at_larger_sizes_before_other_values() -> None:
+    """The 16 kHz branch needs frames of 32 samples; the other branch runs at any size: the
+    constant at a grown size wins over a made-up rate at the default size."""
+    frames = _branch(
+        "frames",
+        [
+            helper.make_node("Constant", [], ["fshape"], value=_init("fs", np.array([1, -1, 32], np.int64))),
+            helper.make_node("Reshape", ["audio", "fshape"], ["f_out"]),
+        ],
+        "f_out",
+        3,
+    )
+    other = _branch(
+        "other",
+        [
+            helper.make_node("Constant", [], ["ax0"], value=_init("ax0", np.array([0], np.int64))),
+            helper.make_node("Unsqueeze", ["audio", "ax0"], ["o_out"]),
+        ],
+        "o_out",
+        3,
+    )
+    model = _model(
+        [
+            helper.make_node("Equal", ["sr", "rate"], ["is_rate"]),
+            helper.make_node("If", ["is_rate"], ["y"], then_branch=frames, else_branch=other),
+        ],
+        [
+            helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["d0", "d1", "d2"])],
+        [_init("rate", np.array(16000, np.int64))],
+        opset=13,
+    )
+    feeds = runnable_inputs(model)
+    assert int(feeds["sr"]) == 16000 and feeds["audio"].shape == (1, 32)
+
+
 def test_sample_rate_via_cli_verify(tmp_path, capsys) -> None:
     path = _save(tmp_path, sample_rate(16000))
     code, _, err = cli(capsys, "verify", path, path)
