@@ -286,6 +286,10 @@ _BATCH = "\0batch"
 
 
 def _layout(model: ir.Model, dims: dict[str, int]) -> _Layout:
+    """Dims given by name, or ``INPUT:AXIS`` for an unnamed one, are kept as given."""
+    bad = {k: v for k, v in dims.items() if int(v) < 0}
+    if bad:
+        raise InputsError(f"dims must be sizes >= 0, got {bad}; give e.g. --dim NAME=16")
     tensors = [v for v in real_inputs(model) if isinstance(v.type, ir.TensorType) and v.shape is not None]
     at_axis0: set[str] = set()
     for v in tensors:
@@ -308,10 +312,11 @@ def _layout(model: ir.Model, dims: dict[str, int]) -> _Layout:
         row: list[int | str] = []
         for axis, d in enumerate(v.shape):
             name = _dim_name(d)
+            given = dims.get(name if name is not None else f"{v.name}:{axis}")
             if _is_fixed(d):
                 row.append(int(d))  # type: ignore[arg-type]  # an int, _is_fixed says
-            elif name is not None and name in dims:
-                row.append(int(dims[name]))
+            elif given is not None:
+                row.append(int(given))
             elif name is not None and "batch" in name.lower():
                 row.append(_BATCH)
             elif name is None and (state or (axis == 0 and rank >= 2)):

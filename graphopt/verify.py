@@ -167,7 +167,7 @@ def _first_running(
     )
     raise InputsError(
         f"reference model cannot run on ONNX Runtime: {last} (tried {what}); give real inputs with "
-        "--inputs FILE.npz (named arrays) or sizes with --dim NAME=SIZE",
+        "--inputs FILE.npz (named arrays) or sizes with --dim NAME=SIZE (INPUT:AXIS=SIZE for an unnamed dim)",
         last_error=last,
     )
 

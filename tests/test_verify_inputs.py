@@ -257,6 +257,21 @@ def test_literal_dims_via_cli_verify_exit_0(tmp_path, capsys) -> None:
     assert "ok" in out
 
 
+def test_unnamed_dims_can_be_given_as_input_axis(tmp_path, capsys) -> None:
+    assert runnable_inputs(literal_dims(), dims={"x:2": 5, "x:3": 6})["x"].shape == (1, 3, 5, 6)
+    path = _save(tmp_path, literal_dims())
+    code, _, err = cli(capsys, "verify", path, path, "--dim", "x:2=16")
+    assert code == 0, err
+
+
+def test_negative_dim_given_is_bad_input(tmp_path, capsys) -> None:
+    path = _save(tmp_path, strided_cnn("gemm"))
+    code, _, err = cli(capsys, "verify", path, path, "--dim", "height=-3")  # exit 3 before
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "size >= 0" in err
+    with pytest.raises(InputsError, match="sizes >= 0"):
+        generate_inputs(strided_cnn("gemm"), dims={"height": -3})
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes the model runs with
 
@@ -432,7 +447,8 @@ def test_no_generated_input_runs_error_is_whole_and_says_what_to_do() -> None:
     assert "cannot be reshaped" in msg  # what failed
     assert "generated input sets" in msg and "n = " in msg  # what was tried
     assert msg.endswith(
-        "give real inputs with --inputs FILE.npz (named arrays) or sizes with --dim NAME=SIZE"
+        "give real inputs with --inputs FILE.npz (named arrays) or sizes with --dim NAME=SIZE "
+        "(INPUT:AXIS=SIZE for an unnamed dim)"
     )
     assert "\n" not in msg and "onnxruntime_src" not in msg
 
@@ -443,7 +459,7 @@ def test_no_generated_input_runs_cli_exit_2_nothing_written(tmp_path, capsys) ->
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("graphopt: error: reference model cannot run")
-    assert lines[0].endswith("--dim NAME=SIZE")
+    assert lines[0].endswith("--dim NAME=SIZE (INPUT:AXIS=SIZE for an unnamed dim)")
     out_path = tmp_path / "out.onnx"
     code, _, err = cli(capsys, "optimize", path, "-o", out_path, "--verify")
     assert code == 2, err
