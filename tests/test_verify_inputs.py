@@ -304,6 +304,13 @@ def test_strided_cnn_via_cli_verify_and_optimize_verify(tmp_path, capsys) -> Non
     assert out.exists()
 
 
+def test_numeric_check_after_each_pass_uses_runnable_sizes() -> None:
+    import graphopt
+
+    result = graphopt.optimize(strided_cnn("gemm"), numeric_each=True, verify=True)
+    assert result.report.verification.passed
+
+
 def test_size_from_metadata_is_tried() -> None:
     feeds = runnable_inputs(hinted(96))
     assert feeds["x"].shape == (1, 1, 96, 96)
