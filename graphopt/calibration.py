@@ -10,6 +10,11 @@ Sources a user can give (``optimize(calibration=...)``, ``--calibration``):
 * any Python iterable of ``{input_name: array}`` dicts (a list, a generator function's result
   is consumed once: pass a list or a callable returning a fresh iterator to calibrate twice).
 
+A batch that stacks N samples for a model with a static batch (N images for an input declared
+``[1, 3, 224, 224]``) is split into the batches the model takes once :meth:`CalibrationData.check`
+has seen the model (and by :func:`stream_tensors` for the model it runs); with a symbolic batch
+the batch is fed whole.
+
 Arrays are loaded lazily (memory-mapped for .npy), one batch at a time. Files are hostile until
 checked: only regular files are opened (a FIFO would block), and every array header is read and
 checked (no object arrays, no negative or oversized shapes, the declared size equal to the stored
@@ -36,6 +41,7 @@ from graphopt.files import (
     open_npz,
     read_npz_array,
 )
+from graphopt.inputs import real_inputs, split_batches, stacked_count, static_batches
 
 __all__ = ["CalibrationData", "CalibrationError"]
 
@@ -74,6 +80,8 @@ class CalibrationData:
         self._single_use = single_use
         self._used = False
         self.specs = specs
+        #: The model's static batch per input (set by :meth:`check`): batches are split to it.
+        self.static_batches: dict[str, tuple[int, int]] = {}
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -201,8 +209,9 @@ class CalibrationData:
                 "a fresh iterator when the data is needed more than once"
             )
         self._used = True
+        n = 0
         for i, feeds in enumerate(self._factory()):
-            if limit is not None and i >= limit:
+            if limit is not None and n >= limit:
                 return
             if not isinstance(feeds, dict):
                 raise CalibrationError(
@@ -210,15 +219,22 @@ class CalibrationData:
                 )
             for name, value in feeds.items():
                 _check_finite(name, value, i, self.description)
-            yield feeds
+            for part in split_batches(feeds, self.static_batches) if self.static_batches else [feeds]:
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield part
 
     def check(self, model: Any) -> None:
         """Refuse data that cannot calibrate ``model`` before any pass runs (so no pass can swallow
         the error): for file sources, the declared names, dtypes and shapes of every batch against
         the model's inputs, from the headers, before any data is read; then, unless the source is a
-        one-shot iterator, every batch's values (finite)."""
-        from graphopt.inputs import real_inputs
+        one-shot iterator, every batch's values (finite). From then on, batches that stack several
+        of the model's static batches are split into those."""
+        from graphopt.ir import load
 
+        model = load(model)
+        batches = static_batches(model)
         inputs = [v for v in real_inputs(model) if isinstance(v.type, ir.TensorType)]
         for i, spec in enumerate(self.specs or []):
             missing = [v.name for v in inputs if v.name not in spec]
@@ -227,8 +243,17 @@ class CalibrationData:
                     f"calibration batch {i} ({self.description}) lacks model input(s) {missing} (it has "
                     f"{sorted(spec)}); name the arrays after the model's inputs"
                 )
+            counts = stacked_count({name: shape for name, (shape, _) in spec.items()}, batches)
+            if len(set(counts.values())) > 1:
+                raise CalibrationError(
+                    f"calibration batch {i} ({self.description}) stacks different numbers of samples "
+                    f"per input ({', '.join(f'{k}: {n}' for k, n in sorted(counts.items()))}) for a model "
+                    "of static batch; give every input the same number of samples"
+                )
             for v in inputs:
-                _check_declared(v, *spec[v.name], i, self.description)  # type: ignore[index]  # names checked above
+                stacked = v.name in counts
+                _check_declared(v, *spec[v.name], i, self.description, stacked)  # type: ignore[index]  # names checked above
+        self.static_batches = batches
         if not self._single_use:
             for _ in self.batches():
                 pass
@@ -236,7 +261,9 @@ class CalibrationData:
     def materialize(self, limit: int | None = None) -> CalibrationData:
         """A re-iterable copy (for one-shot iterators used by several steps; holds the batches)."""
         items = list(self.batches(limit))
-        return CalibrationData(lambda: iter(items), self.description, specs=self.specs)
+        data = CalibrationData(lambda: iter(items), self.description, specs=self.specs)
+        data.static_batches = self.static_batches
+        return data
 
     def __repr__(self) -> str:
         return f"CalibrationData({self.description})"
@@ -261,8 +288,14 @@ def _check_finite(name: str, value: Any, index: int, description: str) -> None:
 
 
 def _check_declared(
-    value: ir.Value, shape: tuple[int | None, ...], dtype: np.dtype, index: int, description: str
+    value: ir.Value,
+    shape: tuple[int | None, ...],
+    dtype: np.dtype,
+    index: int,
+    description: str,
+    stacked: bool = False,
 ) -> None:
+    """``stacked``: the array stacks several of the model's static batches on axis 0 (it is split)."""
     assert isinstance(value.type, ir.TensorType)
     where = f"calibration array '{value.name}' of batch {index} ({description})"
     try:
@@ -279,7 +312,9 @@ def _check_declared(
             f"({[str(d) for d in value.shape]}); reshape the data"
         )
     for axis, (got, need) in enumerate(zip(shape, value.shape)):
-        if isinstance(need, int) and got is not None and got != need:
+        if axis == 0 and stacked:
+            continue
+        if isinstance(need, int) and need >= 0 and got is not None and got != need:
             raise CalibrationError(
                 f"{where} has shape {list(shape)}, but the model input needs {need} on axis {axis} "
                 f"({[str(d) for d in value.shape]}); reshape the data"
@@ -341,6 +376,7 @@ def stream_tensors(
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(to_bytes(work), so, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
+    static = static_batches(base)
     batches = data.batches(limit)
     if progress is None:
         import sys
@@ -352,5 +388,6 @@ def stream_tensors(
         batches = tqdm(batches, desc=description, unit="batch", total=limit)
     for i, feeds in enumerate(batches):
         arrays = check_feeds(feeds, input_names, i)
-        values = session.run(names, arrays)
-        yield dict(zip(names, values))
+        for part in split_batches(arrays, static):  # data not checked against this model
+            values = session.run(names, part)
+            yield dict(zip(names, values))

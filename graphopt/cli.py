@@ -38,8 +38,10 @@ def _dims(values: Sequence[str] | None) -> dict[str, int] | None:
     out = {}
     for item in values:
         name, sep, val = item.partition("=")
-        if not sep or not val.strip().lstrip("-").isdigit():
-            raise GraphoptError(f"--dim expects NAME=INT, got '{item}'")
+        if not sep or not val.strip().isdigit():
+            raise GraphoptError(
+                f"--dim expects NAME=SIZE (a size >= 0; INPUT:AXIS=SIZE for an unnamed dim), got '{item}'"
+            )
         out[name.strip()] = int(val)
     return out
 
@@ -70,7 +72,9 @@ def _build_parser() -> _Parser:
     o.add_argument("--numeric-each", action="store_true", help="numeric check after every pass (slow)")
     o.add_argument("--inputs", help=".npz of inputs for verification (default: generated)")
     o.add_argument(
-        "--dim", action="append", help="value of a symbolic dimension for generated inputs, NAME=INT"
+        "--dim",
+        action="append",
+        help="size of a symbolic dimension for generated inputs, NAME=SIZE (INPUT:AXIS=SIZE for an unnamed one)",
     )
     o.add_argument("--rtol", type=float, default=1e-3)
     o.add_argument("--atol", type=float, default=1e-4)
@@ -141,7 +145,11 @@ def _build_parser() -> _Parser:
     v.add_argument("reference")
     v.add_argument("candidate")
     v.add_argument("--inputs", help=".npz of inputs (default: generated from the reference)")
-    v.add_argument("--dim", action="append", help="value of a symbolic dimension, NAME=INT")
+    v.add_argument(
+        "--dim",
+        action="append",
+        help="size of a symbolic dimension, NAME=SIZE (INPUT:AXIS=SIZE for an unnamed one)",
+    )
     v.add_argument("--rtol", type=float, default=1e-3)
     v.add_argument("--atol", type=float, default=1e-4)
     v.add_argument("--json", action="store_true")

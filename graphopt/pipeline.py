@@ -343,11 +343,10 @@ class _Runner:
                     f"pass '{name}' produced an invalid model: {msg}{self._after_prev()}"
                 ) from None
         if self.numeric_each and self.reference is not None:
-            from graphopt.inputs import generate_inputs
-            from graphopt.verify import verify
+            from graphopt.verify import runnable_inputs, verify
 
             if self._inputs is None:
-                self._inputs = self.verify_options.get("inputs") or generate_inputs(
+                self._inputs = self.verify_options.get("inputs") or runnable_inputs(
                     self.reference,
                     dims=self.verify_options.get("dims"),
                     seed=self.verify_options.get("seed", 0),

@@ -7,24 +7,36 @@ rewrites, not ORT's (which could hide a bug or add differences of their own).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import math
 import os
+import re
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.inputs import NON_NUMPY_FLOATS, generate_inputs, load_inputs
+from graphopt.inputs import (
+    NON_NUMPY_FLOATS,
+    InputsError,
+    input_attempts,
+    load_inputs,
+    split_batches,
+    static_batches,
+)
 
 __all__ = [
     "OutputComparison",
     "VerificationResult",
+    "ort_error_text",
     "run_model",
+    "runnable_inputs",
     "verify",
 ]
 
@@ -88,18 +100,15 @@ def _run_session(session: Any, feeds: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(o.name, values[o.name]) for o in outs]
 
 
-def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> list[tuple[str, Any]]:
-    """Run ``model`` on ONNX Runtime CPU and return ``(name, value)`` per graph output, in order.
-
-    ORT's graph optimizations are off unless ``optimize`` (so they neither hide nor cause
-    differences). Models near protobuf's 2 GB limit are run from a temporary file with external
-    data. Feeds the model does not take are ignored.
-    """
+@contextlib.contextmanager
+def _session(model: ir.Model, *, optimize: bool = False) -> Iterator[Any]:
+    """An ONNX Runtime CPU session for ``model``: ORT's graph optimizations off unless ``optimize``
+    (so they neither hide nor cause differences); models near protobuf's 2 GB limit are run from
+    a temporary file with external data."""
     import onnxruntime as ort
 
-    from graphopt.ir import AUTO_EXTERNAL_BYTES, load, save, to_bytes, total_tensor_bytes
+    from graphopt.ir import AUTO_EXTERNAL_BYTES, save, to_bytes, total_tensor_bytes
 
-    model = load(model)
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures come back as exceptions; graphopt reports them (one line)
     so.use_deterministic_compute = True
@@ -112,37 +121,115 @@ def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> l
             path = os.path.join(tmp, "model.onnx")
             save(model, path, external_data=True)
             logger.debug("running %s with external data", path)
-            session = ort.InferenceSession(path, so, providers=providers)
-            return _run_session(session, feeds)
-    session = ort.InferenceSession(to_bytes(model), so, providers=providers)
-    return _run_session(session, feeds)
+            yield ort.InferenceSession(path, so, providers=providers)
+        return
+    yield ort.InferenceSession(to_bytes(model), so, providers=providers)
+
+
+def run_model(model: Any, feeds: dict[str, Any], *, optimize: bool = False) -> list[tuple[str, Any]]:
+    """Run ``model`` on ONNX Runtime CPU and return ``(name, value)`` per graph output, in order.
+
+    ORT's graph optimizations are off unless ``optimize`` (so they neither hide nor cause
+    differences). Models near protobuf's 2 GB limit are run from a temporary file with external
+    data. Feeds the model does not take are ignored.
+    """
+    from graphopt.ir import load
+
+    with _session(load(model), optimize=optimize) as session:
+        return _run_session(session, feeds)
+
+
+def _first_running(
+    session: Any, model: ir.Model, dims: dict[str, int] | None, seed: int
+) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """The first of :func:`graphopt.inputs.input_attempts` that ``session`` runs, with its outputs.
+
+    Only a failure while a node runs (a size or value the graph cannot take) moves on to the next
+    attempt; one before any node runs (the feeds against the declared inputs) cannot improve.
+    """
+    tried = 0
+    last = label = ""
+    for label, feeds in input_attempts(model, dims=dims, seed=seed):
+        tried += 1
+        try:
+            outputs = _run_session(session, feeds)
+        except Exception as e:  # whatever ONNX Runtime says: the next attempt, or the error below
+            last = ort_error_text(e)
+            logger.debug("generated inputs (%s) do not run: %s", label, last)
+            if "while running" not in str(e):
+                break
+            continue
+        if tried > 1:
+            logger.info("generated inputs run with %s", label)
+        return feeds, outputs
+    what = (
+        f"{tried} generated input sets, the last with {label}" if tried > 1 else f"generated inputs ({label})"
+    )
+    raise InputsError(
+        f"reference model cannot run on ONNX Runtime: {last} (tried {what}); give real inputs with "
+        "--inputs FILE.npz (named arrays) or sizes with --dim NAME=SIZE (INPUT:AXIS=SIZE for an unnamed dim)",
+        last_error=last,
+    )
+
+
+def runnable_inputs(model: Any, *, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Generated inputs ``model`` runs on (see :func:`graphopt.inputs.input_attempts`): the
+    default sizes, else grown free dims and the values the graph compares scalars with.
+    Raises :class:`~graphopt.inputs.InputsError` (exit 2) when none runs."""
+    from graphopt.ir import load
+
+    model = load(model)
+    with _reference_session(model) as session:
+        return _first_running(session, model, dims, seed)[0]
+
+
+@contextlib.contextmanager
+def _reference_session(model: ir.Model) -> Iterator[Any]:
+    try:
+        with _session(model) as session:
+            yield session
+    except GraphoptError:
+        raise
+    except Exception as e:
+        raise GraphoptError(f"reference model cannot run on ONNX Runtime: {ort_error_text(e)}") from None
 
 
 def ort_refusal(model: Any) -> str | None:
     """Why ONNX Runtime cannot load ``model`` or run it on generated inputs (one line), or None
     when it can. The oracle for input that ONNX's checker lets through but that is invalid all the
     same (a Conv bias of the wrong length): asked only after a pass failed on the model."""
-    import re
-
-    import onnxruntime as ort
-
-    from graphopt.ir import load, to_bytes
+    from graphopt.ir import load
 
     try:
         model = load(model)
-        so = ort.SessionOptions()
-        so.log_severity_level = 4  # the reason is returned, not logged
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(to_bytes(model), so, providers=["CPUExecutionProvider"])
-        try:
-            feeds = generate_inputs(model)
-        except GraphoptError:  # inputs that cannot be made up: loading it is all that can be tried
-            return None
-        _run_session(session, feeds)
+        with _session(model) as session:
+            try:
+                _first_running(session, model, None, 0)
+            except InputsError as e:  # inputs that cannot be made up: loading it is all that can be tried
+                return e.last_error or None
     except Exception as e:  # whatever ONNX Runtime says
-        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
-        return text if len(text) <= 300 else text[:297] + "..."
+        return ort_error_text(e)
     return None
+
+
+#: ``[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : `` (repeated inside nested statuses).
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+#: ``/onnxruntime_src/.../reshape_helper.h:47 onnxruntime::ReshapeHelper::ReshapeHelper(...) ``.
+_ORT_SOURCE = re.compile(r"\S*/\S+\.(?:cc|h|cpp|hpp):\d+ [^()]*\([^()]*\)(?: const)? ")
+_MAX_MESSAGE = 400
+
+
+def ort_error_text(e: BaseException) -> str:
+    """ONNX Runtime's message as one whole line: status prefixes and C++ source locations
+    dropped; a very long one cut at a sentence end, never mid-sentence."""
+    text = " ".join(str(e).split())
+    text = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text)).strip()
+    if not text:
+        return type(e).__name__
+    if len(text) > _MAX_MESSAGE:
+        cut = text.rfind(". ", 0, _MAX_MESSAGE)
+        text = text[: cut + 1] + " (...)" if cut > 0 else text
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,22 +513,24 @@ def verify(
     ref_model = load(reference)
     cand_model = load(candidate)
     if inputs is None:
-        feeds = generate_inputs(ref_model, dims=dims, seed=seed)
-    elif isinstance(inputs, (str, os.PathLike)):
-        feeds = load_inputs(inputs)
+        # The generated inputs the reference runs on: default sizes, else grown ones.
+        with _reference_session(ref_model) as session:
+            feeds, expected = _first_running(session, ref_model, dims, seed)
+        parts = [feeds]
     else:
-        feeds = dict(inputs)
-
+        feeds = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else dict(inputs)
+        # N stacked samples for a model of static batch b: run N/b batches, compare them all.
+        parts = split_batches(feeds, static_batches(ref_model))
+        try:
+            expected = _join([run_model(ref_model, part) for part in parts])
+        except GraphoptError:
+            raise
+        except Exception as e:
+            raise GraphoptError(f"reference model cannot run on ONNX Runtime: {ort_error_text(e)}") from None
     try:
-        expected = run_model(ref_model, feeds)
-    except GraphoptError:
-        raise
+        got = _join([run_model(cand_model, part) for part in parts])
     except Exception as e:
-        raise GraphoptError(f"reference model cannot run on ONNX Runtime: {_first_line(e)}") from None
-    try:
-        got = run_model(cand_model, feeds)
-    except Exception as e:
-        msg = f"candidate model cannot run on ONNX Runtime: {_first_line(e)}"
+        msg = f"candidate model cannot run on ONNX Runtime: {ort_error_text(e)}"
         logger.warning("%s", msg)
         return VerificationResult([], False, rtol, atol, msg, feeds)
 
@@ -477,9 +566,15 @@ def verify(
     return result
 
 
-def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        line = line.strip()
-        if line:
-            return line[:300]
-    return type(e).__name__
+def _join(runs: list[list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
+    """The outputs of one run, or of several (batches of stacked samples) stacked along a new
+    first axis (a list where their shapes differ)."""
+    if len(runs) == 1:
+        return runs[0]
+    joined = []
+    for i, (name, _) in enumerate(runs[0]):
+        values = [run[i][1] for run in runs]
+        arrays = all(isinstance(v, np.ndarray) for v in values)
+        same = arrays and len({(v.shape, v.dtype) for v in values}) == 1
+        joined.append((name, np.stack(values) if same else values))
+    return joined
