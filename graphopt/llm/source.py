@@ -18,13 +18,15 @@ from graphopt.errors import GraphoptError
 __all__ = ["ARCHITECTURES", "LlmSource", "load_source"]
 
 #: transformers ``model_type`` → onnxruntime-genai's model ``type``, for the architectures the
-#: export and the decoder fusions are tested on.
+#: export and the decoder fusions are tested on. GPT-2 is built with the same I/O as the others
+#: (separate past key/value per layer), which genai runs as a generic decoder ("llama"); its own
+#: "gpt2" type means the older combined-past layout.
 ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
     "mistral": "mistral",
     "phi3": "phi3",
-    "gpt2": "gpt2",
+    "gpt2": "llama",
 }
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
