@@ -181,3 +181,23 @@ def test_cli_build_and_generate(tmp_path, tied_llama, tokenizer, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
     assert main(["llm", "build", str(src), "-o", str(tmp_path / "o3"), "--precision", "fp16"]) == 2
+
+
+def test_calibration_text_makes_int4_data_aware(tmp_path, tied_llama, tokenizer):
+    from llm_models import TEXT
+
+    text = tmp_path / "calib.txt"
+    text.write_text((TEXT + "\n") * 20)
+    result = gl.build(tied_llama, tmp_path / "out", precision="int4", tokenizer=tokenizer, calibration=text)
+    (row,) = [r for r in result.report["pipeline"]["passes"] if r["name"].startswith("quantize")]
+    assert row["details"]["method"] == "gptq"
+    assert row["details"]["calibration_tokens"] > 500
+    with pytest.raises(GraphoptError, match="does not exist"):
+        gl.build(
+            tied_llama,
+            tmp_path / "o2",
+            precision="int4",
+            tokenizer=tokenizer,
+            calibration=tmp_path / "no.txt",
+        )
+    assert not (tmp_path / "o2").exists()
