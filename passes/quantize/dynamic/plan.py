@@ -3,8 +3,9 @@ anything is edited, and the per-input choices that need no transform (per-token 
 activations, float for inputs with extreme outlier channels).
 
 A node stays float when its weight is not a constant 2-D float32 array (a MatMul of two
-activations among them), when its input dtype or rank is unknown, or when it has a form the
-kernels lack; the reason goes into the report."""
+activations among them), when its input is not float32 (MatMul and Gemm give it the weight's type,
+so an unknown dtype is float32), or when it has a form the kernels lack; the reason goes into the
+report. An input of unknown rank gets per-tensor activations (the kernel takes any rank)."""
 
 from __future__ import annotations
 
@@ -156,10 +157,20 @@ def _plan_matmul(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     why = _weight_ok(run, w, "weight")
     if why:
         return None, why
-    if not _float32(a) or a.shape is None or len(a.shape) < 2:
-        return None, "input dtype or rank unknown (need float32, rank >= 2)"
+    if a is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
+        return None, f"input is {a.dtype if a is not None else 'missing'}, not float32"
+    # MatMul's schema gives A the weight's type (float32), so an unknown dtype is float32. An
+    # unknown rank is fine for DynamicQuantizeMatMul (ORT broadcasts any rank >= 1 against a 2-D
+    # weight); only the per-token lowering builds rank-dependent nodes (Pad), so it is ruled out.
+    if a.shape is not None and len(a.shape) < 2:
+        return None, "input is 1-D (need rank >= 2)"
     bias, add = _bias_after(node, w.shape[1])
-    return Plan(node, w, source=a.name or "", bias=bias, bias_add=add), ""
+    known = a.shape is not None
+    if not known:
+        run.count("per-tensor:input rank unknown")
+    return Plan(
+        node, w, source=a.name or "", bias=bias, bias_add=add, per_token=known, can_per_token=known
+    ), ""
 
 
 def _plan_gemm(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
@@ -177,8 +188,8 @@ def _plan_gemm(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     why = _weight_ok(run, w, "weight")
     if why:
         return None, why
-    if not _float32(a):
-        return None, "input dtype unknown (need float32)"
+    if a is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
+        return None, f"input is {a.dtype if a is not None else 'missing'}, not float32"
     w = (w * np.float32(alpha)).astype(np.float32) if alpha != 1.0 else w
     bias = None
     if c is not None:
@@ -201,9 +212,14 @@ def _bias_after(node: ir.Node, n: int) -> tuple[np.ndarray | None, ir.Node | Non
     bias = _const(other)
     if bias is None or bias.dtype != np.float32 or bias.shape not in ((n,), (1, n)):
         return None, None
-    if user.outputs[0].shape is not None and node.outputs[0].shape is not None:
-        if list(user.outputs[0].shape) != list(node.outputs[0].shape):
+    y, z = node.outputs[0].shape, user.outputs[0].shape
+    if y is None or z is None:
+        # Unknown ranks: only a 1-D bias surely keeps the MatMul output's shape (a (1, n) one
+        # would add an axis to a 1-D result).
+        if bias.shape != (n,):
             return None, None
+    elif list(z) != list(y):
+        return None, None
     return bias.reshape(n), user
 
 

@@ -81,7 +81,9 @@ class QuantizeDynamicPass(QuantizePassBase):
             run.plans.append(plan)
         for plan in run.plans:  # decided on the float graph, before smoothing and splitting edit it
             if plan.node.op_type in ("MatMul", "Gemm"):
-                plan.per_token = per_token_for(run.options.activations, plan.node.inputs[0])
+                plan.per_token = plan.can_per_token and per_token_for(
+                    run.options.activations, plan.node.inputs[0]
+                )
 
     def _decide(self, run: Run) -> bool:
         """The probe-driven choices for each plan; returns whether the weights get GPTQ."""
