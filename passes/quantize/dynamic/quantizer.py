@@ -31,6 +31,7 @@ from .transforms import (
     decide_smooth,
     decide_split,
 )
+from .unfuse import unfuse_matmuls
 
 __all__ = ["QuantizeDynamicPass"]
 
@@ -72,6 +73,7 @@ class QuantizeDynamicPass(QuantizePassBase):
             n.inputs and n.inputs[0] is not None and n.inputs[0].shape is None
             for n in candidates(model.graph, o.op_types)
         ) and infer_shapes(model)
+        unfused = "MatMul" in o.op_types and unfuse_matmuls(run, lambda n: self.selected(n)[0]) > 0
         self._plan(run)
         use_gptq = self._decide(run)
         summary, notice = weight_summary(model, run.plans, self.decisions, o.op_types)
@@ -79,7 +81,7 @@ class QuantizeDynamicPass(QuantizePassBase):
         if notice is not None:
             self.details["notice"] = notice
             logger.info("%s", notice)
-        modified = self._apply(run, use_gptq) or inferred
+        modified = self._apply(run, use_gptq) or inferred or unfused
         if modified:
             _ensure_opset(model, MS_DOMAIN, 1)
         return ir.passes.PassResult(model, modified)

@@ -37,13 +37,14 @@ def _op(node: ir.Node) -> str:
     return "Conv" if node.op_type == "FusedConv" else node.op_type
 
 
-def _float_weights(model: ir.Model) -> tuple[dict[str, int], dict[str, int], int]:
+def _float_weights(model: ir.Model) -> tuple[dict[str, int], dict[str, int], int, int]:
     """(float constant bytes per op type of their first consumer, weight layers per op type,
-    total float constant bytes). A layer is a node of :data:`LAYER_OPS` with a float constant
-    input of rank >= 2."""
+    total float constant bytes, those of them inside subgraphs). A layer is a node of
+    :data:`LAYER_OPS` with a float constant input of rank >= 2."""
     seen: set[int] = set()
     by_op: collections.Counter[str] = collections.Counter()
     layers: collections.Counter[str] = collections.Counter()
+    nested = 0
     for node in graph_nodes(model):
         op = _op(node)
         is_layer = False
@@ -55,17 +56,18 @@ def _float_weights(model: ir.Model) -> tuple[dict[str, int], dict[str, int], int
                 continue
             seen.add(id(v))
             by_op[op] += arr.nbytes
+            nested += arr.nbytes if node.graph is not model.graph else 0
             is_layer = is_layer or arr.ndim >= 2
         if is_layer and op in LAYER_OPS:
             layers[op] += 1
-    return dict(by_op), dict(layers), sum(by_op.values())
+    return dict(by_op), dict(layers), sum(by_op.values()), nested
 
 
 def weight_summary(
     model: ir.Model, plans: list[Plan], decisions: list[Any], op_types: list[str]
 ) -> tuple[str, str | None]:
     """(summary line, notice or None) for the float ``model`` (before the plans are applied)."""
-    by_op, layers, total = _float_weights(model)
+    by_op, layers, total, nested = _float_weights(model)
     quantized = sum(int(p.weight.nbytes) for p in plans)
     n_layers = sum(layers.values())
     kinds = "/".join(sorted(layers)) or "weight"
@@ -80,10 +82,16 @@ def weight_summary(
     for p in plans:  # what stays float per op type
         rest[_op(p.node)] -= int(p.weight.nbytes)
     rest = collections.Counter({op: b for op, b in rest.items() if b > 0})
-    floats = ", ".join(f"{op} {100 * b / total:.0f}%" for op, b in rest.most_common(3))
+    floats = ", ".join(f"{op} {100 * b / total:.0f}%" for op, b in rest.most_common(3) if b >= total / 100)
     line = summary + (f"; in float: {floats}" if floats else "")
     hints = []
-    for op, _ in rest.most_common():
+    if nested >= total * NOTICE_BELOW:
+        # Say where the weights are, not a mode that would not reach them either.
+        hints.append(
+            f"{100 * nested / total:.0f}% of the weights sit inside If/Loop subgraphs, "
+            "which graphopt's quantizers do not enter"
+        )
+    for op, _ in rest.most_common() if not hints else []:
         if op in _CONV and not any("static" in h for h in hints):
             hints.append("convolutional models need --quantize static with --calibration (int8 Conv)")
         elif op in _RECURRENT:
@@ -93,7 +101,9 @@ def weight_summary(
     if not hints:
         reasons = collections.Counter(d.reason for d in decisions if not d.quantized and d.reason)
         hints.append(
-            f"kept float: {reasons.most_common(1)[0][0]} ({reasons.most_common(1)[0][1]} layers)"
+            "kept float: {} ({} layer{})".format(
+                *reasons.most_common(1)[0], "s" * (reasons.most_common(1)[0][1] > 1)
+            )
             if reasons
             else "nothing here has an int8 dynamic kernel"
         )

@@ -129,3 +129,40 @@ def test_cli_is_quiet_when_the_mode_helps(tmp_path, capsys) -> None:
     code = main(["optimize", os.fspath(path), "-o", os.fspath(out), "--quantize", "dynamic"])
     _, err = capsys.readouterr()
     assert code == 0 and "notice" not in err
+
+
+def branchy() -> onnx.ModelProto:
+    """All the weights inside an If's branches (as in a voice-activity model with a branch per
+    sample rate): a Conv in each."""
+    rng = np.random.default_rng(0)
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = numpy_helper.from_array(
+            (rng.standard_normal((16, 3, 3, 3)) * 0.1).astype(np.float32), f"{name}_w"
+        )
+        return helper.make_graph(
+            [helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_y"], pads=[1, 1, 1, 1])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)],
+            [w],
+        )
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        "branchy",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weights_inside_subgraphs_are_named_not_a_mode_that_cannot_reach_them() -> None:
+    _, row = _quantize_row(branchy())
+    notice = row.details["notice"]
+    assert "0 of 2 Conv layers" in notice
+    assert "100% of the weights sit inside If/Loop subgraphs" in notice
+    assert "--quantize static" not in notice
