@@ -182,10 +182,11 @@ def replace_value(node: ir.Node, old: ir.Value, new: ir.Value) -> bool:
 
 
 def infer_shapes(model: ir.Model) -> bool:
-    """ONNX shape inference for the rank/shape checks, with graphopt's two fixes (what the
-    ``shape-inference`` pass runs): values inside subgraphs keep their declared types, and the
-    initializer order is kept. Returns whether it added or changed shapes (a pass that ran it must
-    then say "modified"); when inference fails the model is left unchanged."""
+    """ONNX shape inference for the rank/shape checks, with graphopt's fixes (what the
+    ``shape-inference`` pass runs): values inside subgraphs keep their declared types, the
+    initializer order is kept, and Reshapes before opset 14 get what :func:`complete_shapes`
+    finds. Returns whether it added or changed shapes (a pass that ran it must then say
+    "modified"); when inference fails the model is left unchanged."""
     # Values inside subgraphs keep their declared types: onnx's inference can type an If
     # output of sequence type as a tensor there (seen on test_loop16_seq_none), which
     # ONNX Runtime then rejects. Main-graph annotations are checked by ORT's own inference.
