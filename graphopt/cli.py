@@ -336,6 +336,10 @@ def _optimize(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.output} (target {args.target}; pipeline {result.report.pipeline})")
     if os.path.exists(settings_file_for(args.output)):
         print(f"wrote {settings_file_for(args.output)} (run settings for {args.target})")
+    # A pass that could not help (e.g. dynamic int8 on a CNN) says so: one line, not an error.
+    for p in result.report.passes:
+        if p.details.get("notice"):
+            sys.stderr.write(f"graphopt: notice: {' '.join(str(p.details['notice']).split())}\n")
     return 0
 
 

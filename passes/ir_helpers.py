@@ -7,7 +7,9 @@ backends' checks) all need, so that none of them borrows helpers from another pa
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +20,7 @@ __all__ = [
     "MS_DOMAIN",
     "STANDARD_DOMAINS",
     "all_nodes",
+    "complete_shapes",
     "constant_array",
     "fresh_name",
     "graph_nodes",
@@ -179,10 +182,11 @@ def replace_value(node: ir.Node, old: ir.Value, new: ir.Value) -> bool:
 
 
 def infer_shapes(model: ir.Model) -> bool:
-    """ONNX shape inference for the rank/shape checks, with graphopt's two fixes (what the
-    ``shape-inference`` pass runs): values inside subgraphs keep their declared types, and the
-    initializer order is kept. Returns whether it added or changed shapes (a pass that ran it must
-    then say "modified"); when inference fails the model is left unchanged."""
+    """ONNX shape inference for the rank/shape checks, with graphopt's fixes (what the
+    ``shape-inference`` pass runs): values inside subgraphs keep their declared types, the
+    initializer order is kept, and Reshapes before opset 14 get what :func:`complete_shapes`
+    finds. Returns whether it added or changed shapes (a pass that ran it must then say
+    "modified"); when inference fails the model is left unchanged."""
     # Values inside subgraphs keep their declared types: onnx's inference can type an If
     # output of sequence type as a tensor there (seen on test_loop16_seq_none), which
     # ONNX Runtime then rejects. Main-graph annotations are checked by ORT's own inference.
@@ -196,6 +200,14 @@ def infer_shapes(model: ir.Model) -> bool:
     orders = [(g, list(g.initializers.values())) for g in model.graphs()]
     try:
         result = ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+        modified = result.modified
+        # onnx's Reshape before opset 14 gives up on computed targets: fill those outputs and
+        # infer again so the values after them get their shapes (a chain needs a round each).
+        for _ in range(8):
+            if not complete_shapes(model):
+                break
+            ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+            modified = True
     except Exception as e:
         _cleanup_logger.info("shape inference failed, model left unchanged: %s", e)
         return False
@@ -207,7 +219,7 @@ def infer_shapes(model: ir.Model) -> bool:
     for v, t, shape in saved:
         v.type = t
         v.shape = shape
-    return result.modified
+    return modified
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) -> ir.Value:
@@ -222,3 +234,242 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, taken: set[st
     )  # (ascontiguousarray makes 0-d 1-d)
     graph.register_initializer(value)
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes onnx's inference leaves out at old opsets
+#
+# Shapes that ONNX's inference leaves out at old opsets although the graph determines them.
+#
+# Why: onnx infers a Reshape's output only from a constant target shape up to Reshape-13; Reshape-14
+# added symbolic data propagation and rank-only inference. Exports at opsets 11–13 compute the target
+# in the graph (torch's ``x.reshape(x.shape[0], b, -1)`` becomes Shape → Gather → Unsqueeze → Concat),
+# so every value after such a Reshape loses its rank, and passes that need a rank skip it: before this,
+# quantize-dynamic left every MatMul of an opset-12 CRNN in float ("rank unknown").
+#
+# :func:`complete_shapes` fills those outputs from what the graph computes: the target's value where
+# it is made of constants and dims of inferred shapes (``Shape``, ``Gather``, ``Slice``,
+# ``Unsqueeze``, ``Squeeze``, ``Concat``, ``Cast``, integer arithmetic), else at least its length
+# (the target tensor's own inferred shape). It reads Reshape-5/13 semantics only (0 copies the input
+# dim, -1 is the remainder), which Reshape-14+ share when ``allowzero`` is 0. A value that already has
+# a shape keeps it; nothing here reads a declared graph-output shape.
+
+#: A shape tensor's known value: one entry per element (an int, a symbolic dim's name, or None
+#: for unknown), and whether the tensor is a scalar.
+_Dim = int | str | None
+_Sym = tuple[list[_Dim], bool]
+
+#: Longest shape tensor tracked (a shape tensor longer than this is not a shape).
+_MAX_LEN = 64
+
+
+def complete_shapes(model: ir.Model) -> bool:
+    """Give every main-graph Reshape output without a shape the shape its target determines (see
+    the module docstring); returns whether any was added (run onnx's inference again after, so
+    the values downstream get theirs)."""
+    values: dict[ir.Value, _Sym] = {}
+    changed = False
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Reshape" and len(node.inputs) >= 2 and node.outputs[0].shape is None:
+            shape = _reshape_output(node, values)
+            if shape is not None:
+                out = node.outputs[0]
+                out.shape = shape
+                if out.type is None and node.inputs[0] is not None:
+                    out.type = node.inputs[0].type
+                changed = True
+            continue
+        if len(node.outputs) == 1 and node.outputs[0] is not None:
+            sym = _evaluate(node, values)
+            if sym is not None and len(sym[0]) <= _MAX_LEN:
+                values[node.outputs[0]] = sym
+    return changed
+
+
+def _value(v: ir.Value | None, values: dict[ir.Value, _Sym]) -> _Sym | None:
+    """The known value of an integer shape tensor (a constant or one evaluated before)."""
+    if v is None:
+        return None
+    if v in values:
+        return values[v]
+    arr = constant_array(v)
+    if arr is None or arr.dtype.kind not in "iu" or arr.ndim > 1 or arr.size > _MAX_LEN:
+        return None
+    return [int(x) for x in arr.reshape(-1)], arr.ndim == 0
+
+
+def _dims(shape: ir.Shape) -> list[_Dim]:
+    out: list[_Dim] = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            out.append(d.value if isinstance(d, ir.SymbolicDim) and d.value else None)
+    return out
+
+
+def _evaluate(node: ir.Node, values: dict[ir.Value, _Sym]) -> _Sym | None:
+    """The output value of a shape computation ``node``, or None when it is not one."""
+    op = node.op_type
+    ins = list(node.inputs)
+    if op == "Shape":
+        x = ins[0]
+        if x is None or x.shape is None:
+            return None
+        dims = _dims(x.shape)
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", None)
+        return dims[start:end], False
+    if op == "Size":
+        x = ins[0]
+        if x is None or x.shape is None:
+            return None
+        dims = _dims(x.shape)
+        ints = [d for d in dims if isinstance(d, int)]
+        return [math.prod(ints) if len(ints) == len(dims) else None], True
+    if op in ("Identity", "Cast"):
+        if op == "Cast" and node.attributes.get_int("to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
+            return None
+        return _value(ins[0], values)
+    if op == "Gather":
+        return _gather(node, values)
+    if op == "Unsqueeze":
+        data = _value(ins[0], values)
+        return (data[0], False) if data is not None and data[1] else None  # scalar -> [x]
+    if op == "Squeeze":
+        data = _value(ins[0], values)
+        return (data[0], True) if data is not None and len(data[0]) == 1 and not data[1] else None
+    if op == "Concat":
+        parts = [_value(v, values) for v in ins]
+        if not parts or any(p is None or p[1] for p in parts):
+            return None
+        return [d for p in parts if p is not None for d in p[0]], False
+    if op == "Slice":
+        return _slice(node, values)
+    if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
+        return _arith(op, _value(ins[0], values), _value(ins[1], values))
+    return None
+
+
+def _gather(node: ir.Node, values: dict[ir.Value, _Sym]) -> _Sym | None:
+    data = _value(node.inputs[0], values)
+    idx = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if data is None or data[1] or idx is None or idx.ndim > 1 or node.attributes.get_int("axis", 0) != 0:
+        return None
+    n = len(data[0])
+    picked = []
+    for i in idx.reshape(-1).tolist():
+        i = int(i)
+        if not -n <= i < n:
+            return None
+        picked.append(data[0][i])
+    return picked, idx.ndim == 0
+
+
+def _slice(node: ir.Node, values: dict[ir.Value, _Sym]) -> _Sym | None:
+    data = _value(node.inputs[0], values)
+    if data is None or data[1]:
+        return None
+    attrs = node.attributes
+    if "starts" in attrs:  # Slice-1: starts/ends/axes as attributes
+        starts, ends = attrs.get_ints("starts"), attrs.get_ints("ends")
+        axes = attrs.get_ints("axes", None)
+        steps: list[int] | None = None
+    else:
+        parts = [constant_array(v) if v is not None else None for v in node.inputs[1:5]]
+        parts += [None] * (4 - len(parts))
+        if parts[0] is None or parts[1] is None:
+            return None
+        if (len(node.inputs) > 3 and node.inputs[3] is not None and parts[2] is None) or (
+            len(node.inputs) > 4 and node.inputs[4] is not None and parts[3] is None
+        ):
+            return None
+        starts, ends = parts[0].tolist(), parts[1].tolist()
+        axes = parts[2].tolist() if parts[2] is not None else None
+        steps = parts[3].tolist() if parts[3] is not None else None
+    if len(starts) != 1 or len(ends) != 1 or (axes is not None and list(axes) not in ([0], [-1])):
+        return None
+    step = int(steps[0]) if steps else 1
+    if step == 0:
+        return None
+    return data[0][int(starts[0]) : int(ends[0]) : step], False
+
+
+def _arith(op: str, a: _Sym | None, b: _Sym | None) -> _Sym | None:
+    """Elementwise integer arithmetic; an element with an unknown operand is unknown (the length,
+    which a Reshape's rank needs, stays known)."""
+    if a is None or b is None:
+        return None
+    x, y = a[0], b[0]
+    if len(x) != len(y) and 1 not in (len(x), len(y)):
+        return None
+    n = max(len(x), len(y))
+    x, y = (x * n if len(x) == 1 else x), (y * n if len(y) == 1 else y)
+    out: list[_Dim] = []
+    for p, q in zip(x, y, strict=True):
+        if not (isinstance(p, int) and isinstance(q, int)):
+            out.append(None)
+        elif op == "Add":
+            out.append(p + q)
+        elif op == "Sub":
+            out.append(p - q)
+        elif op == "Mul":
+            out.append(p * q)
+        else:
+            out.append(int(np.trunc(p / q)) if q != 0 else None)
+    return out, a[1] and b[1]
+
+
+def _reshape_output(node: ir.Node, values: dict[ir.Value, _Sym]) -> ir.Shape | None:
+    """The output shape ``node`` (a Reshape) determines, or None when not even its rank is known."""
+    if node.attributes.get_int("allowzero", 0):
+        return None
+    data, target = node.inputs[0], node.inputs[1]
+    known = _value(target, values)
+    if known is not None and not known[1]:
+        dims = list(known[0])
+    elif target is not None and target.shape is not None and len(target.shape) == 1:
+        length = target.shape[0]
+        if not isinstance(length, int) or length > _MAX_LEN:
+            return None
+        dims = [None] * length
+    else:
+        return None
+    src = _dims(data.shape) if data is not None and data.shape is not None else None
+    for i, d in enumerate(dims):
+        if d == 0:  # copy the input's dim (Reshape before 14, or allowzero=0)
+            dims[i] = src[i] if src is not None and i < len(src) else None
+        elif isinstance(d, int) and d < -1:
+            return None  # an invalid target: ORT will say so, not this
+    if dims.count(-1) > 1:
+        return None
+    if -1 in dims:
+        i = dims.index(-1)
+        dims[i] = _remainder(src, dims[:i] + dims[i + 1 :])
+    return ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in dims])
+
+
+def _remainder(src: list[_Dim] | None, others: list[_Dim]) -> _Dim:
+    """The dim -1 stands for: the input's elements over the other output dims, where the symbolic
+    dims cancel exactly; None when they do not."""
+    if src is None or None in src or None in others:
+        return None
+    left = collections.Counter(d for d in src if isinstance(d, str))
+    for d in others:
+        if isinstance(d, str):
+            if left[d] == 0:
+                return None
+            left[d] -= 1
+    num = math.prod(d for d in src if isinstance(d, int))
+    den = math.prod(d for d in others if isinstance(d, int))
+    rest = [d for d, n in left.items() for _ in range(n)]
+    if den == 0 or num % den:
+        return None
+    ratio = num // den
+    if not rest:
+        return ratio
+    if len(rest) == 1 and ratio == 1:
+        return rest[0]
+    return None

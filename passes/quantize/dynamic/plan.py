@@ -3,8 +3,9 @@ anything is edited, and the per-input choices that need no transform (per-token 
 activations, float for inputs with extreme outlier channels).
 
 A node stays float when its weight is not a constant 2-D float32 array (a MatMul of two
-activations among them), when its input dtype or rank is unknown, or when it has a form the
-kernels lack; the reason goes into the report."""
+activations among them), when its input is not float32 (MatMul and Gemm give it the weight's type,
+so an unknown dtype is float32), or when it has a form the kernels lack; the reason goes into the
+report. An input of unknown rank gets per-tensor activations (the kernel takes any rank)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ __all__ = [
     "ATTENTION_OPS",
     "Plan",
     "candidates",
+    "const_weight",
     "decide_per_token",
     "drop_outliers",
     "per_token_for",
     "plan_node",
+    "weight_problem",
 ]
 
 #: Ops whose outputs (attention rows) need not be quantized per token in ``activations=auto``.
@@ -103,7 +106,7 @@ def plan_node(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     return _plan_attention(run, node)
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def const_weight(value: ir.Value | None) -> np.ndarray | None:
     """A value's constant array, looking through a Concat of constants (the fuse pass packs the
     Q/K/V weights so; cleanup's folder leaves large results unfolded)."""
     arr = constant_array(value)
@@ -121,7 +124,7 @@ def _float32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 
 
-def _weight_ok(run: Run, w: np.ndarray | None, what: str) -> str:
+def weight_problem(run: Run, w: np.ndarray | None, what: str) -> str:
     if w is None:
         return f"{what} is not a constant"
     if w.dtype != np.float32:
@@ -138,7 +141,7 @@ def _plan_gather(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     table = constant_array(node.inputs[0])
     if table is None:
         return None, "table is not a constant"
-    why = _weight_ok(run, table, "table")
+    why = weight_problem(run, table, "table")
     if why:
         return None, why
     if node.attributes.get_int("axis", 0) != 0:
@@ -150,16 +153,26 @@ def _plan_gather(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
 
 def _plan_matmul(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     a, b = node.inputs[0], node.inputs[1]
-    w = _const(b)
+    w = const_weight(b)
     if w is None:
         return None, "weight is an activation (activation x activation)" if b is not None else "no weight"
-    why = _weight_ok(run, w, "weight")
+    why = weight_problem(run, w, "weight")
     if why:
         return None, why
-    if not _float32(a) or a.shape is None or len(a.shape) < 2:
-        return None, "input dtype or rank unknown (need float32, rank >= 2)"
+    if a is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
+        return None, f"input is {a.dtype if a is not None else 'missing'}, not float32"
+    # MatMul's schema gives A the weight's type (float32), so an unknown dtype is float32. An
+    # unknown rank is fine for DynamicQuantizeMatMul (ORT broadcasts any rank >= 1 against a 2-D
+    # weight); only the per-token lowering builds rank-dependent nodes (Pad), so it is ruled out.
+    if a.shape is not None and len(a.shape) < 2:
+        return None, "input is 1-D (need rank >= 2)"
     bias, add = _bias_after(node, w.shape[1])
-    return Plan(node, w, source=a.name or "", bias=bias, bias_add=add), ""
+    known = a.shape is not None
+    if not known:
+        run.count("per-tensor:input rank unknown")
+    return Plan(
+        node, w, source=a.name or "", bias=bias, bias_add=add, per_token=known, can_per_token=known
+    ), ""
 
 
 def _plan_gemm(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
@@ -169,20 +182,20 @@ def _plan_gemm(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
     alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
     a, b = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
-    w = _const(b)
+    w = const_weight(b)
     if w is None:
         return None, "weight is an activation (activation x activation)" if b is not None else "no weight"
     if attrs.get_int("transB", 0):
         w = np.ascontiguousarray(w.T) if w.ndim == 2 else w
-    why = _weight_ok(run, w, "weight")
+    why = weight_problem(run, w, "weight")
     if why:
         return None, why
-    if not _float32(a):
-        return None, "input dtype unknown (need float32)"
+    if a is None or (a.dtype is not None and a.dtype != ir.DataType.FLOAT):
+        return None, f"input is {a.dtype if a is not None else 'missing'}, not float32"
     w = (w * np.float32(alpha)).astype(np.float32) if alpha != 1.0 else w
     bias = None
     if c is not None:
-        cb = _const(c)
+        cb = const_weight(c)
         if cb is None or cb.dtype != np.float32 or cb.size not in (1, w.shape[1]) or cb.ndim > 2:
             return None, "Gemm C is not a constant vector"
         bias = np.broadcast_to(cb.reshape(-1) * np.float32(beta), (w.shape[1],)).astype(np.float32)
@@ -198,12 +211,17 @@ def _bias_after(node: ir.Node, n: int) -> tuple[np.ndarray | None, ir.Node | Non
     if user.op_type != "Add" or user.domain not in ("", "ai.onnx") or len(user.inputs) != 2:
         return None, None
     other = user.inputs[1] if user.inputs[0] is out else user.inputs[0]
-    bias = _const(other)
+    bias = const_weight(other)
     if bias is None or bias.dtype != np.float32 or bias.shape not in ((n,), (1, n)):
         return None, None
-    if user.outputs[0].shape is not None and node.outputs[0].shape is not None:
-        if list(user.outputs[0].shape) != list(node.outputs[0].shape):
+    y, z = node.outputs[0].shape, user.outputs[0].shape
+    if y is None or z is None:
+        # Unknown ranks: only a 1-D bias surely keeps the MatMul output's shape (a (1, n) one
+        # would add an axis to a 1-D result).
+        if bias.shape != (n,):
             return None, None
+    elif list(z) != list(y):
+        return None, None
     return bias.reshape(n), user
 
 
@@ -214,11 +232,11 @@ def _plan_attention(run: Run, node: ir.Node) -> tuple[Plan | None, str]:
         return None, "Attention with present output (KV cache)"
     if past is not None or (len(ins) > 6 and ins[6] is not None):
         return None, "Attention with past state"
-    w = _const(wv)
-    why = _weight_ok(run, w, "packed QKV weight")
+    w = const_weight(wv)
+    why = weight_problem(run, w, "packed QKV weight")
     if why:
         return None, why
-    b = _const(bv)
+    b = const_weight(bv)
     if b is None or b.dtype != np.float32 or b.shape != (w.shape[1],):
         return None, "packed QKV bias is not a constant vector"
     if not _float32(x):
