@@ -91,7 +91,9 @@ def stream(
         except CalibrationError:
             raise
         except Exception as e:  # onnxruntime's InvalidArgument / Fail on a batch
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # ORT's message runs over several lines ("... for the following indices / index: 0
+            # Got: 4 Expected: 2"): keep it whole, on one line.
+            msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
             raise CalibrationError(
                 f"quantize-static: the model cannot run calibration batch {i} ({msg}); make the arrays' "
                 "shapes and dtypes match the model's inputs"
