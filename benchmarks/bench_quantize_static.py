@@ -9,7 +9,7 @@ trained here on scikit-learn's bundled handwritten digits, ``tests/digits.py``):
 
 1. float: the export after ``cleanup,fuse(domains=[standard]),cleanup`` (BatchNorm folded), which is
    also what both quantizers start from;
-2. graphopt: ``quantize-static(calibrator=C),cleanup`` for every calibrator C (minmax, percentile,
+2. graphopt: ``quantize-static(calibrator=C),cleanup`` for every calibrator C (auto: the default, minmax, percentile,
    entropy, mse), uint8 asymmetric activations, per-channel int8 weights (the defaults);
 3. ORT: ``onnxruntime.quantization.quantize_static`` on the float model after ORT's recommended
    ``quant_pre_process`` (symbolic shape inference is skipped where it fails, as on BERT), with
@@ -43,7 +43,7 @@ from typing import Any
 import _bench
 
 SCRIPT = Path(__file__).resolve()
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+CALIBRATORS = ("auto", "minmax", "percentile", "entropy", "mse")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 PRE = "cleanup,fuse(domains=[standard]),cleanup"
 

@@ -18,6 +18,7 @@ from .options import StaticOptions, check_options
 from .plan import plan_graph
 from .rewrite import apply
 from .run import Run
+from .select import choose_calibrator
 from .smooth import smooth_quant
 
 __all__ = ["QuantizeStaticPass"]
@@ -52,7 +53,10 @@ class QuantizeStaticPass(QuantizePassBase):
         # Plan over every candidate (selection ignored) to calibrate once for all later runs,
         # then the plan that honours include/exclude.
         full = plan_graph(run, use_selection=False)
-        act_ranges = ranges(run, full, smooth_key)
+        calibrator = self.options.calibrator
+        if calibrator == "auto" and (full.tensors or full.weights):
+            calibrator = choose_calibrator(run, full, smooth_key)
+        act_ranges = ranges(run, full, smooth_key, "mse" if calibrator == "auto" else calibrator)
         plan = plan_graph(run, use_selection=True)
         for node, quantized, reason in plan.nodes:
             self.decide(node, quantized, reason)
