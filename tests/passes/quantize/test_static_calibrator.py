@@ -134,8 +134,17 @@ def test_one_batch_is_split_by_rows_for_validation() -> None:
     assert row.details["auto_calibrator"]["validated_on"] == "held-out rows (2 folds)"
 
 
-def test_static_batch_model_validates_in_sample() -> None:
+def test_static_batch_model_keeps_minmax() -> None:
     proto = spot_detector()
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 32  # half a batch is refused
     _, row = graphopt_static(proto, [spots(32, 0)])
-    assert row.details["auto_calibrator"]["validated_on"] == "the calibration batches themselves"
+    auto = row.details["auto_calibrator"]
+    assert auto["chosen"] == "minmax" and auto["validated_on"].startswith("nothing (the model cannot run")
+
+
+def test_too_few_rows_to_validate_keep_minmax() -> None:
+    """Four single-image batches: held-out scores are noise, so ORT's default (minmax) stays."""
+    proto = spot_detector()
+    _, row = graphopt_static(proto, [spots(1, s) for s in range(4)])
+    auto = row.details["auto_calibrator"]
+    assert auto["chosen"] == "minmax" and "held-out rows per fold" in auto["validated_on"]
