@@ -5,11 +5,12 @@ and runs faster than float, at least as fast as what ORT's own quantizer writes 
 and calibration must not need memory that grows with the calibration set.
 
 Per model (the digits CNN: Conv+BN+ReLU, residual Add, MaxPool, 2 Linear; and the digits MLP; both
-trained here on scikit-learn's bundled handwritten digits, ``tests/digits.py``):
+trained here on scikit-learn's bundled handwritten digits, ``tests/digits.py``; BERT-mini and a
+YOLOv8n-style detector, random weights, fidelity vs float on held-out inputs):
 
 1. float: the export after ``cleanup,fuse(domains=[standard]),cleanup`` (BatchNorm folded), which is
    also what both quantizers start from;
-2. graphopt: ``quantize-static(calibrator=C),cleanup`` for every calibrator C (minmax, percentile,
+2. graphopt: ``quantize-static(calibrator=C),cleanup`` for every calibrator C (auto: the default, minmax, percentile,
    entropy, mse), uint8 asymmetric activations, per-channel int8 weights (the defaults);
 3. ORT: ``onnxruntime.quantization.quantize_static`` on the float model after ORT's recommended
    ``quant_pre_process`` (symbolic shape inference is skipped where it fails, as on BERT), with
@@ -43,7 +44,7 @@ from typing import Any
 import _bench
 
 SCRIPT = Path(__file__).resolve()
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+CALIBRATORS = ("auto", "minmax", "percentile", "entropy", "mse")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 PRE = "cleanup,fuse(domains=[standard]),cleanup"
 
@@ -233,21 +234,71 @@ def run_model(kind: str, args: argparse.Namespace, folder: Path) -> dict[str, An
 def run_bert(args: argparse.Namespace, folder: Path, size: str = "mini") -> dict[str, Any]:
     """BERT (transformers BertModel, random weights with perturbed norms): no labels, so fidelity is
     the cosine/SQNR of the last hidden state vs float on held-out inputs; latency at batch 1, seq 128."""
-    import numpy as np
-
-    import graphopt
-
     _bench.tests_on_path()
     from models import build_bert
 
     b = build_bert(size)
-    float_path = str(folder / "bert_float.onnx")
-    graphopt.save(graphopt.optimize(b.export(), pipeline=PRE).model, float_path)
     feeds = [b.feeds(2, 64, seed=s) for s in range(16 if not args.quick else 8)]
     held_out = [b.feeds(2, 64, seed=1000 + s) for s in range(4)]
+    return run_unlabelled(
+        args,
+        folder,
+        "bert",
+        f"bert-{size}",
+        b.export(),
+        feeds,
+        held_out,
+        b.feeds(1, 128, seed=7),
+        "batch1_seq128",
+    )
+
+
+def run_detector(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The YOLOv8n-style detector (``tests/models.py`` build_yolo_detector: C2f Split/Concat, SPPF
+    MaxPools, Upsample, DFL head; random weights, 320x320): cosine/SQNR of the [1, 4+classes,
+    anchors] output vs float on held-out images; latency at batch 1 (issue 18 defect 7)."""
+    import torch
+
+    _bench.tests_on_path()
+    from models import build_yolo_detector
+
+    torch.set_num_threads(1)
+    e = build_yolo_detector()
+    model = e.export()
+    name = model.graph.inputs[0].name or "x"
+
+    def image(seed: int) -> dict[str, Any]:
+        return {name: e.feeds(1, 320, seed)["images"]}
+
+    feeds = [image(s) for s in range(8 if not args.quick else 4)]
+    held_out = [image(1000 + s) for s in range(4)]
+    return run_unlabelled(
+        args, folder, "yolo", "yolov8n-style detector", model, feeds, held_out, image(7), "batch1_320"
+    )
+
+
+def run_unlabelled(
+    args: argparse.Namespace,
+    folder: Path,
+    kind: str,
+    title: str,
+    model: Any,
+    feeds: list[dict[str, Any]],
+    held_out: list[dict[str, Any]],
+    timing_feeds: dict[str, Any],
+    timing_label: str,
+) -> dict[str, Any]:
+    """Fidelity (cosine/SQNR of the first output vs float on ``held_out``) and interleaved latency
+    on ``timing_feeds`` for every graphopt calibrator and ORT calibrate method."""
+    import numpy as np
+
+    import graphopt
+
+    float_path = str(folder / f"{kind}_float.onnx")
+    graphopt.save(graphopt.optimize(model, pipeline=PRE).model, float_path)
     ref_sess = _session(float_path)
     refs = [ref_sess.run(None, f)[0] for f in held_out]
-    out: dict[str, Any] = {"model": f"bert-{size}", "calibration_batches": len(feeds), "variants": {}}
+    out: dict[str, Any] = {"model": title, "calibration_batches": len(feeds), "variants": {}}
 
     def evaluate(name: str, path: str, wall: float) -> None:
         s = _session(path)
@@ -264,12 +315,12 @@ def run_bert(args: argparse.Namespace, folder: Path, size: str = "mini") -> dict
 
     evaluate("float", float_path, 0.0)
     for c in CALIBRATORS:
-        path = str(folder / f"bert_graphopt_{c}.onnx")
+        path = str(folder / f"{kind}_graphopt_{c}.onnx")
         wall, _ = graphopt_quantize(float_path, path, feeds, c)
         evaluate(f"graphopt:{c}", path, wall)
-    ort_src, out["ort_input"] = ort_preprocess(float_path, str(folder / "bert_ort_pre.onnx"))
+    ort_src, out["ort_input"] = ort_preprocess(float_path, str(folder / f"{kind}_ort_pre.onnx"))
     for m in ORT_METHODS:
-        path = str(folder / f"bert_ort_{m}.onnx")
+        path = str(folder / f"{kind}_ort_{m}.onnx")
         try:
             wall = ort_quantize(ort_src, path, feeds, m)
         except Exception as e:
@@ -286,11 +337,11 @@ def run_bert(args: argparse.Namespace, folder: Path, size: str = "mini") -> dict
     }
     out["ort_fused_ops"] = {n: fused_ops(p) for n, p in timed.items()}
     rounds = max(20, args.rounds // 5)
-    lat = latency(timed, b.feeds(1, 128, seed=7), rounds)
+    lat = latency(timed, timing_feeds, rounds)
     lat["graphopt_vs_ort"] = round(lat["graphopt"]["median_ms"] / lat["ort"]["median_ms"], 3)
     lat["graphopt_vs_float"] = round(lat["graphopt"]["median_ms"] / lat["float"]["median_ms"], 3)
     lat["rounds"] = rounds
-    out["latency"] = {"batch1_seq128": lat}
+    out["latency"] = {timing_label: lat}
     for v in out["variants"].values():
         v.pop("path", None)
     return out
@@ -369,9 +420,9 @@ def render(data: dict[str, Any]) -> str:
         "",
     ]
     for kind, m in data["models"].items():
-        bert = kind == "bert"
+        bert = kind in ("bert", "yolo")  # no labels: cosine/SQNR vs float
         title = (
-            f"## {m['model']} (last hidden state vs float on held-out inputs)"
+            f"## {m['model']} (output vs float on held-out inputs)"
             if bert
             else f"## digits {kind.upper()} (float test accuracy {m['float_test_accuracy']:.4f})"
         )
@@ -459,7 +510,11 @@ def render(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer latency rounds and memory batches")
-    p.add_argument("--models", default="cnn,mlp,bert", help="subset of cnn,mlp,bert (BERT-mini)")
+    p.add_argument(
+        "--models",
+        default="cnn,mlp,bert,yolo",
+        help="subset of cnn,mlp,bert (BERT-mini),yolo (YOLOv8n-style)",
+    )
     p.add_argument("--rounds", type=int, default=None, help="latency rounds at batch 1 (batch 64: a quarter)")
     p.add_argument("--calibration-samples", type=int, default=512)
     p.add_argument("--memory-batches", type=int, default=None, help="N (N and 10×N batches are measured)")
@@ -483,7 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for kind in args.models.split(","):
         print(f"[{kind}] training, quantizing, timing ...", file=sys.stderr)
-        data["models"][kind] = run_bert(args, folder) if kind == "bert" else run_model(kind, args, folder)
+        if kind == "bert":
+            data["models"][kind] = run_bert(args, folder)
+        elif kind == "yolo":
+            data["models"][kind] = run_detector(args, folder)
+        else:
+            data["models"][kind] = run_model(kind, args, folder)
     if "cnn" in data["models"]:
         print("[memory] calibration peak RSS ...", file=sys.stderr)
         data["memory"] = memory(folder, n, args.timeout)

@@ -29,6 +29,7 @@ __all__ = [
     "build_gpt2",
     "build_llama",
     "build_resnet",
+    "build_yolo_detector",
     "build_vit",
     "chain_model",
 ]
@@ -366,3 +367,121 @@ def build(kind: str, size: str = "tiny", seed: int = 0) -> Exportable:
     if kind == "cnn":
         return build_cnn(seed)
     raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def build_yolo_detector(seed: int = 0, width: float = 0.25, depth: float = 0.33) -> Exportable:
+    """A YOLOv8n-style detector (random weights, non-trivial batch-norm statistics), input
+    ``images`` 1x3x320x320: Conv+BN+SiLU, C2f blocks (Split, bottlenecks with residual Add,
+    Concat), SPPF (three MaxPools), an FPN/PAN neck (Upsample nearest, Concat), and a decoupled
+    detect head (box branch through a DFL: Reshape, Softmax over 16 bins, 1x1 Conv) concatenated
+    with the class scores (Sigmoid) into ``[1, 4 + classes, anchors]``. Static shapes, like the
+    exported YOLO models users bring."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    def ch(c: int) -> int:
+        return max(8, int(c * width) // 8 * 8)
+
+    class ConvBN(nn.Module):
+        def __init__(self, i: int, o: int, k: int = 1, s: int = 1) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(i, o, k, s, k // 2, bias=False)
+            self.bn = nn.BatchNorm2d(o)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.silu(self.bn(self.conv(x)))
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c: int, shortcut: bool) -> None:
+            super().__init__()
+            self.cv1, self.cv2, self.add = ConvBN(c, c, 3), ConvBN(c, c, 3), shortcut
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.cv2(self.cv1(x))
+            return x + y if self.add else y
+
+    class C2f(nn.Module):
+        def __init__(self, i: int, o: int, n: int, shortcut: bool) -> None:
+            super().__init__()
+            self.c = o // 2
+            self.cv1 = ConvBN(i, 2 * self.c)
+            self.cv2 = ConvBN((2 + n) * self.c, o)
+            self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = list(self.cv1(x).split((self.c, self.c), 1))
+            for m in self.m:
+                y.append(m(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class SPPF(nn.Module):
+        def __init__(self, i: int, o: int) -> None:
+            super().__init__()
+            self.cv1, self.cv2 = ConvBN(i, i // 2), ConvBN(i * 2, o)
+            self.m = nn.MaxPool2d(5, 1, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.cv1(x)
+            y1 = self.m(x)
+            y2 = self.m(y1)
+            return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+
+    class Detector(nn.Module):
+        def __init__(self, classes: int = 6, reg_max: int = 16) -> None:
+            super().__init__()
+            n = max(1, round(3 * depth))
+            c1, c2, c3, c4, c5 = ch(64), ch(128), ch(256), ch(512), ch(1024)
+            self.stem = nn.Sequential(ConvBN(3, c1, 3, 2), ConvBN(c1, c2, 3, 2), C2f(c2, c2, n, True))
+            self.p3 = nn.Sequential(ConvBN(c2, c3, 3, 2), C2f(c3, c3, 2 * n, True))
+            self.p4 = nn.Sequential(ConvBN(c3, c4, 3, 2), C2f(c4, c4, 2 * n, True))
+            self.p5 = nn.Sequential(ConvBN(c4, c5, 3, 2), C2f(c5, c5, n, True), SPPF(c5, c5))
+            self.up = nn.Upsample(scale_factor=2, mode="nearest")
+            self.n4, self.n3 = C2f(c5 + c4, c4, n, False), C2f(c4 + c3, c3, n, False)
+            self.d3, self.d4 = ConvBN(c3, c3, 3, 2), ConvBN(c4, c4, 3, 2)
+            self.o4, self.o5 = C2f(c3 + c4, c4, n, False), C2f(c4 + c5, c5, n, False)
+            box, cls = max(16, c3 // 4, reg_max * 4), max(c3, min(classes, 100))
+            self.reg_max, self.classes = reg_max, classes
+            self.box = nn.ModuleList(
+                nn.Sequential(ConvBN(c, box, 3), ConvBN(box, box, 3), nn.Conv2d(box, 4 * reg_max, 1))
+                for c in (c3, c4, c5)
+            )
+            self.cls = nn.ModuleList(
+                nn.Sequential(ConvBN(c, cls, 3), ConvBN(cls, cls, 3), nn.Conv2d(cls, classes, 1))
+                for c in (c3, c4, c5)
+            )
+            self.dfl = nn.Conv2d(reg_max, 1, 1, bias=False)
+            with torch.no_grad():
+                self.dfl.weight.copy_(torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p3 = self.p3(self.stem(x))
+            p4 = self.p4(p3)
+            p5 = self.p5(p4)
+            n4 = self.n4(torch.cat((self.up(p5), p4), 1))
+            n3 = self.n3(torch.cat((self.up(n4), p3), 1))
+            o4 = self.o4(torch.cat((self.d3(n3), n4), 1))
+            o5 = self.o5(torch.cat((self.d4(o4), p5), 1))
+            outs = [torch.cat((b(f), c(f)), 1) for f, b, c in zip((n3, o4, o5), self.box, self.cls)]
+            flat = torch.cat([o.flatten(2) for o in outs], 2)
+            box, cls = flat.split((4 * self.reg_max, self.classes), 1)
+            a = box.shape[-1]
+            dist = self.dfl(box.view(1, 4, self.reg_max, a).transpose(2, 1).softmax(1)).view(1, 4, a)
+            return torch.cat((dist, cls.sigmoid()), 1)
+
+    module = Detector()
+    _perturb_vectors(module, std=0.1)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    module.eval()
+
+    def feeds(batch: int = 1, size: int = 320, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {"images": rng.random((batch, 3, size, size), dtype=np.float32)}
+
+    x = torch.rand(1, 3, 320, 320)
+    return Exportable("yolo-detector", module, (x,), {}, None, feeds)

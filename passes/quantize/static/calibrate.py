@@ -22,11 +22,15 @@ if TYPE_CHECKING:
 __all__ = ["ranges", "stream"]
 
 
-def ranges(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> dict[tuple[str, bool], tuple[float, float]]:
-    """``{(tensor, wide): (rmin, rmax)}`` for every tensor of ``plan`` with its own range."""
+def ranges(
+    run: Run, plan: Plan, smooth_key: tuple[Any, ...], calibrator: str | None = None
+) -> dict[tuple[str, bool], tuple[float, float]]:
+    """``{(tensor, wide): (rmin, rmax)}`` for every tensor of ``plan`` with its own range, by
+    ``calibrator`` (default: the option's; ``auto`` collects histograms for its candidates)."""
     o = run.options
+    calibrator = calibrator or o.calibrator
     cache = run.cache()
-    want_hist = o.calibrator != "minmax"
+    want_hist = calibrator != "minmax"
     base = (run.source_key(), o.max_batches, smooth_key)
     needed = sorted(
         {qt.range_from for qt in plan.tensors.values() if qt.shared_from is None and qt.table is None}
@@ -50,7 +54,7 @@ def ranges(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> dict[tuple[str,
         for n, s in stats.items():
             cache[stats_key(n, want_hist)] = s
     run.details["calibration"] = {
-        "calibrator": o.calibrator,
+        "calibrator": calibrator,
         "tensors": len(needed),
         "collected": len(missing),
         "batches": batches,
@@ -65,7 +69,7 @@ def ranges(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> dict[tuple[str,
             s = cache.get(stats_key(name, want_hist)) or cache.get(stats_key(name, True))
             t, sym = run.act(wide)
             qmin, qmax = QRANGE[t][:2]
-            calib = "minmax" if wide else o.calibrator  # 16 bits: clipping costs more than resolution
+            calib = "minmax" if wide else calibrator  # 16 bits: clipping costs more than resolution
             rkey = ("range", name, calib, float(o.percentile), qmin, qmax, sym, *base)
             if rkey not in cache:
                 cache[rkey] = compute_range(
@@ -91,7 +95,9 @@ def stream(
         except CalibrationError:
             raise
         except Exception as e:  # onnxruntime's InvalidArgument / Fail on a batch
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # ORT's message runs over several lines ("... for the following indices / index: 0
+            # Got: 4 Expected: 2"): keep it whole, on one line.
+            msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
             raise CalibrationError(
                 f"quantize-static: the model cannot run calibration batch {i} ({msg}); make the arrays' "
                 "shapes and dtypes match the model's inputs"

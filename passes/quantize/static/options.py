@@ -10,7 +10,10 @@ from ..base import CommonOptions
 from ..calibrators import CALIBRATORS
 from .placement import PLACEMENTS, Placement
 
-__all__ = ["StaticOptions", "check_options"]
+__all__ = ["STATIC_CALIBRATORS", "StaticOptions", "check_options"]
+
+#: The calibrators of :mod:`..calibrators`, and ``auto``, which picks one per model (:mod:`.select`).
+STATIC_CALIBRATORS = ("auto", *CALIBRATORS)
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -20,10 +23,11 @@ def _doc(text: str) -> dict[str, str]:
 @dataclasses.dataclass
 class StaticOptions(CommonOptions):
     calibrator: str = dataclasses.field(
-        default="mse",
+        default="auto",
         metadata=_doc(
-            f"how ranges are chosen: {', '.join(CALIBRATORS)} (mse: the most accurate on the digits "
-            "CNN/MLP and BERT/GPT-2/ViT tiny, see benchmarks/results/quantize_static.md)"
+            f"how ranges are chosen: {', '.join(STATIC_CALIBRATORS)} (auto: mse, minmax or percentile, "
+            "whichever keeps the model's outputs on the calibration data closest to the float model's; "
+            "mse alone clips rare large values a later layer may depend on)"
         ),
     )
     percentile: float = dataclasses.field(
@@ -75,9 +79,9 @@ def check_options(o: StaticOptions) -> Placement:
         raise PipelineError(
             f"quantize-static: placement must be one of {', '.join(PLACEMENTS)}, not {o.placement!r}"
         )
-    if o.calibrator not in CALIBRATORS:
+    if o.calibrator not in STATIC_CALIBRATORS:
         raise PipelineError(
-            f"quantize-static: calibrator must be one of {', '.join(CALIBRATORS)}, not {o.calibrator!r}"
+            f"quantize-static: calibrator must be one of {', '.join(STATIC_CALIBRATORS)}, not {o.calibrator!r}"
         )
     if o.activation_type not in ("uint8", "int8"):
         raise PipelineError(

@@ -23,8 +23,9 @@ class Placement:
     * ``qlinear``: ops with their own int8 kernel: all inputs and the output quantized, the output
       with its own calibrated range (when ``quantize_outputs``);
     * ``passthrough``: ops that move or select values: quantized only when their input already
-      is, the output reusing the input's scale and zero point (ORT then drops the pair and runs
-      the op on uint8);
+      is, the output(s) reusing the input's scale and zero point (ORT then drops the pair and runs
+      the op on uint8; a Split whose pieces had their own ranges ran in float between a
+      DequantizeLinear and one QuantizeLinear per piece: C2f blocks of YOLO detectors);
     * ``removable``: activations absorbed by the previous Q when its zero point is ``qmin``
       (Relu's output range starts at 0), as ORT's quantizer does;
     * ``symmetric``/``activation_type``: forced activation settings (None: the pass options);
@@ -76,7 +77,7 @@ PLACEMENTS: dict[str, Placement] = {
             {"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
         ),
         passthrough=frozenset(
-            {"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
+            {"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split"}
         ),
         removable=frozenset({"Relu", "Clip"}),
         embedding=frozenset({"Gather"}),

@@ -161,7 +161,7 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
         if kind == "removable" and removable_ok:
             return True
         if kind == "passthrough" and depth < 2:
-            return any(wants_input(c, depth + 1) for c in consumer.outputs[0].consumers())
+            return any(wants_input(c, depth + 1) for o in _moved(consumer) for c in o.consumers())
         return False
 
     def quantize_output(n: ir.Node) -> None:
@@ -247,7 +247,8 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
                 plan.nodes.append((node, False, "input not quantized (runs in float)"))
                 continue
             if placement.quantize_outputs:
-                plan.add(QT(node.outputs[0], node.outputs[0].name or "", shared_from=src))
+                for out in _moved(node):
+                    plan.add(QT(out, out.name or "", shared_from=src))
             plan.nodes.append((node, True, "runs on the quantized input"))
         elif kind == "embedding":
             plan.weights.append((node, 0, None))
@@ -264,6 +265,12 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
     if patterns16:
         _mark_wide(plan, patterns16)
     return plan
+
+
+def _moved(node: ir.Node) -> list[ir.Value]:
+    """The outputs of a passthrough node that carry its input's values: every piece of a Split,
+    else the first output (MaxPool's second output holds int64 indices)."""
+    return [o for o in node.outputs if o is not None] if node.op_type == "Split" else node.outputs[:1]
 
 
 def _mark_wide(plan: Plan, patterns16: list[str]) -> None:

@@ -8,15 +8,17 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from graphopt.calibration import CalibrationError
-from graphopt.errors import PipelineError
+from graphopt.errors import PassFailedError, PipelineError
 
-from ...ir_helpers import infer_shapes
+from ...ir_helpers import infer_shapes, model_opset
+from ...opset import UpgradeOpsetPass
 from ..base import QuantizePassBase
 from .calibrate import ranges
 from .options import StaticOptions, check_options
 from .plan import plan_graph
 from .rewrite import apply
 from .run import Run
+from .select import choose_calibrator
 from .smooth import smooth_quant
 
 __all__ = ["QuantizeStaticPass"]
@@ -39,14 +41,10 @@ class QuantizeStaticPass(QuantizePassBase):
                 "quantize-static needs calibration data: pass calibration=<.npz, folder or list of feed "
                 "dicts> to optimize() (CLI: --calibration FILE), or the pass option calibration=PATH"
             )
-        opset = model.opset_imports.get("", model.graph.opset_imports.get("", 0))
-        if opset < 13:
-            raise PipelineError(
-                f"quantize-static needs opset >= 13 (per-axis QDQ); the model has {opset}: "
-                "run the upgrade-opset pass first"
-            )
-        modified = infer_shapes(model)
+        upgraded, per_axis = self._qdq_opset(model)
+        modified = infer_shapes(model) or upgraded
         run = Run(model, self.options, placement, data, self.context, self.details, self.count, self.selected)
+        run.per_axis = per_axis
         smooth_key: tuple[Any, ...] = ()
         if self.options.smooth_quant is not None:
             smooth_key, changed = smooth_quant(run)
@@ -55,7 +53,10 @@ class QuantizeStaticPass(QuantizePassBase):
         # Plan over every candidate (selection ignored) to calibrate once for all later runs,
         # then the plan that honours include/exclude.
         full = plan_graph(run, use_selection=False)
-        act_ranges = ranges(run, full, smooth_key)
+        calibrator = self.options.calibrator
+        if calibrator == "auto" and (full.tensors or full.weights):
+            calibrator = choose_calibrator(run, full, smooth_key)
+        act_ranges = ranges(run, full, smooth_key, "mse" if calibrator == "auto" else calibrator)
         plan = plan_graph(run, use_selection=True)
         for node, quantized, reason in plan.nodes:
             self.decide(node, quantized, reason)
@@ -63,3 +64,30 @@ class QuantizeStaticPass(QuantizePassBase):
             return ir.passes.PassResult(model, modified)
         apply(run, plan, act_ranges)
         return ir.passes.PassResult(model, True)
+
+    def _qdq_opset(self, model: ir.Model) -> tuple[bool, bool]:
+        """Bring a model below opset 13 to where per-channel QDQ exists: (upgraded, per_axis).
+
+        QuantizeLinear/DequantizeLinear have an ``axis`` (per-channel weights) only from opset 13,
+        and per-channel weights are what keeps depthwise convolutions accurate, so the model is
+        upgraded to 13 (the ONNX converter's adapters, checked by ``upgrade-opset``). When the
+        converter cannot (an op without an adapter, a subgraph), an opset-10..12 model keeps its
+        opset and its weights are quantized per tensor (QDQ exists from opset 10); below 10 there
+        is no QDQ at all."""
+        opset = model_opset(model)
+        if opset >= 13:
+            return False, True
+        try:
+            UpgradeOpsetPass(version=13)(model)
+        except PassFailedError as e:
+            if opset < 10:
+                raise PipelineError(
+                    f"quantize-static: the model's opset {opset} has no QuantizeLinear and cannot be "
+                    f"upgraded ({e}); convert it to opset 13 or newer first"
+                ) from None
+            self.details["opset"] = {"from": opset, "to": opset, "per_tensor_weights": str(e)}
+            self.count("per_tensor_weights_old_opset")
+            return False, False
+        self.details["opset"] = {"from": opset, "to": model_opset(model)}
+        self.count("opset_upgraded_from", opset)
+        return True, True

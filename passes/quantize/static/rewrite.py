@@ -102,7 +102,7 @@ def _weights(run: Run, plan: Plan, taken: set[str]) -> dict[tuple[int, int], np.
     for node, idx, axis in plan.weights:
         w_val = node.inputs[idx]
         assert w_val is not None
-        axis = axis if run.options.per_channel else None
+        axis = axis if run.options.per_channel and run.per_axis else None
         key = (id(w_val), axis)
         if key not in weight_cache:
             w = constant_array(w_val)
@@ -145,9 +145,13 @@ def _biases(run: Run, plan: Plan, w_scales: dict[tuple[int, int], np.ndarray], t
         b = constant_array(b_val)
         assert b is not None
         bscale = (xscale.astype(np.float32) * wscale.astype(np.float32)).astype(np.float32)
-        if bscale.size == 1 and b.size != 1:
+        if not run.per_axis:  # opset < 13: one scale, no axis
+            if bscale.size != 1:
+                continue
+            bscale = bscale.reshape(())
+        elif bscale.size == 1 and b.size != 1:
             bscale = np.full(b.shape, bscale.reshape(()), np.float32)
-        if bscale.shape != b.shape:
+        if run.per_axis and bscale.shape != b.shape:
             continue
         safe = np.where(bscale > 0, bscale, 1.0)
         bq = np.clip(np.round(b.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)
@@ -161,7 +165,7 @@ def _biases(run: Run, plan: Plan, w_scales: dict[tuple[int, int], np.ndarray], t
         dq = ir.node(
             "DequantizeLinear",
             [q_v, s_v, z_v],
-            {"axis": 0},
+            {"axis": 0} if run.per_axis else {},
             outputs=[out],
             name=unique_name(graph, f"{stem}_DequantizeLinear", taken),
         )

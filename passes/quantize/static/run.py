@@ -38,6 +38,8 @@ class Run:
     #: The pass's ``count(key, n=1)`` and ``selected(node) -> (ok, why)``.
     count: Callable[..., None]
     selected: Callable[[ir.Node], tuple[bool, str]]
+    #: Q/DQ may carry an ``axis`` (opset >= 13): per-channel weights and biases.
+    per_axis: bool = True
 
     @property
     def graph(self) -> ir.Graph:
