@@ -135,12 +135,15 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         gptq = method in ("gptq", "awq-gptq")
         # The quantized weights a Gather reuses: {key: (weight, initializers, how, LM head name)}.
         kept: dict[tuple[int, bool], tuple[QuantizedWeight, Inits, str, str]] = {}
-        for group, hessians, tokens in hessian_groups(model, by_key, data if gptq else None, o, self.details):
+        # A tied table is also the embedding: GPTQ fits it to the LM head's input alone.
+        rtn_keys = tied_keys if gptq and not o.tied_gptq else set()
+        groups = hessian_groups(model, by_key, data if gptq else None, o, self.details, skip=rtn_keys)
+        for group, hessians, tokens in groups:
             for key in group:
                 first = by_key[key][0]
                 sdt = FLOAT_DTYPES[first.dtype]
                 h = hessians.pop(key, None)
-                how = method
+                how = "rtn (tied to an embedding)" if key in rtn_keys else method
                 k = first.w.shape[1]
                 if h is not None and tokens < o.gptq_min_tokens * k:
                     # H has rank <= tokens < K: GPTQ would fit the calibration rows, not the data.

@@ -3,6 +3,8 @@ between the embedding Gather and the LM head stored once (both ops read the same
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -105,7 +107,9 @@ def tied_model(table: np.ndarray, head: str) -> ir.Model:
 
 
 # --- FusedMatMul and transposed weights as sites ---------------------------------------------
-@pytest.mark.parametrize(("op", "attrs"), [("FusedMatMul", {"transB": 1}), ("FusedMatMul", {}), ("Transpose", {})])
+@pytest.mark.parametrize(
+    ("op", "attrs"), [("FusedMatMul", {"transB": 1}), ("FusedMatMul", {}), ("Transpose", {})]
+)
 def test_fused_matmul_and_transposed_weight_become_matmulnbits(op, attrs):
     rng = np.random.default_rng(0)
     w_nk = rng.standard_normal((40, 64)).astype(np.float32)  # [N, K]
@@ -188,3 +192,105 @@ def test_tied_table_is_stored_once_and_gather_rows_equal_matmulnbits_weights(hea
     np.testing.assert_array_equal(emb[0], logits[0].T)
     np.testing.assert_array_equal(emb[0], dequantize_matmulnbits(mm))
     assert np.abs(emb[0] - table).max() < 0.2 * np.abs(table).max()
+
+
+# --- a tied decoder through the ort-cpu pipeline ---------------------------------------------
+@pytest.fixture(scope="module")
+def tied_decoder():
+    """A tiny tied-embedding Llama exported with its KV cache (vocab 512: its packed table is
+    larger than what cleanup's constant folder folds, as any real vocabulary's is)."""
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    from graphopt.llm.export import export_decoder
+
+    # tests/llm/llm_models.py (a module, not a package: "llm" is also a PyPI package's name).
+    spec = importlib.util.spec_from_file_location(
+        "llm_models", Path(__file__).parents[2] / "llm" / "llm_models.py"
+    )
+    assert spec is not None and spec.loader is not None
+    llm_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(llm_models)
+    model = llm_models.tiny_causal_lm("llama", tied=True)
+    model.resize_token_embeddings(512)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return export_decoder(model)
+
+
+def decoder_feeds(model: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
+    b, n = ids.shape
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, n), np.int64),
+        "position_ids": np.tile(np.arange(n, dtype=np.int64), (b, 1)),
+    }
+    for v in model.graph.inputs:
+        if v.name.startswith("past_key_values."):
+            feeds[v.name] = np.zeros((b, v.shape[1], 0, v.shape[3]), np.float32)
+    return feeds
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def tied_head(model: ir.Model) -> tuple[ir.Node, ir.Node]:
+    """The GatherBlockQuantized and the MatMulNBits it shares levels with."""
+    (gather,) = ops(model, "GatherBlockQuantized")
+    reshape = gather.inputs[0].producer()
+    assert reshape is not None and reshape.op_type == "Reshape", "the embedding has its own copy"
+    (head,) = [n for n in ops(model, "MatMulNBits") if n.inputs[1] is reshape.inputs[0]]
+    assert gather.inputs[2] is head.inputs[2]
+    return gather, head
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tied_decoder_stores_the_table_once_and_runs_on_ort(tied_decoder, symmetric):
+    import graphopt
+
+    quantize_request = {"mode": "int4", "symmetric": symmetric}
+    result = graphopt.optimize(tied_decoder.clone(), target="ort-cpu", quantize=quantize_request)
+    q = result.model
+    gather, head = tied_head(q)
+    if not symmetric:
+        assert gather.inputs[3] is head.inputs[3]
+    row = [p for p in result.report.passes if p.name == "quantize"][-1]
+    assert row.stats["tied_embeddings"] == 1
+    # Nothing vocab-sized stays float, and the levels are stored once.
+    vocab_sized = [n for n, v in q.graph.initializers.items() if v.shape is not None and 512 in v.shape]
+    assert sorted(vocab_sized) == sorted(
+        [head.inputs[1].name, head.inputs[2].name] + ([head.inputs[3].name] if not symmetric else [])
+    )
+    # ONNX Runtime loads it with its own optimizations on (as onnxruntime-genai runs it).
+    feeds = decoder_feeds(tied_decoder, np.random.default_rng(0).integers(0, 512, (2, 24)))
+    ref = run_model(tied_decoder, feeds)[0][1]
+    got = run_model(q, feeds, optimize=True)[0][1]
+    assert got.shape == ref.shape
+    # A random 2-layer model amplifies int4 error (0.88/0.90 here, 0.88 with a float LM head).
+    assert cosine(got, ref) > 0.85
+
+
+def test_tied_table_is_rounded_to_nearest_under_gptq_unless_asked(tied_decoder):
+    import graphopt
+
+    rng = np.random.default_rng(1)
+    calib = [decoder_feeds(tied_decoder, rng.integers(0, 512, (1, 64))) for _ in range(4)]
+    levels = {}
+    for name, request in [
+        ("rtn", {"mode": "int4", "method": "rtn"}),
+        ("gptq", {"mode": "int4", "method": "gptq"}),
+        ("tied_gptq", {"mode": "int4", "method": "gptq", "tied_gptq": True}),
+    ]:
+        result = graphopt.optimize(
+            tied_decoder.clone(), target="ort-cpu", quantize=request, calibration=calib
+        )
+        gather, head = tied_head(result.model)
+        levels[name] = head.inputs[1].const_value.numpy()
+        row = [p for p in result.report.passes if p.name == "quantize"][-1]
+        reasons = {d["node"]: d["reason"] for d in row.details["nodes"] if d["quantized"]}
+        if name == "gptq":
+            assert reasons[head.name] == "rtn (tied to an embedding) 4-bit"
+            assert reasons[gather.name].startswith("rtn (tied to an embedding) 4-bit embedding, stored once")
+    np.testing.assert_array_equal(levels["gptq"], levels["rtn"])
+    assert not np.array_equal(levels["tied_gptq"], levels["rtn"])
