@@ -194,6 +194,28 @@ def test_tied_table_is_stored_once_and_gather_rows_equal_matmulnbits_weights(hea
     assert np.abs(emb[0] - table).max() < 0.2 * np.abs(table).max()
 
 
+def test_untied_tables_padded_rows_and_a_table_two_gathers_read_stored_once():
+    """An embedding whose hidden size is not a multiple of the block size is gathered padded and
+    sliced back (it used to stay float); two Gathers of one table share one quantized copy."""
+    rng = np.random.default_rng(3)
+    v, k = 100, 80  # block 32: 3 blocks, rows padded to 96
+    table = rng.standard_normal((v, k)).astype(np.float32)
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["B", "S"]))
+    tv = const("table", table)
+    nodes = [ir.node("Gather", [tv, ids], name=f"embed{i}") for i in range(2)]
+    for i, n in enumerate(nodes):
+        n.outputs[0].name, n.outputs[0].dtype = f"emb{i}", FLOAT
+    q, row = quantize(make_model([ids], nodes, [n.outputs[0] for n in nodes], [tv]))
+    a, b = ops(q, "GatherBlockQuantized")
+    assert all(a.inputs[i] is b.inputs[i] for i in (0, 2))
+    assert a.inputs[0].shape == ir.Shape([v, 48]) and len(ops(q, "Slice", "")) == 2
+    assert "table" not in q.graph.initializers
+    got = run_model(q, {"ids": np.arange(v, dtype=np.int64)[None]})
+    assert got[0][1].shape == (1, v, k)
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+    assert np.abs(got[0][1][0] - table).max() < 0.2 * np.abs(table).max()
+
+
 # --- a tied decoder through the ort-cpu pipeline ---------------------------------------------
 @pytest.fixture(scope="module")
 def tied_decoder():
