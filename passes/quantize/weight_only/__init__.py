@@ -1,10 +1,13 @@
-"""Weight-only quantization: 4- or 8-bit block-wise weights for MatMul/Gemm (and embeddings),
-lowered to ONNX Runtime's ``com.microsoft`` ``MatMulNBits`` and ``GatherBlockQuantized``.
+"""Weight-only quantization: 4- or 8-bit block-wise weights for MatMul/Gemm/FusedMatMul (and
+embeddings), lowered to ONNX Runtime's ``com.microsoft`` ``MatMulNBits`` and ``GatherBlockQuantized``.
 
 Why weight-only: decoder LLMs on CPU are bound by reading weights, not by arithmetic, so shrinking
 the weights 4-8x shrinks both the file and the memory traffic of every token, while activations
 stay float (no activation calibration, little accuracy loss). Embedding tables hold most of a
-small LLM's bytes, so they are quantized too.
+small LLM's bytes, so they are quantized too; a table tied between the embedding and the LM head
+(``x @ E^T``, which ``fuse-ort`` turns into FusedMatMul) is stored once, both ops reading the same
+packed bytes (with ``method=gptq`` it is rounded to nearest unless ``tied_gptq``, since the
+embedding reads it too).
 
 Methods: ``rtn`` (round to nearest per block) needs no data; ``gptq`` uses calibration data (the
 Hessian ``X^T X`` of each weight's input, streamed; see :mod:`.calibrate`); a weight with fewer

@@ -31,10 +31,12 @@ def awq(
     taken: set[str],
     o: WeightOnlyOptions,
     details: dict[str, Any],
+    frozen: set[tuple[int, bool]] | None = None,
 ) -> None:
     """Scale the weights of every group of sites sharing an input whose division folds (see
     :func:`awq_fold`), with the alpha that cuts the group's output error on the kept calibration
-    rows by at least ``awq_min_gain``."""
+    rows by at least ``awq_min_gain``. A group with a weight of ``frozen`` (a table an embedding
+    Gather reads too) is left unscaled."""
     from graphopt.calibration import stream_tensors
 
     groups: dict[int, list[Site]] = {}
@@ -43,7 +45,10 @@ def awq(
     folds: list[tuple[ir.Node, list[int], list[Site]]] = []
     skipped: dict[str, int] = {}
     for group in groups.values():
-        fold, reason = awq_fold(group, by_key)
+        if frozen and any(site.key in frozen for site in group):
+            fold, reason = None, "weight tied to an embedding"
+        else:
+            fold, reason = awq_fold(group, by_key)
         if fold is None:
             skipped[reason] = skipped.get(reason, 0) + 1
         else:

@@ -8,7 +8,7 @@ model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -26,18 +26,25 @@ Key = tuple[int, bool]
 
 
 def hessian_groups(
-    model: ir.Model, by_key: dict[Key, list[Site]], data: Any, o: WeightOnlyOptions, details: dict[str, Any]
+    model: ir.Model,
+    by_key: dict[Key, list[Site]],
+    data: Any,
+    o: WeightOnlyOptions,
+    details: dict[str, Any],
+    skip: Collection[Key] = (),
 ) -> Iterator[tuple[list[Key], dict[Key, np.ndarray], int]]:
     """Yield groups of weight keys with their Hessians and the run's calibration tokens; each
     group's Hessians fit the memory budget and cost one calibration run (no data: one group, no
     Hessians). The caller rewrites a group's weights before asking for the next one, so a later
-    run sees them quantized."""
+    run sees them quantized. Keys in ``skip`` get no Hessian (and cost no run)."""
     keys = list(by_key)
     if data is None:
         yield keys, {}, 0
         return
 
     def needs(key: Key) -> tuple[set[int], int]:
+        if key in skip:
+            return set(), 0
         return {id(s.node.inputs[0]) for s in by_key[key]}, by_key[key][0].w.shape[1]
 
     # Sequential: a new group (calibration run) for each new activation, so that a weight's
@@ -48,10 +55,15 @@ def hessian_groups(
         # One Hessian per distinct activation; a weight with several consumers sums theirs.
         names: list[str] = []
         for key in group:
+            if key in skip:
+                continue
             for s in by_key[key]:
                 nm = s.node.inputs[0].name
                 if nm and nm not in names:
                     names.append(nm)
+        if not names:  # only skipped keys
+            yield group, {}, 0
+            continue
         run_on = prefix_model(model, names) if len(groups) > 1 else model
         acc, tokens = accumulate_hessians(
             run_on, names, data, limit=o.calibration_batches, description=f"gptq {gi + 1}/{len(groups)}"
@@ -62,7 +74,9 @@ def hessian_groups(
         hess: dict[Key, np.ndarray] = {}
         for key in group:
             consumers = list(dict.fromkeys(s.node.inputs[0].name for s in by_key[key]))
-            if all(n in acc for n in consumers):  # an unnamed activation: RTN for this weight
+            if key not in skip and all(
+                n in acc for n in consumers
+            ):  # an unnamed activation: RTN for this weight
                 hess[key] = (
                     acc[consumers[0]] if len(consumers) == 1 else np.sum([acc[n] for n in consumers], axis=0)
                 )

@@ -64,6 +64,13 @@ class WeightOnlyOptions(CommonOptions):
             "gets RTN (its X^T X is rank-deficient and GPTQ would overfit)"
         ),
     )
+    tied_gptq: bool = dataclasses.field(
+        default=False,
+        metadata=_doc(
+            "gptq: also GPTQ a table tied between the embedding and the LM head (the embedding "
+            "then reads rows fitted to the LM head's input); False: RTN for it, as for any embedding"
+        ),
+    )
     act_order: bool = dataclasses.field(
         default=False, metadata=_doc("gptq: quantize columns by decreasing H diagonal (static groups)")
     )

@@ -13,24 +13,27 @@ from graphopt.errors import PipelineError
 from ...ir_helpers import MS_DOMAIN, constant_array
 from ..base import QuantizePassBase
 from .awq import awq
-from .blocks import gptq_quantize, quantize_rtn
+from .blocks import QuantizedWeight, gptq_quantize, quantize_rtn
 from .calibrate import hessian_groups
 from .options import WeightOnlyOptions, check_options
-from .rewrite import drop_unused, error_row, initializers, rewrite_gather, rewrite_matmul
-from .sites import FLOAT_DTYPES, Site, gather_table, matmul_site
+from .rewrite import Inits, drop_unused, error_row, initializers, rewrite_gather, rewrite_matmul
+from .sites import FLOAT_DTYPES, Site, gather_table, is_site_op, matmul_site, tied_tables, weight_source
 
 __all__ = ["QuantizeWeightOnlyPass"]
 
 
 class QuantizeWeightOnlyPass(QuantizePassBase):
-    """Block-wise int4/int8 weight-only quantization of MatMul/Gemm weights (and embeddings) for
-    ONNX Runtime (``com.microsoft`` MatMulNBits / GatherBlockQuantized; ORT CPU/CUDA only).
+    """Block-wise int4/int8 weight-only quantization of MatMul/Gemm/FusedMatMul weights (and
+    embeddings) for ONNX Runtime (``com.microsoft`` MatMulNBits / GatherBlockQuantized; ORT CPU/CUDA
+    only).
 
     Safe because only constant 2-D float weights whose consumer's input dtype and rank are known are
     rewritten, Gemm only with ``transA=0``, ``alpha=beta=1`` and a constant bias broadcastable to
-    ``[N]``; anything else stays float with the reason in the report. A weight shared by several
-    MatMuls is quantized once. ``method=gptq`` (or ``auto`` with calibration data) needs
-    calibration batches and runs the model on ONNX Runtime to collect ``X^T X`` per weight.
+    ``[N]``, FusedMatMul only as a plain product (see :mod:`.sites`); anything else stays float
+    with the reason in the report. A weight shared by several MatMuls is quantized once, and an
+    embedding table that is also the LM head's weight (tied) is stored once for both.
+    ``method=gptq`` (or ``auto`` with calibration data) needs calibration batches and runs the
+    model on ONNX Runtime to collect ``X^T X`` per weight.
     """
 
     name = "quantize-weight-only"
@@ -52,23 +55,28 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             return self._call(model)
 
     def _candidates(self, graph: ir.Graph) -> tuple[list[Site], list[tuple[ir.Node, np.ndarray]]]:
-        """The MatMul/Gemm sites and embedding tables to quantize (a decision for the others)."""
+        """The MatMul-like sites and embedding tables to quantize (a decision for the others)."""
         o = self.options
         graph_outputs = {id(v) for v in graph.outputs}
+        opset = int(graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0)) or 0)
         sites: list[Site] = []
         gathers: list[tuple[ir.Node, np.ndarray]] = []
         for node in list(graph):
-            if node.domain == "" and node.op_type in ("MatMul", "Gemm"):
-                if len(node.inputs) < 2 or constant_array(node.inputs[1]) is None:
-                    continue  # activation x activation MatMul: not a candidate
+            if is_site_op(node):
+                if weight_source(node) is None:
+                    continue  # activation x activation product: not a candidate
                 ok, reason = self.selected(node)
                 site = None
                 if ok:
                     site, reason = matmul_site(o, node, graph_outputs)
                 if site is None:
                     self.decide(node, False, reason)
-                else:
-                    sites.append(site)
+                    continue
+                sites.append(site)
+                if node.op_type == "FusedMatMul":
+                    self.count("sites:FusedMatMul")
+                elif site.source is not None:
+                    self.count("sites:MatMul(Transpose(weight))")
             elif node.domain == MS_DOMAIN and node.op_type == "Attention":
                 if len(node.inputs) > 1 and node.inputs[1] is not None:
                     self.decide(node, False, "packed QKV weight inside fused Attention")
@@ -80,6 +88,9 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 w = None
                 if ok:
                     w, reason = gather_table(o, node)
+                if w is not None and w.shape[1] % o.block_size and opset < 10:
+                    reason = f"hidden {w.shape[1]} not a multiple of block_size (padding needs opset >= 10)"
+                    w = None
                 if w is None:
                     self.decide(node, False, reason)
                 else:
@@ -111,20 +122,28 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         by_key: dict[tuple[int, bool], list[Site]] = {}
         for s in sites:
             by_key.setdefault(s.key, []).append(s)
+        # Before AWQ: a tied table must keep its unscaled values (the embedding reads them too).
+        tied = tied_tables(gathers, sites)
+        tied_keys = set(tied.values())
         if method.startswith("awq"):
-            awq(model, sites, by_key, data, taken, o, self.details)
+            awq(model, sites, by_key, data, taken, o, self.details, frozen=tied_keys)
         replaced: list[ir.Value] = []
         weights: list[dict[str, Any]] = []
         self.details["weights"] = weights
         if model.opset_imports.get(MS_DOMAIN) is None:
             model.opset_imports[MS_DOMAIN] = 1
         gptq = method in ("gptq", "awq-gptq")
-        for group, hessians, tokens in hessian_groups(model, by_key, data if gptq else None, o, self.details):
+        # The quantized weights a Gather reuses: {key: (weight, initializers, how, LM head name)}.
+        kept: dict[tuple[int, bool], tuple[QuantizedWeight, Inits, str, str]] = {}
+        # A tied table is also the embedding: GPTQ fits it to the LM head's input alone.
+        rtn_keys = tied_keys if gptq and not o.tied_gptq else set()
+        groups = hessian_groups(model, by_key, data if gptq else None, o, self.details, skip=rtn_keys)
+        for group, hessians, tokens in groups:
             for key in group:
                 first = by_key[key][0]
                 sdt = FLOAT_DTYPES[first.dtype]
                 h = hessians.pop(key, None)
-                how = method
+                how = "rtn (tied to an embedding)" if key in rtn_keys else method
                 k = first.w.shape[1]
                 if h is not None and tokens < o.gptq_min_tokens * k:
                     # H has rank <= tokens < K: GPTQ would fit the calibration rows, not the data.
@@ -145,14 +164,46 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 else:
                     qw = quantize_rtn(first.w, o.bits, o.block_size, o.symmetric, sdt, o.scale_search)
                 weights.append(error_row(first, qw, h))
-                made = initializers(graph, qw, first.node.inputs[1].name or "weight", taken)
+                made = initializers(graph, qw, first.weight.name or "weight", taken)
+                if key in tied_keys:
+                    kept[key] = (qw, made, how, first.node.name or "")
                 for site in by_key[key]:
-                    replaced.append(site.node.inputs[1])
+                    replaced.append(site.weight)
+                    if site.source is not None and (t := site.node.inputs[1]) is not None:
+                        replaced.append(t)  # the Transpose it was read through goes too
                     rewrite_matmul(graph, site, qw, made, taken, o.accuracy_level)
                     self.decide(site.node, True, f"{how} {o.bits}-bit")
-        for node, w in gathers:
-            replaced.append(node.inputs[0])
-            rewrite_gather(graph, node, w, taken, o)
-            self.decide(node, True, f"rtn {o.bits}-bit embedding")
+        self._gathers(graph, gathers, tied, kept, taken, replaced)
         drop_unused(graph, replaced)
         return ir.passes.PassResult(model, True)
+
+    def _gathers(
+        self,
+        graph: ir.Graph,
+        gathers: list[tuple[ir.Node, np.ndarray]],
+        tied: dict[int, tuple[int, bool]],
+        kept: dict[tuple[int, bool], tuple[QuantizedWeight, Inits, str, str]],
+        taken: set[str],
+        replaced: list[ir.Value],
+    ) -> None:
+        """Rewrite the embedding Gathers: a tied one on its LM head's quantized weight (one copy),
+        the others on their table quantized by RTN (once per table)."""
+        o = self.options
+        tables: dict[int, tuple[QuantizedWeight, Inits]] = {}
+        for node, w in gathers:
+            data = node.inputs[0]
+            assert data is not None
+            replaced.append(data)
+            key = tied.get(id(node))
+            if key is not None and key in kept:
+                qw, made, how, head = kept[key]
+                rewrite_gather(graph, node, qw, made, taken)
+                self.decide(node, True, f"{how} {o.bits}-bit embedding, stored once with {head}")
+                self.count("tied_embeddings")
+                continue
+            if id(data) not in tables:
+                qw = quantize_rtn(w, o.bits, o.block_size, o.symmetric, w.dtype.type, o.scale_search)
+                tables[id(data)] = (qw, initializers(graph, qw, data.name or "embedding", taken, rows=True))
+            qw, made = tables[id(data)]
+            rewrite_gather(graph, node, qw, made, taken)
+            self.decide(node, True, f"rtn {o.bits}-bit embedding")
