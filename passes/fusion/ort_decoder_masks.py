@@ -219,7 +219,9 @@ class _Prover:
             padding = v
         big = [c for c in _int_constants(cone, inits) if MAX_PROBE < abs(c) < 2**31]
         if big:
-            return f"mask computation holds constant {big[0]} (a window?) beyond the sizes it can be checked at"
+            return (
+                f"mask computation holds constant {big[0]} (a window?) beyond the sizes it can be checked at"
+            )
         q_batch, q_seq = query.shape[0], query.shape[1]  # type: ignore[index]
         try:
             blob = _extract(self.model, cone, inputs, mask)
@@ -316,9 +318,7 @@ class _Prover:
         return ""
 
 
-def prove_causal_mask(
-    model: ir.Model, padding_inputs: frozenset[str] = frozenset()
-) -> _Prover:
+def prove_causal_mask(model: ir.Model, padding_inputs: frozenset[str] = frozenset()) -> _Prover:
     """A prover for ``model``: ``prover.prove(mask, additive, query)`` returns a :class:`MaskProof`
     or the reason the mask is not GroupQueryAttention's. ``query`` is the ``[B, S, ...]`` query
     projection (its dims name the batch and sequence sizes)."""

@@ -39,7 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..ir_helpers import MS_DOMAIN, constant_array, graph_nodes, model_opset, rank, take_place, unique_name
-from .matching import add_contrib_opset, is_op, other, same_dim, scalar
+from .matching import add_contrib_opset, is_op, same_dim, scalar
 from .ort_decoder_masks import BLOCKED, MaskProof, prove_causal_mask
 
 logger = logging.getLogger("graphopt.passes.fusion")
@@ -79,7 +79,7 @@ class _Layout:
     def apply(self, node: ir.Node, out: ir.Value) -> bool:
         op = node.op_type
         if op in ("Mul", "Div"):
-            s = scalar(other(node, node.inputs[0]) if node.inputs[0] is not None else None, out)  # type: ignore[arg-type]
+            s = scalar(node.inputs[1], out) if len(node.inputs) == 2 else None
             if s is None or s == 0:
                 return False
             self.scale *= s if op == "Mul" else 1.0 / s
@@ -111,8 +111,10 @@ class _Layout:
                     if any(a[0] == "g" for grp in self.groups for a in grp):
                         return False
                     self.groups[i] = [("g", d)]
-                elif not (d == 1 and not g) and not (syms == [] and d == n) and not (
-                    n == 1 and len(syms) == 1 and not isinstance(d, int) and str(d) == syms[0]
+                elif (
+                    not (d == 1 and not g)
+                    and not (syms == [] and d == n)
+                    and not (n == 1 and len(syms) == 1 and not isinstance(d, int) and str(d) == syms[0])
                 ):
                     return False
             return True
@@ -120,7 +122,7 @@ class _Layout:
             return self._reshape(dims)
         return False
 
-    def _reshape(self, dims: list[object]) -> bool:
+    def _reshape(self, dims: list[int | ir.SymbolicDim]) -> bool:
         atoms = [a for g in self.groups for a in g if a[1] != 1]
         known = {str(a[1]) for a in atoms if not isinstance(a[1], int)}
         # At most one dim inference could not name (e.g. ``unk__3`` for a -1): it holds whatever
@@ -143,7 +145,9 @@ class _Layout:
         self.groups = groups
         return True
 
-    def _take(self, dims: list[object], atoms: list[Atom], split: bool = True) -> list[list[Atom]] | None:
+    def _take(
+        self, dims: list[int | ir.SymbolicDim], atoms: list[Atom], split: bool = True
+    ) -> list[list[Atom]] | None:
         """Consume ``atoms`` (in place) into one group per dim; None when they do not fit."""
         groups: list[list[Atom]] = []
         for d in dims:
@@ -162,7 +166,14 @@ class _Layout:
                     return None
                 a = atoms.pop(0)
                 # Split the projection axis c into (heads, head size) when d divides it.
-                if split and a[0] == "c" and isinstance(d, int) and isinstance(a[1], int) and not cur and a[1] > d:
+                if (
+                    split
+                    and a[0] == "c"
+                    and isinstance(d, int)
+                    and isinstance(a[1], int)
+                    and not cur
+                    and a[1] > d
+                ):
                     if a[1] % d:
                         return None
                     atoms.insert(0, ("c1", a[1] // d))
@@ -200,7 +211,10 @@ class _Side:
 def _rope(node: ir.Node) -> _Rope | None:
     if node.domain != MS_DOMAIN or node.op_type != "RotaryEmbedding" or len(node.inputs) != 4:
         return None
-    if node.attributes.get_int("interleaved", 0) != 0 or node.attributes.get_int("rotary_embedding_dim", 0):
+    if (
+        node.attributes.get_int("interleaved", 0) != 0
+        or node.attributes.get_int("rotary_embedding_dim", 0) != 0
+    ):
         return None
     x, pos, cos, sin = node.inputs
     if x is None or pos is None or cos is None or sin is None:
@@ -269,7 +283,12 @@ def _match(sm: ir.Node) -> _Match | str:
         isnan = next(n for n in users if n.op_type == "IsNaN")
         where = next(n for n in users if n.op_type == "Where")
         zero = constant_array(where.inputs[1])
-        if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or zero is None or np.any(zero):
+        if (
+            where.inputs[0] is not isnan.outputs[0]
+            or where.inputs[2] is not probs
+            or zero is None
+            or np.any(zero)
+        ):
             return "Softmax guard is not Where(IsNaN(p), 0, p)"
         probs = where.outputs[0]
         users = [u.node for u in probs.uses()]
@@ -284,7 +303,8 @@ def _match(sm: ir.Node) -> _Match | str:
     for _ in range(4):
         if layout.names() == [["b"], ["s"], ["h", "d"]]:
             break
-        nxt = out.uses()[0].node if len(out.uses()) == 1 and not out.is_graph_output() else None
+        uses = list(out.uses())
+        nxt = uses[0].node if len(uses) == 1 and not out.is_graph_output() else None
         if not is_op(nxt, "Reshape", "Transpose") or not layout.apply(nxt, nxt.outputs[0]):  # type: ignore[union-attr,arg-type]
             return "attention output is not merged back to [B, S, H·Dh]"
         final, out = nxt, nxt.outputs[0]  # type: ignore[union-attr]
@@ -312,11 +332,11 @@ def _match(sm: ir.Node) -> _Match | str:
     scale = 1.0
     mm = scores.producer()
     while is_op(mm, "Mul", "Div"):
-        s = scalar(mm.inputs[1], scores)  # type: ignore[union-attr]
-        if s is None or s == 0:
+        c = scalar(mm.inputs[1], scores) if mm is not None and len(mm.inputs) == 2 else None
+        if c is None or c == 0 or mm is None or mm.inputs[0] is None:
             return "scores scaled by a non-constant"
-        scale *= s if mm.op_type == "Mul" else 1.0 / s  # type: ignore[union-attr]
-        scores = mm.inputs[0]  # type: ignore[union-attr,assignment]
+        scale *= c if mm.op_type == "Mul" else 1.0 / c
+        scores = mm.inputs[0]
         mm = scores.producer()  # type: ignore[union-attr]
     if not is_op(mm, "MatMul"):
         return "scores are not a MatMul"
@@ -339,8 +359,8 @@ def _match(sm: ir.Node) -> _Match | str:
         return "rotary embedding on only one of q, k (or on v)"
     if v.scale != 1.0:
         return "value is scaled"
-    for s in (q, k, v):
-        if not same_dim(s.proj.shape[0], q.proj.shape[0]) or not same_dim(s.proj.shape[1], q.proj.shape[1]):  # type: ignore[index]
+    for side in (q, k, v):
+        if not all(same_dim(side.proj.shape[i], q.proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
             return "q, k, v projections differ in batch or sequence (cross-attention or a cache)"
     oshape = out.shape
     if (
@@ -402,7 +422,9 @@ class _Lengths:
         self.graph.register_initializer(value)
         return value
 
-    def _node(self, op: str, inputs: list[ir.Value], attrs: dict | None = None, *, before: ir.Node) -> ir.Value:
+    def _node(
+        self, op: str, inputs: list[ir.Value], attrs: dict | None = None, *, before: ir.Node
+    ) -> ir.Value:
         node = ir.node(op, inputs, attrs)
         node.outputs[0].name = unique_name(self.graph, f"gqa_{op.lower()}", self.names)
         self.graph.insert_before(before, node)
@@ -412,7 +434,7 @@ class _Lengths:
         """A graph input whose first two dims are the projection's batch and sequence (shared by
         every layer: e.g. input_ids), else the projection itself."""
         for v in self.graph.inputs:
-            if rank(v) and rank(v) >= 2 and all(same_dim(v.shape[i], proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
+            if (rank(v) or 0) >= 2 and all(same_dim(v.shape[i], proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
                 return v
         return proj
 
@@ -435,7 +457,11 @@ class _Lengths:
             before = next(iter(self.graph))
         one = self._const("gqa_one", np.array([1], dtype=np.int64))
         if proof.padding is not None:
-            mask = src if src.dtype == ir.DataType.INT64 else self._node("Cast", [src], {"to": ir.DataType.INT64}, before=before)
+            mask = (
+                src
+                if src.dtype == ir.DataType.INT64
+                else self._node("Cast", [src], {"to": ir.DataType.INT64}, before=before)
+            )
             axes = self._const("gqa_axes", np.array([1], dtype=np.int64))
             total = self._node("ReduceSum", [mask, axes], {"keepdims": 0}, before=before)
             seqlens = self._node("Sub", [total, one], before=before)

@@ -118,7 +118,12 @@ def _slices(gqa: ir.Node) -> ir.Value | None:
         width = t.shape[-1]  # type: ignore[union-attr]
         if starts is None or ends is None or axes is None or steps is None or not isinstance(width, int):
             return None
-        if starts.size != 1 or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, 2) or int(steps.reshape(-1)[0]) != 1:
+        if (
+            starts.size != 1
+            or axes.size != 1
+            or int(axes.reshape(-1)[0]) not in (-1, 2)
+            or int(steps.reshape(-1)[0]) != 1
+        ):
             return None
         if int(starts.reshape(-1)[0]) != pos or int(ends.reshape(-1)[0]) < pos + width:
             return None
@@ -150,5 +155,7 @@ def fuse_packed_qkv(model: ir.Model) -> int:
         elif _pack_matmuls(model, node, names):
             count += 1
         else:
-            logger.debug("gqa-packed-projection: %s skipped (not one input's constant projections)", node.name)
+            logger.debug(
+                "gqa-packed-projection: %s skipped (not one input's constant projections)", node.name
+            )
     return count

@@ -51,7 +51,13 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm2": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+        dict(
+            hidden_size=72,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            tie_word_embeddings=True,
+        ),
     ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralModel", dict(sliding_window=None)),
@@ -99,7 +105,7 @@ def _export(module: Any, mode: str) -> bytes:
     return graphopt.to_bytes(graphopt.export(module, (), kwargs=kwargs, dynamic_shapes=dynamic))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(arch: str, mode: str) -> bytes:
     return _export(_module(arch), mode)
 
@@ -176,7 +182,9 @@ def test_smollm2_shape_fuses_heads_and_tied_head() -> None:
     """9 query / 3 KV heads of size 64, one packed [72, (9 + 2·3)·64] projection per layer."""
     result = graphopt.optimize(graphopt.load(exported("smollm2", "static")), "ort-cpu")
     gqa = [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]
-    assert [(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads")) for n in gqa] == [(9, 3)] * 2
+    assert [(n.attributes.get_int("num_heads"), n.attributes.get_int("kv_num_heads")) for n in gqa] == [
+        (9, 3)
+    ] * 2
     packed = gqa[0].inputs[0].producer()
     assert packed is not None and packed.op_type == "MatMul"
     assert packed.inputs[1].const_value.shape == (72, 15 * 64)  # type: ignore[union-attr]
@@ -190,7 +198,9 @@ def test_padding_mask_input_is_left_alone_unless_declared() -> None:
     assert ops["GroupQueryAttention"] == 0, ops
     assert_outputs_equal(original, result.model, "dynamic+mask")
     # Declaring another input changes nothing.
-    other = graphopt.optimize(graphopt.load(original), "ort-cpu", pipeline="cleanup,fuse-ort(padding_mask=[ids])")
+    other = graphopt.optimize(
+        graphopt.load(original), "ort-cpu", pipeline="cleanup,fuse-ort(padding_mask=[ids])"
+    )
     assert counts(other.model)["GroupQueryAttention"] == 0
 
 
