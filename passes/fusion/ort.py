@@ -10,6 +10,8 @@ own module with its reasons: ``ort_attention`` (checks onnxscript's MHA/GQA rule
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -19,8 +21,8 @@ import onnx_ir.passes.common as common
 from graphopt.errors import PassFailedError
 
 from ..ir_helpers import graph_nodes, infer_shapes
-from . import ort_attention, ort_conv, ort_gelu, ort_rotary
-from ._base import CONTRIB, STANDARD, FusionPass, FusionRule, from_onnxscript
+from . import ort_attention, ort_conv, ort_gelu, ort_gqa, ort_qkv, ort_rotary
+from ._base import CONTRIB, STANDARD, FusionOptions, FusionPass, FusionRule, from_onnxscript
 from .matching import PRIVATE_DOMAIN
 
 __all__ = ["FuseOrtPass", "ORT_RULES"]
@@ -98,6 +100,18 @@ def _rules() -> list[FusionRule]:
             "partial-rotary-embedding",
             "rotary embedding on part of the head → RotaryEmbedding",
             from_onnxscript(rotary_embedding.fuse_partial_rotary_embedding),
+        ),
+        # After the rotary rules (it takes their RotaryEmbedding in as do_rotary), before
+        # onnxscript's SDPA rule (which would turn the same attention into MultiHeadAttention).
+        r(
+            GQA_RULE,
+            "decoder self-attention with a proved causal mask → GroupQueryAttention (+ rotary inside)",
+            ort_gqa.fuse_group_query_attention,
+        ),
+        r(
+            "gqa-packed-projection",
+            "GroupQueryAttention fed by three MatMuls of one input with constant weights → one packed QKV MatMul",
+            ort_qkv.fuse_packed_qkv,
         ),
         r(
             "sdpa",
@@ -180,6 +194,21 @@ def _rules() -> list[FusionRule]:
     ]
 
 
+#: The decoder-attention rule, the one that reads the ``padding_mask`` option.
+GQA_RULE = "gqa-decoder"
+
+
+@dataclasses.dataclass
+class FuseOrtOptions(FusionOptions):
+    padding_mask: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "doc": "inputs declared to follow GroupQueryAttention's padding convention (1 for the "
+            "first tokens of a row, 0 after: right padding); attention masked by them may fuse"
+        },
+    )
+
+
 class FuseOrtPass(FusionPass):
     """Fuse transformer and CNN subgraphs into ONNX Runtime contrib ops (com.microsoft).
 
@@ -187,10 +216,27 @@ class FuseOrtPass(FusionPass):
     fires (onnxscript's checks, and ours in the ``ort_*`` rule modules); an intermediate onnxscript
     op that no later rule consumed makes the pass fail rather than emit a model ONNX Runtime cannot
     load.
+
+    Option ``padding_mask`` (e.g. ``fuse-ort(padding_mask=[attention_mask])``): GroupQueryAttention
+    implements causal attention over the first ``seqlens_k + 1`` keys of each row, so the
+    ``gqa-decoder`` rule fuses attention whose mask also reads a padding-mask input only when that
+    input is named here, i.e. the caller guarantees right padding (onnxruntime-genai's convention,
+    what graphopt's LLM build declares). Padded query rows then compute what the graph computes
+    for them too, but only the valid rows are promised. Without it such attention is left alone
+    (it still fuses when the mask is provably causal: no mask input, or a static all-ones one).
     """
 
     name = "fuse-ort"
+    Options = FuseOrtOptions
     RULES: ClassVar = ()  # filled lazily: importing onnxscript's fusions costs ~1 s
+
+    def selected_rules(self, model: ir.Model) -> list[FusionRule]:
+        padding = frozenset(self.options.padding_mask)
+        rules = super().selected_rules(model)
+        if not padding:
+            return rules
+        gqa = functools.partial(ort_gqa.fuse_group_query_attention, padding_inputs=padding)
+        return [dataclasses.replace(r, apply=gqa) if r.name == GQA_RULE else r for r in rules]
 
     @classmethod
     def rule_list(cls) -> list[FusionRule]:

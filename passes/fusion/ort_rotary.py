@@ -7,7 +7,9 @@ transformers 5 computes ``position_ids[..., None].float() * inv_freq``, which ex
 "OpType mismatch: expected Transpose, got Mul"), and onnxscript's ``rotary-embedding`` then leaves
 private ``ai.onnxruntime._fusion.RotaryEmbedding`` nodes that ``fuse-ort`` inlines back. The
 matched forms are in :func:`fuse_rotary_embedding`, the cache in :class:`_Builder`. Per-batch
-``[B, S]`` positions are left alone: nothing bounds them for a constant cache.
+``[B, S]`` positions are left alone: nothing bounds them for a constant cache. Static-shape exports
+fold the whole angle computation into constant ``[1, 1, S, head]`` tables; those become the cache
+directly (row s multiplies token s, whatever the angles).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def _normalized(axes: list[int], out_rank: int) -> set[int] | None:
     return norm if len(norm) == len(axes) and all(0 <= a < out_rank for a in norm) else None
 
 
+def _unsqueezed_layout(steps: list[list[int]]) -> list[bool] | None:
+    """Where a 1-D tensor's axis ends up after Unsqueezes applied in order (True marks it)."""
+    layout = [True]
+    for axes in steps:
+        norm = _normalized(axes, len(layout) + len(axes))
+        if norm is None:
+            return None
+        it = iter(layout)
+        layout = [False if i in norm else next(it) for i in range(len(layout) + len(axes))]
+    return layout
+
+
 @dataclasses.dataclass
 class _Trig:
     fn: ir.Node  # the Cos/Sin node
@@ -128,9 +142,10 @@ def _freqs(emb: ir.Value) -> _Freqs | str:
             continue
         if any(d != 1 for d in arr.shape[:-1]):
             continue
-        # Cast(…, float) and Unsqueeze, in either order, lead back to the integer positions.
-        cur, cast_seen, axes = a, False, None
-        for _ in range(2):
+        # One Cast(…, float) and one or more Unsqueezes, in any order, lead back to the integer
+        # positions (transformers 5 without an attention mask unsqueezes twice: [S] → [1, S] → [1, S, 1]).
+        cur, cast_seen, unsqueezes = a, False, []
+        for _ in range(4):
             node = producer(cur, "Cast", "Unsqueeze")
             if node is None:
                 break
@@ -139,17 +154,16 @@ def _freqs(emb: ir.Value) -> _Freqs | str:
                     return "positions are not cast to float"
                 cast_seen = True
             else:
-                if axes is not None:
-                    break
                 axes = _axes(node)
                 if axes is None:
                     return "Unsqueeze axes are not constant"
+                unsqueezes.append(axes)
             cur = node.inputs[0]
-        if not cast_seen or axes is None or cur is None or cur.dtype not in _INT_TYPES:
+        if not cast_seen or not unsqueezes or cur is None or cur.dtype not in _INT_TYPES:
             return "angles are not Cast(Unsqueeze(integer positions)) · inv_freq"
-        if rank(cur) == 2:
+        if rank(cur) == 2 and len(unsqueezes) == 1:
             return "per-batch positions [B, S]: no bound on the position values for a cache"
-        if rank(cur) != 1 or _normalized(axes, 3) != {0, 2}:
+        if rank(cur) != 1 or _unsqueezed_layout(unsqueezes[::-1]) != [False, True, False]:
             return "positions are not 1-D, unsqueezed to [1, S, 1]"
         return _Freqs(freqs, mul, arr.reshape(-1).astype(np.float32), cur)  # type: ignore[arg-type]
     return "no constant float32 inv_freq of shape [..., E] in the angle Mul"
@@ -159,8 +173,35 @@ def _freqs(emb: ir.Value) -> _Freqs | str:
 class _Site:
     x: ir.Value
     nodes: list[ir.Node]  # the nodes the RotaryEmbedding replaces; the last is the final Add
-    cos: _Trig
-    sin: _Trig
+    cos: _Trig | None  # the computed tables, or None when ``table`` holds constant ones
+    sin: _Trig | None
+    #: Constant cos/sin caches ``[S, h]`` read off constant ``[.., S, 2h]`` tables (static-shape
+    #: exports fold the whole angle computation), row s for token s.
+    table: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _constant_tables(cos4d: ir.Value, sin4d: ir.Value, x: ir.Value) -> tuple[np.ndarray, np.ndarray] | None:
+    """``[S, h]`` caches when ``cos4d``/``sin4d`` are constants ``[1, 1, S, 2h]`` (or ``[1, S, 2h]``,
+    ``[S, 2h]``) whose two halves are equal (rotate-half tables) and S is x's static sequence length.
+
+    Row s of the table multiplies token s, so RotaryEmbedding with position_ids ``[0]`` (rows 0..S-1)
+    computes exactly what the graph does, whatever angles the table holds."""
+    seq, head = x.shape[2], x.shape[3]  # type: ignore[index]
+    if not isinstance(seq, int) or not isinstance(head, int) or x.dtype not in _ROPE_TYPES:
+        return None
+    out = []
+    for v in (cos4d, sin4d):
+        arr = constant(v)
+        if arr is None or arr.dtype != x.dtype.numpy() or not 2 <= arr.ndim <= 4:  # type: ignore[union-attr]
+            return None
+        if arr.shape[-2:] != (seq, head) or any(d != 1 for d in arr.shape[:-2]):
+            return None
+        arr = arr.reshape(seq, head)
+        h = head // 2
+        if not np.array_equal(arr[:, :h], arr[:, h:]):
+            return None
+        out.append(np.ascontiguousarray(arr[:, :h]))
+    return out[0], out[1]
 
 
 def _slice(node: ir.Node | None, x: ir.Value) -> tuple[int, int] | None:
@@ -216,12 +257,13 @@ def _match_site(neg: ir.Node) -> _Site | None:
     cos4d = other(m1, x)
     if cos4d is None:
         return None
-    cos, sin = _trig(cos4d, "Cos"), _trig(sin4d, "Sin")
-    if cos is None or sin is None:
-        return None
     nodes = [s1, s2, neg, rot, m2, m1, add]
     if any(n.graph is not add.graph for n in nodes):  # type: ignore[union-attr]
         return None
+    cos, sin = _trig(cos4d, "Cos"), _trig(sin4d, "Sin")
+    if cos is None or sin is None:
+        table = _constant_tables(cos4d, sin4d, x)
+        return None if table is None else _Site(x, nodes, None, None, table)  # type: ignore[arg-type]
     return _Site(x, nodes, cos, sin)  # type: ignore[arg-type]
 
 
@@ -230,6 +272,7 @@ def _why_not(site: _Site, f: _Freqs | str) -> str | None:
     if isinstance(f, str):
         return f
     x, cos, sin = site.x, site.cos, site.sin
+    assert cos is not None and sin is not None
     if cos.emb is not sin.emb or cos.scale != sin.scale or cos.dtype != sin.dtype:
         return "cos and sin tables are not computed alike"
     if x.dtype not in _ROPE_TYPES or cos.dtype != x.dtype:
@@ -266,6 +309,7 @@ class _Builder:
         self.names: set[str] = set()  # filled by unique_name on first use
         self.cache: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         self.position_ids: ir.Value | None = None
+        self.constant: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
     def _initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = unique_name(self.graph, base, self.names)
@@ -294,12 +338,29 @@ class _Builder:
             return None
         return rows
 
+    def _position_ids(self) -> ir.Value:
+        if self.position_ids is None:
+            self.position_ids = self._initializer("rotary_position_ids", np.zeros([1], dtype=np.int64))
+        return self.position_ids
+
+    def constant_tables(self, table: tuple[np.ndarray, np.ndarray]) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Caches read off constant tables (one pair per distinct table content)."""
+        cos, sin = table
+        key = (cos.shape, cos.tobytes(), sin.tobytes())
+        if key not in self.constant:
+            self.constant[key] = (
+                self._position_ids(),
+                self._initializer("rotary_cos_cache", cos),
+                self._initializer("rotary_sin_cache", sin),
+            )
+        return self.constant[key]
+
     def tables(self, site: _Site, f: _Freqs) -> tuple[ir.Value, ir.Value, ir.Value]:
+        assert site.cos is not None
         key = id(site.cos.emb)
         if key in self.cache:
             return self.cache[key]
-        if self.position_ids is None:
-            self.position_ids = self._initializer("rotary_position_ids", np.zeros([1], dtype=np.int64))
+        self._position_ids()
         rows = self._rows(site, f)
         dtype = site.cos.dtype.numpy()
         if rows is not None:
@@ -374,7 +435,9 @@ def fuse_rotary_embedding(model: ir.Model) -> int:
         cos, sin = [Cast](Cos(emb)·[scale]), [Cast](Sin(emb)·[scale])     emb = Concat(freqs, freqs, -1)
         freqs = Cast(Unsqueeze(p, [0, 2]), float) · inv_freq               p: 1-D positions [S]
 
-    and emits ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=x.shape[1])``.
+    (positions may be unsqueezed in more than one step), or cos/sin that are constant rotate-half
+    tables (both halves equal) of x's static sequence length, and emits
+    ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=x.shape[1])``.
 
     Per-batch positions (``[B, S]``, e.g. a ``position_ids`` input) are left alone: the kernel does not
     bound-check position ids, so a constant cache would be read out of bounds for positions past its
@@ -393,14 +456,18 @@ def fuse_rotary_embedding(model: ir.Model) -> int:
             continue
         if site is None:
             continue
-        f = _freqs(site.cos.emb)
-        reason = _why_not(site, f)
-        if reason is not None:
-            logger.debug("rotary-embedding-mul: %s skipped: %s", site.nodes[-1].name, reason)
-            continue
-        assert isinstance(f, _Freqs)
         builder = builder or _Builder(model)
-        position_ids, cos, sin = builder.tables(site, f)
+        if site.table is not None:
+            position_ids, cos, sin = builder.constant_tables(site.table)
+        else:
+            assert site.cos is not None
+            f = _freqs(site.cos.emb)
+            reason = _why_not(site, f)
+            if reason is not None:
+                logger.debug("rotary-embedding-mul: %s skipped: %s", site.nodes[-1].name, reason)
+                continue
+            assert isinstance(f, _Freqs)
+            position_ids, cos, sin = builder.tables(site, f)
         final = site.nodes[-1]
         rope = ir.node(
             "RotaryEmbedding",

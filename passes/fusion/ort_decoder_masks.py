@@ -1,0 +1,325 @@
+"""Proof that a decoder's attention mask is what GroupQueryAttention implements, and the
+``seqlens_k`` / ``total_sequence_length`` inputs that stand for it.
+
+GroupQueryAttention has no mask input: it applies causal attention over the first
+``seqlens_k[b] + 1`` keys of each batch row (right padding). A rewrite to it is exact only where
+the graph's mask allows exactly those keys. Exports build that mask in many ways (transformers 4's
+Trilu/Where chain, transformers 5's index comparisons through GatherND and CumSum, or one folded
+constant in static-shape exports), so rather than matching one recipe this module *evaluates* the
+mask computation (its backward cone, extracted into a small model run on ONNX Runtime) and compares
+it with the causal mask entry by entry:
+
+* the cone may read graph inputs only through ``Shape`` (so the mask is a function of the sizes),
+  except one input the caller declares as a padding mask that follows GroupQueryAttention's
+  convention (``1`` for the first ``L_b`` tokens of row b, ``0`` after: right padding);
+* with static shapes the mask is a constant and one evaluation is a proof;
+* with symbolic sizes the cone is evaluated at sample sizes that span every integer constant it
+  holds (a window or offset constant larger than :data:`MAX_PROBE` makes the check fail: a sliding
+  window of 4096 agrees with the causal mask on every size one could afford to evaluate);
+* with a padding input, at every sample size for all-ones rows and for right-padded rows; rows of
+  padded query tokens are not compared (their outputs are padding, and no valid token attends to
+  them).
+
+An additive mask must hold exactly 0 where attention is allowed and a value at or below
+:data:`BLOCKED` (or -inf) where it is not; a boolean mask selects the scores where it is true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ..ir_helpers import constant_array, rank
+from .matching import same_dim
+
+logger = logging.getLogger("graphopt.passes.fusion")
+
+__all__ = ["MaskProof", "prove_causal_mask", "BLOCKED", "MAX_PROBE"]
+
+#: Additive mask entries at or below this block attention (exp underflows to exactly 0 in float32
+#: for any score difference a real model produces); transformers uses the dtype's minimum or -inf.
+BLOCKED = -1e9
+#: Largest integer constant a symbolic-size mask computation may hold; the sample sizes go past it.
+MAX_PROBE = 64
+#: Largest mask computation evaluated (nodes).
+MAX_CONE = 4000
+#: Ops a mask computation may use (index arithmetic, comparisons, shapes; no control flow).
+_CONE_OPS = frozenset(
+    """Abs Add And Cast CastLike Concat Constant ConstantOfShape CumSum Div Equal Expand Flatten Gather
+    GatherElements GatherND Greater GreaterOrEqual Identity IsInf IsNaN Less LessOrEqual Max Min Mod
+    Mul Neg Not Or Range ReduceMax ReduceMin ReduceSum Reshape Shape Size Slice Squeeze Sub Tile
+    Transpose Trilu Unsqueeze Where Xor""".split()
+)
+_SAMPLE_SIZES = ((1, 1), (2, 1), (1, 2), (2, 3), (3, 5), (2, 8), (1, 13))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskProof:
+    """The mask is causal (``padding is None``) or causal ∧ the padding input's right-padded rows."""
+
+    padding: ir.Value | None = None
+
+
+def _cone(mask: ir.Value) -> list[ir.Node] | str:
+    """The nodes that compute ``mask``, in topological order; a reason when unsupported."""
+    seen: set[int] = set()
+    order: list[ir.Node] = []
+    stack: list[tuple[ir.Node, bool]] = []
+    if (p := mask.producer()) is not None:
+        stack.append((p, False))
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _CONE_OPS:
+            return f"mask computation uses {node.domain or 'ai.onnx'}.{node.op_type}"
+        if len(seen) > MAX_CONE:
+            return f"mask computation has more than {MAX_CONE} nodes"
+        stack.append((node, True))
+        for v in node.inputs:
+            if v is not None and (q := v.producer()) is not None and id(q) not in seen:
+                stack.append((q, False))
+    return order
+
+
+def _sources(cone: list[ir.Node], graph: ir.Graph) -> tuple[list[ir.Value], list[ir.Value]]:
+    """(graph inputs, initializers) the cone reads."""
+    inputs, inits, seen = [], [], set()
+    graph_inputs = {id(v) for v in graph.inputs}
+    for node in cone:
+        for v in node.inputs:
+            if v is None or v.producer() is not None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            (inputs if id(v) in graph_inputs else inits).append(v)
+    return inputs, inits
+
+
+def _extract(model: ir.Model, cone: list[ir.Node], inputs: list[ir.Value], mask: ir.Value) -> bytes:
+    """The cone as a standalone model: ``inputs`` in, ``mask`` out."""
+    vmap: dict[int, ir.Value] = {}
+    new_inputs = []
+    for v in inputs:
+        nv = ir.Value(name=v.name, shape=v.shape, type=v.type)
+        vmap[id(v)] = nv
+        new_inputs.append(nv)
+    nodes, inits = [], []
+    for node in cone:
+        args = []
+        for v in node.inputs:
+            if v is None:
+                args.append(None)
+                continue
+            if id(v) not in vmap:  # an initializer
+                nv = ir.Value(name=v.name, shape=v.shape, type=v.type, const_value=v.const_value)
+                vmap[id(v)] = nv
+                inits.append(nv)
+            args.append(vmap[id(v)])
+        new = ir.Node(
+            node.domain,
+            node.op_type,
+            args,
+            attributes=list(node.attributes.values()),
+            num_outputs=len(node.outputs),
+            version=node.version,
+        )
+        for old, nv in zip(node.outputs, new.outputs):
+            nv.name, nv.type, nv.shape = old.name, old.type, old.shape
+            vmap[id(old)] = nv
+        nodes.append(new)
+    out = vmap[id(mask)]
+    graph = ir.Graph(
+        new_inputs,
+        [out],
+        nodes=nodes,
+        initializers=inits,
+        opset_imports={"": model.opset_imports.get("", model.opset_imports.get("ai.onnx", 18))},
+        name="mask",
+    )
+    return ir.serde.serialize_model(ir.Model(graph, ir_version=model.ir_version)).SerializeToString()
+
+
+def _int_constants(cone: list[ir.Node], inits: list[ir.Value]) -> list[int]:
+    values = [constant_array(v) for v in inits]
+    values += [constant_array(n.outputs[0]) for n in cone if n.op_type == "Constant"]
+    out = []
+    for arr in values:
+        if arr is not None and arr.dtype.kind in "iu" and arr.size <= 64:
+            out += [int(x) for x in arr.reshape(-1)]
+    return out
+
+
+def _allowed(mask: np.ndarray, additive: bool) -> np.ndarray | None:
+    """Boolean [.., S, T] of allowed entries; None when an additive entry is neither 0 nor blocked."""
+    if not additive:
+        return mask.astype(bool)
+    m = mask.astype(np.float64)
+    ok = m == 0
+    blocked = m <= BLOCKED
+    if not np.all(ok | blocked):
+        return None
+    return ok
+
+
+def _expected(batch: int, seq: int, total: int, lengths: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(allowed [B, S, T], rows that must match [B, S]) for GroupQueryAttention's semantics."""
+    past = total - seq
+    i = np.arange(seq)[:, None]
+    j = np.arange(total)[None, :]
+    causal = np.broadcast_to(j <= i + past, (batch, seq, total))
+    if lengths is None:
+        return causal, np.ones((batch, seq), dtype=bool)
+    valid_key = j[None, :, :] < lengths[:, None, None]
+    valid_row = (i[None, :, 0] + past) < lengths[:, None]
+    return causal & valid_key, valid_row
+
+
+class _Prover:
+    """Evaluates one mask computation at the sample sizes (results cached per mask value)."""
+
+    def __init__(self, model: ir.Model, padding_inputs: frozenset[str]) -> None:
+        self.model = model
+        self.padding_inputs = padding_inputs
+        self.cache: dict[tuple[int, bool], MaskProof | str] = {}
+
+    def prove(self, mask: ir.Value, additive: bool, query: ir.Value) -> MaskProof | str:
+        key = (id(mask), additive)
+        if key not in self.cache:
+            self.cache[key] = self._prove(mask, additive, query)
+        return self.cache[key]
+
+    def _prove(self, mask: ir.Value, additive: bool, query: ir.Value) -> MaskProof | str:
+        graph = self.model.graph
+        if mask.shape is None or rank(mask) not in (2, 3, 4):
+            return "mask rank unknown or not 2-4"
+        arr = constant_array(mask)
+        if arr is not None:  # a folded mask: [.., S, T] with static S and T
+            return self._check_constant(arr, additive, query)
+        cone = _cone(mask)
+        if isinstance(cone, str):
+            return cone
+        inputs, inits = _sources(cone, graph)
+        cone_ids = {id(n) for n in cone}
+        padding = None
+        for v in inputs:
+            readers = [u.node for u in v.uses() if id(u.node) in cone_ids]
+            if all(n.op_type == "Shape" for n in readers):
+                continue
+            if v.name not in self.padding_inputs:
+                return f"mask depends on the values of input {v.name!r} (not declared a padding mask)"
+            if padding is not None or rank(v) != 2:
+                return f"padding input {v.name!r} is not the one rank-2 padding mask"
+            padding = v
+        big = [c for c in _int_constants(cone, inits) if MAX_PROBE < abs(c) < 2**31]
+        if big:
+            return (
+                f"mask computation holds constant {big[0]} (a window?) beyond the sizes it can be checked at"
+            )
+        q_batch, q_seq = query.shape[0], query.shape[1]  # type: ignore[index]
+        try:
+            blob = _extract(self.model, cone, inputs, mask)
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            so.log_severity_level = 3
+            session = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # an op ORT cannot run standalone: no proof
+            return f"mask computation could not be evaluated ({type(e).__name__})"
+        static = isinstance(q_batch, int) and isinstance(q_seq, int)
+        sizes = [(q_batch, q_seq)] if static else list(_SAMPLE_SIZES) + [(2, MAX_PROBE + 3)]
+        rng = np.random.default_rng(0)
+        for batch, seq in sizes:
+            if not static and (isinstance(q_batch, int) and batch != q_batch):
+                batch = q_batch
+            if not static and isinstance(q_seq, int):
+                seq = q_seq
+            feeds = self._feeds(inputs, padding, q_batch, q_seq, batch, seq)
+            if isinstance(feeds, str):
+                return feeds
+            variants: list[np.ndarray | None] = [None]
+            if padding is not None:
+                total = feeds[padding.name].shape[1]
+                variants = [np.full(batch, total)]
+                variants += [rng.integers(max(1, total - seq + 1), total + 1, batch) for _ in range(2)]
+            for lengths in variants:
+                if lengths is not None:
+                    assert padding is not None
+                    row = np.arange(feeds[padding.name].shape[1])[None, :] < lengths[:, None]
+                    feeds[padding.name] = row.astype(padding.dtype.numpy())  # type: ignore[union-attr]
+                try:
+                    (out,) = session.run(None, feeds)
+                except Exception as e:
+                    return f"mask computation failed at batch {batch}, sequence {seq} ({type(e).__name__})"
+                reason = self._compare(np.asarray(out), additive, batch, seq, lengths)
+                if reason:
+                    return f"{reason} (batch {batch}, sequence {seq})"
+        return MaskProof(padding)
+
+    def _feeds(
+        self,
+        inputs: list[ir.Value],
+        padding: ir.Value | None,
+        q_batch: object,
+        q_seq: object,
+        batch: int,
+        seq: int,
+    ) -> dict[str, np.ndarray] | str:
+        feeds = {}
+        for v in inputs:
+            if v.shape is None or v.dtype is None:
+                return f"input {v.name!r} has no shape or type"
+            dims = []
+            for i, d in enumerate(v.shape):
+                if isinstance(d, int):
+                    dims.append(d)
+                elif same_dim(d, q_batch):
+                    dims.append(batch)
+                elif same_dim(d, q_seq):
+                    dims.append(seq)
+                else:
+                    return f"input {v.name!r} dim {i} ({d}) is neither the batch nor the sequence"
+            feeds[v.name] = np.zeros(dims, dtype=v.dtype.numpy())
+            if v is padding:
+                feeds[v.name] += 1
+        return feeds
+
+    def _check_constant(self, arr: np.ndarray, additive: bool, query: ir.Value) -> MaskProof | str:
+        seq = query.shape[1]  # type: ignore[index]
+        if not isinstance(seq, int) or arr.ndim < 2:
+            return "constant mask for a symbolic sequence length"
+        batch = arr.shape[0] if arr.ndim == 4 else 1
+        return self._compare(arr, additive, batch, seq, None) or MaskProof()
+
+    @staticmethod
+    def _compare(out: np.ndarray, additive: bool, batch: int, seq: int, lengths: np.ndarray | None) -> str:
+        allowed = _allowed(out, additive)
+        if allowed is None:
+            return "additive mask holds values that are neither 0 nor blocking"
+        total = allowed.shape[-1]
+        if allowed.shape[-2] != seq or total < seq:
+            return f"mask is {list(allowed.shape)}, not [.., {seq}, ≥{seq}]"
+        while allowed.ndim < 4:
+            allowed = allowed[None]
+        if allowed.shape[0] not in (1, batch):
+            return "mask batch does not broadcast"
+        allowed = np.broadcast_to(allowed, (batch, allowed.shape[1], seq, total))
+        expected, rows = _expected(batch, seq, total, lengths)
+        for h in range(allowed.shape[1]):
+            if not np.array_equal(allowed[:, h][rows], expected[rows]):
+                return "mask is not the causal mask" + (" with right padding" if lengths is not None else "")
+        return ""
+
+
+def prove_causal_mask(model: ir.Model, padding_inputs: frozenset[str] = frozenset()) -> _Prover:
+    """A prover for ``model``: ``prover.prove(mask, additive, query)`` returns a :class:`MaskProof`
+    or the reason the mask is not GroupQueryAttention's. ``query`` is the ``[B, S, ...]`` query
+    projection (its dims name the batch and sequence sizes)."""
+    return _Prover(model, padding_inputs)
