@@ -54,14 +54,14 @@ class _FoldBias(pattern.RewriteRuleClassBase):
     def channels(self, w_shape: tuple[int, ...], node: ir.Node) -> int | None:
         return w_shape[0]
 
-    def check(self, context, x, w, c, layer_out, **_):
+    def check(self, context, x, w, c, layer_out, **_):  # type: ignore[override]
         result = pattern.MatchResult()
         node = layer_out.producer()
         if node is None:
             return result.fail("no layer")
         if w.shape is None or not all(isinstance(d, int) for d in w.shape):
             return result.fail("weight shape unknown", w)
-        w_shape = tuple(int(d) for d in w.shape)  # type: ignore[arg-type]
+        w_shape = tuple(int(d) for d in w.shape)
         if len(w_shape) < 3:
             return result.fail(f"weight {w_shape} is not a convolution kernel", w)
         dtype = layer_out.dtype or x.dtype
