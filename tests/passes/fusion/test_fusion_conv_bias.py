@@ -220,3 +220,26 @@ def test_every_target_folds_before_quantization() -> None:
     assert "Add" not in ops(result.model)  # the bias is the Conv's, quantized as int32 with it
     conv = next(n for n in result.model.graph if n.op_type == "Conv")
     assert len(conv.inputs) == 3 and conv.inputs[2].producer().op_type == "DequantizeLinear"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("opset", [13, 14])
+def test_paddle_hardswish_after_a_conv_bias_fuses_only_where_hardswish_exists(opset: int) -> None:
+    # Paddle's hardswish: x·Clip(x+3, 0, 6)/6 on the biased conv output. HardSwish exists from
+    # opset 14; below that the pattern stays as it is (fuse-activations emits nothing newer).
+    scalars = {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32)}
+    proto = make(
+        [
+            helper.make_node("Conv", ["x", "w"], ["t"], pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["t", "c"], ["h"]),
+            helper.make_node("Add", ["h", "three"], ["a"]),
+            helper.make_node("Clip", ["a", "zero", "six"], ["cl"]),
+            helper.make_node("Mul", ["h", "cl"], ["m"]),
+            helper.make_node("Div", ["m", "six"], ["y"]),
+        ],
+        {"x": [1, 3, 6, 6]},
+        {"y": [1, 4, 6, 6]},
+        {"w": w(4, 3, 3, 3) * 2, "c": w(1, 4, 1, 1), "six": np.array(6.0, np.float32), **scalars},
+        opset,
+    )
+    m, _ = check(proto, "cleanup,fuse-conv-bias,fuse-activations")
+    assert ops(m) == (["Conv", "HardSwish"] if opset >= 14 else ["Conv", "Add", "Clip", "Mul", "Div"])
