@@ -31,9 +31,15 @@ def fusion_steps(domains: list[str]) -> list[str]:
         # expect MatMul projections. No standard RMSNormalization: fuse-ort's skip-rms-norm
         # consumes its own SimplifiedLayerNormalization instead.
         # fuse-attention (standard Attention, opset ≥ 23 models only) takes what fuse-ort left.
-        early = ["fuse-batchnorm", "fuse-normalization(exclude=[rms-norm])", "fuse-ort", "fuse-attention"]
+        early = [
+            "fuse-batchnorm",
+            "fuse-conv-bias",
+            "fuse-normalization(exclude=[rms-norm])",
+            "fuse-ort",
+            "fuse-attention",
+        ]
     else:
-        early = ["fuse-batchnorm", "fuse-gemm", "fuse-normalization", "fuse-attention"]
+        early = ["fuse-batchnorm", "fuse-conv-bias", "fuse-gemm", "fuse-normalization", "fuse-attention"]
     return [*early, "fuse-activations", "fuse-constant-chains", "fuse-shape-chains"]
 
 
