@@ -56,8 +56,20 @@ class QuantizeStaticPass(QuantizePassBase):
         calibrator = self.options.calibrator
         if calibrator == "auto" and (full.tensors or full.weights):
             calibrator = choose_calibrator(run, full, smooth_key)
-        act_ranges = ranges(run, full, smooth_key, "mse" if calibrator == "auto" else calibrator)
+        calibrator = "mse" if calibrator == "auto" else calibrator
+        act_ranges = ranges(run, full, smooth_key, calibrator)
         plan = plan_graph(run, use_selection=True)
+        # A pass-through tensor (MaxPool, Reshape) shares its input's parameters in the full plan;
+        # with a selection (one layer, for sensitivity) its input may stay float and it needs a
+        # range of its own: calibrate what is missing (the statistics cache keeps the rest).
+        own = {
+            (qt.range_from, w)
+            for qt in plan.tensors.values()
+            if qt.shared_from is None and qt.table is None
+            for w in (False, True)
+        }
+        if not own <= act_ranges.keys():
+            act_ranges = {**act_ranges, **ranges(run, plan, smooth_key, calibrator)}
         for node, quantized, reason in plan.nodes:
             self.decide(node, quantized, reason)
         if not plan.tensors and not plan.weights:
