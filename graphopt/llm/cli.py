@@ -31,6 +31,12 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--calibration", help="a text file or a folder of .txt files (data-aware int4/int8)")
     b.add_argument("--group-size", type=int, help="weight-only quantization block size (default: the pass's)")
     b.add_argument(
+        "--quantize-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the quantize pass (value as JSON, else a string), e.g. symmetric=true",
+    )
+    b.add_argument(
         "--full-logits", action="store_true", help="logits for every position (perplexity), not only the last"
     )
     b.add_argument("--report", help="also write the build report (JSON) here")
@@ -40,6 +46,21 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--json", action="store_true", help="print tokens and text as JSON")
+
+
+def _options(items: list[str] | None) -> dict[str, Any]:
+    from graphopt.errors import GraphoptError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise GraphoptError(f"--quantize-option expects KEY=VALUE, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             calibration=args.calibration,
             full_logits=args.full_logits,
             group_size=args.group_size,
+            quantize_options=_options(args.quantize_option),
             report_path=args.report,
         )
         files = result.report.get("files", {})
