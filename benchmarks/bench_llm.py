@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-tokens", type=int, default=1025)
     p.add_argument("--fresh", action="store_true", help="rebuild even where a build exists")
     p.add_argument("--out", default="llm")
+    p.add_argument(
+        "--build-only", action="store_true", help="build (or reuse) the folders, measure nothing else"
+    )
     args = p.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     eval_text, calib_text = _eval_and_calib_text()
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(hf)
         eval_ids = [int(t) for t in tokenizer(eval_text)["input_ids"]]
         builds = build_all(name, gguf, hf, calib, only, args.fresh)
+        if args.build_only:
+            continue
         entry: dict[str, Any] = {"builds": builds}
         if gguf is not None and "graphopt-fp32" in builds:
             entry["greedy_equal_transformers"] = greedy_check(gguf, WORK / name / "graphopt-fp32", tokenizer)
