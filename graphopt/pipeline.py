@@ -18,7 +18,9 @@ from typing import Any, ClassVar, Protocol
 import onnx
 import onnx_ir as ir
 
+from graphopt import schemas as _schemas
 from graphopt import spec as _spec
+from graphopt.annotations import declared_annotations_only, set_aside_declared_shapes
 from graphopt.errors import GraphoptError, PassChangedOutputsError, PassCrashedError, PipelineError
 from graphopt.registry import Registry, default_registry
 
@@ -252,6 +254,8 @@ class _Runner:
         self.records: list[PassRecord] = []
         self.history: list[str] = []
         self._inputs: Any = None
+        #: Schema problems the input already had (by node signature): not blamed on a pass.
+        self.tolerated: set[_schemas.Signature] = set()
 
     def run_steps(self, model: ir.Model, steps: Sequence[Any], prefix: str, iteration: int | None) -> bool:
         modified = False
@@ -332,8 +336,10 @@ class _Runner:
         return f" (after: {', '.join(self.history[-5:])})" if self.history else " (first pass)"
 
     def check(self, model: ir.Model, name: str) -> None:
+        self.check_schemas(model, name)
         if self.verify_each:
-            proto = ir.serde.serialize_model(model)
+            with declared_annotations_only(model):  # graph outputs as declared, where inference has less
+                proto = ir.serde.serialize_model(model)
             try:
                 if proto.ByteSize() < 2**31 - 1:
                     onnx.checker.check_model(proto)
@@ -358,6 +364,19 @@ class _Runner:
                 raise PassChangedOutputsError(
                     f"pass '{name}' changed the model's outputs: {result.failure_summary()}{self._after_prev()}"
                 )
+
+    def check_schemas(self, model: ir.Model, name: str) -> None:
+        """Every node against its op's schema at the model's opsets (no serialization, no ONNX
+        Runtime session): a pass that emits an op or attribute the opset lacks is a bug, named here
+        rather than by ONNX Runtime refusing the written file."""
+        for node, problem in _schemas.model_problems(model, self.tolerated):
+            what = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+            rule = node.metadata_props.get("graphopt.rule")
+            made = f", made by rule '{rule}'" if rule else ""
+            raise PassCrashedError(
+                f"pass '{name}' produced an invalid model: {what}{made}: {problem} (ONNX Runtime would "
+                f"refuse to load it){self._after_prev()}"
+            )
 
     def _after_prev(self) -> str:
         prev = self.history[:-1][-5:]
@@ -496,6 +515,12 @@ class Pipeline:
         (default: ``GRAPHOPT_DEBUG`` set) fails a pass that says "unchanged" but changed the model.
         ``context`` hands passes run-time inputs that pipeline text cannot hold (e.g.
         ``{"calibration": iterable_of_feeds}``); passes read it as ``self.context``.
+
+        Before the first pass, the shapes the model declares for computed values are set aside
+        (:func:`graphopt.annotations.set_aside_declared_shapes`): they are claims, and the passes
+        see only inferred shapes. After every pass that changed the model, each node is checked
+        against its op's schema at the model's opsets (:mod:`graphopt.schemas`); a node that does
+        not fit (an op or attribute the opset lacks) raises :class:`PassCrashedError` naming the pass.
         """
         if check_modified is None:
             check_modified = bool(os.environ.get("GRAPHOPT_DEBUG"))
@@ -514,6 +539,9 @@ class Pipeline:
         )
         before = model_stats(model)
         t0 = time.perf_counter()
+        # Rewrites rely only on shapes inferred from the inputs and constants, never on declared ones.
+        set_aside_declared_shapes(model)
+        runner.tolerated = _schemas.problem_signatures(model)
         runner.run_steps(model, self.steps, "", None)
         report = Report(
             str(self), before, model_stats(model), runner.records, wall_s=time.perf_counter() - t0
