@@ -42,24 +42,28 @@ CONTRIB_DOMAIN = "com.microsoft"
 #: Domains ONNX has schemas for ("ai.onnx" is the default domain's other spelling).
 _ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
 
-#: (domain, op_type, opset version or None, inputs given (True/False per slot), output count,
-#: attributes as (name, type name or "REF") sorted by name).
-Signature = tuple[str, str, "int | None", tuple[bool, ...], int, tuple[tuple[str, str], ...]]
+#: (domain, op_type, opset version or None, inputs given: their count when all are, else True/False
+#: per slot, output count, attributes as (name, type or "REF") in the node's order).
+Signature = tuple[str, str, "int | None", "int | tuple[bool, ...]", int, tuple[tuple[str, Any], ...]]
 
 
 def node_signature(node: ir.Node, opsets: Mapping[str, int]) -> Signature:
-    """What the schema checks look at, as a hashable key."""
-    domain = "" if node.domain == "ai.onnx" else node.domain
-    version = opsets.get(domain, opsets.get("ai.onnx") if domain == "" else None)
-    attrs = tuple(sorted((k, "REF" if a.is_ref() else a.type.name) for k, a in node.attributes.items()))
-    return (
-        domain,
-        node.op_type,
-        version,
-        tuple(v is not None for v in node.inputs),
-        len(node.outputs),
-        attrs,
+    """What the schema checks look at, as a hashable key (cheap: it is computed for every node
+    after every pass that changed the model)."""
+    domain = node.domain
+    if domain == "ai.onnx":
+        domain = ""
+    version = opsets.get(domain)
+    if version is None and domain == "":
+        version = opsets.get("ai.onnx")
+    inputs = node.inputs
+    given: int | tuple[bool, ...] = (
+        len(inputs) if None not in inputs else tuple(v is not None for v in inputs)
     )
+    # (onnx_ir's Attributes is a UserDict: its ``data`` dict iterates several times faster)
+    attributes = getattr(node.attributes, "data", node.attributes)
+    attrs = tuple((k, "REF" if a.is_ref() else a.type) for k, a in attributes.items()) if attributes else ()
+    return (domain, node.op_type, version, given, len(node.outputs), attrs)
 
 
 def node_problem(node: ir.Node, opsets: Mapping[str, int]) -> str | None:
@@ -70,13 +74,15 @@ def node_problem(node: ir.Node, opsets: Mapping[str, int]) -> str | None:
 @functools.cache
 def signature_problem(sig: Signature) -> str | None:
     """Why a node of this signature does not fit its schema, or None (also for unchecked domains)."""
-    domain, op_type, version, inputs, n_outputs, attrs = sig
+    domain, op_type, version, given, n_outputs, attr_types = sig
+    inputs = (True,) * given if isinstance(given, int) else given
+    attrs = {k: t if t == "REF" else _type_name(t) for k, t in attr_types}
     if domain not in _ONNX_DOMAINS and domain != CONTRIB_DOMAIN:
         return None
     if version is None:
         return f"{_qualified(domain, op_type)} is in domain '{domain or 'ai.onnx'}', which the model does not import"
     if domain == CONTRIB_DOMAIN:
-        return contrib_problem(op_type, version, inputs, n_outputs, dict(attrs))
+        return contrib_problem(op_type, version, inputs, n_outputs, attrs)
     try:
         schema = onnx.defs.get_schema(op_type, version, domain)
     except onnx.defs.SchemaError:
@@ -84,7 +90,7 @@ def signature_problem(sig: Signature) -> str | None:
     if schema.deprecated:
         return f"{op_type} is deprecated at opset {version}"
     where = f"{op_type} at opset {version}"
-    return _attribute_problem(schema, dict(attrs), where, version, op_type, domain) or _io_problem(
+    return _attribute_problem(schema, attrs, where, version, op_type, domain) or _io_problem(
         schema, inputs, n_outputs, where
     )
 
@@ -178,13 +184,28 @@ def model_signatures(model: ir.Model) -> Iterator[tuple[ir.Node, Signature]]:
     """Each node of ``model`` (main graph, subgraphs, functions) with its signature; calls of the
     model's own functions are left out (they have no schema)."""
     local = set(model.functions)
-    scopes: list[tuple[ir.Graph | ir.Function, Mapping[str, int]]] = [(model.graph, model.opset_imports)]
-    scopes += [(f, {**model.opset_imports, **f.opset_imports}) for f in model.functions.values()]
-    for scope, opsets in scopes:
-        for node in ir.traversal.RecursiveGraphIterator(scope):
-            if local and (node.domain, node.op_type, node.overload) in local:
-                continue
-            yield node, node_signature(node, opsets)
+    yield from _graph_signatures(model.graph, model.opset_imports, local)
+    for f in model.functions.values():
+        yield from _graph_signatures(f, {**model.opset_imports, **f.opset_imports}, local)
+
+
+_SUBGRAPH_TYPES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+
+
+def _graph_signatures(
+    graph: ir.Graph | ir.Function, opsets: Mapping[str, int], local: set
+) -> Iterator[tuple[ir.Node, Signature]]:
+    # A walk of its own: the subgraphs are found from the signature's attribute types, which
+    # costs less than onnx_ir's RecursiveGraphIterator looking at every attribute again.
+    for node in graph:
+        sig = node_signature(node, opsets)
+        if not local or (node.domain, node.op_type, node.overload) not in local:
+            yield node, sig
+        for name, kind in sig[5]:
+            if kind in _SUBGRAPH_TYPES:
+                attr = node.attributes[name]
+                for sub in [attr.as_graph()] if kind == ir.AttributeType.GRAPH else attr.as_graphs():
+                    yield from _graph_signatures(sub, opsets, local)
 
 
 def model_problems(
