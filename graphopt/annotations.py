@@ -125,15 +125,16 @@ def _unknown(d: int | ir.SymbolicDim) -> bool:
 
 def _with_declared_dims(inferred: ir.Shape, declared: ir.Shape, sizes: bool) -> ir.Shape | None:
     """``inferred`` with the declared dims where it has unknown ones (names always, fixed sizes
-    when ``sizes``), or None (no change, or the declaration contradicts inference: another rank or
-    another fixed size, and then none of it is trusted)."""
+    when ``sizes``), or None (no change, or the declaration contradicts inference: another rank,
+    another fixed size, or a fixed size where inference has an input's named dim; then none of it
+    is trusted)."""
     if len(inferred) != len(declared):
         return None
     dims: list[int | ir.SymbolicDim] = []
     changed = False
     for a, b in zip(inferred, declared):
-        if isinstance(a, int) and isinstance(b, int) and a != b:
-            return None
+        if isinstance(b, int) and not _unknown(a) and a != b:
+            return None  # another size, or a size where inference follows an input's dim
         if _unknown(a) and (sizes if isinstance(b, int) else b.value is not None):
             dims.append(b)
             changed = True

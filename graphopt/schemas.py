@@ -168,7 +168,7 @@ def _since(op_type: str, domain: str, version: int) -> str:
 
 
 def _attribute_since(op_type: str, domain: str, name: str, version: int) -> str:
-    """' (it has from opset N)' when a later version of the op has the attribute, else ''."""
+    """' (OP has it from opset N)' when a later version of the op has the attribute, else ''."""
     try:
         newest = onnx.defs.get_schema(op_type, domain).since_version
     except onnx.defs.SchemaError:
@@ -176,7 +176,7 @@ def _attribute_since(op_type: str, domain: str, name: str, version: int) -> str:
     for v in range(version + 1, newest + 1):
         schema = onnx.defs.get_schema(op_type, v, domain)
         if schema.since_version == v and name in schema.attributes:
-            return f" (it has from opset {v})"
+            return f" ({op_type} has it from opset {v})"
     return ""
 
 
