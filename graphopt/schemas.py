@@ -34,6 +34,7 @@ __all__ = [
     "node_problem",
     "node_signature",
     "ort_contrib_schemas",
+    "ort_schema",
     "problem_signatures",
     "signature_problem",
 ]
@@ -86,7 +87,15 @@ def signature_problem(sig: Signature) -> str | None:
     try:
         schema = onnx.defs.get_schema(op_type, version, domain)
     except onnx.defs.SchemaError:
-        return f"{op_type} is not an operator of opset {version}{_since(op_type, domain, version)}"
+        ort_only = ort_schema(domain, op_type, version) if domain == "" else None
+        if ort_only is None:
+            return f"{op_type} is not an operator of opset {version}{_since(op_type, domain, version)}"
+        # An op ONNX Runtime adds to the ONNX domain (SimplifiedLayerNormalization, the ONNX
+        # domain's LayerNormalization before opset 17): onnxscript's ORT fusions emit them.
+        where = f"{op_type} (ONNX Runtime's, in the ONNX domain)"
+        return _attribute_problem(ort_only, attrs, where, None, op_type, domain) or _io_problem(
+            ort_only, inputs, n_outputs, where
+        )
     if schema.deprecated:
         return f"{op_type} is deprecated at opset {version}"
     where = f"{op_type} at opset {version}"
@@ -227,17 +236,25 @@ def problem_signatures(model: ir.Model) -> set[Signature]:
 
 def contrib_schema(op_type: str, version: int) -> Any:
     """ONNX Runtime's schema of com.microsoft::``op_type`` at opset ``version``, or None."""
-    versions = [s for s in ort_contrib_schemas().get(op_type, []) if s.since_version <= version]
+    return ort_schema(CONTRIB_DOMAIN, op_type, version)
+
+
+def ort_schema(domain: str, op_type: str, version: int) -> Any:
+    """The schema ONNX Runtime registers for ``domain::op_type`` at opset ``version``, or None."""
+    versions = [s for s in _ort_schemas().get((domain, op_type), []) if s.since_version <= version]
     return max(versions, key=lambda s: s.since_version) if versions else None
 
 
-@functools.cache
 def ort_contrib_schemas() -> dict[str, list]:
     """ONNX Runtime's com.microsoft operator schemas by op name (every version)."""
+    return {op: v for (domain, op), v in _ort_schemas().items() if domain == CONTRIB_DOMAIN}
+
+
+@functools.cache
+def _ort_schemas() -> dict[tuple[str, str], list]:
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 
-    out: dict[str, list] = {}
+    out: dict[tuple[str, str], list] = {}
     for s in ort_c.get_all_operator_schema():
-        if s.domain == CONTRIB_DOMAIN:
-            out.setdefault(s.name, []).append(s)
+        out.setdefault(("" if s.domain == "ai.onnx" else s.domain, s.name), []).append(s)
     return out

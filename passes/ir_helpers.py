@@ -303,7 +303,7 @@ def _guarded_rule_class() -> type:
         def __init__(self, rule: pattern.RewriteRule) -> None:  # a copy of the rule's state
             self.__dict__.update(rule.__dict__)
 
-        def try_rewrite(self, model, graph_or_function, node, **kwargs):  # type: ignore[no-untyped-def]
+        def try_rewrite(self, model, graph_or_function, node, **kwargs):
             imports = [(s, dict(s.opset_imports)) for s in (graph_or_function, model.graph)]
             delta = super().try_rewrite(model, graph_or_function, node, **kwargs)
             if delta is None:
@@ -332,4 +332,5 @@ def opset_guarded(rules: Any) -> Any:
     elif isinstance(rules, pattern.RewriteRuleSet):
         rules = rules.rules
     guard = _guarded_rule_class()
-    return pattern.RewriteRuleSet([r if isinstance(r, guard) else guard(r) for r in rules])
+    guarded: list[Any] = [r if isinstance(r, guard) else guard(r) for r in rules]
+    return pattern.RewriteRuleSet(guarded)

@@ -51,7 +51,11 @@ def _crnn_like(opset: int, declared: list | None, value_info: list | None = None
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, declared)],
-        [w, helper.make_tensor("i0", TensorProto.INT64, [1], [0]), helper.make_tensor("m1", TensorProto.INT64, [1], [-1])],
+        [
+            w,
+            helper.make_tensor("i0", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("m1", TensorProto.INT64, [1], [-1]),
+        ],
     )
     if value_info:
         graph.value_info.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, value_info))
@@ -109,7 +113,9 @@ def test_the_file_keeps_the_declared_output_shape_where_inference_does_not_contr
 
 
 def _value(name: str, shape: list | None) -> ir.Value:
-    return ir.Value(name=name, shape=None if shape is None else ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    return ir.Value(
+        name=name, shape=None if shape is None else ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT)
+    )
 
 
 def test_what_survives_of_a_declaration() -> None:

@@ -51,7 +51,10 @@ def _dynamic_reshape_model(opset: int, dims: list[int | str]) -> ir.Model:
             "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-            [helper.make_tensor("i0", TensorProto.INT64, [1], [0]), helper.make_tensor("m1", TensorProto.INT64, [1], [-1])],
+            [
+                helper.make_tensor("i0", TensorProto.INT64, [1], [0]),
+                helper.make_tensor("m1", TensorProto.INT64, [1], [-1]),
+            ],
         ),
         opset_imports=[helper.make_opsetid("", opset)],
         ir_version=7,

@@ -48,14 +48,21 @@ def _run_emitting(op_type: str, attrs: dict, domain: str = "", opset: int = 12) 
     ("op_type", "attrs", "domain", "says"),
     [
         ("Relu", {"allowzero": 1}, "", "Relu at opset 12 has no attribute 'allowzero'"),
-        ("LayerNormalization", {}, "", "LayerNormalization is not an operator of opset 12 (it exists from opset 17)"),
+        (
+            "Attention",
+            {},
+            "",
+            "Attention is not an operator of opset 12 (it exists from opset 23)",
+        ),
         ("Gelu", {}, "", "Gelu is not an operator of opset 12 (it exists from opset 20)"),
         ("Softmax", {"axis": 1.5}, "", "attribute 'axis' of Softmax at opset 12 must be INT, not FLOAT"),
         ("FastGelu", {"perm": [1, 0]}, "com.microsoft", "com.microsoft::FastGelu has no attribute 'perm'"),
         ("Frobnicate", {}, "com.microsoft", "com.microsoft::Frobnicate is not an operator of ONNX Runtime's"),
     ],
 )
-def test_a_pass_that_emits_what_the_opset_lacks_is_named(op_type: str, attrs: dict, domain: str, says: str) -> None:
+def test_a_pass_that_emits_what_the_opset_lacks_is_named(
+    op_type: str, attrs: dict, domain: str, says: str
+) -> None:
     with pytest.raises(PassCrashedError) as e:
         _run_emitting(op_type, attrs, domain)
     msg = str(e.value)
@@ -81,14 +88,29 @@ def _node(op_type: str, n_inputs: int, **attrs) -> ir.Node:
         (_node("Reshape", 2, allowzero=1), 14, None),
         (_node("Squeeze", 2), 12, "Squeeze at opset 12 takes 1 inputs and 1 outputs, not 2 and 1"),
         (_node("Squeeze", 2), 13, None),
-        (_node("Split", 1, axis=0, num_outputs=2), 13, "has no attribute 'num_outputs' (Split has it from opset 18)"),
+        (
+            _node("Split", 1, axis=0, num_outputs=2),
+            13,
+            "has no attribute 'num_outputs' (Split has it from opset 18)",
+        ),
         (_node("Clip", 3), 10, "Clip at opset 10 takes 1 inputs"),
         (_node("Clip", 3), 11, None),
         (_node("ReduceSum", 2), 12, "ReduceSum at opset 12 takes 1 inputs"),
-        (_node("Constant", 0, value_ints=[1, 2]), 11, "has no attribute 'value_ints' (Constant has it from opset 12)"),
+        (
+            _node("Constant", 0, value_ints=[1, 2]),
+            11,
+            "has no attribute 'value_ints' (Constant has it from opset 12)",
+        ),
         (_node("Trilu", 1), 13, "Trilu is not an operator of opset 13 (it exists from opset 14)"),
         (_node("Conv", 1), 17, "needs input 1 ('W'), which is missing"),
         (_node("Upsample", 2, mode="nearest"), 10, "Upsample is deprecated at opset 10"),
+        # ONNX Runtime's own ops in the ONNX domain (onnxscript's ORT fusions emit them): its schemas
+        (_node("SimplifiedLayerNormalization", 2, epsilon=1e-5), 12, None),
+        (
+            _node("SimplifiedLayerNormalization", 2, perm=[1]),
+            12,
+            "(ONNX Runtime's, in the ONNX domain) has no attribute 'perm'",
+        ),
     ],
 )
 def test_node_problems_at_an_opset(node: ir.Node, opset: int, problem: str | None) -> None:

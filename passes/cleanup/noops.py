@@ -186,7 +186,7 @@ def _materialize_reshape_shape_rule() -> Any:
     from onnxscript.rewriter.rules.common import _materialize_reshape_shape as osmat
 
     class MaterializeReshapeShape(osmat.MaterializeReshapeShape):
-        def check(self, context, data, shape):  # type: ignore[no-untyped-def]
+        def check(self, context, data, shape):
             result = super().check(context, data, shape)
             if not result:
                 return result
@@ -197,7 +197,7 @@ def _materialize_reshape_shape_rule() -> Any:
                 )
             return result
 
-        def rewrite(self, op, data, shape):  # type: ignore[no-untyped-def]
+        def rewrite(self, op, data, shape):
             new_shape = op.Constant(value=ir.tensor(self._new_dims, dtype=ir.DataType.INT64))
             return op.Reshape(data, new_shape, allowzero=self._allowzero)
 
