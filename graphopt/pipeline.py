@@ -256,6 +256,8 @@ class _Runner:
         self._inputs: Any = None
         #: Schema problems the input already had (by node signature): not blamed on a pass.
         self.tolerated: set[_schemas.Signature] = set()
+        #: How many passes had run at the last schema check.
+        self.checked = 0
 
     def run_steps(self, model: ir.Model, steps: Sequence[Any], prefix: str, iteration: int | None) -> bool:
         modified = False
@@ -365,18 +367,26 @@ class _Runner:
                     f"pass '{name}' changed the model's outputs: {result.failure_summary()}{self._after_prev()}"
                 )
 
-    def check_schemas(self, model: ir.Model, name: str) -> None:
+    def check_schemas(self, model: ir.Model, name: str | None) -> None:
         """Every node against its op's schema at the model's opsets (no serialization, no ONNX
         Runtime session): a pass that emits an op or attribute the opset lacks is a bug, named here
-        rather than by ONNX Runtime refusing the written file."""
+        rather than by ONNX Runtime refusing the written file. ``name`` None: the final check, for
+        what passes that reported no change since the last check did."""
         for node, problem in _schemas.model_problems(model, self.tolerated):
             what = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
             rule = node.metadata_props.get("graphopt.rule")
             made = f", made by rule '{rule}'" if rule else ""
+            if name is None:
+                unchecked = ", ".join(self.history[self.checked :][-5:])
+                who = f"one of the passes that reported no change ({unchecked})"
+                after = ""
+            else:
+                who, after = f"pass '{name}'", self._after_prev()
             raise PassCrashedError(
-                f"pass '{name}' produced an invalid model: {what}{made}: {problem} (ONNX Runtime would "
-                f"refuse to load it){self._after_prev()}"
+                f"{who} produced an invalid model: {what}{made}: {problem} (ONNX Runtime would "
+                f"refuse to load it){after}"
             )
+        self.checked = len(self.history)
 
     def _after_prev(self) -> str:
         prev = self.history[:-1][-5:]
@@ -518,9 +528,10 @@ class Pipeline:
 
         Before the first pass, the shapes the model declares for computed values are set aside
         (:func:`graphopt.annotations.set_aside_declared_shapes`): they are claims, and the passes
-        see only inferred shapes. After every pass that changed the model, each node is checked
-        against its op's schema at the model's opsets (:mod:`graphopt.schemas`); a node that does
-        not fit (an op or attribute the opset lacks) raises :class:`PassCrashedError` naming the pass.
+        see only inferred shapes. After every pass that changed the model (and once more at the end
+        if passes ran after the last check), each node is checked against its op's schema at the
+        model's opsets (:mod:`graphopt.schemas`); a node that does not fit (an op or attribute the
+        opset lacks) raises :class:`PassCrashedError` naming the pass.
         """
         if check_modified is None:
             check_modified = bool(os.environ.get("GRAPHOPT_DEBUG"))
@@ -543,6 +554,8 @@ class Pipeline:
         set_aside_declared_shapes(model)
         runner.tolerated = _schemas.problem_signatures(model)
         runner.run_steps(model, self.steps, "", None)
+        if runner.checked < len(runner.history):  # passes ran since the last check: one more
+            runner.check_schemas(model, None)
         report = Report(
             str(self), before, model_stats(model), runner.records, wall_s=time.perf_counter() - t0
         )

@@ -161,3 +161,19 @@ def test_subgraph_and_function_nodes_are_checked() -> None:
             node.op_type = "Gelu"
     next(iter(model.functions.values()))[0].op_type = "Gelu"
     assert [n.op_type for n, _ in model_problems(model)] == ["Gelu", "Gelu"]
+
+
+def test_a_pass_that_reports_no_change_but_breaks_the_model_is_caught_at_the_end() -> None:
+    class Lying(_EmitPass):
+        EMIT = ("Relu", "", {"allowzero": 1})
+
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            super().call(model)
+            return ir.passes.PassResult(model, False)
+
+    reg: Registry = default_registry().copy()
+    reg.register_pass("lying", Lying)
+    with pytest.raises(
+        PassCrashedError, match=r"one of the passes that reported no change \(lying\) produced"
+    ):
+        Pipeline.parse("lying", registry=reg).run(graphopt.load(mlp_proto(12)), registry=reg)
