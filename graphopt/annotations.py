@@ -29,7 +29,7 @@ does not contradict them; the in-memory model keeps what inference found.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import onnx_ir as ir
@@ -90,32 +90,39 @@ def set_aside_declared_shapes(model: ir.Model) -> bool:
 _DIMS_ADOPTED_KEY = "graphopt.declared_dims_adopted"
 
 
-def adopt_declared_dims(model: ir.Model) -> bool:
-    """After shape inference: where inference confirms a declared shape's rank and contradicts
-    none of its sizes, fill the dims it left unknown from the declaration; see the module
-    docstring for which. Runs once per model (later inferences keep what it filled). When it
-    changed a shape, it also forgets the shapes of the undeclared values, and the caller must infer
-    again (they follow from the filled dims). Returns whether it changed a shape."""
+def adopt_declared_dims(model: ir.Model, infer: Callable[[ir.Model], bool | None]) -> bool | None:
+    """Run ``infer`` (shape inference: whether it changed anything, None when it failed). The first
+    time on a model whose declared shapes were set aside, also: where inference confirms a declared
+    shape's rank and contradicts none of its sizes, fill the dims it left unknown from the
+    declaration (see the module docstring for which), put every undeclared value back as it was
+    before and infer again, so that what follows from the filled dims is derived from them. Later
+    inferences keep what was filled. Returns whether anything changed (None: inference failed)."""
     record = model.meta.get(DECLARED_SHAPES_KEY)
     if not record or model.meta.get(_DIMS_ADOPTED_KEY):
-        return False
+        return infer(model)
+    undeclared = [(v, v.type, v.shape) for v in _computed_values(model) if not v.name or v.name not in record]
+    modified = infer(model)
+    if modified is None:
+        return None
     model.meta[_DIMS_ADOPTED_KEY] = True
     outputs = {id(v) for v in model.graph.outputs}
     changed = False
-    undeclared = []
     for v in _computed_values(model):
         declared = record.get(v.name) if v.name else None
-        if declared is None:
-            undeclared.append(v)
-        elif v.shape is not None:
+        if declared is not None and v.shape is not None:
             filled = _with_declared_dims(v.shape, declared, sizes=id(v) not in outputs)
             if filled is not None:
                 v.shape = filled
                 changed = True
-    if changed:  # the caller infers again: the undeclared values' shapes follow the filled dims
-        for v in undeclared:
-            v.shape = None
-    return changed
+    if not changed:
+        return modified
+    # Undeclared values as they were (inference also types some wrongly, e.g. a sequence as a
+    # tensor, and a second run would then refuse its own output), then what follows from the fill.
+    for v, t, shape in undeclared:
+        v.type = t
+        v.shape = shape
+    infer(model)
+    return True
 
 
 def _unknown(d: int | ir.SymbolicDim) -> bool:

@@ -194,13 +194,7 @@ def infer_shapes(model: ir.Model) -> bool:
 
     The first inference on a model whose declared shapes were set aside (graphopt.annotations)
     fills the dims it confirms in part from the declarations and infers once more from them."""
-    modified = _infer_shapes(model)
-    if modified is None:
-        return False
-    if adopt_declared_dims(model):
-        _infer_shapes(model)
-        return True
-    return modified
+    return bool(adopt_declared_dims(model, _infer_shapes))
 
 
 def _infer_shapes(model: ir.Model) -> bool | None:
