@@ -151,15 +151,15 @@ def _with_declared_dims(inferred: ir.Shape, declared: ir.Shape, sizes: bool) -> 
 
 
 def _merged(inferred: ir.Shape | None, declared: ir.Shape | None) -> ir.Shape | None:
-    """What the file declares: the declared shape with the dims inference proved, or the inferred
-    shape alone where the declared one contradicts it (another rank, another fixed dim)."""
+    """What the file declares: the declared shape with the sizes inference proved, or the inferred
+    shape alone where the declared one contradicts it (as in :func:`_with_declared_dims`)."""
     if declared is None or inferred is None:
         return declared if inferred is None else inferred
     if len(inferred) != len(declared):
         return inferred
     dims: list[int | ir.SymbolicDim] = []
     for a, b in zip(inferred, declared):
-        if isinstance(a, int) and isinstance(b, int) and a != b:
+        if isinstance(b, int) and not _unknown(a) and a != b:
             return inferred
         dims.append(a if isinstance(a, int) or (not isinstance(b, int) and b.value is None) else b)
     return ir.Shape(dims)

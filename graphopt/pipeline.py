@@ -402,6 +402,13 @@ class _Runner:
         save(model, path)
 
 
+def _infer_shapes(registry: Registry, model: ir.Model) -> None:
+    """Run the registered ``shape-inference`` pass (found by name: the core knows no pass) outside
+    the report; nothing when none is registered."""
+    if "shape-inference" in registry.pass_names():
+        registry.create_pass("shape-inference")(model)
+
+
 def _adopt(dst: ir.Model, src: ir.Model) -> None:
     dst.graph = src.graph
     dst.functions.clear()
@@ -528,7 +535,8 @@ class Pipeline:
 
         Before the first pass, the shapes the model declares for computed values are set aside
         (:func:`graphopt.annotations.set_aside_declared_shapes`): they are claims, and the passes
-        see only inferred shapes. After every pass that changed the model (and once more at the end
+        see only inferred shapes (the registered ``shape-inference`` pass runs then, outside the
+        report, so that passes which read shapes without inferring them find some). After every pass that changed the model (and once more at the end
         if passes ran after the last check), each node is checked against its op's schema at the
         model's opsets (:mod:`graphopt.schemas`); a node that does not fit (an op or attribute the
         opset lacks) raises :class:`PassCrashedError` naming the pass.
@@ -551,7 +559,10 @@ class Pipeline:
         before = model_stats(model)
         t0 = time.perf_counter()
         # Rewrites rely only on shapes inferred from the inputs and constants, never on declared ones.
-        set_aside_declared_shapes(model)
+        if set_aside_declared_shapes(model):
+            # Passes that read shapes without inferring them found the declared ones; inferred ones
+            # stand in (the first inference also takes what it confirms of the declarations).
+            _infer_shapes(runner.registry, model)
         runner.tolerated = _schemas.problem_signatures(model)
         runner.run_steps(model, self.steps, "", None)
         if runner.checked < len(runner.history):  # passes ran since the last check: one more

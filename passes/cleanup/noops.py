@@ -8,6 +8,7 @@ output; :func:`~graphopt.passes.ir_helpers.replace_value` keeps the node in such
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -175,6 +176,7 @@ class RemoveNoOpsPass(Pass):
         return None
 
 
+@functools.cache
 def _materialize_reshape_shape_rule() -> Any:
     """onnxscript's ``MaterializeReshapeShape`` in the form the model's opset has.
 
