@@ -3,10 +3,13 @@
 Declared shapes are claims, not facts: an exporter may declare an output ``[1, seqlen]`` that the
 model computes as ``(20, 1, 8210)``, and ONNX Runtime only warns about it. A rewrite that builds a
 Reshape target from such a claim changes the model's outputs. So before the passes run,
-:func:`set_aside_declared_shapes` removes the shapes of every value a node computes (graph
+:func:`set_aside_declared_shapes` removes the shapes of every value an ONNX op computes (graph
 outputs, value_info, subgraph values) and keeps them aside in ``model.meta``: the passes then see
 only what shape inference derives from the inputs' shapes (which ONNX Runtime enforces) and the
-constants. Element types stay (the input validation refuses contradicting ones).
+constants. Element types stay (the input validation refuses contradicting ones). The outputs of
+ops ONNX's inference does not know (contrib and custom ops, ONNX Runtime's own ops in the ONNX
+domain) keep their declarations: nothing can confirm or refute them, and without them nothing after
+such an op has a shape.
 
 After the first shape inference, :func:`adopt_declared_dims` gives back what inference confirms
 only in part: where it derives a declared shape's rank and contradicts none of its sizes, the dims
@@ -22,16 +25,18 @@ Shape inference annotates every value while the passes run (the rewrites' checks
 shapes). Written out, that is one value_info entry per value, and a long graph's file grows with
 its node count although ONNX Runtime infers all of it again. ``optimize`` records which
 intermediate values the input annotated (in ``model.meta``, never written); serialization hides the
-others' annotations and gives the declared ones back their declared dims where the inferred shape
-does not contradict them; the in-memory model keeps what inference found.
+others' annotations, and gives the graph outputs back their declared dims where the inferred shape
+has less and does not contradict them; the in-memory model keeps what inference found.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 __all__ = [
@@ -48,7 +53,8 @@ __all__ = [
 #: :func:`declared_annotations_only`).
 DECLARED_KEY = "graphopt.declared_annotations"
 #: ``model.meta`` key (in memory, never written): the declared shapes :func:`set_aside_declared_shapes`
-#: removed, by value name; serialization writes them back where inference does not contradict them.
+#: removed, by value name; serialization declares the graph outputs with them where inference has
+#: less and does not contradict them.
 DECLARED_SHAPES_KEY = "graphopt.declared_shapes"
 
 
@@ -60,13 +66,26 @@ def _intermediate_values(model: ir.Model) -> Iterator[ir.Value]:
             yield from (v for v in node.outputs if id(v) not in outputs)
 
 
+@functools.cache
+def _inferable(domain: str, op_type: str) -> bool:
+    """Whether ONNX's shape inference has a schema for the op (not so for ONNX Runtime's contrib
+    ops, nor for its own ops in the ONNX domain such as SimplifiedLayerNormalization)."""
+    return domain in ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training") and onnx.defs.has(
+        op_type, "" if domain == "ai.onnx" else domain
+    )
+
+
 def _computed_values(model: ir.Model) -> Iterator[ir.Value]:
-    """Every value a node computes (graph outputs included), main graph and subgraphs. A Loop's or
-    Scan's body inputs keep theirs: they are the body's interface, and shape inference checks
+    """Every value a node of an ONNX domain computes (graph outputs included), main graph and
+    subgraphs. The outputs of other nodes (ONNX Runtime's contrib ops, custom ops, the model's
+    functions) keep their declared shapes: ONNX's inference knows nothing of those ops, so their
+    declarations are all there is (a graphopt-fused model's come from the rewrites). A Loop's or
+    Scan's body inputs keep theirs too: they are the body's interface, and shape inference checks
     them against the values the node passes in."""
     for graph in model.graphs():
         for node in graph:
-            yield from node.outputs
+            if _inferable(node.domain, node.op_type):
+                yield from node.outputs
 
 
 def set_aside_declared_shapes(model: ir.Model) -> bool:
@@ -188,8 +207,11 @@ def declared_annotations_only(model: ir.Model) -> Iterator[None]:
                 v.type = None
                 v.shape = None
     if shapes:
-        for v in _computed_values(model):
-            if v.name in shapes and (declared is None or v.name in declared or v.is_graph_output()):
+        # The graph outputs are the model's interface: declared as the input declared them where
+        # inference has less. Intermediates carry what the passes found (a pass may have changed a
+        # value's shape under its name: pruned heads).
+        for v in model.graph.outputs:
+            if v.name in shapes:
                 merged = _merged(v.shape, shapes[v.name])
                 if merged is not v.shape:
                     hidden.append((v, v.type, v.shape))
