@@ -152,3 +152,15 @@ def test_what_survives_of_a_declaration() -> None:
     assert got["out"] == ir.Shape(["unk__2", "seq"])  # a graph output: names only, never a size
     adopt_declared_dims(model, infer)
     assert len(runs) == 3  # once per model: later calls only infer
+
+
+def test_a_wrong_declared_output_shape_is_not_trusted_after_an_in_memory_upgrade() -> None:
+    """The pretrained CRNN's path (TRIAGE T12): upgrade-opset in memory, then optimize the result;
+    the declaration must not come back as a fact on the way."""
+    proto = _crnn_like(12, [1, "seqlen"])
+    up = graphopt.optimize(proto, pipeline="upgrade-opset").model
+    out = graphopt.to_bytes(graphopt.optimize(up).model)
+    for feeds in (FEEDS, {"x": FEEDS["x"][:1]}):
+        (expected,), (got,) = _run(proto.SerializeToString(), feeds), _run(out, feeds)
+        assert expected.shape == got.shape
+        np.testing.assert_array_equal(expected, got)
