@@ -4,12 +4,13 @@ Declared shapes are claims, not facts: an exporter may declare an output ``[1, s
 model computes as ``(20, 1, 8210)``, and ONNX Runtime only warns about it. A rewrite that builds a
 Reshape target from such a claim changes the model's outputs. So before the passes run,
 :func:`set_aside_declared_shapes` removes the shapes of every value an ONNX op computes (graph
-outputs, value_info, subgraph values) and keeps them aside in ``model.meta``: the passes then see
+outputs, value_info, values inside subgraphs) and keeps them aside in ``model.meta``: the passes then see
 only what shape inference derives from the inputs' shapes (which ONNX Runtime enforces) and the
 constants. Element types stay (the input validation refuses contradicting ones). The outputs of
 ops ONNX's inference does not know (contrib and custom ops, ONNX Runtime's own ops in the ONNX
 domain) keep their declarations: nothing can confirm or refute them, and without them nothing after
-such an op has a shape.
+such an op has a shape. So do a subgraph's inputs and outputs, the body's interface (see
+:func:`_computed_values`).
 
 After the first shape inference, :func:`adopt_declared_dims` gives back what inference confirms
 only in part: where it derives a declared shape's rank and contradicts none of its sizes, the dims
@@ -76,16 +77,18 @@ def _inferable(domain: str, op_type: str) -> bool:
 
 
 def _computed_values(model: ir.Model) -> Iterator[ir.Value]:
-    """Every value a node of an ONNX domain computes (graph outputs included), main graph and
-    subgraphs. The outputs of other nodes (ONNX Runtime's contrib ops, custom ops, the model's
-    functions) keep their declared shapes: ONNX's inference knows nothing of those ops, so their
-    declarations are all there is (a graphopt-fused model's come from the rewrites). A Loop's or
-    Scan's body inputs keep theirs too: they are the body's interface, and shape inference checks
-    them against the values the node passes in."""
+    """Every value a node of an ONNX op computes, main graph (graph outputs included) and
+    subgraphs. Left out, keeping their declared shapes: the outputs of ops ONNX's inference does
+    not know (ONNX Runtime's contrib ops, custom ops, the model's functions: their declarations are
+    all there is, and a graphopt-fused model's come from the rewrites), and a subgraph's inputs and
+    outputs (a Loop body's, an If branch's): they are the body's interface, which ONNX's inference
+    checks against the values the node passes in and the body computes (the input validation
+    drops a contradicted one), and graphopt's inference keeps a subgraph's annotations as they are."""
     for graph in model.graphs():
+        interface = set() if graph is model.graph else {id(v) for v in graph.outputs}
         for node in graph:
             if _inferable(node.domain, node.op_type):
-                yield from node.outputs
+                yield from (v for v in node.outputs if id(v) not in interface)
 
 
 def set_aside_declared_shapes(model: ir.Model) -> bool:
