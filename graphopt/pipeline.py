@@ -18,7 +18,9 @@ from typing import Any, ClassVar, Protocol
 import onnx
 import onnx_ir as ir
 
+from graphopt import schemas as _schemas
 from graphopt import spec as _spec
+from graphopt.annotations import declared_annotations_only, set_aside_declared_shapes
 from graphopt.errors import GraphoptError, PassChangedOutputsError, PassCrashedError, PipelineError
 from graphopt.registry import Registry, default_registry
 
@@ -252,6 +254,10 @@ class _Runner:
         self.records: list[PassRecord] = []
         self.history: list[str] = []
         self._inputs: Any = None
+        #: Schema problems the input already had (by node signature): not blamed on a pass.
+        self.tolerated: set[_schemas.Signature] = set()
+        #: How many passes had run at the last schema check.
+        self.checked = 0
 
     def run_steps(self, model: ir.Model, steps: Sequence[Any], prefix: str, iteration: int | None) -> bool:
         modified = False
@@ -332,8 +338,10 @@ class _Runner:
         return f" (after: {', '.join(self.history[-5:])})" if self.history else " (first pass)"
 
     def check(self, model: ir.Model, name: str) -> None:
+        self.check_schemas(model, name)
         if self.verify_each:
-            proto = ir.serde.serialize_model(model)
+            with declared_annotations_only(model):  # graph outputs as declared, where inference has less
+                proto = ir.serde.serialize_model(model)
             try:
                 if proto.ByteSize() < 2**31 - 1:
                     onnx.checker.check_model(proto)
@@ -358,6 +366,27 @@ class _Runner:
                     f"pass '{name}' changed the model's outputs: {result.failure_summary()}{self._after_prev()}"
                 )
 
+    def check_schemas(self, model: ir.Model, name: str | None) -> None:
+        """Every node against its op's schema at the model's opsets (no serialization, no ONNX
+        Runtime session): a pass that emits an op or attribute the opset lacks is a bug, named here
+        rather than by ONNX Runtime refusing the written file. ``name`` None: the final check, for
+        what passes that reported no change since the last check did."""
+        for node, problem in _schemas.model_problems(model, self.tolerated):
+            what = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+            rule = node.metadata_props.get("graphopt.rule")
+            made = f", made by rule '{rule}'" if rule else ""
+            if name is None:
+                unchecked = ", ".join(self.history[self.checked :][-5:])
+                who = f"one of the passes that reported no change ({unchecked})"
+                after = ""
+            else:
+                who, after = f"pass '{name}'", self._after_prev()
+            raise PassCrashedError(
+                f"{who} produced an invalid model: {what}{made}: {problem} (ONNX Runtime would "
+                f"refuse to load it){after}"
+            )
+        self.checked = len(self.history)
+
     def _after_prev(self) -> str:
         prev = self.history[:-1][-5:]
         return f" (passes before it: {', '.join(prev)})" if prev else ""
@@ -370,6 +399,13 @@ class _Runner:
         suffix = f"-{iteration}" if iteration is not None else ""
         path = os.path.join(self.dump_dir, f"{len(self.records):03d}_{safe}{suffix}.onnx")  # type: ignore[arg-type]
         save(model, path)
+
+
+def _infer_shapes(registry: Registry, model: ir.Model) -> None:
+    """Run the registered ``shape-inference`` pass (found by name: the core knows no pass) outside
+    the report; nothing when none is registered."""
+    if "shape-inference" in registry.pass_names():
+        registry.create_pass("shape-inference")(model)
 
 
 def _adopt(dst: ir.Model, src: ir.Model) -> None:
@@ -495,6 +531,14 @@ class Pipeline:
         (default: ``GRAPHOPT_DEBUG`` set) fails a pass that says "unchanged" but changed the model.
         ``context`` hands passes run-time inputs that pipeline text cannot hold (e.g.
         ``{"calibration": iterable_of_feeds}``); passes read it as ``self.context``.
+
+        Before the first pass, the shapes the model declares for computed values are set aside
+        (:func:`graphopt.annotations.set_aside_declared_shapes`): they are claims, and the passes
+        see only inferred shapes (the registered ``shape-inference`` pass runs then, outside the
+        report, so that passes which read shapes without inferring them find some). After every pass that changed the model (and once more at the end
+        if passes ran after the last check), each node is checked against its op's schema at the
+        model's opsets (:mod:`graphopt.schemas`); a node that does not fit (an op or attribute the
+        opset lacks) raises :class:`PassCrashedError` naming the pass.
         """
         if check_modified is None:
             check_modified = bool(os.environ.get("GRAPHOPT_DEBUG"))
@@ -513,7 +557,15 @@ class Pipeline:
         )
         before = model_stats(model)
         t0 = time.perf_counter()
+        # Rewrites rely only on shapes inferred from the inputs and constants, never on declared ones.
+        if set_aside_declared_shapes(model):
+            # Passes that read shapes without inferring them found the declared ones; inferred ones
+            # stand in (the first inference also takes what it confirms of the declarations).
+            _infer_shapes(runner.registry, model)
+        runner.tolerated = _schemas.problem_signatures(model)
         runner.run_steps(model, self.steps, "", None)
+        if runner.checked < len(runner.history):  # passes ran since the last check: one more
+            runner.check_schemas(model, None)
         report = Report(
             str(self), before, model_stats(model), runner.records, wall_s=time.perf_counter() - t0
         )

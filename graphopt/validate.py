@@ -28,7 +28,6 @@ copy the whole model twice); large and external tensors are replaced, in a light
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import re
@@ -41,6 +40,7 @@ from google.protobuf.message import Message
 
 from graphopt.errors import InvalidModelError, UnsupportedModelError
 from graphopt.light import light_copy, without_declared_shapes
+from graphopt.schemas import contrib_problem, contrib_schema, ort_contrib_schemas
 from graphopt.topology import all_graphs, all_nodes, check_structure, describe_node
 
 __all__ = ["KNOWN_DOMAINS", "check_supported", "validate_model"]
@@ -494,7 +494,7 @@ def _check_contrib_ops(
     nodes = [n for n in all_nodes(proto) if n.domain == "com.microsoft"]
     if version is None and not nodes:
         return
-    schemas = _ort_contrib_schemas()
+    schemas = ort_contrib_schemas()
     newest = max(s.since_version for versions in schemas.values() for s in versions)
     if version is not None and version > newest:
         raise UnsupportedModelError(
@@ -507,38 +507,21 @@ def _check_contrib_ops(
     for n in nodes:
         if n.op_type in local:
             continue
-        versions = [s for s in schemas.get(n.op_type, []) if s.since_version <= (version or newest)]
-        if not versions:
-            raise InvalidModelError(
-                f"{where}: {describe_node(n)} is not an operator of ONNX Runtime's com.microsoft domain (opset "
-                f"{version or newest}); fix the op type (or pass --allow-custom-domains if a custom ONNX Runtime "
-                "build provides it)"
+        attrs = {
+            a.name: "REF" if a.ref_attr_name else onnx.AttributeProto.AttributeType.Name(a.type)
+            for a in n.attribute
+        }
+        problem = contrib_problem(
+            n.op_type, version or newest, tuple(bool(i) for i in n.input), len(n.output), attrs
+        )
+        if problem is not None:
+            hint = (
+                "; fix the op type (or pass --allow-custom-domains if a custom ONNX Runtime build provides it)"
+                if contrib_schema(n.op_type, version or newest) is None
+                else ""
             )
-        s = max(versions, key=lambda x: x.since_version)
-        if (
-            not s.min_input <= len(n.input) <= s.max_input
-            or not s.min_output <= len(n.output) <= s.max_output
-        ):
-            raise InvalidModelError(
-                f"{where}: {describe_node(n)} has {len(n.input)} inputs and {len(n.output)} outputs; com.microsoft::"
-                f"{n.op_type} takes {s.min_input}-{s.max_input} and {s.min_output}-{s.max_output}"
-            )
-        given = {a.name: a for a in n.attribute}
-        for name, a in given.items():
-            spec = s.attributes.get(name)
-            if spec is None:
-                raise InvalidModelError(
-                    f"{where}: {describe_node(n)}: com.microsoft::{n.op_type} has no attribute '{name}'"
-                )
-            want = str(spec.type).rpartition(".")[2]
-            if not a.ref_attr_name and onnx.AttributeProto.AttributeType.Name(a.type) != want:
-                raise InvalidModelError(
-                    f"{where}: {describe_node(n)}: attribute '{name}' must be {want}, not "
-                    f"{onnx.AttributeProto.AttributeType.Name(a.type)}"
-                )
-        missing = sorted(k for k, spec in s.attributes.items() if spec.required and k not in given)
-        if missing:
-            raise InvalidModelError(f"{where}: {describe_node(n)} lacks required attribute(s) {missing}")
+            raise InvalidModelError(f"{where}: {describe_node(n)}: {problem}{hint}")
+        s = contrib_schema(n.op_type, version or newest)
         if inferred is not None:
             _check_contrib_types(n, s, _value_types(inferred), where)
 
@@ -596,14 +579,3 @@ _TYPE_NAMES = {
     onnx.TensorProto.UINT64: "uint64",
     onnx.TensorProto.BFLOAT16: "bfloat16",
 }
-
-
-@functools.cache
-def _ort_contrib_schemas() -> dict[str, list]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
-
-    out: dict[str, list] = {}
-    for s in ort_c.get_all_operator_schema():
-        if s.domain == "com.microsoft":
-            out.setdefault(s.name, []).append(s)
-    return out

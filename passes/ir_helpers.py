@@ -8,13 +8,18 @@ backends' checks) all need, so that none of them borrows helpers from another pa
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
+
+from graphopt.annotations import adopt_declared_dims
+from graphopt.schemas import node_problem
 
 __all__ = [
     "MS_DOMAIN",
@@ -28,6 +33,8 @@ __all__ = [
     "is_standard",
     "model_opset",
     "new_initializer",
+    "new_nodes_problem",
+    "opset_guarded",
     "rank",
     "replace_value",
     "static_shape",
@@ -37,6 +44,7 @@ __all__ = [
 
 #: What infer_shapes logs under (the shape-inference pass's logger).
 _cleanup_logger = logging.getLogger("graphopt.passes.cleanup")
+_logger = logging.getLogger("graphopt.passes")
 
 #: ONNX Runtime's contrib-op domain.
 MS_DOMAIN = "com.microsoft"
@@ -186,7 +194,14 @@ def infer_shapes(model: ir.Model) -> bool:
     ``shape-inference`` pass runs): values inside subgraphs keep their declared types, the
     initializer order is kept, and Reshapes before opset 14 get what :func:`complete_shapes`
     finds. Returns whether it added or changed shapes (a pass that ran it must then say
-    "modified"); when inference fails the model is left unchanged."""
+    "modified"); when inference fails the model is left unchanged.
+
+    The first inference on a model whose declared shapes were set aside (graphopt.annotations)
+    fills the dims it confirms in part from the declarations and infers once more from them."""
+    return bool(adopt_declared_dims(model, _infer_shapes))
+
+
+def _infer_shapes(model: ir.Model) -> bool | None:
     # Values inside subgraphs keep their declared types: onnx's inference can type an If
     # output of sequence type as a tensor there (seen on test_loop16_seq_none), which
     # ONNX Runtime then rejects. Main-graph annotations are checked by ORT's own inference.
@@ -210,7 +225,7 @@ def infer_shapes(model: ir.Model) -> bool:
             modified = True
     except Exception as e:
         _cleanup_logger.info("shape inference failed, model left unchanged: %s", e)
-        return False
+        return None
     for graph, values in orders:
         if list(graph.initializers.values()) != values and set(graph.initializers.values()) == set(values):
             graph.initializers.clear()
@@ -473,3 +488,94 @@ def _remainder(src: list[_Dim] | None, others: list[_Dim]) -> _Dim:
     if len(rest) == 1 and ratio == 1:
         return rest[0]
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrites that fit the model's opset
+
+
+def scope_opsets(model: ir.Model, scope: ir.Graph | ir.Function) -> Mapping[str, int]:
+    """The opset imports the nodes of ``scope`` are read against: a function's own (over the
+    model's), the model's for the main graph and its subgraphs (a subgraph imports nothing)."""
+    if isinstance(scope, ir.Function):
+        return {**model.opset_imports, **scope.opset_imports}
+    return model.opset_imports
+
+
+#: Constant's typed value attributes (opset 12) and the numpy dtype of the tensor they stand for.
+_CONSTANT_VALUE_ATTRS = {
+    "value_int": np.int64,
+    "value_ints": np.int64,
+    "value_float": np.float32,
+    "value_floats": np.float32,
+}
+
+
+def _legalize_constant(node: ir.Node, opsets: Mapping[str, int]) -> None:
+    """A ``Constant(value_int(s)/value_float(s))`` (opset 12) as ``Constant(value=tensor)``, which
+    every opset has: onnxscript's folder and rules emit the typed form whatever the opset."""
+    if not is_standard(node, "Constant") or len(node.attributes) != 1:
+        return
+    ((name, attr),) = node.attributes.items()
+    dtype = _CONSTANT_VALUE_ATTRS.get(name)
+    if dtype is None or attr.is_ref() or opsets.get("", opsets.get("ai.onnx", 0)) >= 12:
+        return
+    tensor = ir.tensor(np.array(attr.value, dtype=dtype))
+    node.attributes.pop(name)
+    node.attributes["value"] = ir.AttrTensor("value", tensor)
+
+
+def new_nodes_problem(nodes: Sequence[ir.Node], opsets: Mapping[str, int]) -> str | None:
+    """Why nodes a rewrite is about to insert do not fit the schemas at ``opsets`` (an op or
+    attribute the opset lacks, an input form it does not take), or None. Typed Constants are
+    first rewritten to the form every opset has."""
+    for node in nodes:
+        _legalize_constant(node, opsets)
+        problem = node_problem(node, opsets)
+        if problem is not None:
+            return problem
+    return None
+
+
+@functools.cache
+def _guarded_rule_class() -> type:
+    from onnxscript.rewriter import pattern
+
+    class OpsetGuardedRule(pattern.RewriteRule):
+        """An onnxscript rule that leaves a site alone when its replacement does not fit the
+        model's opsets (the rules build their replacements for the newest opset)."""
+
+        def __init__(self, rule: pattern.RewriteRule) -> None:  # a copy of the rule's state
+            self.__dict__.update(rule.__dict__)
+
+        def try_rewrite(self, model, graph_or_function, node, **kwargs):
+            imports = [(s, dict(s.opset_imports)) for s in (graph_or_function, model.graph)]
+            delta = super().try_rewrite(model, graph_or_function, node, **kwargs)
+            if delta is None:
+                return None
+            problem = new_nodes_problem(delta.new_nodes, scope_opsets(model, graph_or_function))
+            if problem is None:
+                return delta
+            for scope, before in imports:  # the imports the rejected replacement added
+                scope.opset_imports.clear()
+                scope.opset_imports.update(before)
+            _logger.debug("rule %s skipped at %s: %s", self.name, node.name, problem)
+            return None
+
+    return OpsetGuardedRule
+
+
+def opset_guarded(rules: Any) -> Any:
+    """``rules`` (an onnxscript ``RewriteRule``, ``RewriteRuleSet`` or list of rules) as a rule set
+    that rewrites only where the replacement fits the model's opsets: every rule must emit only
+    ops and attributes that exist there, and onnxscript's rules do not check (``Reshape`` with
+    ``allowzero``, ``Squeeze``/``Split`` with axes or sizes as inputs, ops of later opsets)."""
+    from onnxscript.rewriter import pattern
+
+    if isinstance(rules, pattern.RewriteRule):
+        rules = [rules]
+    elif isinstance(rules, pattern.RewriteRuleSet):
+        rules = rules.rules
+    guard = _guarded_rule_class()
+    guarded: list[Any] = [r if isinstance(r, guard) else guard(r) for r in rules]
+    return pattern.RewriteRuleSet(guarded)

@@ -21,6 +21,7 @@ import logging
 import onnx
 import onnx_ir as ir
 
+from graphopt.annotations import declared_annotations_only
 from graphopt.errors import PassFailedError
 from graphopt.pipeline import Pass
 
@@ -117,7 +118,8 @@ class UpgradeOpsetPass(Pass):
             raise PassFailedError(
                 f"upgrade-opset: the converter left the model at opset {model_opset(model)}, not {target}"
             )
-        proto = ir.serde.serialize_model(model)
+        with declared_annotations_only(model):  # graph outputs as declared where inference has less
+            proto = ir.serde.serialize_model(model)
         if proto.ByteSize() < 2**31 - 1:  # the checker cannot take larger protos in memory
             try:
                 onnx.checker.check_model(proto)

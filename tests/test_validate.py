@@ -241,7 +241,7 @@ INVALID = {
             [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.microsoft", name="f")],
             extra_opsets=[("com.microsoft", 1)],
         ),
-        "node 'f' (Frobnicate) is not an operator of ONNX Runtime's com.microsoft domain",
+        "node 'f' (Frobnicate): com.microsoft::Frobnicate is not an operator of ONNX Runtime's com.microsoft domain",
     ),
     "contrib-op-unknown-attribute": (
         lambda: model(
@@ -255,7 +255,7 @@ INVALID = {
             [helper.make_node("FastGelu", ["x", "x", "x"], ["y"], domain="com.microsoft", name="g")],
             extra_opsets=[("com.microsoft", 1)],
         ),
-        "node 'g' (FastGelu) has 3 inputs and 1 outputs; com.microsoft::FastGelu takes 1-2",
+        "node 'g' (FastGelu): com.microsoft::FastGelu takes 1-2 inputs and 1 outputs, not 3 and 1",
     ),
     "contrib-opset-5": (
         lambda: model([helper.make_node("Relu", ["x"], ["y"])], extra_opsets=[("com.microsoft", 5)]),

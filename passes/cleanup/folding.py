@@ -4,8 +4,9 @@ onnxscript's folder evaluates a node *before* checking the result's size, so a
 ``ConstantOfShape``/``Expand``/``Tile`` of gigabytes is materialised, and an evaluator error aborts
 the whole pass. Here output sizes are estimated first, nodes whose evaluation fails are skipped,
 integer arithmetic that could overflow is left alone, integer division or modulo by zero (no value
-by the op's definition; ONNX Runtime refuses it) is never folded, and results whose dtype/shape
-disagree with the node's declared type are refused.
+by the op's definition; ONNX Runtime refuses it) is never folded, results whose dtype/shape
+disagree with the node's declared type are refused, and a rewrite whose new nodes the model's opset
+does not have (onnxscript writes the newest forms) is not made.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from onnxscript.optimizer import _constant_folding
 
 from graphopt.pipeline import Pass
 
-from ..ir_helpers import STANDARD_DOMAINS, all_nodes, is_standard, static_shape
+from ..ir_helpers import STANDARD_DOMAINS, all_nodes, is_standard, new_nodes_problem, static_shape
 from ._values import broadcast as _broadcast
 from ._values import const_value as _const
 
@@ -155,11 +156,20 @@ class _GuardedFolder(_constant_folding.FoldConstantsPass):
         strict = np.errstate(all="raise") if _integer_inputs(node) else contextlib.nullcontext()
         try:
             with strict:
-                return super().process_node(node, is_function)
+                replacement = super().process_node(node, is_function)
         except Exception as e:  # an evaluator that cannot handle this node: leave it alone
             logger.debug("not folding %s (%s): %s", node.name, node.op_type, e)
             self.owner.count("skipped_error")
             return None
+        if replacement is not None and replacement.new_nodes:
+            # onnxscript's partial evaluators write the newest opset's forms (Constant(value_ints),
+            # Split/Squeeze/Unsqueeze with sizes or axes as inputs) whatever the model's opset.
+            problem = new_nodes_problem(replacement.new_nodes, self._opset_imports)
+            if problem is not None:
+                logger.debug("not rewriting %s (%s): %s", node.name, node.op_type, problem)
+                self.owner.count("skipped_opset")
+                return None
+        return replacement
 
     def _prepare_folded_tensor(self, node: ir.Node, output_name: str, output_array: Any) -> ir.Tensor | None:
         if isinstance(output_array, np.ndarray) and output_array.dtype.kind in "OSU":

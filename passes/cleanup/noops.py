@@ -8,14 +8,24 @@ output; :func:`~graphopt.passes.ir_helpers.replace_value` keeps the node in such
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.pipeline import Pass
 
-from ..ir_helpers import STANDARD_DOMAINS, all_nodes, is_standard, replace_value, static_shape
+from ..ir_helpers import (
+    STANDARD_DOMAINS,
+    all_nodes,
+    is_standard,
+    model_opset,
+    opset_guarded,
+    replace_value,
+    static_shape,
+)
 from ..ir_helpers import rank as _input_rank
 from ._values import broadcast as _broadcast
 from ._values import const_value as _const
@@ -166,6 +176,36 @@ class RemoveNoOpsPass(Pass):
         return None
 
 
+@functools.cache
+def _materialize_reshape_shape_rule() -> Any:
+    """onnxscript's ``MaterializeReshapeShape`` in the form the model's opset has.
+
+    onnxscript writes every materialized shape with ``allowzero=1``, an attribute Reshape has only
+    from opset 14 (ONNX Runtime refuses it before: "Unrecognized attribute: allowzero"). It matters
+    only where the shape holds a 0 (``allowzero=0`` would copy the input's dim there): so the
+    Reshape carries it only then, and before opset 14 such a site is left alone.
+    """
+    from onnxscript.rewriter.rules.common import _materialize_reshape_shape as osmat
+
+    class MaterializeReshapeShape(osmat.MaterializeReshapeShape):
+        def check(self, context, data, shape):
+            result = super().check(context, data, shape)
+            if not result:
+                return result
+            self._allowzero = 1 if 0 in self._new_dims else None
+            if self._allowzero and (-1 in self._new_dims or model_opset(context.model) < 14):
+                return result.fail(
+                    "a 0 dim needs allowzero=1, which Reshape has from opset 14 (and not with -1)"
+                )
+            return result
+
+        def rewrite(self, op, data, shape):
+            new_shape = op.Constant(value=ir.tensor(self._new_dims, dtype=ir.DataType.INT64))
+            return op.Reshape(data, new_shape, allowzero=self._allowzero)
+
+    return MaterializeReshapeShape.rule()
+
+
 class SimplifyPass(Pass):
     """Apply onnxscript's shape-chain simplifications: collapse no-op Slices, merge
     Reshape/Reshape and Unsqueeze/Unsqueeze chains, materialise Reshape shapes known from
@@ -179,16 +219,15 @@ class SimplifyPass(Pass):
     name = "simplify"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.rewriter import pattern
         from onnxscript.rewriter.rules import common as rules
 
         from graphopt.passes.fusion.shapes import safe_reshape_reshape_rule
 
-        ruleset = pattern.RewriteRuleSet(
+        ruleset = opset_guarded(
             [
                 rules.collapse_slice_rule,
                 rules.collapse_slice2_rule,
-                rules.materialize_reshape_shape_rule,
+                _materialize_reshape_shape_rule(),
                 # onnxscript's reshape_reshape_rule names its new shape "<output>/shape" and the
                 # rewriter overwrites an initializer of that name; ours names it freshly.
                 safe_reshape_reshape_rule(),

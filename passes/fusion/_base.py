@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from graphopt.pipeline import Pass
 
-from ..ir_helpers import all_nodes, infer_shapes, model_opset
+from ..ir_helpers import all_nodes, infer_shapes, model_opset, opset_guarded
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
@@ -49,29 +49,46 @@ class FusionRule:
 
 def from_onnxscript(rules: Any, *, shape_inference: bool = False) -> Callable[[ir.Model], int]:
     """Adapt an onnxscript ``RewriteRule``/``RewriteRuleSet`` (or a ``fuse_*`` function) to
-    ``apply(model) -> count``."""
+    ``apply(model) -> count``. The rules are opset-guarded (:func:`opset_guarded`): a site whose
+    replacement does not fit the model's opsets is left alone. A ``fuse_*`` function is applied
+    through the rule set it wraps."""
     from onnxscript.rewriter import pattern
 
     if callable(rules) and not isinstance(rules, (pattern.RewriteRule, pattern.RewriteRuleSet)):
-        fn = rules
+        wrapped = _wrapped_rules(rules)
+        if wrapped is None:
+            fn = rules
 
-        def apply_fn(model: ir.Model) -> int:
-            return int(fn(model, apply_shape_inference=shape_inference) if shape_inference else fn(model))
+            def apply_fn(model: ir.Model) -> int:
+                return int(fn(model, apply_shape_inference=shape_inference) if shape_inference else fn(model))
 
-        return apply_fn
-    if isinstance(rules, pattern.RewriteRule):
-        rules = pattern.RewriteRuleSet([rules])
-    elif isinstance(rules, (list, tuple)):
-        rules = pattern.RewriteRuleSet(list(rules))
+            return apply_fn
+        rules = wrapped
+    guarded = opset_guarded(rules)
 
     def apply(model: ir.Model) -> int:
-        count = int(rules.apply_to_model(model))
+        count = int(guarded.apply_to_model(model))
         if count and shape_inference:
             # graphopt's wrapper: keeps subgraph types and the initializer order.
             infer_shapes(model)
         return count
 
     return apply
+
+
+def _wrapped_rules(fn: Callable) -> Any:
+    """The rule set an onnxscript ``fuse_*`` function applies (``apply_fusion_rules(rules)`` keeps
+    it in its closure), or None."""
+    from onnxscript.rewriter import pattern
+
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, (pattern.RewriteRule, pattern.RewriteRuleSet)):
+            return value
+    return None
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import onnx_ir.passes.common as common
 
 from graphopt.errors import PassFailedError
 
-from ..ir_helpers import graph_nodes, infer_shapes
+from ..ir_helpers import graph_nodes, infer_shapes, opset_guarded
 from . import ort_attention, ort_conv, ort_gelu, ort_gqa, ort_qkv, ort_rotary
 from ._base import CONTRIB, STANDARD, FusionOptions, FusionPass, FusionRule, from_onnxscript
 from .matching import PRIVATE_DOMAIN
@@ -250,7 +250,7 @@ class FuseOrtPass(FusionPass):
         # The attention patterns check ranks and head dimensions; they need inferred shapes and
         # the Shape→Gather→Concat chains that the exporter emits rewritten to direct dims.
         modified = infer_shapes(model)
-        if n := shape_optimization.rules.apply_to_model(model):
+        if n := opset_guarded(shape_optimization.rules).apply_to_model(model):
             self.count("shape-chains", n)
         return modified or bool(n)
 

@@ -21,7 +21,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, graph_nodes, rank, unique_name
+from ..ir_helpers import MS_DOMAIN, graph_nodes, opset_guarded, rank, unique_name
 from ..ir_helpers import constant_array as constant
 from .matching import PRIVATE_DOMAIN, is_op, other, producer, replace_with, same_dim, scalar, single_use
 
@@ -489,7 +489,7 @@ def fuse_cos_sin_cache_then_cse(model: ir.Model) -> int:
     import onnx_ir.passes.common as common
     from onnxscript.rewriter.ort_fusions import cos_sin_cache
 
-    n = cos_sin_cache.fuse_cos_sin_cache(model)
+    n = opset_guarded(cos_sin_cache.cos_sin_cache_rules).apply_to_model(model)
     if n:
         common.CommonSubexpressionEliminationPass()(model)
     return n

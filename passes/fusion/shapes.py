@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import _basic_rules as osbasic
 
-from ..ir_helpers import constant_array, fresh_name, infer_shapes, replace_value, static_shape
+from ..ir_helpers import constant_array, fresh_name, infer_shapes, opset_guarded, replace_value, static_shape
 from ..ir_helpers import rank as _rank
 from ._base import RULE_KEY, STANDARD, FusionPass, FusionRule
 
@@ -233,7 +233,7 @@ def _apply(rules: Any):
     which would change a model the pass reports unchanged. We delete them only after a match."""
     from onnxscript import optimizer
 
-    rules = pattern.RewriteRuleSet(rules if isinstance(rules, list) else [rules])
+    rules = opset_guarded(rules)
     keeps = rules.remove_unused_nodes
     rules.remove_unused_nodes = False
 
