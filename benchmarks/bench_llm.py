@@ -73,7 +73,8 @@ def _smollm2_sources() -> tuple[Path, Path]:
 
 
 def _llama156m_source() -> Path:
-    """The suite's Llama "base" config as a causal LM (random weights, seeded) with SmolLM2's tokenizer."""
+    """The suite's Llama "base" config as a causal LM (random weights, seeded), with SmolLM2's
+    tokenizer files for the genai folders; its token ids are taken modulo the 32000 vocabulary."""
     hf = WORK / "llama-156m" / "hf"
     if not (hf / "config.json").is_file():
         import torch
@@ -85,7 +86,7 @@ def _llama156m_source() -> Path:
         _, smol = _smollm2_sources()
         tokenizer = AutoTokenizer.from_pretrained(smol)
         torch.manual_seed(0)
-        cfg = dict(_LLAMA["base"], vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        cfg = dict(_LLAMA["base"], bos_token_id=1, eos_token_id=2, pad_token_id=2)  # vocab 32000
         LlamaForCausalLM(LlamaConfig(**cfg)).eval().save_pretrained(hf)
         tokenizer.save_pretrained(hf)
     return hf
@@ -314,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown model {name}")
         tokenizer = AutoTokenizer.from_pretrained(hf)
-        eval_ids = [int(t) for t in tokenizer(eval_text)["input_ids"]]
+        vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+        eval_ids = [int(t) % vocab for t in tokenizer(eval_text)["input_ids"]]
         builds = build_all(name, gguf, hf, calib, only, args.fresh)
         if args.build_only:
             continue
