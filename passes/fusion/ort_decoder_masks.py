@@ -54,6 +54,20 @@ _CONE_OPS = frozenset(
     Transpose Trilu Unsqueeze Where Xor""".split()
 )
 _SAMPLE_SIZES = ((1, 1), (2, 1), (1, 2), (2, 3), (3, 5), (2, 8), (1, 13))
+#: (batch, sequence, past) samples for attention over a KV cache: prompts (past 0), decode steps and
+#: chunks after a past, totals past :data:`MAX_PROBE`.
+_CACHE_SIZES = (
+    *((b, s, 0) for b, s in _SAMPLE_SIZES),
+    (2, MAX_PROBE + 3, 0),
+    (1, 1, 1),
+    (2, 1, 3),
+    (1, 1, 5),
+    (2, 2, 4),
+    (3, 1, 8),
+    (2, 3, 13),
+    (1, 1, MAX_PROBE + 2),
+    (2, 1, MAX_PROBE + 3),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +183,8 @@ def _allowed(mask: np.ndarray, additive: bool) -> np.ndarray | None:
 
 
 def _expected(batch: int, seq: int, total: int, lengths: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(allowed [B, S, T], rows that must match [B, S]) for GroupQueryAttention's semantics."""
+    """(allowed [B, S, T], rows that must match [B, S]) for GroupQueryAttention's semantics: query
+    token i sits at position ``T - S + i`` (after the past) and sees keys up to it."""
     past = total - seq
     i = np.arange(seq)[:, None]
     j = np.arange(total)[None, :]
@@ -181,6 +196,18 @@ def _expected(batch: int, seq: int, total: int, lengths: np.ndarray | None) -> t
     return causal & valid_key, valid_row
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    """The query's symbolic batch/sequence (and the cache's past) dims, and sizes to evaluate at."""
+
+    q_batch: object
+    q_seq: object
+    q_past: object
+    batch: int
+    seq: int
+    past: int
+
+
 class _Prover:
     """Evaluates one mask computation at the sample sizes (results cached per mask value)."""
 
@@ -189,17 +216,23 @@ class _Prover:
         self.padding_inputs = padding_inputs
         self.cache: dict[tuple[int, bool], MaskProof | str] = {}
 
-    def prove(self, mask: ir.Value, additive: bool, query: ir.Value) -> MaskProof | str:
-        key = (id(mask), additive)
+    def prove(
+        self, mask: ir.Value, additive: bool, query: ir.Value, past: ir.Value | None = None
+    ) -> MaskProof | str:
+        key = (id(mask), additive, past is not None)
         if key not in self.cache:
-            self.cache[key] = self._prove(mask, additive, query)
+            self.cache[key] = self._prove(mask, additive, query, past)
         return self.cache[key]
 
-    def _prove(self, mask: ir.Value, additive: bool, query: ir.Value) -> MaskProof | str:
+    def _prove(
+        self, mask: ir.Value, additive: bool, query: ir.Value, past: ir.Value | None
+    ) -> MaskProof | str:
         graph = self.model.graph
         if mask.shape is None or rank(mask) not in (2, 3, 4):
             return "mask rank unknown or not 2-4"
         arr = constant_array(mask)
+        if arr is not None and past is not None:
+            return "constant mask over a KV cache of any length"
         if arr is not None:  # a folded mask: [.., S, T] with static S and T
             return self._check_constant(arr, additive, query)
         cone = _cone(mask)
@@ -223,6 +256,9 @@ class _Prover:
                 f"mask computation holds constant {big[0]} (a window?) beyond the sizes it can be checked at"
             )
         q_batch, q_seq = query.shape[0], query.shape[1]  # type: ignore[index]
+        q_past = past.shape[2] if past is not None and past.shape is not None else None
+        if past is not None and (q_past is None or isinstance(q_past, int)):
+            return "past length is not a symbolic dim"
         try:
             blob = _extract(self.model, cone, inputs, mask)
             import onnxruntime as ort
@@ -233,22 +269,33 @@ class _Prover:
             session = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # an op ORT cannot run standalone: no proof
             return f"mask computation could not be evaluated ({type(e).__name__})"
-        static = isinstance(q_batch, int) and isinstance(q_seq, int)
-        sizes = [(q_batch, q_seq)] if static else list(_SAMPLE_SIZES) + [(2, MAX_PROBE + 3)]
+        static = isinstance(q_batch, int) and isinstance(q_seq, int) and past is None
+        sizes: list[tuple[int, int, int]]
+        if static:
+            sizes = [(q_batch, q_seq, 0)]  # type: ignore[list-item]
+        elif past is None:
+            sizes = [(b, s, 0) for b, s in _SAMPLE_SIZES] + [(2, MAX_PROBE + 3, 0)]
+        else:
+            sizes = list(_CACHE_SIZES)
         rng = np.random.default_rng(0)
-        for batch, seq in sizes:
+        for batch, seq, past_len in sizes:
             if not static and (isinstance(q_batch, int) and batch != q_batch):
                 batch = q_batch
             if not static and isinstance(q_seq, int):
                 seq = q_seq
-            feeds = self._feeds(inputs, padding, q_batch, q_seq, batch, seq)
+            dims = _Dims(q_batch, q_seq, q_past, batch, seq, past_len)
+            feeds = self._feeds(inputs, padding, dims)
             if isinstance(feeds, str):
                 return feeds
             variants: list[np.ndarray | None] = [None]
             if padding is not None:
                 total = feeds[padding.name].shape[1]
                 variants = [np.full(batch, total)]
-                variants += [rng.integers(max(1, total - seq + 1), total + 1, batch) for _ in range(2)]
+                # Right padding of a prompt. After a past, GroupQueryAttention reads row b's past as
+                # its first seqlens_k[b] + 1 - S positions, which is the graph's Concat(past, new)
+                # only when every row is full: only all-ones rows are compared there.
+                if past_len == 0:
+                    variants += [rng.integers(max(1, total - seq + 1), total + 1, batch) for _ in range(2)]
             for lengths in variants:
                 if lengths is not None:
                     assert padding is not None
@@ -259,18 +306,14 @@ class _Prover:
                 except Exception as e:
                     return f"mask computation failed at batch {batch}, sequence {seq} ({type(e).__name__})"
                 reason = self._compare(np.asarray(out), additive, batch, seq, lengths)
+                if not reason and past is not None and np.asarray(out).shape[-1] != past_len + seq:
+                    reason = "mask width is not past + sequence length"
                 if reason:
                     return f"{reason} (batch {batch}, sequence {seq})"
         return MaskProof(padding)
 
     def _feeds(
-        self,
-        inputs: list[ir.Value],
-        padding: ir.Value | None,
-        q_batch: object,
-        q_seq: object,
-        batch: int,
-        seq: int,
+        self, inputs: list[ir.Value], padding: ir.Value | None, sizes: _Dims
     ) -> dict[str, np.ndarray] | str:
         feeds = {}
         for v in inputs:
@@ -280,10 +323,14 @@ class _Prover:
             for i, d in enumerate(v.shape):
                 if isinstance(d, int):
                     dims.append(d)
-                elif same_dim(d, q_batch):
-                    dims.append(batch)
-                elif same_dim(d, q_seq):
-                    dims.append(seq)
+                elif same_dim(d, sizes.q_batch):
+                    dims.append(sizes.batch)
+                elif same_dim(d, sizes.q_seq):
+                    dims.append(sizes.seq)
+                elif sizes.q_past is not None and same_dim(d, sizes.q_past):
+                    dims.append(sizes.past)
+                elif sizes.q_past is not None and v is padding and i == 1:
+                    dims.append(sizes.past + sizes.seq)  # the mask covers past and new tokens
                 else:
                     return f"input {v.name!r} dim {i} ({d}) is neither the batch nor the sequence"
             feeds[v.name] = np.zeros(dims, dtype=v.dtype.numpy())
@@ -319,7 +366,9 @@ class _Prover:
 
 
 def prove_causal_mask(model: ir.Model, padding_inputs: frozenset[str] = frozenset()) -> _Prover:
-    """A prover for ``model``: ``prover.prove(mask, additive, query)`` returns a :class:`MaskProof`
-    or the reason the mask is not GroupQueryAttention's. ``query`` is the ``[B, S, ...]`` query
-    projection (its dims name the batch and sequence sizes)."""
+    """A prover for ``model``: ``prover.prove(mask, additive, query[, past])`` returns a
+    :class:`MaskProof` or the reason the mask is not GroupQueryAttention's. ``query`` is the
+    ``[B, S, ...]`` query projection (its dims name the batch and sequence sizes); ``past`` the
+    ``[B, H, P, D]`` past-key input of attention over a KV cache (its dim 2 names the past length;
+    the padding input then spans past and new tokens)."""
     return _Prover(model, padding_inputs)

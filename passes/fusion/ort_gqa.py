@@ -78,6 +78,11 @@ class _Layout:
 
     def apply(self, node: ir.Node, out: ir.Value) -> bool:
         op = node.op_type
+        if op == "Concat":  # Concat(past, new) on the sequence axis: s now counts past + new tokens
+            if self.names() != [["b"], ["c0"], ["s"], ["c1"]] or out.shape is None or rank(out) != 4:
+                return False
+            self.groups[2] = [("s", out.shape[2])]
+            return True
         if op in ("Mul", "Div"):
             s = scalar(node.inputs[1], out) if len(node.inputs) == 2 else None
             if s is None or s == 0:
@@ -206,6 +211,20 @@ class _Side:
     head_size: int
     rope: _Rope | None
     scale: float
+    past: ir.Value | None = None  # the past input a KV cache concatenates before the new tokens
+    present: ir.Value | None = None  # Concat(past, new): the present output
+
+
+def _cache_concat(node: ir.Node) -> ir.Value | None:
+    """The past graph input of ``Concat(past, new, axis=2)`` on ``[B, N, S, D]`` tensors, else None."""
+    if not is_op(node, "Concat") or len(node.inputs) != 2 or rank(node.outputs[0]) != 4:
+        return None
+    if node.attributes.get_int("axis", 0) not in (2, -2):
+        return None
+    past = node.inputs[0]
+    if past is None or not past.is_graph_input() or rank(past) != 4:
+        return None
+    return past
 
 
 def _rope(node: ir.Node) -> _Rope | None:
@@ -228,6 +247,7 @@ def _side(value: ir.Value, expected: list[list[str]]) -> _Side | None:
     (atoms: b, s, c0 = heads, c1 = head size, g = the repeat axis)."""
     chain: list[ir.Node] = []
     rope: _Rope | None = None
+    concat: ir.Node | None = None
     cur = value
     for _ in range(16):
         node = cur.producer()
@@ -236,6 +256,11 @@ def _side(value: ir.Value, expected: list[list[str]]) -> _Side | None:
         r = _rope(node) if rope is None else None
         if r is not None:
             rope = r
+        elif concat is None and rope is None and _cache_concat(node) is not None:
+            concat = node
+            chain.append(node)
+            cur = node.inputs[1]  # type: ignore[assignment]
+            continue
         elif not is_op(node, *_LAYOUT_OPS) or node.inputs[0] is None:
             break
         elif node.op_type in ("Mul", "Div") and scalar(node.inputs[1], cur) is None:
@@ -258,6 +283,8 @@ def _side(value: ir.Value, expected: list[list[str]]) -> _Side | None:
     heads, head = sizes.get("c0"), sizes.get("c1")
     if not isinstance(heads, int) or not isinstance(head, int):
         return None
+    if concat is not None:
+        return _Side(cur, heads, head, rope, layout.scale, concat.inputs[0], concat.outputs[0])
     return _Side(cur, heads, head, rope, layout.scale)
 
 
@@ -359,6 +386,15 @@ def _match(sm: ir.Node) -> _Match | str:
         return "rotary embedding on only one of q, k (or on v)"
     if v.scale != 1.0:
         return "value is scaled"
+    if q.past is not None or (k.past is None) != (v.past is None):
+        return "the KV cache is concatenated on only one of key and value (or on the query)"
+    if k.past is not None and v.past is not None:
+        if k.past.dtype != k.proj.dtype or v.past.dtype != v.proj.dtype:
+            return "past and new keys/values differ in dtype"
+        if not all(same_dim(a, b) for a, b in zip(k.past.shape, v.past.shape)):  # type: ignore[arg-type]
+            return "past key and past value differ in shape"
+        if k.past.shape[1] != k.heads or k.past.shape[3] != k.head_size:  # type: ignore[index]
+            return "past key is not [B, kv heads, past, head size]"
     for side in (q, k, v):
         if not all(same_dim(side.proj.shape[i], q.proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
             return "q, k, v projections differ in batch or sequence (cross-attention or a cache)"
@@ -377,8 +413,15 @@ def _match(sm: ir.Node) -> _Match | str:
     return _Match(q, k, v, q.heads // k.heads, mask, additive, out, final)  # type: ignore[arg-type]
 
 
+#: :func:`_rotary_caches`' answer when the RoPE stays outside GroupQueryAttention (do_rotary=0).
+_OUTSIDE = "outside"
+
+
 def _rotary_caches(m: _Match) -> tuple[ir.Value, ir.Value] | None | str:
-    """(cos, sin) caches for do_rotary, None without RoPE; a reason when the RoPE cannot move in."""
+    """(cos, sin) caches for do_rotary, None without RoPE; :data:`_OUTSIDE` when q and k share one
+    RoPE whose positions are not 0..S-1 (e.g. a position_ids input of a KV-cache export: the kernel
+    would compute positions from the lengths, an assumption about the caller the graph does not
+    make), a reason when the RoPE cannot be kept."""
     qr, kr = m.q.rope, m.k.rope
     if qr is None or kr is None:
         return None
@@ -392,13 +435,43 @@ def _rotary_caches(m: _Match) -> tuple[ir.Value, ir.Value] | None | str:
                 return "q and k rotary use different caches"
     pos = constant_array(qr.position_ids)
     if pos is None or pos.size != 1 or int(pos.reshape(-1)[0]) != 0:
-        return "rotary positions are not 0..S-1"
+        same = qr.position_ids is kr.position_ids and qr.cos is kr.cos and qr.sin is kr.sin
+        return (
+            _OUTSIDE if same and _plain_rope(qr.node) and _plain_rope(kr.node) else "rotary positions differ"
+        )
     cos, sin = constant_array(qr.cos), constant_array(qr.sin)
     if cos is None or sin is None or cos.ndim != 2 or cos.shape != sin.shape:
         return "rotary caches are not constant [max positions, Dh/2]"
     if 2 * cos.shape[1] != m.q.head_size or qr.cos.dtype != m.q.proj.dtype:
         return "rotary does not cover the whole head in the projection's dtype"
     return qr.cos, qr.sin
+
+
+def _plain_rope(node: ir.Node) -> bool:
+    """A RotaryEmbedding that computes the same on ``[B, S, N·D]`` (given num_heads) as on ``[B, N, S, D]``."""
+    known = {"interleaved", "num_heads", "rotary_embedding_dim", "scale", "is_packed_batching"}
+    attrs = node.attributes
+    return (
+        set(attrs) <= known
+        and attrs.get_int("is_packed_batching", 0) == 0
+        and attrs.get_float("scale", 1.0) == 1.0
+    )
+
+
+def _rope_outside(side: _Side, model: ir.Model, before: ir.Node) -> ir.Value:
+    """``side``'s RoPE moved onto its ``[B, S, N·D]`` projection (what GroupQueryAttention reads)."""
+    r = side.rope
+    assert r is not None
+    node = ir.node(
+        "RotaryEmbedding",
+        [side.proj, r.position_ids, r.cos, r.sin],
+        {"interleaved": 0, "num_heads": side.heads},
+        domain=MS_DOMAIN,
+        name=f"{r.node.name}_bsd" if r.node.name else None,
+    )
+    node.outputs[0].type, node.outputs[0].shape = side.proj.type, side.proj.shape
+    model.graph.insert_before(before, node)
+    return node.outputs[0]
 
 
 class _Lengths:
@@ -439,6 +512,8 @@ class _Lengths:
         return proj
 
     def get(self, m: _Match, proof: MaskProof, before: ir.Node) -> tuple[ir.Value, ir.Value] | str:
+        if m.k.past is not None and proof.padding is None:
+            return "a KV cache without a declared padding mask (no total length to read)"
         src = proof.padding if proof.padding is not None else self._source(m.q.proj)
         if id(src) in self.cache:
             return self.cache[id(src)]
@@ -495,10 +570,10 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
         if not math.isfinite(m.q.scale) or m.q.scale <= 0:
             continue
         caches = _rotary_caches(m)
-        if isinstance(caches, str):
+        if isinstance(caches, str) and caches != _OUTSIDE:
             logger.debug("gqa: %s skipped: %s", sm.name, caches)
             continue
-        proof = prover.prove(m.mask, m.additive, m.q.proj)
+        proof = prover.prove(m.mask, m.additive, m.q.proj, m.k.past)
         if isinstance(proof, str):
             logger.debug("gqa: %s skipped: %s", sm.name, proof)
             continue
@@ -506,7 +581,11 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
         if isinstance(lens, str):
             logger.debug("gqa: %s skipped: %s", sm.name, lens)
             continue
-        inputs: list[ir.Value | None] = [m.q.proj, m.k.proj, m.v.proj, None, None, *lens]
+        q, k = m.q.proj, m.k.proj
+        if caches == _OUTSIDE:
+            q, k = _rope_outside(m.q, model, m.final), _rope_outside(m.k, model, m.final)
+            caches = None
+        inputs: list[ir.Value | None] = [q, k, m.v.proj, m.k.past, m.v.past, *lens]
         if caches is not None:
             inputs += list(caches)
         attrs = {
@@ -516,11 +595,17 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
             "do_rotary": int(caches is not None),
             "rotary_interleaved": 0,
         }
-        node = ir.node("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, name=m.final.name)
+        node = ir.node(
+            "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, name=m.final.name, num_outputs=3
+        )
         out = node.outputs[0]
         out.type, out.shape = m.output.type, m.output.shape
         model.graph.insert_before(m.final, node)
         take_place(m.output, out)
+        for old, new in ((m.k.present, node.outputs[1]), (m.v.present, node.outputs[2])):
+            if old is not None:
+                new.type, new.shape = old.type, old.shape
+                take_place(old, new)
         add_contrib_opset(model)
         count += 1
     if count:
