@@ -19,14 +19,26 @@ diagonal). The layout of every K/V route is checked by tracking which source axi
 (:class:`_Layout`), so any order of reshapes that the exporter or constant folding produced is
 accepted exactly when it computes repeat_kv and the key transpose.
 
-RoPE is ``com.microsoft.RotaryEmbedding`` (made by the rotary rules that run first) with
-``position_ids`` the one-element constant 0 (positions 0..S-1) and constant caches: it moves
-inside GroupQueryAttention (``do_rotary=1``), which computes the same positions for a prompt.
+RoPE is ``com.microsoft.RotaryEmbedding`` (made by the rotary rules that run first). With
+``position_ids`` the one-element constant 0 (positions 0..S-1) and constant caches it moves
+inside GroupQueryAttention (``do_rotary=1``), which computes the same positions for a prompt. Any
+other positions shared by q and k (a ``position_ids`` input) stay a RotaryEmbedding, moved onto the
+``[B, S, N·Dh]`` projections GroupQueryAttention reads (``do_rotary=0``): the kernel would compute
+positions from the lengths, an assumption about the caller that the graph does not make.
+
+KV cache (exports with past/present per layer): k and v may pass through
+``Concat(past, new, axis=2)`` after the RoPE, with ``past`` a ``[B, Hkv, P, Dh]`` graph input;
+then ``past`` becomes the op's past_key/past_value and its present_key/present_value take the
+Concat's place (the ``present.*`` outputs), so the caller can share past and present buffers. The
+mask must then read a declared padding input spanning past and new tokens (GroupQueryAttention's
+total_sequence_length is its width). ONNX Runtime's kernel refuses a multi-token chunk after a past
+for batch > 1 (a run-time error, not a wrong answer).
 
 The mask is proved GroupQueryAttention's by :mod:`ort_decoder_masks` (evaluated, not guessed);
 a mask that also reads a padding-mask input is accepted only when the pass is told that input
 follows GroupQueryAttention's convention (``padding_mask``): then ``seqlens_k`` is
-``sum(mask) - 1`` per row, otherwise the full length. Anything unproved is left alone.
+``sum(mask) - 1`` per row, otherwise the full length. A proved sliding window becomes
+``local_window_size``. Anything unproved is left alone.
 """
 
 from __future__ import annotations
@@ -38,9 +50,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, constant_array, graph_nodes, model_opset, rank, take_place, unique_name
+from ..ir_helpers import MS_DOMAIN, constant_array, graph_nodes, rank, take_place
 from .matching import add_contrib_opset, is_op, same_dim, scalar
-from .ort_decoder_masks import BLOCKED, MaskProof, prove_causal_mask
+from .ort_decoder_masks import BLOCKED, Lengths, prove_causal_mask
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
@@ -382,6 +394,8 @@ def _match(sm: ir.Node) -> _Match | str:
         return "head sizes differ"
     if q.heads % k.heads:
         return "query heads are not a multiple of the key/value heads"
+    if q.head_size % 8:
+        return f"head size {q.head_size} is not a multiple of 8 (the kernel refuses it at run time)"
     if v.rope is not None or (q.rope is None) != (k.rope is None):
         return "rotary embedding on only one of q, k (or on v)"
     if v.scale != 1.0:
@@ -474,91 +488,11 @@ def _rope_outside(side: _Side, model: ir.Model, before: ir.Node) -> ir.Value:
     return node.outputs[0]
 
 
-class _Lengths:
-    """``seqlens_k`` and ``total_sequence_length``: constants for static shapes, else computed once
-    per source (the padding-mask input, or one per query projection) at the top of the graph."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.names: set[str] = set()
-        self.cache: dict[int, tuple[ir.Value, ir.Value]] = {}
-
-    def _const(self, base: str, array: np.ndarray) -> ir.Value:
-        name = unique_name(self.graph, base, self.names)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
-        )
-        self.graph.register_initializer(value)
-        return value
-
-    def _node(
-        self, op: str, inputs: list[ir.Value], attrs: dict | None = None, *, before: ir.Node
-    ) -> ir.Value:
-        node = ir.node(op, inputs, attrs)
-        node.outputs[0].name = unique_name(self.graph, f"gqa_{op.lower()}", self.names)
-        self.graph.insert_before(before, node)
-        return node.outputs[0]
-
-    def _source(self, proj: ir.Value) -> ir.Value:
-        """A graph input whose first two dims are the projection's batch and sequence (shared by
-        every layer: e.g. input_ids), else the projection itself."""
-        for v in self.graph.inputs:
-            if (rank(v) or 0) >= 2 and all(same_dim(v.shape[i], proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
-                return v
-        return proj
-
-    def get(self, m: _Match, proof: MaskProof, before: ir.Node) -> tuple[ir.Value, ir.Value] | str:
-        if m.k.past is not None and proof.padding is None:
-            return "a KV cache without a declared padding mask (no total length to read)"
-        src = proof.padding if proof.padding is not None else self._source(m.q.proj)
-        if id(src) in self.cache:
-            return self.cache[id(src)]
-        batch, seq = m.q.proj.shape[0], m.q.proj.shape[1]  # type: ignore[index]
-        if proof.padding is None and isinstance(batch, int) and isinstance(seq, int):
-            out = (
-                self._const("gqa_seqlens_k", np.full([batch], seq - 1, dtype=np.int32)),
-                self._const("gqa_total_sequence_length", np.array(seq, dtype=np.int32)),
-            )
-            self.cache[id(src)] = out
-            return out
-        if model_opset(self.model) < 15:
-            return "opset < 15 (Shape with start/end)"
-        # Graph inputs are available from the first node on; a projection only before its user.
-        if src.producer() is None:
-            before = next(iter(self.graph))
-        one = self._const("gqa_one", np.array([1], dtype=np.int64))
-        if proof.padding is not None:
-            mask = (
-                src
-                if src.dtype == ir.DataType.INT64
-                else self._node("Cast", [src], {"to": ir.DataType.INT64}, before=before)
-            )
-            axes = self._const("gqa_axes", np.array([1], dtype=np.int64))
-            total = self._node("ReduceSum", [mask, axes], {"keepdims": 0}, before=before)
-            seqlens = self._node("Sub", [total, one], before=before)
-            length = self._node("Shape", [src], {"start": 1, "end": 2}, before=before)
-        else:
-            b = self._node("Shape", [src], {"start": 0, "end": 1}, before=before)
-            length = self._node("Shape", [src], {"start": 1, "end": 2}, before=before)
-            last = self._node("Sub", [length, one], before=before)
-            seqlens = self._node("Expand", [last, b], before=before)
-        seqlens32 = self._node("Cast", [seqlens], {"to": ir.DataType.INT32}, before=before)
-        total32 = self._node("Cast", [length], {"to": ir.DataType.INT32}, before=before)
-        seqlens32.dtype, seqlens32.shape = ir.DataType.INT32, ir.Shape([batch])
-        total32.dtype, total32.shape = ir.DataType.INT32, ir.Shape([1])
-        self.cache[id(src)] = (seqlens32, total32)
-        return self.cache[id(src)]
-
-
 def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] = frozenset()) -> int:
     """Rewrite every provably causal decoder self-attention to GroupQueryAttention (see the module
     docstring); ``padding_inputs`` names the inputs that follow its padding convention."""
     prover = prove_causal_mask(model, padding_inputs)
-    lengths = _Lengths(model)
+    lengths = Lengths(model)
     count = 0
     for sm in list(graph_nodes(model)):
         if sm.graph is not model.graph or not is_op(sm, "Softmax") or sm.inputs[0] is None:
@@ -577,12 +511,12 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
         if isinstance(proof, str):
             logger.debug("gqa: %s skipped: %s", sm.name, proof)
             continue
-        lens = lengths.get(m, proof, m.final)
+        lens = lengths.get(m.q.proj, m.k.past is not None, proof, m.final)
         if isinstance(lens, str):
             logger.debug("gqa: %s skipped: %s", sm.name, lens)
             continue
         q, k = m.q.proj, m.k.proj
-        if caches == _OUTSIDE:
+        if isinstance(caches, str):  # _OUTSIDE
             q, k = _rope_outside(m.q, model, m.final), _rope_outside(m.k, model, m.final)
             caches = None
         inputs: list[ir.Value | None] = [q, k, m.v.proj, m.k.past, m.v.past, *lens]
@@ -595,6 +529,8 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
             "do_rotary": int(caches is not None),
             "rotary_interleaved": 0,
         }
+        if proof.window > 0:
+            attrs["local_window_size"] = proof.window
         node = ir.node(
             "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, name=m.final.name, num_outputs=3
         )
