@@ -407,7 +407,11 @@ def _match(sm: ir.Node) -> _Match | str:
             return "past and new keys/values differ in dtype"
         if not all(same_dim(a, b) for a, b in zip(k.past.shape, v.past.shape)):  # type: ignore[arg-type]
             return "past key and past value differ in shape"
-        if k.past.shape[1] != k.heads or k.past.shape[3] != k.head_size:  # type: ignore[index]
+        if (
+            k.past.shape[1] != k.heads  # type: ignore[index]
+            or k.past.shape[3] != k.head_size  # type: ignore[index]
+            or not same_dim(k.past.shape[0], k.proj.shape[0])  # type: ignore[index]
+        ):
             return "past key is not [B, kv heads, past, head size]"
     for side in (q, k, v):
         if not all(same_dim(side.proj.shape[i], q.proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
