@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx_ir as ir
 
 from graphopt.backends.base import Backend
 from graphopt.spec import PassSpec, Step
 
-__all__ = ["OrtCpuBackend"]
+__all__ = ["OrtCpuBackend", "OrtCpuOptions", "with_padding_mask"]
+
+
+@dataclasses.dataclass
+class OrtCpuOptions:
+    padding_mask: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "doc": "inputs that follow GroupQueryAttention's padding convention (right padding, e.g. "
+            "onnxruntime-genai's attention_mask); forwarded to fuse-ort(padding_mask=...)"
+        },
+    )
+
+
+def with_padding_mask(steps: list[Step], names: list[str]) -> list[Step]:
+    """``steps`` with ``padding_mask=names`` on their ``fuse-ort`` step (unchanged when empty): the
+    caller's declaration of how it feeds the mask, which decoder attention needs to fuse."""
+    if not names:
+        return steps
+    return [
+        PassSpec(s.name, {**s.options, "padding_mask": list(names)})
+        if isinstance(s, PassSpec) and s.name == "fuse-ort"
+        else s
+        for s in steps
+    ]
 
 
 class OrtCpuBackend(Backend):
@@ -30,6 +55,10 @@ class OrtCpuBackend(Backend):
     name = "ort-cpu"
     providers = ("CPUExecutionProvider",)
     allows_contrib_ops = True
+    Options: ClassVar[type] = OrtCpuOptions
+
+    def fusion_passes(self, level: int, quantize: dict[str, Any] | None = None) -> list[Step]:
+        return with_padding_mask(super().fusion_passes(level, quantize), self.options.padding_mask)
 
     def finalize_passes(self, level: int) -> list[Step]:
         # After quantization: dynamic quantization folds SmoothQuant scales into the fused norms.

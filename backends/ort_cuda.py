@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 import onnx_ir as ir
 
 from graphopt.backends.base import Backend, io_description
+from graphopt.backends.ort_cpu import with_padding_mask
 from graphopt.passes.ir_helpers import MS_DOMAIN as _MS
 from graphopt.spec import PassSpec, Step
 
@@ -37,6 +38,13 @@ class OrtCudaOptions:
     )
     enable_cuda_graph: bool = dataclasses.field(
         default=False, metadata={"doc": "capture a CUDA graph (static shapes and IO binding required)"}
+    )
+    padding_mask: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "doc": "inputs that follow GroupQueryAttention's padding convention (right padding, e.g. "
+            "onnxruntime-genai's attention_mask); forwarded to fuse-ort(padding_mask=...)"
+        },
     )
 
 
@@ -77,7 +85,7 @@ class OrtCudaBackend(Backend):
                 PassSpec("fuse-ort", {"exclude": ["fused-conv"]}) if s == PassSpec("fuse-ort") else s
                 for s in steps
             ]
-        return steps
+        return with_padding_mask(steps, self.options.padding_mask)
 
     def quantize_options(self, options: dict[str, Any]) -> dict[str, Any]:
         opts = super().quantize_options(options)

@@ -169,9 +169,11 @@ def build(
     feeds: Any = calibration
     if isinstance(calibration, (str, os.PathLike)):
         feeds = calibration_feeds(_read_text(Path(calibration)), source.tokenizer, exported)
-    target_options = (
-        {"precision": "float16" if precision == "fp16" else "float32"} if target == "ort-cuda" else None
-    )
+    # onnxruntime-genai feeds attention_mask in GroupQueryAttention's convention: declaring it lets
+    # the decoder attention (with the KV cache) fuse to GroupQueryAttention.
+    target_options: dict[str, Any] = {"padding_mask": ["attention_mask"]}
+    if target == "ort-cuda":
+        target_options["precision"] = "float16" if precision == "fp16" else "float32"
 
     import graphopt
 

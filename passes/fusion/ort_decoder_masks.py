@@ -14,11 +14,19 @@ it with the causal mask entry by entry:
   convention (``1`` for the first ``L_b`` tokens of row b, ``0`` after: right padding);
 * with static shapes the mask is a constant and one evaluation is a proof;
 * with symbolic sizes the cone is evaluated at sample sizes that span every integer constant it
-  holds (a window or offset constant larger than :data:`MAX_PROBE` makes the check fail: a sliding
-  window of 4096 agrees with the causal mask on every size one could afford to evaluate);
+  holds (a constant larger than :data:`MAX_WINDOW` makes the check fail: a window that large agrees
+  with the causal mask on every size one could afford to evaluate);
 * with a padding input, at every sample size for all-ones rows and for right-padded rows; rows of
   padded query tokens are not compared (their outputs are padding, and no valid token attends to
-  them).
+  them);
+* over a KV cache (a past-key input whose dim 2 is the past length), at sizes (batch, sequence,
+  past) with the padding input spanning past + sequence: prompts, decode steps and chunks after a
+  past (right padding is compared for prompts only: after a past, GroupQueryAttention reads row b's
+  past as its first ``seqlens_k[b] + 1 - S`` slots, the graph's Concat only when rows are full);
+* a sliding window (each query sees its last W keys) is proved like the causal mask: every
+  integer constant of the cone up to :data:`MAX_WINDOW` (give or take one) is a candidate W, and
+  the sizes go past the largest one; sizes past it where the graph's own mask computation fails
+  (an export indexing a window-sized buffer) are sizes the model cannot run at, and are skipped.
 
 An additive mask must hold exactly 0 where attention is allowed and a value at or below
 :data:`BLOCKED` (or -inf) where it is not; a boolean mask selects the scores where it is true.
@@ -32,18 +40,21 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import constant_array, rank
+from ..ir_helpers import constant_array, model_opset, rank, unique_name
 from .matching import same_dim
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
-__all__ = ["MaskProof", "prove_causal_mask", "BLOCKED", "MAX_PROBE"]
+__all__ = ["MaskProof", "Lengths", "prove_causal_mask", "BLOCKED", "MAX_PROBE", "MAX_WINDOW"]
 
 #: Additive mask entries at or below this block attention (exp underflows to exactly 0 in float32
 #: for any score difference a real model produces); transformers uses the dtype's minimum or -inf.
 BLOCKED = -1e9
 #: Largest integer constant a symbolic-size mask computation may hold; the sample sizes go past it.
 MAX_PROBE = 64
+#: Largest sliding window recognised (GroupQueryAttention's ``local_window_size``): proving one means
+#: evaluating a prompt longer than the window, a ``[W + 3, W + 3]`` mask.
+MAX_WINDOW = 4096
 #: Largest mask computation evaluated (nodes).
 MAX_CONE = 4000
 #: Ops a mask computation may use (index arithmetic, comparisons, shapes; no control flow).
@@ -54,13 +65,30 @@ _CONE_OPS = frozenset(
     Transpose Trilu Unsqueeze Where Xor""".split()
 )
 _SAMPLE_SIZES = ((1, 1), (2, 1), (1, 2), (2, 3), (3, 5), (2, 8), (1, 13))
+#: (batch, sequence, past) samples for attention over a KV cache: prompts (past 0), decode steps and
+#: chunks after a past, totals past :data:`MAX_PROBE`.
+_CACHE_SIZES = (
+    *((b, s, 0) for b, s in _SAMPLE_SIZES),
+    (2, MAX_PROBE + 3, 0),
+    (1, 1, 1),
+    (2, 1, 3),
+    (1, 1, 5),
+    (2, 2, 4),
+    (3, 1, 8),
+    (2, 3, 13),
+    (1, 1, MAX_PROBE + 2),
+    (2, 1, MAX_PROBE + 3),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskProof:
-    """The mask is causal (``padding is None``) or causal ∧ the padding input's right-padded rows."""
+    """The mask is causal (``padding is None``) or causal ∧ the padding input's right-padded rows,
+    and, when ``window`` > 0, each query sees only its last ``window`` keys (itself included): what
+    GroupQueryAttention's ``local_window_size`` computes (a sliding window, e.g. Mistral's)."""
 
     padding: ir.Value | None = None
+    window: int = -1
 
 
 def _cone(mask: ir.Value) -> list[ir.Node] | str:
@@ -168,17 +196,35 @@ def _allowed(mask: np.ndarray, additive: bool) -> np.ndarray | None:
     return ok
 
 
-def _expected(batch: int, seq: int, total: int, lengths: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(allowed [B, S, T], rows that must match [B, S]) for GroupQueryAttention's semantics."""
+def _expected(
+    batch: int, seq: int, total: int, lengths: np.ndarray | None, window: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(allowed [B, S, T], rows that must match [B, S]) for GroupQueryAttention's semantics: query
+    token i sits at position ``T - S + i`` (after the past) and sees keys up to it."""
     past = total - seq
     i = np.arange(seq)[:, None]
     j = np.arange(total)[None, :]
-    causal = np.broadcast_to(j <= i + past, (batch, seq, total))
+    allowed = j <= i + past
+    if window > 0:
+        allowed = allowed & (i + past - j < window)
+    causal = np.broadcast_to(allowed, (batch, seq, total))
     if lengths is None:
         return causal, np.ones((batch, seq), dtype=bool)
     valid_key = j[None, :, :] < lengths[:, None, None]
     valid_row = (i[None, :, 0] + past) < lengths[:, None]
     return causal & valid_key, valid_row
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    """The query's symbolic batch/sequence (and the cache's past) dims, and sizes to evaluate at."""
+
+    q_batch: object
+    q_seq: object
+    q_past: object
+    batch: int
+    seq: int
+    past: int
 
 
 class _Prover:
@@ -187,19 +233,25 @@ class _Prover:
     def __init__(self, model: ir.Model, padding_inputs: frozenset[str]) -> None:
         self.model = model
         self.padding_inputs = padding_inputs
-        self.cache: dict[tuple[int, bool], MaskProof | str] = {}
+        self.cache: dict[tuple[int, bool, bool], MaskProof | str] = {}
 
-    def prove(self, mask: ir.Value, additive: bool, query: ir.Value) -> MaskProof | str:
-        key = (id(mask), additive)
+    def prove(
+        self, mask: ir.Value, additive: bool, query: ir.Value, past: ir.Value | None = None
+    ) -> MaskProof | str:
+        key = (id(mask), additive, past is not None)
         if key not in self.cache:
-            self.cache[key] = self._prove(mask, additive, query)
+            self.cache[key] = self._prove(mask, additive, query, past)
         return self.cache[key]
 
-    def _prove(self, mask: ir.Value, additive: bool, query: ir.Value) -> MaskProof | str:
+    def _prove(
+        self, mask: ir.Value, additive: bool, query: ir.Value, past: ir.Value | None
+    ) -> MaskProof | str:
         graph = self.model.graph
         if mask.shape is None or rank(mask) not in (2, 3, 4):
             return "mask rank unknown or not 2-4"
         arr = constant_array(mask)
+        if arr is not None and past is not None:
+            return "constant mask over a KV cache of any length"
         if arr is not None:  # a folded mask: [.., S, T] with static S and T
             return self._check_constant(arr, additive, query)
         cone = _cone(mask)
@@ -217,12 +269,25 @@ class _Prover:
             if padding is not None or rank(v) != 2:
                 return f"padding input {v.name!r} is not the one rank-2 padding mask"
             padding = v
-        big = [c for c in _int_constants(cone, inits) if MAX_PROBE < abs(c) < 2**31]
-        if big:
-            return (
-                f"mask computation holds constant {big[0]} (a window?) beyond the sizes it can be checked at"
-            )
+        constants = _int_constants(cone, inits)
+        big = [abs(c) for c in constants if MAX_PROBE < abs(c) < 2**31]
+        if big and max(big) > MAX_WINDOW:
+            return f"mask computation holds constant {max(big)} (a window?) beyond the sizes it can be checked at"
+        # A window is one of the cone's constants (give or take one): every candidate is compared
+        # at every size, and the sizes go past the largest one.
+        windows = [-1] + sorted(
+            {
+                w
+                for c in constants
+                if 0 < abs(c) <= MAX_WINDOW
+                for w in (abs(c) - 1, abs(c), abs(c) + 1)
+                if w > 0
+            }
+        )
         q_batch, q_seq = query.shape[0], query.shape[1]  # type: ignore[index]
+        q_past = past.shape[2] if past is not None and past.shape is not None else None
+        if past is not None and (q_past is None or isinstance(q_past, int)):
+            return "past length is not a symbolic dim"
         try:
             blob = _extract(self.model, cone, inputs, mask)
             import onnxruntime as ort
@@ -233,22 +298,40 @@ class _Prover:
             session = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # an op ORT cannot run standalone: no proof
             return f"mask computation could not be evaluated ({type(e).__name__})"
-        static = isinstance(q_batch, int) and isinstance(q_seq, int)
-        sizes = [(q_batch, q_seq)] if static else list(_SAMPLE_SIZES) + [(2, MAX_PROBE + 3)]
+        static = isinstance(q_batch, int) and isinstance(q_seq, int) and past is None
+        sizes: list[tuple[int, int, int]]
+        if static:
+            sizes = [(q_batch, q_seq, 0)]  # type: ignore[list-item]
+        elif past is None:
+            sizes = [(b, s, 0) for b, s in _SAMPLE_SIZES] + [(2, MAX_PROBE + 3, 0)]
+        else:
+            sizes = list(_CACHE_SIZES)
+        probes = len(sizes)
+        if big and not static:
+            top = max(big)
+            sizes.append((1, top + 3, 0))
+            if past is not None:
+                sizes += [(1, 1, top + 2), (2, 1, top + 5)]
+        failed: dict[int, str] = {}
         rng = np.random.default_rng(0)
-        for batch, seq in sizes:
+        for n, (batch, seq, past_len) in enumerate(sizes):
             if not static and (isinstance(q_batch, int) and batch != q_batch):
                 batch = q_batch
             if not static and isinstance(q_seq, int):
                 seq = q_seq
-            feeds = self._feeds(inputs, padding, q_batch, q_seq, batch, seq)
+            dims = _Dims(q_batch, q_seq, q_past, batch, seq, past_len)
+            feeds = self._feeds(inputs, padding, dims)
             if isinstance(feeds, str):
                 return feeds
             variants: list[np.ndarray | None] = [None]
             if padding is not None:
                 total = feeds[padding.name].shape[1]
                 variants = [np.full(batch, total)]
-                variants += [rng.integers(max(1, total - seq + 1), total + 1, batch) for _ in range(2)]
+                # Right padding of a prompt. After a past, GroupQueryAttention reads row b's past as
+                # its first seqlens_k[b] + 1 - S positions, which is the graph's Concat(past, new)
+                # only when every row is full: only all-ones rows are compared there.
+                if past_len == 0:
+                    variants += [rng.integers(max(1, total - seq + 1), total + 1, batch) for _ in range(2)]
             for lengths in variants:
                 if lengths is not None:
                     assert padding is not None
@@ -257,20 +340,31 @@ class _Prover:
                 try:
                     (out,) = session.run(None, feeds)
                 except Exception as e:
-                    return f"mask computation failed at batch {batch}, sequence {seq} ({type(e).__name__})"
-                reason = self._compare(np.asarray(out), additive, batch, seq, lengths)
-                if reason:
-                    return f"{reason} (batch {batch}, sequence {seq})"
-        return MaskProof(padding)
+                    if n >= probes:
+                        # Past the window the graph's own mask computation fails (an export that
+                        # indexes a window-sized buffer): the model cannot run there, so these sizes
+                        # constrain nothing.
+                        logger.debug("mask computation fails beyond the window: %s", e)
+                        break
+                    return f"mask computation failed at batch {batch}, sequence {seq}, past {past_len} ({type(e).__name__}: {str(e)[:300]})"
+                if past is not None and np.asarray(out).shape[-1] != past_len + seq:
+                    return f"mask width is not past + sequence length (batch {batch}, sequence {seq})"
+                for w in windows:
+                    if w not in failed:
+                        reason = self._compare(np.asarray(out), additive, batch, seq, lengths, w)
+                        if reason:
+                            failed[w] = f"{reason} (batch {batch}, sequence {seq})"
+                if len(failed) == len(windows):
+                    return failed[-1]
+        proved = [w for w in windows if w not in failed]
+        if len(proved) > 1 and -1 not in proved:
+            return f"mask matches windows {proved} alike (sizes too small to tell)"
+        # Several only when the sizes that tell them apart do not run: then each agrees with the
+        # graph wherever it runs, and plain causal attention is the simplest.
+        return MaskProof(padding, proved[0])
 
     def _feeds(
-        self,
-        inputs: list[ir.Value],
-        padding: ir.Value | None,
-        q_batch: object,
-        q_seq: object,
-        batch: int,
-        seq: int,
+        self, inputs: list[ir.Value], padding: ir.Value | None, sizes: _Dims
     ) -> dict[str, np.ndarray] | str:
         feeds = {}
         for v in inputs:
@@ -280,10 +374,14 @@ class _Prover:
             for i, d in enumerate(v.shape):
                 if isinstance(d, int):
                     dims.append(d)
-                elif same_dim(d, q_batch):
-                    dims.append(batch)
-                elif same_dim(d, q_seq):
-                    dims.append(seq)
+                elif same_dim(d, sizes.q_batch):
+                    dims.append(sizes.batch)
+                elif same_dim(d, sizes.q_seq):
+                    dims.append(sizes.seq)
+                elif sizes.q_past is not None and same_dim(d, sizes.q_past):
+                    dims.append(sizes.past)
+                elif sizes.q_past is not None and v is padding and i == 1:
+                    dims.append(sizes.past + sizes.seq)  # the mask covers past and new tokens
                 else:
                     return f"input {v.name!r} dim {i} ({d}) is neither the batch nor the sequence"
             feeds[v.name] = np.zeros(dims, dtype=v.dtype.numpy())
@@ -299,7 +397,9 @@ class _Prover:
         return self._compare(arr, additive, batch, seq, None) or MaskProof()
 
     @staticmethod
-    def _compare(out: np.ndarray, additive: bool, batch: int, seq: int, lengths: np.ndarray | None) -> str:
+    def _compare(
+        out: np.ndarray, additive: bool, batch: int, seq: int, lengths: np.ndarray | None, window: int = -1
+    ) -> str:
         allowed = _allowed(out, additive)
         if allowed is None:
             return "additive mask holds values that are neither 0 nor blocking"
@@ -311,7 +411,7 @@ class _Prover:
         if allowed.shape[0] not in (1, batch):
             return "mask batch does not broadcast"
         allowed = np.broadcast_to(allowed, (batch, allowed.shape[1], seq, total))
-        expected, rows = _expected(batch, seq, total, lengths)
+        expected, rows = _expected(batch, seq, total, lengths, window)
         for h in range(allowed.shape[1]):
             if not np.array_equal(allowed[:, h][rows], expected[rows]):
                 return "mask is not the causal mask" + (" with right padding" if lengths is not None else "")
@@ -319,7 +419,93 @@ class _Prover:
 
 
 def prove_causal_mask(model: ir.Model, padding_inputs: frozenset[str] = frozenset()) -> _Prover:
-    """A prover for ``model``: ``prover.prove(mask, additive, query)`` returns a :class:`MaskProof`
-    or the reason the mask is not GroupQueryAttention's. ``query`` is the ``[B, S, ...]`` query
-    projection (its dims name the batch and sequence sizes)."""
+    """A prover for ``model``: ``prover.prove(mask, additive, query[, past])`` returns a
+    :class:`MaskProof` or the reason the mask is not GroupQueryAttention's. ``query`` is the
+    ``[B, S, ...]`` query projection (its dims name the batch and sequence sizes); ``past`` the
+    ``[B, H, P, D]`` past-key input of attention over a KV cache (its dim 2 names the past length;
+    the padding input then spans past and new tokens)."""
     return _Prover(model, padding_inputs)
+
+
+class Lengths:
+    """``seqlens_k`` and ``total_sequence_length``: constants for static shapes, else computed once
+    per source (the padding-mask input, or one per query projection) at the top of the graph."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.names: set[str] = set()
+        self.cache: dict[int, tuple[ir.Value, ir.Value]] = {}
+
+    def _const(self, base: str, array: np.ndarray) -> ir.Value:
+        name = unique_name(self.graph, base, self.names)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )
+        self.graph.register_initializer(value)
+        return value
+
+    def _node(
+        self, op: str, inputs: list[ir.Value], attrs: dict | None = None, *, before: ir.Node
+    ) -> ir.Value:
+        node = ir.node(op, inputs, attrs)
+        node.outputs[0].name = unique_name(self.graph, f"gqa_{op.lower()}", self.names)
+        self.graph.insert_before(before, node)
+        return node.outputs[0]
+
+    def _source(self, proj: ir.Value) -> ir.Value:
+        """A graph input whose first two dims are the projection's batch and sequence (shared by
+        every layer: e.g. input_ids), else the projection itself."""
+        for v in self.graph.inputs:
+            if (rank(v) or 0) >= 2 and all(same_dim(v.shape[i], proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
+                return v
+        return proj
+
+    def get(
+        self, query: ir.Value, cached: bool, proof: MaskProof, before: ir.Node
+    ) -> tuple[ir.Value, ir.Value] | str:
+        """(seqlens_k, total_sequence_length) for attention of ``query`` ([B, S, ..]) whose mask is
+        ``proof``, computed before ``before``; ``cached``: it reads a KV cache."""
+        if cached and proof.padding is None:
+            return "a KV cache without a declared padding mask (no total length to read)"
+        src = proof.padding if proof.padding is not None else self._source(query)
+        if id(src) in self.cache:
+            return self.cache[id(src)]
+        batch, seq = query.shape[0], query.shape[1]  # type: ignore[index]
+        if proof.padding is None and isinstance(batch, int) and isinstance(seq, int):
+            out = (
+                self._const("gqa_seqlens_k", np.full([batch], seq - 1, dtype=np.int32)),
+                self._const("gqa_total_sequence_length", np.array(seq, dtype=np.int32)),
+            )
+            self.cache[id(src)] = out
+            return out
+        if model_opset(self.model) < 15:
+            return "opset < 15 (Shape with start/end)"
+        # Graph inputs are available from the first node on; a projection only before its user.
+        if src.producer() is None:
+            before = next(iter(self.graph))
+        one = self._const("gqa_one", np.array([1], dtype=np.int64))
+        if proof.padding is not None:
+            mask = (
+                src
+                if src.dtype == ir.DataType.INT64
+                else self._node("Cast", [src], {"to": ir.DataType.INT64}, before=before)
+            )
+            axes = self._const("gqa_axes", np.array([1], dtype=np.int64))
+            total = self._node("ReduceSum", [mask, axes], {"keepdims": 0}, before=before)
+            seqlens = self._node("Sub", [total, one], before=before)
+            length = self._node("Shape", [src], {"start": 1, "end": 2}, before=before)
+        else:
+            b = self._node("Shape", [src], {"start": 0, "end": 1}, before=before)
+            length = self._node("Shape", [src], {"start": 1, "end": 2}, before=before)
+            last = self._node("Sub", [length, one], before=before)
+            seqlens = self._node("Expand", [last, b], before=before)
+        seqlens32 = self._node("Cast", [seqlens], {"to": ir.DataType.INT32}, before=before)
+        total32 = self._node("Cast", [length], {"to": ir.DataType.INT32}, before=before)
+        seqlens32.dtype, seqlens32.shape = ir.DataType.INT32, ir.Shape([batch])
+        total32.dtype, total32.shape = ir.DataType.INT32, ir.Shape([1])
+        self.cache[id(src)] = (seqlens32, total32)
+        return self.cache[id(src)]

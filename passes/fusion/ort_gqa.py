@@ -19,14 +19,26 @@ diagonal). The layout of every K/V route is checked by tracking which source axi
 (:class:`_Layout`), so any order of reshapes that the exporter or constant folding produced is
 accepted exactly when it computes repeat_kv and the key transpose.
 
-RoPE is ``com.microsoft.RotaryEmbedding`` (made by the rotary rules that run first) with
-``position_ids`` the one-element constant 0 (positions 0..S-1) and constant caches: it moves
-inside GroupQueryAttention (``do_rotary=1``), which computes the same positions for a prompt.
+RoPE is ``com.microsoft.RotaryEmbedding`` (made by the rotary rules that run first). With
+``position_ids`` the one-element constant 0 (positions 0..S-1) and constant caches it moves
+inside GroupQueryAttention (``do_rotary=1``), which computes the same positions for a prompt. Any
+other positions shared by q and k (a ``position_ids`` input) stay a RotaryEmbedding, moved onto the
+``[B, S, N·Dh]`` projections GroupQueryAttention reads (``do_rotary=0``): the kernel would compute
+positions from the lengths, an assumption about the caller that the graph does not make.
+
+KV cache (exports with past/present per layer): k and v may pass through
+``Concat(past, new, axis=2)`` after the RoPE, with ``past`` a ``[B, Hkv, P, Dh]`` graph input;
+then ``past`` becomes the op's past_key/past_value and its present_key/present_value take the
+Concat's place (the ``present.*`` outputs), so the caller can share past and present buffers. The
+mask must then read a declared padding input spanning past and new tokens (GroupQueryAttention's
+total_sequence_length is its width). ONNX Runtime's kernel refuses a multi-token chunk after a past
+for batch > 1 (a run-time error, not a wrong answer).
 
 The mask is proved GroupQueryAttention's by :mod:`ort_decoder_masks` (evaluated, not guessed);
 a mask that also reads a padding-mask input is accepted only when the pass is told that input
 follows GroupQueryAttention's convention (``padding_mask``): then ``seqlens_k`` is
-``sum(mask) - 1`` per row, otherwise the full length. Anything unproved is left alone.
+``sum(mask) - 1`` per row, otherwise the full length. A proved sliding window becomes
+``local_window_size``. Anything unproved is left alone.
 """
 
 from __future__ import annotations
@@ -38,9 +50,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ..ir_helpers import MS_DOMAIN, constant_array, graph_nodes, model_opset, rank, take_place, unique_name
+from ..ir_helpers import MS_DOMAIN, constant_array, graph_nodes, rank, take_place
 from .matching import add_contrib_opset, is_op, same_dim, scalar
-from .ort_decoder_masks import BLOCKED, MaskProof, prove_causal_mask
+from .ort_decoder_masks import BLOCKED, Lengths, prove_causal_mask
 
 logger = logging.getLogger("graphopt.passes.fusion")
 
@@ -78,6 +90,11 @@ class _Layout:
 
     def apply(self, node: ir.Node, out: ir.Value) -> bool:
         op = node.op_type
+        if op == "Concat":  # Concat(past, new) on the sequence axis: s now counts past + new tokens
+            if self.names() != [["b"], ["c0"], ["s"], ["c1"]] or out.shape is None or rank(out) != 4:
+                return False
+            self.groups[2] = [("s", out.shape[2])]
+            return True
         if op in ("Mul", "Div"):
             s = scalar(node.inputs[1], out) if len(node.inputs) == 2 else None
             if s is None or s == 0:
@@ -206,6 +223,20 @@ class _Side:
     head_size: int
     rope: _Rope | None
     scale: float
+    past: ir.Value | None = None  # the past input a KV cache concatenates before the new tokens
+    present: ir.Value | None = None  # Concat(past, new): the present output
+
+
+def _cache_concat(node: ir.Node) -> ir.Value | None:
+    """The past graph input of ``Concat(past, new, axis=2)`` on ``[B, N, S, D]`` tensors, else None."""
+    if not is_op(node, "Concat") or len(node.inputs) != 2 or rank(node.outputs[0]) != 4:
+        return None
+    if node.attributes.get_int("axis", 0) not in (2, -2):
+        return None
+    past = node.inputs[0]
+    if past is None or not past.is_graph_input() or rank(past) != 4:
+        return None
+    return past
 
 
 def _rope(node: ir.Node) -> _Rope | None:
@@ -228,6 +259,7 @@ def _side(value: ir.Value, expected: list[list[str]]) -> _Side | None:
     (atoms: b, s, c0 = heads, c1 = head size, g = the repeat axis)."""
     chain: list[ir.Node] = []
     rope: _Rope | None = None
+    concat: ir.Node | None = None
     cur = value
     for _ in range(16):
         node = cur.producer()
@@ -236,6 +268,11 @@ def _side(value: ir.Value, expected: list[list[str]]) -> _Side | None:
         r = _rope(node) if rope is None else None
         if r is not None:
             rope = r
+        elif concat is None and rope is None and _cache_concat(node) is not None:
+            concat = node
+            chain.append(node)
+            cur = node.inputs[1]  # type: ignore[assignment]
+            continue
         elif not is_op(node, *_LAYOUT_OPS) or node.inputs[0] is None:
             break
         elif node.op_type in ("Mul", "Div") and scalar(node.inputs[1], cur) is None:
@@ -258,6 +295,8 @@ def _side(value: ir.Value, expected: list[list[str]]) -> _Side | None:
     heads, head = sizes.get("c0"), sizes.get("c1")
     if not isinstance(heads, int) or not isinstance(head, int):
         return None
+    if concat is not None:
+        return _Side(cur, heads, head, rope, layout.scale, concat.inputs[0], concat.outputs[0])
     return _Side(cur, heads, head, rope, layout.scale)
 
 
@@ -355,10 +394,25 @@ def _match(sm: ir.Node) -> _Match | str:
         return "head sizes differ"
     if q.heads % k.heads:
         return "query heads are not a multiple of the key/value heads"
+    if q.head_size % 8:
+        return f"head size {q.head_size} is not a multiple of 8 (the kernel refuses it at run time)"
     if v.rope is not None or (q.rope is None) != (k.rope is None):
         return "rotary embedding on only one of q, k (or on v)"
     if v.scale != 1.0:
         return "value is scaled"
+    if q.past is not None or (k.past is None) != (v.past is None):
+        return "the KV cache is concatenated on only one of key and value (or on the query)"
+    if k.past is not None and v.past is not None:
+        if k.past.dtype != k.proj.dtype or v.past.dtype != v.proj.dtype:
+            return "past and new keys/values differ in dtype"
+        if not all(same_dim(a, b) for a, b in zip(k.past.shape, v.past.shape)):  # type: ignore[arg-type]
+            return "past key and past value differ in shape"
+        if (
+            k.past.shape[1] != k.heads  # type: ignore[index]
+            or k.past.shape[3] != k.head_size  # type: ignore[index]
+            or not same_dim(k.past.shape[0], k.proj.shape[0])  # type: ignore[index]
+        ):
+            return "past key is not [B, kv heads, past, head size]"
     for side in (q, k, v):
         if not all(same_dim(side.proj.shape[i], q.proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
             return "q, k, v projections differ in batch or sequence (cross-attention or a cache)"
@@ -377,8 +431,15 @@ def _match(sm: ir.Node) -> _Match | str:
     return _Match(q, k, v, q.heads // k.heads, mask, additive, out, final)  # type: ignore[arg-type]
 
 
+#: :func:`_rotary_caches`' answer when the RoPE stays outside GroupQueryAttention (do_rotary=0).
+_OUTSIDE = "outside"
+
+
 def _rotary_caches(m: _Match) -> tuple[ir.Value, ir.Value] | None | str:
-    """(cos, sin) caches for do_rotary, None without RoPE; a reason when the RoPE cannot move in."""
+    """(cos, sin) caches for do_rotary, None without RoPE; :data:`_OUTSIDE` when q and k share one
+    RoPE whose positions are not 0..S-1 (e.g. a position_ids input of a KV-cache export: the kernel
+    would compute positions from the lengths, an assumption about the caller the graph does not
+    make), a reason when the RoPE cannot be kept."""
     qr, kr = m.q.rope, m.k.rope
     if qr is None or kr is None:
         return None
@@ -392,7 +453,10 @@ def _rotary_caches(m: _Match) -> tuple[ir.Value, ir.Value] | None | str:
                 return "q and k rotary use different caches"
     pos = constant_array(qr.position_ids)
     if pos is None or pos.size != 1 or int(pos.reshape(-1)[0]) != 0:
-        return "rotary positions are not 0..S-1"
+        same = qr.position_ids is kr.position_ids and qr.cos is kr.cos and qr.sin is kr.sin
+        return (
+            _OUTSIDE if same and _plain_rope(qr.node) and _plain_rope(kr.node) else "rotary positions differ"
+        )
     cos, sin = constant_array(qr.cos), constant_array(qr.sin)
     if cos is None or sin is None or cos.ndim != 2 or cos.shape != sin.shape:
         return "rotary caches are not constant [max positions, Dh/2]"
@@ -401,89 +465,38 @@ def _rotary_caches(m: _Match) -> tuple[ir.Value, ir.Value] | None | str:
     return qr.cos, qr.sin
 
 
-class _Lengths:
-    """``seqlens_k`` and ``total_sequence_length``: constants for static shapes, else computed once
-    per source (the padding-mask input, or one per query projection) at the top of the graph."""
+def _plain_rope(node: ir.Node) -> bool:
+    """A RotaryEmbedding that computes the same on ``[B, S, N·D]`` (given num_heads) as on ``[B, N, S, D]``."""
+    known = {"interleaved", "num_heads", "rotary_embedding_dim", "scale", "is_packed_batching"}
+    attrs = node.attributes
+    return (
+        set(attrs) <= known
+        and attrs.get_int("is_packed_batching", 0) == 0
+        and attrs.get_float("scale", 1.0) == 1.0
+    )
 
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.names: set[str] = set()
-        self.cache: dict[int, tuple[ir.Value, ir.Value]] = {}
 
-    def _const(self, base: str, array: np.ndarray) -> ir.Value:
-        name = unique_name(self.graph, base, self.names)
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            const_value=ir.tensor(array, name=name),
-        )
-        self.graph.register_initializer(value)
-        return value
-
-    def _node(
-        self, op: str, inputs: list[ir.Value], attrs: dict | None = None, *, before: ir.Node
-    ) -> ir.Value:
-        node = ir.node(op, inputs, attrs)
-        node.outputs[0].name = unique_name(self.graph, f"gqa_{op.lower()}", self.names)
-        self.graph.insert_before(before, node)
-        return node.outputs[0]
-
-    def _source(self, proj: ir.Value) -> ir.Value:
-        """A graph input whose first two dims are the projection's batch and sequence (shared by
-        every layer: e.g. input_ids), else the projection itself."""
-        for v in self.graph.inputs:
-            if (rank(v) or 0) >= 2 and all(same_dim(v.shape[i], proj.shape[i]) for i in (0, 1)):  # type: ignore[index]
-                return v
-        return proj
-
-    def get(self, m: _Match, proof: MaskProof, before: ir.Node) -> tuple[ir.Value, ir.Value] | str:
-        src = proof.padding if proof.padding is not None else self._source(m.q.proj)
-        if id(src) in self.cache:
-            return self.cache[id(src)]
-        batch, seq = m.q.proj.shape[0], m.q.proj.shape[1]  # type: ignore[index]
-        if proof.padding is None and isinstance(batch, int) and isinstance(seq, int):
-            out = (
-                self._const("gqa_seqlens_k", np.full([batch], seq - 1, dtype=np.int32)),
-                self._const("gqa_total_sequence_length", np.array(seq, dtype=np.int32)),
-            )
-            self.cache[id(src)] = out
-            return out
-        if model_opset(self.model) < 15:
-            return "opset < 15 (Shape with start/end)"
-        # Graph inputs are available from the first node on; a projection only before its user.
-        if src.producer() is None:
-            before = next(iter(self.graph))
-        one = self._const("gqa_one", np.array([1], dtype=np.int64))
-        if proof.padding is not None:
-            mask = (
-                src
-                if src.dtype == ir.DataType.INT64
-                else self._node("Cast", [src], {"to": ir.DataType.INT64}, before=before)
-            )
-            axes = self._const("gqa_axes", np.array([1], dtype=np.int64))
-            total = self._node("ReduceSum", [mask, axes], {"keepdims": 0}, before=before)
-            seqlens = self._node("Sub", [total, one], before=before)
-            length = self._node("Shape", [src], {"start": 1, "end": 2}, before=before)
-        else:
-            b = self._node("Shape", [src], {"start": 0, "end": 1}, before=before)
-            length = self._node("Shape", [src], {"start": 1, "end": 2}, before=before)
-            last = self._node("Sub", [length, one], before=before)
-            seqlens = self._node("Expand", [last, b], before=before)
-        seqlens32 = self._node("Cast", [seqlens], {"to": ir.DataType.INT32}, before=before)
-        total32 = self._node("Cast", [length], {"to": ir.DataType.INT32}, before=before)
-        seqlens32.dtype, seqlens32.shape = ir.DataType.INT32, ir.Shape([batch])
-        total32.dtype, total32.shape = ir.DataType.INT32, ir.Shape([1])
-        self.cache[id(src)] = (seqlens32, total32)
-        return self.cache[id(src)]
+def _rope_outside(side: _Side, model: ir.Model, before: ir.Node) -> ir.Value:
+    """``side``'s RoPE moved onto its ``[B, S, N·D]`` projection (what GroupQueryAttention reads)."""
+    r = side.rope
+    assert r is not None
+    node = ir.node(
+        "RotaryEmbedding",
+        [side.proj, r.position_ids, r.cos, r.sin],
+        {"interleaved": 0, "num_heads": side.heads},
+        domain=MS_DOMAIN,
+        name=f"{r.node.name}_bsd" if r.node.name else None,
+    )
+    node.outputs[0].type, node.outputs[0].shape = side.proj.type, side.proj.shape
+    model.graph.insert_before(before, node)
+    return node.outputs[0]
 
 
 def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] = frozenset()) -> int:
     """Rewrite every provably causal decoder self-attention to GroupQueryAttention (see the module
     docstring); ``padding_inputs`` names the inputs that follow its padding convention."""
     prover = prove_causal_mask(model, padding_inputs)
-    lengths = _Lengths(model)
+    lengths = Lengths(model)
     count = 0
     for sm in list(graph_nodes(model)):
         if sm.graph is not model.graph or not is_op(sm, "Softmax") or sm.inputs[0] is None:
@@ -495,18 +508,22 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
         if not math.isfinite(m.q.scale) or m.q.scale <= 0:
             continue
         caches = _rotary_caches(m)
-        if isinstance(caches, str):
+        if isinstance(caches, str) and caches != _OUTSIDE:
             logger.debug("gqa: %s skipped: %s", sm.name, caches)
             continue
-        proof = prover.prove(m.mask, m.additive, m.q.proj)
+        proof = prover.prove(m.mask, m.additive, m.q.proj, m.k.past)
         if isinstance(proof, str):
             logger.debug("gqa: %s skipped: %s", sm.name, proof)
             continue
-        lens = lengths.get(m, proof, m.final)
+        lens = lengths.get(m.q.proj, m.k.past is not None, proof, m.final)
         if isinstance(lens, str):
             logger.debug("gqa: %s skipped: %s", sm.name, lens)
             continue
-        inputs: list[ir.Value | None] = [m.q.proj, m.k.proj, m.v.proj, None, None, *lens]
+        q, k = m.q.proj, m.k.proj
+        if isinstance(caches, str):  # _OUTSIDE
+            q, k = _rope_outside(m.q, model, m.final), _rope_outside(m.k, model, m.final)
+            caches = None
+        inputs: list[ir.Value | None] = [q, k, m.v.proj, m.k.past, m.v.past, *lens]
         if caches is not None:
             inputs += list(caches)
         attrs = {
@@ -516,11 +533,19 @@ def fuse_group_query_attention(model: ir.Model, padding_inputs: frozenset[str] =
             "do_rotary": int(caches is not None),
             "rotary_interleaved": 0,
         }
-        node = ir.node("GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, name=m.final.name)
+        if proof.window > 0:
+            attrs["local_window_size"] = proof.window
+        node = ir.node(
+            "GroupQueryAttention", inputs, attrs, domain=MS_DOMAIN, name=m.final.name, num_outputs=3
+        )
         out = node.outputs[0]
         out.type, out.shape = m.output.type, m.output.shape
         model.graph.insert_before(m.final, node)
         take_place(m.output, out)
+        for old, new in ((m.k.present, node.outputs[1]), (m.v.present, node.outputs[2])):
+            if old is not None:
+                new.type, new.shape = old.type, old.shape
+                take_place(old, new)
         add_contrib_opset(model)
         count += 1
     if count:

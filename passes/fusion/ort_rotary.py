@@ -7,7 +7,8 @@ transformers 5 computes ``position_ids[..., None].float() * inv_freq``, which ex
 "OpType mismatch: expected Transpose, got Mul"), and onnxscript's ``rotary-embedding`` then leaves
 private ``ai.onnxruntime._fusion.RotaryEmbedding`` nodes that ``fuse-ort`` inlines back. The
 matched forms are in :func:`fuse_rotary_embedding`, the cache in :class:`_Builder`. Per-batch
-``[B, S]`` positions are left alone: nothing bounds them for a constant cache. Static-shape exports
+``[B, S]`` positions (a ``position_ids`` input, as KV-cache exports have) get a cache computed at run
+time, one row per token: nothing bounds them for a constant cache. Static-shape exports
 fold the whole angle computation into constant ``[1, 1, S, head]`` tables; those become the cache
 directly (row s multiplies token s, whatever the angles).
 """
@@ -162,7 +163,10 @@ def _freqs(emb: ir.Value) -> _Freqs | str:
         if not cast_seen or not unsqueezes or cur is None or cur.dtype not in _INT_TYPES:
             return "angles are not Cast(Unsqueeze(integer positions)) · inv_freq"
         if rank(cur) == 2 and len(unsqueezes) == 1:
-            return "per-batch positions [B, S]: no bound on the position values for a cache"
+            # Per-batch positions [B, S] (a position_ids input, e.g. with a KV cache) → [B, S, E].
+            if _normalized(unsqueezes[0], 3) != {2}:
+                return "per-batch positions are not unsqueezed to [B, S, 1]"
+            return _Freqs(freqs, mul, arr.reshape(-1).astype(np.float32), cur)  # type: ignore[arg-type]
         if rank(cur) != 1 or _unsqueezed_layout(unsqueezes[::-1]) != [False, True, False]:
             return "positions are not 1-D, unsqueezed to [1, S, 1]"
         return _Freqs(freqs, mul, arr.reshape(-1).astype(np.float32), cur)  # type: ignore[arg-type]
@@ -279,8 +283,12 @@ def _why_not(site: _Site, f: _Freqs | str) -> str | None:
         return f"dtype {x.dtype} (table {cos.dtype}) has no RotaryEmbedding CPU kernel"
     if 2 * f.inv_freq.size != x.shape[3]:  # type: ignore[index]
         return "rotation is not over the whole head (2·E != head size)"
-    if not same_dim(f.positions.shape[0], x.shape[2]):  # type: ignore[index]
+    pos_shape = f.positions.shape
+    assert pos_shape is not None
+    if not same_dim(pos_shape[-1], x.shape[2]):  # type: ignore[index]
         return "positions are not one per token of x"
+    if len(pos_shape) == 2 and not same_dim(pos_shape[0], x.shape[0]):  # type: ignore[index]
+        return "per-batch positions are not one row per batch row of x"
     return None
 
 
@@ -299,7 +307,8 @@ class _Builder:
       max_sequence_length"), it is never read out of bounds.
     * **computed** (any other batch-shared positions, e.g. ``Range(past, past+S)``, or no bound): the
       cache is ``Cos``/``Sin`` of ``freqs`` reshaped to ``[S, E]`` (row s = position p[s]), with
-      position_ids = ``[0]``. Exact for any position values.
+      position_ids = ``[0]``. Exact for any position values. Per-batch positions ``[B, S]`` likewise
+      get ``[B·S, E]`` rows, read through position_ids ``Reshape(Range(0, B·S), [B, S])``.
     """
 
     def __init__(self, model: ir.Model) -> None:
@@ -360,6 +369,9 @@ class _Builder:
         key = id(site.cos.emb)
         if key in self.cache:
             return self.cache[key]
+        if rank(f.positions) == 2:
+            self.cache[key] = self._per_batch(site, f)
+            return self.cache[key]
         self._position_ids()
         rows = self._rows(site, f)
         dtype = site.cos.dtype.numpy()
@@ -380,10 +392,33 @@ class _Builder:
         self.cache[key] = (self.position_ids, cos, sin)  # type: ignore[assignment]
         return self.cache[key]
 
+    def _per_batch(self, site: _Site, f: _Freqs) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Cos/Sin rows for every token of per-batch positions, and the ids that read them in order."""
+        cos, sin = self._computed(site, f)
+        pos = f.positions
+        new: list[ir.Node] = []
+
+        def add(op: str, inputs: list[ir.Value], shape: list, attrs: dict | None = None) -> ir.Value:
+            node = ir.node(op, inputs, attrs)
+            node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.INT64, ir.Shape(shape)
+            node.outputs[0].name = unique_name(self.graph, f"rotary_{op.lower()}", self.names)
+            new.append(node)
+            return node.outputs[0]
+
+        shape = add("Shape", [pos], [2])
+        size = add("Size", [pos], [])
+        zero = self._initializer("rotary_zero", np.array(0, dtype=np.int64))
+        one = self._initializer("rotary_one", np.array(1, dtype=np.int64))
+        flat = add("Range", [zero, size, one], [None])
+        ids = add("Reshape", [flat, shape], list(pos.shape))  # type: ignore[arg-type]
+        f.producer.graph.insert_after(f.producer, new)  # type: ignore[union-attr]
+        return ids, cos, sin
+
     def _computed(self, site: _Site, f: _Freqs) -> tuple[ir.Value, ir.Value]:
         """Cos/Sin of freqs as [S, E] (row s = position p[s]), inserted after the angle Mul."""
         e = f.inv_freq.size
-        shape2d = ir.Shape([f.positions.shape[0], e])  # type: ignore[index]
+        rows = f.positions.shape[0] if rank(f.positions) == 1 else None  # type: ignore[index]
+        shape2d = ir.Shape([rows, e])
         flat = ir.node(
             "Reshape", [f.freqs, self._initializer("rotary_freqs_2d", np.array([-1, e], dtype=np.int64))]
         )
@@ -439,9 +474,9 @@ def fuse_rotary_embedding(model: ir.Model) -> int:
     tables (both halves equal) of x's static sequence length, and emits
     ``RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=x.shape[1])``.
 
-    Per-batch positions (``[B, S]``, e.g. a ``position_ids`` input) are left alone: the kernel does not
-    bound-check position ids, so a constant cache would be read out of bounds for positions past its
-    end, and nothing in the graph bounds them.
+    Per-batch positions (``[B, S]``, e.g. a ``position_ids`` input) never get a constant cache: the
+    kernel does not bound-check position ids, so it would be read out of bounds for positions past
+    its end, and nothing in the graph bounds them. They get a computed one (see :class:`_Builder`).
     """
     builder: _Builder | None = None
     count = 0

@@ -621,3 +621,14 @@ def test_pretrained_minilm_embeddings_survive_every_target(target: str) -> None:
         assert not any(d["op_type"] == "Attention" for d in row.details["kept_fp32"])
         got = mean_pool(outputs(checked.model, feeds)[0], feeds["attention_mask"])
         assert min_cosine(ref, got) >= 0.999
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "ort-cuda"])
+def test_padding_mask_target_option_reaches_fuse_ort(target: str) -> None:
+    """``padding_mask`` (what the LLM build declares for genai's attention_mask) is fuse-ort's option."""
+    import graphopt
+
+    cls = type(graphopt.default_registry().backend(target))
+    assert "padding_mask" not in cls().default_pipeline()
+    text = cls(padding_mask=["attention_mask"]).default_pipeline()
+    assert text.count("padding_mask=[attention_mask]") == 1 and "fuse-ort(" in text, text

@@ -65,6 +65,11 @@ def test_fp32_build_generates_token_for_token_like_transformers(fp32_build, tied
     decoder = config["model"]["decoder"]
     assert decoder["num_hidden_layers"] == 2 and decoder["num_key_value_heads"] == 2
     assert decoder["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    # The build declares genai's attention_mask convention: every layer is GroupQueryAttention
+    # reading and writing the cache, so genai shares the past and present buffers.
+    ops = _ops(out)
+    assert "GroupQueryAttention" in ops and "MultiHeadAttention" not in ops, ops
+    assert config["search"]["past_present_share_buffer"] is True
     report = json.loads((out / MARKER).read_text())
     assert report["pipeline"]["passes"][0]["name"].startswith("cleanup")
     result = gl.generate(out, PROMPT, max_new_tokens=8)

@@ -206,12 +206,17 @@ def test_padding_mask_input_is_left_alone_unless_declared() -> None:
 
 @pytest.mark.parametrize(("window", "mode"), [(8, "static"), (8, "dynamic"), (4096, "dynamic")])
 def test_sliding_window_is_not_taken_for_causal(window: int, mode: str) -> None:
-    """Mistral's sliding window: a window of 8 is not the causal mask at 16 tokens (static) or at
-    the sizes the mask is evaluated at (dynamic); one of 4096 agrees with the causal mask on every
-    size one can evaluate, so a dynamic export with it is refused too."""
+    """Mistral's sliding window is not the causal mask. A static export (one folded mask, 16 tokens)
+    stays unfused; a dynamic one is evaluated at sizes past the window (a 4099-token prompt for
+    4096) and fuses with GroupQueryAttention's ``local_window_size`` = the window. Outputs stay
+    equal (11 tokens: past a window of 8)."""
     original = _export(_module("mistral", sliding_window=window), mode)
     result = graphopt.optimize(graphopt.load(original), "ort-cpu", pipeline="cleanup,fuse-ort,cleanup")
-    assert counts(result.model)["GroupQueryAttention"] == 0
+    gqa = [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]
+    if mode == "static":
+        assert not gqa
+    else:
+        assert [n.attributes.get_int("local_window_size", -1) for n in gqa] == [window] * LAYERS
     assert_outputs_equal(original, result.model, mode)
 
 
@@ -231,3 +236,12 @@ def test_mask_prover_rejects_a_non_causal_constant_mask() -> None:
     soft = causal.copy()
     soft[soft != 0] = -100.0  # not blocking: a bias, not a mask
     assert "neither 0 nor blocking" in prove(soft)
+
+
+def test_head_size_the_kernel_refuses_is_left_alone() -> None:
+    """GroupQueryAttention's kernel fails at run time for a head size that is not a multiple of 8
+    ("head_size must be a multiple of 8"): such attention stays unfused (and runs)."""
+    original = _export(_module("llama", hidden_size=16), "dynamic")  # 4 heads of 4
+    result = graphopt.optimize(graphopt.load(original), "ort-cpu")
+    assert counts(result.model)["GroupQueryAttention"] == 0
+    assert_outputs_equal(original, result.model, "dynamic")

@@ -493,17 +493,25 @@ def test_rotary_constant_cache_keeps_scaling_and_float16_cast() -> None:
     np.testing.assert_allclose(cos.const_value.numpy()[3, 1], expected, rtol=1e-3)  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(
-    "case", ["per-batch positions", "split not at half", "inv_freq not constant", "angles from a float input"]
-)
+def test_rotary_per_batch_positions_get_a_computed_cache() -> None:
+    """Per-batch positions (a position_ids input, as KV-cache exports have) are unbounded: no
+    constant cache, but one row per token computed at run time, read through
+    ``Reshape(Range(0, B·S), [B, S])``. Rows hold different positions (a past of 5 on row 1)."""
+    feeds = q_feed()
+    proto = rope_model("pos = Identity (pid)", ", int64[s0, s1] pid", "int64[s0, s1] pos", unsqueeze_axes="2")
+    feeds["pid"] = np.stack([np.arange(12), np.arange(5, 17)]).astype(np.int64)
+    m, stats = fuse(proto, feeds, "rotary-embedding-mul")
+    assert stats.get("rotary-embedding-mul") == 1, stats
+    for rope in [n for n in m.graph if n.op_type == "RotaryEmbedding"]:
+        pos = rope.inputs[1]
+        assert pos is not None and pos.const_value is None and pos.producer().op_type == "Reshape"  # type: ignore[union-attr]
+        assert rope.inputs[2].const_value is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("case", ["split not at half", "inv_freq not constant", "angles from a float input"])
 def test_rotary_look_alikes_are_not_fused(case: str) -> None:
     feeds = q_feed()
-    if case == "per-batch positions":
-        proto = rope_model(
-            "pos = Identity (pid)", ", int64[s0, s1] pid", "int64[s0, s1] pos", unsqueeze_axes="2"
-        )
-        feeds["pid"] = np.tile(np.arange(12, dtype=np.int64), (2, 1))
-    elif case == "split not at half":
+    if case == "split not at half":
         proto = rope_model(split=4)
     elif case == "inv_freq not constant":
         proto = rope_model(freqs="Mul (pf, inv)", inputs=", float[8] inv")
