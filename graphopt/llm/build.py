@@ -73,11 +73,17 @@ def calibration_feeds(
     model: ir.Model,
     window: int = CALIBRATION_WINDOW,
     windows: int = CALIBRATION_WINDOWS,
+    vocab_size: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Tokenized text as decoder feeds: windows of ``window`` tokens, an empty KV cache each."""
     if tokenizer is None:
         raise GraphoptError("calibration text needs a tokenizer, and this source has none")
     ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64).reshape(-1)
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        raise GraphoptError(
+            f"the tokenizer gives token ids up to {int(ids.max())} but the model's vocabulary has "
+            f"{vocab_size}: tokenizer and model do not belong together"
+        )
     if ids.size < 8:
         raise GraphoptError(f"the calibration text has {ids.size} tokens; give at least a paragraph of text")
     past: dict[str, np.ndarray] = {}
@@ -168,7 +174,9 @@ def build(
 
     feeds: Any = calibration
     if isinstance(calibration, (str, os.PathLike)):
-        feeds = calibration_feeds(_read_text(Path(calibration)), source.tokenizer, exported)
+        feeds = calibration_feeds(
+            _read_text(Path(calibration)), source.tokenizer, exported, vocab_size=shape.vocab_size
+        )
     # onnxruntime-genai feeds attention_mask in GroupQueryAttention's convention: declaring it lets
     # the decoder attention (with the KV cache) fuse to GroupQueryAttention.
     target_options: dict[str, Any] = {"padding_mask": ["attention_mask"]}

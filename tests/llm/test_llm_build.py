@@ -206,3 +206,12 @@ def test_calibration_text_makes_int4_data_aware(tmp_path, tied_llama, tokenizer)
             calibration=tmp_path / "no.txt",
         )
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer):
+    small = tiny_causal_lm("llama", vocab=64)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    with pytest.raises(GraphoptError, match="do not belong together"):
+        gl.build(small, tmp_path / "out", precision="int4", tokenizer=tokenizer, calibration=text)
+    assert not (tmp_path / "out").exists()
