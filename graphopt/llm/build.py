@@ -164,7 +164,12 @@ def build(
     started = time.perf_counter()
     _check_request(precision, target)
     quantize = _quantize_request(precision, group_size, quantize_options)
+    if calibration is not None and quantize is None:
+        raise GraphoptError(
+            f"calibration data is for int4/int8 builds; precision {precision} does not use it"
+        )
     check_destination(out_dir)
+    text = _read_text(Path(calibration)) if isinstance(calibration, (str, os.PathLike)) else None
     source = load_source(src, tokenizer)
     config = source.model.config
     shape = decoder_shape(config)
@@ -173,10 +178,8 @@ def build(
     export_s = time.perf_counter() - t0
 
     feeds: Any = calibration
-    if isinstance(calibration, (str, os.PathLike)):
-        feeds = calibration_feeds(
-            _read_text(Path(calibration)), source.tokenizer, exported, vocab_size=shape.vocab_size
-        )
+    if text is not None:
+        feeds = calibration_feeds(text, source.tokenizer, exported, vocab_size=shape.vocab_size)
     # onnxruntime-genai feeds attention_mask in GroupQueryAttention's convention: declaring it lets
     # the decoder attention (with the KV cache) fuse to GroupQueryAttention.
     target_options: dict[str, Any] = {"padding_mask": ["attention_mask"]}
