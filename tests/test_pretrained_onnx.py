@@ -35,15 +35,11 @@ _OPSET = "issue 18 defect 4: static int8 refuses opset < 13"
 XFAIL: dict[tuple[str, str], str] = {
     ("ddddocr-crnn", "fp32"): _ALLOWZERO,
     ("ddddocr-crnn", "dynamic"): _ALLOWZERO,
-    ("ppocr-cls", "generated"): _GENERATED,
     ("ppocr-det", "generated"): _GENERATED,
-    ("yolov8n-nudenet", "generated"): _GENERATED,
-    ("silero-vad", "generated"): _GENERATED,
     ("ddddocr-crnn", "generated"): _ALLOWZERO,
     # after an opset upgrade these two still miss the floor: 0.969 and 0.81 (ORT's best: 0.986, 0.963)
     ("ppocr-det", "static"): _OPSET + "; then issue 18 defect 5 (triage T9): cosine 0.969",
     ("ppocr-rec", "static"): _OPSET + "; then issue 18 defect 5 (triage T9): cosine 0.81",
-    ("ppocr-cls", "static"): _OPSET,
     ("ddddocr-crnn", "static"): _OPSET,
     ("ddddocr-det", "static"): _OPSET,
     ("magika", "static"): "issue 18 (triage T8): tf2onnx LayerNorm/tanh-GELU left decomposed, their x^3 and "
