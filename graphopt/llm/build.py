@@ -110,12 +110,12 @@ def calibration_feeds(
     return feeds
 
 
-#: What ``precision`` asks of the weight-only quantizer. int4 is asymmetric (per-block zero
-#: points): on SmolLM2 it kept perplexity far closer to float32 than symmetric int4 for about 2 %
-#: more bytes (benchmarks/results/llm.md).
+#: What ``precision`` asks of the weight-only quantizer (its defaults otherwise: symmetric int4,
+#: block size 32, the tied table stored once). Asymmetric int4 (``symmetric=false``) was tried as
+#: the default and measured slightly worse on SmolLM2 for more bytes (benchmarks/README.md).
 _PRECISION_QUANTIZE: dict[str, dict[str, Any]] = {
-    "int4": {"mode": "int4", "symmetric": False},
-    "int8": {"mode": "int8-weight", "symmetric": False},
+    "int4": {"mode": "int4"},
+    "int8": {"mode": "int8-weight"},
 }
 
 
