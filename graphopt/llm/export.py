@@ -22,7 +22,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError
+from graphopt.export import export
 
 __all__ = ["DecoderShape", "decoder_shape", "export_decoder", "io_names"]
 
@@ -133,26 +133,12 @@ def export_decoder(
     }
     inputs, outputs = io_names(shape.num_layers)
     wrapper = _wrapper(model, shape.num_layers, last_token_logits)
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                (ids, mask, positions, past),
-                dynamic_shapes=dynamic,
-                input_names=inputs,
-                output_names=outputs,
-                opset_version=opset_version,
-                dynamo=True,
-                optimize=False,
-                verbose=False,
-            )
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GraphoptError(
-            f"exporting {type(model).__name__} with a KV cache failed: {first}; "
-            "report it with the model's config.json"
-        ) from e
-    if program is None or getattr(program, "model", None) is None:
-        raise GraphoptError("torch.onnx.export returned no model")
-    result: ir.Model = program.model
-    return result
+    with torch.no_grad():
+        return export(
+            wrapper,
+            (ids, mask, positions, past),
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset_version,
+        )
