@@ -34,6 +34,11 @@ TARGETS = {"ort-cpu": "cpu", "ort-cuda": "cuda"}
 #: Calibration text is cut into windows of this many tokens, at most this many windows.
 CALIBRATION_WINDOW = 256
 CALIBRATION_WINDOWS = 16
+#: int4 mixed precision: this fraction of the all-int4 weight bytes may go to 8-bit weights,
+#: the ones whose 4-bit round trip moves the last-token logits most per extra byte.
+INT8_BUDGET = 0.17
+#: (sequences, tokens) of the batch that sensitivity is measured on.
+SENSITIVITY_BATCH = (8, 32)
 
 
 @dataclasses.dataclass
@@ -86,35 +91,53 @@ def calibration_feeds(
         )
     if ids.size < 8:
         raise GraphoptError(f"the calibration text has {ids.size} tokens; give at least a paragraph of text")
-    past: dict[str, np.ndarray] = {}
-    for value in model.graph.inputs:
-        name = value.name or ""
-        if name.startswith("past_key_values.") and value.shape is not None:
-            dims = [d if isinstance(d, int) else 0 for d in value.shape]
-            dims[0] = 1
-            past[name] = np.zeros(dims, dtype=np.float32)
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, min(ids.size, window * windows), window):
         chunk = ids[start : start + window][None, :]
         if chunk.shape[1] < 8:
             break
-        n = chunk.shape[1]
-        feeds.append(
-            {
-                "input_ids": chunk,
-                "attention_mask": np.ones((1, n), dtype=np.int64),
-                "position_ids": np.arange(n, dtype=np.int64)[None, :],
-                **past,
-            }
-        )
+        feeds.append(token_feeds(chunk, model))
     return feeds
+
+
+def token_feeds(ids: np.ndarray, model: ir.Model) -> dict[str, np.ndarray]:
+    """Decoder feeds for token ids ``[batch, tokens]``: full attention mask, positions from 0 and
+    an empty KV cache."""
+    b, n = ids.shape
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((b, n), dtype=np.int64),
+        "position_ids": np.tile(np.arange(n, dtype=np.int64), (b, 1)),
+    }
+    for value in model.graph.inputs:
+        name = value.name or ""
+        if name.startswith("past_key_values.") and value.shape is not None:
+            dims = [d if isinstance(d, int) else 0 for d in value.shape]
+            dims[0] = b
+            feeds[name] = np.zeros(dims, dtype=np.float32)
+    return feeds
+
+
+def sensitivity_feeds(
+    model: ir.Model, vocab_size: int, ids: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The batch mixed precision measures on: :data:`SENSITIVITY_BATCH` sequences, cut from the
+    calibration text's token ids when given, else seeded random ids. The exported decoder computes
+    the last position's logits only, so sequences, not tokens, are what the measurement needs;
+    random ids measured as well as English text on SmolLM2 (the ranking is what counts)."""
+    b, n = SENSITIVITY_BATCH
+    if ids is not None and ids.size >= b * n:
+        chunk = ids[: b * n].reshape(b, n)
+    else:
+        chunk = np.random.default_rng(0).integers(0, vocab_size, (b, n))
+    return token_feeds(chunk, model)
 
 
 #: What ``precision`` asks of the weight-only quantizer (its defaults otherwise: symmetric int4,
 #: block size 32, the tied table stored once). Asymmetric int4 (``symmetric=false``) was tried as
 #: the default and measured slightly worse on SmolLM2 for more bytes (benchmarks/README.md).
 _PRECISION_QUANTIZE: dict[str, dict[str, Any]] = {
-    "int4": {"mode": "int4"},
+    "int4": {"mode": "int4", "int8_budget": INT8_BUDGET, "mixed_batches": 1, "mixed_outputs": ["logits"]},
     "int8": {"mode": "int8-weight"},
 }
 
@@ -168,6 +191,9 @@ def build(
         raise GraphoptError(
             f"calibration data is for int4/int8 builds; precision {precision} does not use it"
         )
+    method = (quantize or {}).get("method", "auto")
+    if calibration is None and method not in ("auto", "rtn"):
+        raise GraphoptError(f"quantize method {method} needs calibration text: give --calibration")
     check_destination(out_dir)
     text = _read_text(Path(calibration)) if isinstance(calibration, (str, os.PathLike)) else None
     source = load_source(src, tokenizer)
@@ -178,8 +204,18 @@ def build(
     export_s = time.perf_counter() - t0
 
     feeds: Any = calibration
+    ids = None
     if text is not None:
         feeds = calibration_feeds(text, source.tokenizer, exported, vocab_size=shape.vocab_size)
+        ids = np.asarray(source.tokenizer(text)["input_ids"], dtype=np.int64).reshape(-1)
+    if quantize is not None and quantize.get("int8_budget", 0) > 0:
+        # Mixed precision measures on one wide batch first; GPTQ reads it as calibration rows too.
+        wide = sensitivity_feeds(exported, shape.vocab_size, ids)
+        if feeds is None:
+            feeds = [wide]
+            quantize["method"] = "rtn"  # the batch is for the measurement, not for GPTQ
+        else:
+            feeds = [wide, *feeds]
     # onnxruntime-genai feeds attention_mask in GroupQueryAttention's convention: declaring it lets
     # the decoder attention (with the KV cache) fuse to GroupQueryAttention.
     target_options: dict[str, Any] = {"padding_mask": ["attention_mask"]}

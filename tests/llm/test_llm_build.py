@@ -101,6 +101,21 @@ def test_int4_build_is_smaller_and_close(tmp_path, fp32_build, tied_llama, token
     # Random Gaussian weights (std 0.3) are int4's worst case; real models are measured in bench_llm.py.
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.9
     assert len(gl.generate(result.out_dir, PROMPT, max_new_tokens=4)["tokens"]) == 4
+    # Mixed precision: the weights measured most sensitive went to 8 bits, within the budget.
+    (row,) = [r for r in result.report["pipeline"]["passes"] if r["name"].startswith("quantize")]
+    mixed = row["details"]["mixed_precision"]
+    assert mixed["promoted"] > 0 and mixed["spent_bytes"] <= mixed["budget_bytes"]
+    model = onnx.load(str(result.out_dir / "model.onnx"), load_external_data=False)
+    bits = [
+        a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    ]
+    assert 0 < bits.count(8) < len(bits)
+
+
+def test_a_method_that_needs_data_without_calibration_text_is_refused(tmp_path, tied_llama, tokenizer):
+    with pytest.raises(GraphoptError, match="needs calibration text"):
+        gl.build(tied_llama, tmp_path / "o", tokenizer=tokenizer, quantize_options={"method": "gptq"})
+    assert not (tmp_path / "o").exists()
 
 
 def test_rebuild_replaces_an_earlier_build_and_a_foreign_folder_is_refused(tmp_path, tied_llama, tokenizer):

@@ -81,6 +81,26 @@ class WeightOnlyOptions(CommonOptions):
             "with the least rounding error; False: plain full-range RTN"
         ),
     )
+    int8_budget: float = dataclasses.field(
+        default=0.0,
+        metadata=_doc(
+            "mixed precision: extra bytes for 8-bit weights, as a fraction of the all-`bits` "
+            "size; weights are promoted in order of measured sensitivity per extra byte (0: none)"
+        ),
+    )
+    mixed_batches: int = dataclasses.field(
+        default=2,
+        metadata=_doc(
+            "mixed precision: input batches the sensitivity is measured on (calibration data, "
+            "else generated inputs)"
+        ),
+    )
+    mixed_outputs: list[str] | None = dataclasses.field(
+        default=None,
+        metadata=_doc(
+            "mixed precision: the outputs whose error is the sensitivity (None: all float outputs)"
+        ),
+    )
     calibration_batches: int | None = dataclasses.field(
         default=None, metadata=_doc("gptq: use at most this many calibration batches (None: all)")
     )
@@ -127,5 +147,9 @@ def check_options(o: WeightOnlyOptions) -> None:
         raise PipelineError(f"quantize-weight-only: min_size must be >= 0, got {o.min_size}")
     if not 0 <= o.damp < 1:
         raise PipelineError(f"quantize-weight-only: damp must be in [0, 1), got {o.damp}")
+    if o.int8_budget < 0:
+        raise PipelineError(f"quantize-weight-only: int8_budget must be >= 0, got {o.int8_budget}")
+    if o.mixed_batches < 1:
+        raise PipelineError(f"quantize-weight-only: mixed_batches must be >= 1, got {o.mixed_batches}")
     if o.calibration_batches is not None and o.calibration_batches < 1:
         raise PipelineError("quantize-weight-only: calibration_batches must be >= 1 (or None for all)")

@@ -15,6 +15,7 @@ from ..base import QuantizePassBase
 from .awq import awq
 from .blocks import QuantizedWeight, gptq_quantize, quantize_rtn
 from .calibrate import hessian_groups
+from .mixed import choose_bits
 from .options import WeightOnlyOptions, check_options
 from .rewrite import Inits, drop_unused, error_row, initializers, rewrite_gather, rewrite_matmul
 from .sites import FLOAT_DTYPES, Site, gather_table, is_site_op, matmul_site, tied_tables, weight_source
@@ -100,7 +101,8 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
     def _method(self, has_sites: bool) -> tuple[str, Any]:
         """The method to run (``auto`` resolved) and the calibration data it uses."""
         method = self.options.method
-        data = self.calibration_data() if method != "rtn" and has_sites else None
+        wants = method != "rtn" or self.options.int8_budget > 0  # mixed precision measures on data
+        data = self.calibration_data() if wants and has_sites else None
         if method != "auto" and method != "rtn" and data is None:
             raise PipelineError(
                 f"quantize-weight-only: method={method} needs calibration data; pass "
@@ -137,11 +139,14 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         kept: dict[tuple[int, bool], tuple[QuantizedWeight, Inits, str, str]] = {}
         # A tied table is also the embedding: GPTQ fits it to the LM head's input alone.
         rtn_keys = tied_keys if gptq and not o.tied_gptq else set()
+        tables = {id(node): node.inputs[0] for node, _ in gathers if node.inputs[0] is not None}
+        bits_of = choose_bits(model, by_key, tied, tables, data, o, self.details)
         groups = hessian_groups(model, by_key, data if gptq else None, o, self.details, skip=rtn_keys)
         for group, hessians, tokens in groups:
             for key in group:
                 first = by_key[key][0]
                 sdt = FLOAT_DTYPES[first.dtype]
+                bits = bits_of.get(key, o.bits)
                 h = hessians.pop(key, None)
                 how = "rtn (tied to an embedding)" if key in rtn_keys else method
                 k = first.w.shape[1]
@@ -153,7 +158,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                     qw = gptq_quantize(
                         first.w,
                         h,
-                        o.bits,
+                        bits,
                         o.block_size,
                         o.symmetric,
                         damp=o.damp,
@@ -162,7 +167,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                         search=o.scale_search,
                     )
                 else:
-                    qw = quantize_rtn(first.w, o.bits, o.block_size, o.symmetric, sdt, o.scale_search)
+                    qw = quantize_rtn(first.w, bits, o.block_size, o.symmetric, sdt, o.scale_search)
                 weights.append(error_row(first, qw, h))
                 made = initializers(graph, qw, first.weight.name or "weight", taken)
                 if key in tied_keys:
@@ -172,7 +177,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                     if site.source is not None and (t := site.node.inputs[1]) is not None:
                         replaced.append(t)  # the Transpose it was read through goes too
                     rewrite_matmul(graph, site, qw, made, taken, o.accuracy_level)
-                    self.decide(site.node, True, f"{how} {o.bits}-bit")
+                    self.decide(site.node, True, f"{how} {bits}-bit")
         self._gathers(graph, gathers, tied, kept, taken, replaced)
         drop_unused(graph, replaced)
         return ir.passes.PassResult(model, True)
@@ -198,7 +203,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             if key is not None and key in kept:
                 qw, made, how, head = kept[key]
                 rewrite_gather(graph, node, qw, made, taken)
-                self.decide(node, True, f"{how} {o.bits}-bit embedding, stored once with {head}")
+                self.decide(node, True, f"{how} {qw.bits}-bit embedding, stored once with {head}")
                 self.count("tied_embeddings")
                 continue
             if id(data) not in tables:
