@@ -1,6 +1,8 @@
 """``lower-ort-cpu``: contrib forms that ONNX Runtime's CPU provider runs slower than the plain
-ops they fuse, rewritten back into those ops; run by the ort-cpu backend after fusion and
-quantization.
+ops they fuse, rewritten back into those ops, and quantized products packed; run by the ort-cpu
+backend after fusion and quantization.
+
+* ``pack-sibling-matmulnbits``: see :mod:`.pack_nbits`.
 
 * ``skip-norm-to-sum``: ``SkipLayerNormalization(x, skip, gamma, beta, bias)`` →
   ``Sum(x, skip, bias)`` + ``LayerNormalization(gamma, beta)`` (and the RMS variant
@@ -28,6 +30,7 @@ import onnx_ir as ir
 
 from ..fusion._base import CONTRIB, FusionPass, FusionRule
 from ..ir_helpers import MS_DOMAIN, graph_nodes, model_opset, take_place
+from .pack_nbits import pack_sibling_nbits
 
 __all__ = ["LowerOrtCpuPass"]
 
@@ -121,5 +124,12 @@ class LowerOrtCpuPass(FusionPass):
             lower_skip_norms,
             CONTRIB,
             min_opset=17,
+        ),
+        FusionRule(
+            "pack-sibling-matmulnbits",
+            "MatMulNBits siblings on one input (Q/K/V, gate/up) → one MatMulNBits + Split "
+            "(one dispatch per decode step instead of several)",
+            pack_sibling_nbits,
+            CONTRIB,
         ),
     )
