@@ -80,7 +80,9 @@ def _wrapper(model: Any, num_layers: int, last_token_logits: bool) -> Any:
             self.model = model
 
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, past: Any) -> Any:
-            cache = DynamicCache(config=self.model.config)
+            # Full-length layers even for a sliding-window model: genai keeps every past token in
+            # its buffer and the window is in the mask (transformers would crop the cache).
+            cache = DynamicCache()
             for i, (key, value) in enumerate(past):
                 cache.update(key, value, i)
             extra = {"logits_to_keep": 1} if last_token_logits else {}

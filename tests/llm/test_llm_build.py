@@ -87,6 +87,25 @@ def test_gpt2_build_generates_like_transformers(tmp_path):
     assert gl.generate(result.out_dir, tokens=ids, max_new_tokens=10)["tokens"] == greedy(lm, ids, 10)
 
 
+def test_a_sliding_window_model_generates_like_transformers_past_its_window(tmp_path):
+    """Mistral with an 8-token window: the export keeps every past token (genai's buffer) and the
+    window is GroupQueryAttention's local_window_size; tokens equal transformers' well past it."""
+    lm = tiny_causal_lm("mistral")
+    lm.config.sliding_window = 8
+    result = gl.build(lm, tmp_path / "swa", precision="fp32")
+    model = onnx.load(str(result.out_dir / "model.onnx"), load_external_data=False)
+    windows = [
+        a.i
+        for n in model.graph.node
+        if n.op_type == "GroupQueryAttention"
+        for a in n.attribute
+        if a.name == "local_window_size"
+    ]
+    assert windows == [8, 8]
+    ids = [5, 17, 33, 4, 9, 70, 11, 12, 40]
+    assert gl.generate(result.out_dir, tokens=ids, max_new_tokens=14)["tokens"] == greedy(lm, ids, 14)
+
+
 def test_int4_build_is_smaller_and_close(tmp_path, fp32_build, tied_llama, tokenizer):
     result = gl.build(tied_llama, tmp_path / "int4", precision="int4", tokenizer=tokenizer)
     ops = _ops(result.out_dir)
