@@ -137,7 +137,13 @@ def sensitivity_feeds(
 #: block size 32, the tied table stored once). Asymmetric int4 (``symmetric=false``) was tried as
 #: the default and measured slightly worse on SmolLM2 for more bytes (benchmarks/README.md).
 _PRECISION_QUANTIZE: dict[str, dict[str, Any]] = {
-    "int4": {"mode": "int4", "int8_budget": INT8_BUDGET, "mixed_batches": 1, "mixed_outputs": ["logits"]},
+    "int4": {
+        "mode": "int4",
+        "int8_budget": INT8_BUDGET,
+        "mixed_batches": 1,
+        "mixed_outputs": ["logits"],
+        "mixed_metric": "kl",
+    },
     "int8": {"mode": "int8-weight"},
 }
 

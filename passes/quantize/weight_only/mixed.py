@@ -39,10 +39,21 @@ def quantized_bytes(n: int, k: int, bits: int, block_size: int, symmetric: bool,
     return size
 
 
-def _score(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
-    """Mean over the outputs of their relative squared error."""
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _score(ref: list[np.ndarray], out: list[np.ndarray], metric: str) -> float:
+    """Mean over the outputs of their relative squared error, or (``kl``) of the KL divergence
+    of the softmax over the last axis (the outputs are logits) from the float model's."""
     errs = []
     for r, o in zip(ref, out):
+        if metric == "kl":
+            lp, lq = _log_softmax(r), _log_softmax(o)
+            errs.append(float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1))))
+            continue
         r64 = r.astype(np.float64)
         errs.append(float(np.sum(np.square(o.astype(np.float64) - r64)) / (np.sum(np.square(r64)) + 1e-30)))
     return float(np.mean(errs)) if errs else 0.0
@@ -135,7 +146,12 @@ def choose_bits(
         for name, transposed in entries:
             swapped[name] = rounded if transposed else np.ascontiguousarray(rounded.T)
         scores[key] = float(
-            np.mean([_score(r, session.run(out_names, {**b, **swapped})) for b, r in zip(batches, refs)])
+            np.mean(
+                [
+                    _score(r, session.run(out_names, {**b, **swapped}), o.mixed_metric)
+                    for b, r in zip(batches, refs)
+                ]
+            )
         )
     chosen: dict[Key, int] = {}
     spent = 0

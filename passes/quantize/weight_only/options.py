@@ -101,6 +101,13 @@ class WeightOnlyOptions(CommonOptions):
             "mixed precision: the outputs whose error is the sensitivity (None: all float outputs)"
         ),
     )
+    mixed_metric: Literal["relative-mse", "kl"] = dataclasses.field(
+        default="relative-mse",
+        metadata=_doc(
+            "mixed precision: the outputs' error, relative squared error or (outputs that are "
+            "logits) KL divergence of their softmax from the float model's"
+        ),
+    )
     calibration_batches: int | None = dataclasses.field(
         default=None, metadata=_doc("gptq: use at most this many calibration batches (None: all)")
     )

@@ -96,6 +96,14 @@ def test_without_data_the_sensitivity_is_measured_on_generated_inputs():
     assert row.details["method"] == "rtn"
 
 
+def test_the_kl_metric_ranks_like_the_error_on_logits():
+    model = two_branch_model(loud=20.0)
+    _, row, bits = _run("quantize-weight-only(int8_budget=0.5,mixed_metric=kl)", model)
+    assert bits == {"mm_a": 4, "mm_b": 8}
+    scores = [w["error"] for w in row.details["mixed_precision"]["most_sensitive"]]
+    assert scores[0] > scores[1] > 0
+
+
 def test_a_budget_too_small_for_any_weight_promotes_none():
     _, row, bits = _run("quantize-weight-only(int8_budget=0.01)", two_branch_model(20.0))
     assert set(bits.values()) == {4}
