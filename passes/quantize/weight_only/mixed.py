@@ -4,9 +4,11 @@ Not a fixed list of layer names: each candidate weight's sensitivity is measured
 float model runs once on a few input batches (the calibration data, or generated inputs), then
 once per weight with only that weight replaced by its ``bits``-bit round trip (the weights are
 fed as graph inputs of one private session, so no model is rebuilt per weight). The sensitivity
-is the resulting error of the model's outputs. Weights are then promoted to 8 bits in order of
-sensitivity per extra byte until the byte budget (``int8_budget`` times the all-``bits`` size)
-is spent.
+is the resulting error of the model's outputs (relative squared error, or KL divergence for
+logits). Weights are then promoted to 8 bits in order of sensitivity per extra byte until the
+byte budget (``int8_budget`` times the all-``bits`` size) is spent; weights that read the same
+input are promoted together (``mixed_siblings``) so that ``lower-ort-cpu`` can still pack them
+into one product.
 
 Measured rather than guessed because it is not the same weights from one model to the next: on
 SmolLM2 the tied embedding / LM head table matters far more than any one layer, and which layers
@@ -153,13 +155,23 @@ def choose_bits(
                 ]
             )
         )
+    # Weights that read the same input (Q/K/V, gate/up) are promoted together: ONNX Runtime runs
+    # them as one product only when they have the same bits (lower-ort-cpu packs them).
+    units: dict[int, list[Key]] = {}
+    for key in scores:
+        units.setdefault(id(by_key[key][0].node.inputs[0]), []).append(key)
+    groups = list(units.values()) if o.mixed_siblings else [[k] for k in scores]
     chosen: dict[Key, int] = {}
     spent = 0
-    for key in sorted(scores, key=lambda k: scores[k] / max(extra[k], 1), reverse=True):
-        if spent + extra[key] > budget:
+    for group in sorted(
+        groups, key=lambda g: sum(scores[k] for k in g) / max(sum(extra[k] for k in g), 1), reverse=True
+    ):
+        cost = sum(extra[k] for k in group)
+        if spent + cost > budget:
             continue
-        chosen[key] = 8
-        spent += extra[key]
+        for key in group:
+            chosen[key] = 8
+        spent += cost
     ranked = sorted(scores, key=lambda k: scores[k], reverse=True)
     details["mixed_precision"] = {
         "budget_bytes": int(budget),

@@ -101,6 +101,13 @@ class WeightOnlyOptions(CommonOptions):
             "mixed precision: the outputs whose error is the sensitivity (None: all float outputs)"
         ),
     )
+    mixed_siblings: bool = dataclasses.field(
+        default=True,
+        metadata=_doc(
+            "mixed precision: promote the weights that read one input (Q/K/V, gate/up) together, "
+            "so that they still run as one packed product"
+        ),
+    )
     mixed_metric: Literal["relative-mse", "kl"] = dataclasses.field(
         default="relative-mse",
         metadata=_doc(

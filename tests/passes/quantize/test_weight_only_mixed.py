@@ -77,7 +77,9 @@ def test_the_weight_that_moves_the_output_most_gets_8_bits_within_the_budget():
     total = 2 * quantized_bytes(64, 128, 4, 32, True, 4)
     budget = 1.5 * one / total  # room for one weight, not two
     feeds = [{"x": x}]
-    mixed, row, bits = _run(f"quantize-weight-only(int8_budget={budget})", model, calibration=feeds)
+    mixed, row, bits = _run(
+        f"quantize-weight-only(int8_budget={budget},mixed_siblings=false)", model, calibration=feeds
+    )
     assert bits == {"mm_a": 4, "mm_b": 8}
     info = row.details["mixed_precision"]
     assert info["promoted"] == 1 and info["spent_bytes"] <= info["budget_bytes"]
@@ -91,17 +93,26 @@ def test_the_weight_that_moves_the_output_most_gets_8_bits_within_the_budget():
 
 def test_without_data_the_sensitivity_is_measured_on_generated_inputs():
     model = two_branch_model(loud=20.0)
-    _, row, bits = _run("quantize-weight-only(int8_budget=0.5)", model)
+    _, row, bits = _run("quantize-weight-only(int8_budget=0.5,mixed_siblings=false)", model)
     assert bits == {"mm_a": 4, "mm_b": 8}
     assert row.details["method"] == "rtn"
 
 
 def test_the_kl_metric_ranks_like_the_error_on_logits():
     model = two_branch_model(loud=20.0)
-    _, row, bits = _run("quantize-weight-only(int8_budget=0.5,mixed_metric=kl)", model)
+    _, row, bits = _run("quantize-weight-only(int8_budget=0.5,mixed_metric=kl,mixed_siblings=false)", model)
     assert bits == {"mm_a": 4, "mm_b": 8}
     scores = [w["error"] for w in row.details["mixed_precision"]["most_sensitive"]]
     assert scores[0] > scores[1] > 0
+
+
+def test_weights_on_one_input_are_promoted_together():
+    """``a`` and ``b`` read the same x (like Q/K/V): both or neither, so they still pack."""
+    model = two_branch_model(loud=20.0)
+    _, row, bits = _run("quantize-weight-only(int8_budget=0.5)", model)
+    assert set(bits.values()) == {4} and row.details["mixed_precision"]["promoted"] == 0
+    _, row, bits = _run("quantize-weight-only(int8_budget=0.9)", model)
+    assert bits == {"mm_a": 8, "mm_b": 8}
 
 
 def test_a_budget_too_small_for_any_weight_promotes_none():
