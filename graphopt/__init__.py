@@ -198,7 +198,7 @@ def optimize(
         # A pass broke on a model that passed ONNX's checks. If ONNX Runtime cannot run the model
         # either, the input is what is wrong (ONNX's checker misses some rules, e.g. a Conv bias
         # of the wrong length): bad input, not a bug.
-        why = ort_refusal(original)
+        why = ort_refusal(original, inputs=vopts.get("inputs"), dims=vopts.get("dims"))
         if why is not None:
             where = original.meta.get(SOURCE_KEY, "the model")
             raise InvalidModelError(

@@ -194,17 +194,24 @@ def _reference_session(model: ir.Model) -> Iterator[Any]:
         raise GraphoptError(f"reference model cannot run on ONNX Runtime: {ort_error_text(e)}") from None
 
 
-def ort_refusal(model: Any) -> str | None:
-    """Why ONNX Runtime cannot load ``model`` or run it on generated inputs (one line), or None
-    when it can. The oracle for input that ONNX's checker lets through but that is invalid all the
-    same (a Conv bias of the wrong length): asked only after a pass failed on the model."""
+def ort_refusal(
+    model: Any, *, inputs: dict[str, Any] | None = None, dims: dict[str, int] | None = None
+) -> str | None:
+    """Why ONNX Runtime cannot load ``model`` or run it (one line), or None when it can: on the
+    caller's ``inputs`` when given (the user's data decides, not inputs made up here), else on
+    generated ones (sized by ``dims``). The oracle for input that ONNX's checker lets through but
+    that is invalid all the same (a Conv bias of the wrong length): asked only after a pass failed
+    on the model."""
     from graphopt.ir import load
 
     try:
         model = load(model)
         with _session(model) as session:
+            if inputs is not None:
+                _run_session(session, inputs)
+                return None
             try:
-                _first_running(session, model, None, 0)
+                _first_running(session, model, dims, 0)
             except InputsError as e:  # inputs that cannot be made up: loading it is all that can be tried
                 return e.last_error or None
     except Exception as e:  # whatever ONNX Runtime says

@@ -343,6 +343,14 @@ def test_refusal_oracle_uses_runnable_sizes() -> None:
     assert "cannot be reshaped" in (ort_refusal(never_runs()) or "")
 
 
+def test_refusal_oracle_runs_the_users_inputs_when_given() -> None:
+    # never_runs() runs on a [1, 5] input: with the user's data, a pass failure is not blamed on it
+    assert ort_refusal(never_runs(), inputs={"x": np.ones((1, 5), np.float32)}) is None
+    assert "cannot be reshaped" in (
+        ort_refusal(never_runs(), inputs={"x": np.ones((1, 6), np.float32)}) or ""
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Scalars compared with constants
 
