@@ -87,10 +87,11 @@ def test_gpt2_build_generates_like_transformers(tmp_path):
     assert gl.generate(result.out_dir, tokens=ids, max_new_tokens=10)["tokens"] == greedy(lm, ids, 10)
 
 
-def test_a_sliding_window_model_generates_like_transformers_past_its_window(tmp_path):
-    """Mistral with an 8-token window: the export keeps every past token (genai's buffer) and the
-    window is GroupQueryAttention's local_window_size; tokens equal transformers' well past it."""
-    lm = tiny_causal_lm("mistral")
+@pytest.mark.parametrize("arch", ["mistral", "phi3"])
+def test_a_sliding_window_model_generates_like_transformers_past_its_window(tmp_path, arch):
+    """An 8-token window: the export keeps every past token (genai's buffer) and the window is
+    GroupQueryAttention's local_window_size; tokens equal transformers' well past it."""
+    lm = tiny_causal_lm(arch)
     lm.config.sliding_window = 8
     result = gl.build(lm, tmp_path / "swa", precision="fp32")
     model = onnx.load(str(result.out_dir / "model.onnx"), load_external_data=False)
