@@ -81,6 +81,11 @@ def calibration_feeds(
     vocab_size: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Tokenized text as decoder feeds: windows of ``window`` tokens, an empty KV cache each."""
+    return window_feeds(text_ids(text, tokenizer, vocab_size), model, window, windows)
+
+
+def text_ids(text: str, tokenizer: Any, vocab_size: int | None = None) -> np.ndarray:
+    """The calibration text's token ids (1-D), checked against the model's vocabulary."""
     if tokenizer is None:
         raise GraphoptError("calibration text needs a tokenizer, and this source has none")
     ids = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64).reshape(-1)
@@ -91,6 +96,13 @@ def calibration_feeds(
         )
     if ids.size < 8:
         raise GraphoptError(f"the calibration text has {ids.size} tokens; give at least a paragraph of text")
+    return ids
+
+
+def window_feeds(
+    ids: np.ndarray, model: ir.Model, window: int = CALIBRATION_WINDOW, windows: int = CALIBRATION_WINDOWS
+) -> list[dict[str, np.ndarray]]:
+    """Token ids cut into decoder feeds of ``window`` tokens (at most ``windows`` of them)."""
     feeds: list[dict[str, np.ndarray]] = []
     for start in range(0, min(ids.size, window * windows), window):
         chunk = ids[start : start + window][None, :]
@@ -212,8 +224,8 @@ def build(
     feeds: Any = calibration
     ids = None
     if text is not None:
-        feeds = calibration_feeds(text, source.tokenizer, exported, vocab_size=shape.vocab_size)
-        ids = np.asarray(source.tokenizer(text)["input_ids"], dtype=np.int64).reshape(-1)
+        ids = text_ids(text, source.tokenizer, shape.vocab_size)
+        feeds = window_feeds(ids, exported)
     if quantize is not None and quantize.get("int8_budget", 0) > 0:
         # Mixed precision measures on one wide batch first; GPTQ reads it as calibration rows too.
         wide = sensitivity_feeds(exported, shape.vocab_size, ids)

@@ -61,8 +61,6 @@ def pack_sibling_nbits(model: ir.Model) -> int:
     """Pack each group of MatMulNBits siblings in the main graph; the number of groups packed."""
     graph = model.graph
     opset = model_opset(model)
-    if opset < 1:
-        return 0
     groups: dict[tuple, list[ir.Node]] = {}
     for node in graph:
         sig = _signature(node)
