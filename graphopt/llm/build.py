@@ -35,7 +35,8 @@ TARGETS = {"ort-cpu": "cpu", "ort-cuda": "cuda"}
 CALIBRATION_WINDOW = 256
 CALIBRATION_WINDOWS = 16
 #: int4 mixed precision: this fraction of the all-int4 weight bytes may go to 8-bit weights,
-#: the ones whose 4-bit round trip moves the last-token logits most per extra byte.
+#: the ones whose 4-bit round trip moves the last-token logits most per extra byte (after what
+#: block offsets for weights already on a 4-bit grid take: those are exact and stay 4-bit).
 INT8_BUDGET = 0.17
 #: (sequences, tokens) of the batch that sensitivity is measured on.
 SENSITIVITY_BATCH = (8, 32)
@@ -155,6 +156,8 @@ _PRECISION_QUANTIZE: dict[str, dict[str, Any]] = {
         "mixed_batches": 1,
         "mixed_outputs": ["logits"],
         "mixed_metric": "kl",
+        # A GGUF Q4_1-style source keeps its own 4-bit grid exactly; other weights are unchanged.
+        "block_offsets": "on-grid",
     },
     "int8": {"mode": "int8-weight"},
 }

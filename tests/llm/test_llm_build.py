@@ -132,6 +132,45 @@ def test_int4_build_is_smaller_and_close(tmp_path, fp32_build, tied_llama, token
     assert 0 < bits.count(8) < len(bits)
 
 
+def _as_q4_1(w: np.ndarray) -> np.ndarray:
+    """``w [out, in]`` rounded as llama.cpp's Q4_1 does (blocks of 32 along ``in``, levels from
+    the block's minimum, fp16 scale and minimum), then dequantized: a GGUF Q4_1 source."""
+    blocks = w.reshape(w.shape[0], -1, 32).astype(np.float32)
+    lo, hi = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+    d = (hi - lo) / 15
+    q = np.clip(np.round((blocks - lo) / d), 0, 15)
+    d16, lo16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    return (d16 * q + lo16).reshape(w.shape)
+
+
+def test_a_q4_1_source_keeps_its_grid_in_int4(tmp_path, tokenizer):
+    """Every projection and the LM head of a model dequantized from Q4_1 blocks are quantized
+    exactly (block offsets); without them (the option off) int4 moves the logits far more. (The
+    embedding table is left float here: at 4 bits it would be the one error left.)"""
+    import torch
+
+    lm = tiny_causal_lm("llama", seed=1, vocab=len(tokenizer))
+    with torch.no_grad():
+        for module in lm.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(_as_q4_1(module.weight.numpy())))
+    ids = tokenizer(PROMPT)["input_ids"]
+    fp32 = gl.build(lm, tmp_path / "fp32", precision="fp32", tokenizer=tokenizer)
+    ref = _last_logits(fp32.out_dir, ids)
+    errors = {}
+    for mode in ("on-grid", "off"):
+        opts = {"block_offsets": mode, "int8_budget": 0, "accuracy_level": 1, "quantize_embeddings": False}
+        result = gl.build(lm, tmp_path / mode, precision="int4", tokenizer=tokenizer, quantize_options=opts)
+        (row,) = [r for r in result.report["pipeline"]["passes"] if r["name"].startswith("quantize")]
+        got = row["details"].get("block_offsets", {}).get("weights", 0)
+        # Q/K/V (packed by the attention fusion), O, gate, up, down per layer, and the LM head.
+        assert len(row["details"]["weights"]) == 11 and got == (11 if mode == "on-grid" else 0)
+        errors[mode] = float(np.abs(_last_logits(result.out_dir, ids) - ref).max() / np.abs(ref).max())
+    # What is left is the offsets' own 4-bit rounding (large here: random weights of std 0.3).
+    assert errors["on-grid"] < 0.05 and errors["on-grid"] < 0.1 * errors["off"]
+    assert gl.generate(tmp_path / "on-grid", tokens=ids, max_new_tokens=6)["tokens"] == greedy(lm, ids, 6)
+
+
 def test_a_method_that_needs_data_without_calibration_text_is_refused(tmp_path, tied_llama, tokenizer):
     with pytest.raises(GraphoptError, match="needs calibration text"):
         gl.build(tied_llama, tmp_path / "o", tokenizer=tokenizer, quantize_options={"method": "gptq"})

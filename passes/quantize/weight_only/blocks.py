@@ -7,6 +7,14 @@ nibble first. Without zero points ORT uses ``2^(bits-1)``, so the symmetric vari
 ``q = round(w / s) + 2^(bits-1)`` with ``s = w_absmax_signed / -2^(bits-1)`` (the largest
 magnitude maps exactly to the most negative level, as ORT's MLAS quantizer does). K that is not a
 multiple of ``block_size`` is zero-padded (ORT reads only K values).
+
+Float block offsets (:func:`quantize_offset`): an integer zero point cannot place a block's levels
+at an arbitrary float minimum, as GGUF's Q4_1 blocks do (``w = d * q + m``). Such a weight keeps
+an exact float offset per block, and ORT computes its share of the product,
+``sum_blocks offset * blocksum(x)``, as extra K columns of the same MatMulNBits: the input gets its
+block sums appended, the weight the offsets (quantized with ``bits`` in blocks of their own;
+:func:`with_offset_columns`). MatMulNBits' own float zero points would express the same thing but
+send ORT's CPU kernel to a slow fp32 path.
 """
 
 from __future__ import annotations
@@ -24,22 +32,28 @@ __all__ = [
     "block_params",
     "dequantize",
     "gptq_quantize",
+    "on_grid",
     "pack_blocks",
+    "quantize_offset",
     "quantize_rtn",
     "unpack_blocks",
+    "with_offset_columns",
 ]
 
 
 @dataclasses.dataclass
 class QuantizedWeight:
     """Block-quantized ``W [N, K]``: levels ``q [N, k_blocks, block_size]`` (uint8, unpacked),
-    ``scales [N, k_blocks]`` (storage dtype) and ``zero_points [N, k_blocks]`` (uint8) or None."""
+    ``scales [N, k_blocks]`` (storage dtype), ``zero_points [N, k_blocks]`` (uint8) or None and
+    ``offsets [N, k_blocks]`` (float32, added to each block's values; see :func:`quantize_offset`)
+    or None."""
 
     q: np.ndarray
     scales: np.ndarray
     zero_points: np.ndarray | None
     bits: int
     k: int
+    offsets: np.ndarray | None = None
 
     @property
     def block_size(self) -> int:
@@ -129,14 +143,72 @@ def quantize_rtn(
     return QuantizedWeight(q, scale.astype(scale_dtype), None if symmetric else zp.astype(np.uint8), bits, k)
 
 
+def quantize_offset(
+    w: np.ndarray, bits: int, block_size: int, scale_dtype: Any = np.float32
+) -> QuantizedWeight:
+    """Levels from each block's minimum (``scale = (max - min) / (2^bits - 1)``, as GGUF's Q4_1),
+    with the integer zero point nearest ``-min / scale`` and the rest of the block's offset kept
+    as a float (``offsets``). A weight dequantized from such blocks comes back exactly; any other
+    weight gets the least-squares offset for its levels. ``w [N, K]``, K a multiple of
+    ``block_size`` (the offsets are per block of the input)."""
+    n, k = w.shape
+    maxq = (1 << bits) - 1
+    blocks = w.astype(np.float32).reshape(n, -1, block_size)
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    scale = ((hi - lo) / maxq).astype(scale_dtype).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.round((blocks - lo[..., None]) / scale[..., None]), 0, maxq)
+    zp = np.clip(np.round(-lo / scale), 0, maxq)
+    rest = blocks.astype(np.float64) - (q - zp[..., None]) * scale[..., None]
+    offsets = rest.mean(axis=-1).astype(np.float32)
+    return QuantizedWeight(
+        q.astype(np.uint8), scale.astype(scale_dtype), zp.astype(np.uint8), bits, k, offsets
+    )
+
+
+def on_grid(w: np.ndarray, qw: QuantizedWeight, tolerance: float = 1e-3) -> bool:
+    """Whether ``qw`` (from :func:`quantize_offset`) reproduces ``w`` to ``tolerance`` of each
+    block's step: the weight already lay on a ``bits``-bit grid with a float minimum per block
+    (a model dequantized from GGUF Q4_1-style blocks), so its quantization loses nothing."""
+    assert qw.offsets is not None and qw.zero_points is not None
+    scale = qw.scales.astype(np.float32)
+    exact = (qw.q - qw.zero_points[..., None].astype(np.float32)) * scale[..., None] + qw.offsets[..., None]
+    err = np.abs(exact - w.reshape(qw.q.shape)).max(axis=-1)
+    return bool(np.all(err <= tolerance * scale))
+
+
+def with_offset_columns(qw: QuantizedWeight) -> QuantizedWeight:
+    """The weight over ``K + k_blocks`` inputs that ORT runs for ``qw`` with offsets: its blocks,
+    then the offsets themselves (one per block of the input, quantized asymmetric with ``bits``
+    in blocks of the same size), read against the input's block sums."""
+    assert qw.zero_points is not None
+    n, nb, bs = qw.q.shape
+    cols = _offset_blocks(qw)
+    return QuantizedWeight(
+        np.concatenate([qw.q, cols.q], axis=1),
+        np.concatenate([qw.scales, cols.scales], axis=1),
+        np.concatenate([qw.zero_points, cols.zero_points], axis=1),  # type: ignore[list-item]
+        qw.bits,
+        nb * bs + nb,
+    )
+
+
+def _offset_blocks(qw: QuantizedWeight) -> QuantizedWeight:
+    assert qw.offsets is not None
+    return quantize_rtn(qw.offsets, qw.bits, qw.block_size, symmetric=False, scale_dtype=qw.scales.dtype.type)
+
+
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
-    """``W [N, K]`` (float32) as ORT reconstructs it from ``qw``."""
+    """``W [N, K]`` (float32) as ORT reconstructs it from ``qw`` (with offsets: as stored by
+    :func:`with_offset_columns`, their own rounding included)."""
     zp = (
         np.float32(1 << (qw.bits - 1))
         if qw.zero_points is None
         else qw.zero_points.astype(np.float32)[..., None]
     )
     w = (qw.q.astype(np.float32) - zp) * qw.scales.astype(np.float32)[..., None]
+    if qw.offsets is not None:
+        w = w + dequantize(_offset_blocks(qw))[..., None]
     return w.reshape(w.shape[0], -1)[:, : qw.k]
 
 

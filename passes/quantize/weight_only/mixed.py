@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .blocks import dequantize, quantize_rtn
+from .blocks import QuantizedWeight, dequantize, quantize_rtn
 from .options import WeightOnlyOptions
 from .sites import Site
 
-__all__ = ["choose_bits", "quantized_bytes"]
+__all__ = ["choose_bits", "offset_extra_bytes", "quantized_bytes"]
 
 Key = tuple[int, bool]
 
@@ -39,6 +39,18 @@ def quantized_bytes(n: int, k: int, bits: int, block_size: int, symmetric: bool,
     if not symmetric:
         size += n * math.ceil(blocks * bits / 8)
     return size
+
+
+def offset_extra_bytes(offsets: dict[Key, QuantizedWeight], o: WeightOnlyOptions) -> int:
+    """Bytes the weights with float block offsets take beyond their plain ``bits``-bit form
+    (zero points and the offset columns; see :func:`.blocks.with_offset_columns`)."""
+    extra = 0
+    for qw in offsets.values():
+        n, k = qw.q.shape[0], qw.k
+        scale_bytes = qw.scales.dtype.itemsize
+        extra += quantized_bytes(n, k + k // qw.block_size, qw.bits, qw.block_size, False, scale_bytes)
+        extra -= quantized_bytes(n, k, qw.bits, qw.block_size, o.symmetric, scale_bytes)
+    return extra
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -77,11 +89,16 @@ def choose_bits(
     data: Any,
     o: WeightOnlyOptions,
     details: dict[str, Any],
+    offsets: dict[Key, QuantizedWeight] | None = None,
 ) -> dict[Key, int]:
     """``{key: 8}`` for the weights promoted to 8 bits (the others keep ``o.bits``).
 
     ``tied``: the Gather nodes' ids whose table is a site's weight (``{id(gather): key}``) and
-    ``tables`` their table values (``{id(gather): value}``): a tied table is fed to both uses."""
+    ``tables`` their table values (``{id(gather): value}``): a tied table is fed to both uses.
+    ``offsets``: the weights quantized with float block offsets. Their extra bytes come out of
+    the budget first; with ``block_offsets=on-grid`` they are exact and not candidates, else
+    their round trip is the one with offsets."""
+    offsets = offsets or {}
     if o.int8_budget <= 0 or o.bits >= 8 or not by_key:
         return {}
     import onnxruntime as ort
@@ -97,13 +114,16 @@ def choose_bits(
         high = quantized_bytes(n, k, 8, o.block_size, o.symmetric, scale_bytes)
         base_bytes += low
         extra[key] = high - low
-    budget = o.int8_budget * base_bytes
+    budget = o.int8_budget * base_bytes - offset_extra_bytes(offsets, o)
+    if budget <= 0:
+        details["mixed_precision"] = {"budget_bytes": 0, "spent_bytes": 0, "measured": 0, "promoted": 0}
+        return {}
 
     # Every weight becomes a graph input of one private session; the caller's model is untouched.
     feeds_of: dict[Key, list[tuple[str, bool]]] = {}  # key -> [(input name, transposed layout)]
     for key, sites in by_key.items():
         name = sites[0].weight.name
-        if name is None:
+        if name is None or (key in offsets and o.block_offsets == "on-grid"):
             continue
         feeds_of[key] = [(name, bool(key[1]))]
     for gid, key in tied.items():
@@ -142,7 +162,8 @@ def choose_bits(
     scores: dict[Key, float] = {}
     for key, entries in feeds_of.items():
         site = by_key[key][0]
-        rounded = dequantize(quantize_rtn(site.w, o.bits, o.block_size, o.symmetric, site.w.dtype.type))
+        low = offsets.get(key) or quantize_rtn(site.w, o.bits, o.block_size, o.symmetric, site.w.dtype.type)
+        rounded = dequantize(low)
         rounded = rounded.astype(site.w.dtype)
         swapped = dict(floats)
         for name, transposed in entries:

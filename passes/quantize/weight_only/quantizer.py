@@ -13,9 +13,9 @@ from graphopt.errors import PipelineError
 from ...ir_helpers import MS_DOMAIN, constant_array
 from ..base import QuantizePassBase
 from .awq import awq
-from .blocks import QuantizedWeight, gptq_quantize, quantize_rtn
+from .blocks import QuantizedWeight, gptq_quantize, on_grid, quantize_offset, quantize_rtn
 from .calibrate import hessian_groups
-from .mixed import choose_bits
+from .mixed import choose_bits, offset_extra_bytes
 from .options import WeightOnlyOptions, check_options
 from .rewrite import Inits, drop_unused, error_row, initializers, rewrite_gather, rewrite_matmul
 from .sites import FLOAT_DTYPES, Site, gather_table, is_site_op, matmul_site, tied_tables, weight_source
@@ -140,34 +140,20 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         # A tied table is also the embedding: GPTQ fits it to the LM head's input alone.
         rtn_keys = tied_keys if gptq and not o.tied_gptq else set()
         tables = {id(node): node.inputs[0] for node, _ in gathers if node.inputs[0] is not None}
-        bits_of = choose_bits(model, by_key, tied, tables, data, o, self.details)
-        groups = hessian_groups(model, by_key, data if gptq else None, o, self.details, skip=rtn_keys)
+        offsets = self._offsets(by_key, tied_keys)
+        bits_of = choose_bits(model, by_key, tied, tables, data, o, self.details, offsets)
+        groups = hessian_groups(
+            model, by_key, data if gptq else None, o, self.details, skip=rtn_keys | set(offsets)
+        )
+        block_sums: dict[int, ir.Value] = {}
         for group, hessians, tokens in groups:
             for key in group:
                 first = by_key[key][0]
-                sdt = FLOAT_DTYPES[first.dtype]
                 bits = bits_of.get(key, o.bits)
                 h = hessians.pop(key, None)
                 how = "rtn (tied to an embedding)" if key in rtn_keys else method
-                k = first.w.shape[1]
-                if h is not None and tokens < o.gptq_min_tokens * k:
-                    # H has rank <= tokens < K: GPTQ would fit the calibration rows, not the data.
-                    h, how = None, f"rtn (gptq: {tokens} calibration tokens < {o.gptq_min_tokens:g}*K={k})"
-                    self.count("gptq_fallback_rtn")
-                if h is not None:
-                    qw = gptq_quantize(
-                        first.w,
-                        h,
-                        bits,
-                        o.block_size,
-                        o.symmetric,
-                        damp=o.damp,
-                        act_order=o.act_order,
-                        scale_dtype=sdt,
-                        search=o.scale_search,
-                    )
-                else:
-                    qw = quantize_rtn(first.w, bits, o.block_size, o.symmetric, sdt, o.scale_search)
+                low = offsets.get(key) if bits == o.bits else None
+                qw, h, how = self._quantize(first, bits, h, tokens, how, low)
                 weights.append(error_row(first, qw, h))
                 made = initializers(graph, qw, first.weight.name or "weight", taken)
                 if key in tied_keys:
@@ -176,11 +162,67 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                     replaced.append(site.weight)
                     if site.source is not None and (t := site.node.inputs[1]) is not None:
                         replaced.append(t)  # the Transpose it was read through goes too
-                    rewrite_matmul(graph, site, qw, made, taken, o.accuracy_level)
+                    rewrite_matmul(graph, site, qw, made, taken, o.accuracy_level, block_sums)
                     self.decide(site.node, True, f"{how} {bits}-bit")
         self._gathers(graph, gathers, tied, kept, taken, replaced)
         drop_unused(graph, replaced)
         return ir.passes.PassResult(model, True)
+
+    def _quantize(
+        self, site: Site, bits: int, h: np.ndarray | None, tokens: int, how: str, low: QuantizedWeight | None
+    ) -> tuple[QuantizedWeight, np.ndarray | None, str]:
+        """One weight quantized: ``low`` (its form with block offsets) when given, else GPTQ with
+        ``h`` or RTN; returns it with the Hessian used and how it was made."""
+        o = self.options
+        if low is not None:
+            return low, None, "rtn with block offsets"
+        k = site.w.shape[1]
+        if h is not None and tokens < o.gptq_min_tokens * k:
+            # H has rank <= tokens < K: GPTQ would fit the calibration rows, not the data.
+            h, how = None, f"rtn (gptq: {tokens} calibration tokens < {o.gptq_min_tokens:g}*K={k})"
+            self.count("gptq_fallback_rtn")
+        sdt = FLOAT_DTYPES[site.dtype]
+        if h is None:
+            return quantize_rtn(site.w, bits, o.block_size, o.symmetric, sdt, o.scale_search), None, how
+        qw = gptq_quantize(
+            site.w,
+            h,
+            bits,
+            o.block_size,
+            o.symmetric,
+            damp=o.damp,
+            act_order=o.act_order,
+            scale_dtype=sdt,
+            search=o.scale_search,
+        )
+        return qw, h, how
+
+    def _offsets(
+        self, by_key: dict[tuple[int, bool], list[Site]], tied_keys: set
+    ) -> dict[tuple[int, bool], QuantizedWeight]:
+        """The weights quantized with float block offsets (option ``block_offsets``): not a table
+        an embedding Gather also reads (it reads the levels alone), K a multiple of the block
+        size, and with ``on-grid`` only a weight its offsets reproduce exactly."""
+        o = self.options
+        chosen: dict[tuple[int, bool], QuantizedWeight] = {}
+        if o.block_offsets == "off":
+            return chosen
+        for key, sites in by_key.items():
+            w = sites[0].w
+            if key in tied_keys or w.shape[1] % o.block_size:
+                continue
+            qw = quantize_offset(w, o.bits, o.block_size, FLOAT_DTYPES[sites[0].dtype])
+            if o.block_offsets == "on-grid" and not on_grid(w, qw):
+                continue
+            chosen[key] = qw
+        extra = offset_extra_bytes(chosen, o)
+        self.details["block_offsets"] = {
+            "mode": o.block_offsets,
+            "weights": len(chosen),
+            "extra_bytes": extra,
+        }
+        self.count("block_offsets", len(chosen))
+        return chosen
 
     def _gathers(
         self,

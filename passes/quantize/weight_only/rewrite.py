@@ -6,7 +6,11 @@ The two ops take the same bytes: MatMulNBits' levels ``[N, k_blocks, blob]`` are
 GatherBlockQuantized's ``[N, k_blocks * blob]``, and both read scales ``[N, k_blocks]``, packed
 zero points ``[N, ceil(k_blocks * bits / 8)]`` and, without zero points, level ``2^(bits-1)`` as
 zero. So a table tied to an LM head is stored once: the Gather reads the LM head's levels through
-a Reshape (as onnxruntime-genai's model builder does)."""
+a Reshape (as onnxruntime-genai's model builder does).
+
+A weight with float block offsets (:func:`.blocks.quantize_offset`) reads its input with the
+input's block sums appended (Reshape, ReduceSum, Concat; made once per input, so the weights that
+share an input still share it and ``lower-ort-cpu`` can pack them)."""
 
 from __future__ import annotations
 
@@ -16,10 +20,18 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir_helpers import MS_DOMAIN, new_initializer, unique_name
-from .blocks import QuantizedWeight, dequantize, pack_blocks
+from .blocks import QuantizedWeight, dequantize, pack_blocks, with_offset_columns
 from .sites import Site
 
-__all__ = ["Inits", "drop_unused", "error_row", "initializers", "rewrite_gather", "rewrite_matmul"]
+__all__ = [
+    "Inits",
+    "drop_unused",
+    "error_row",
+    "initializers",
+    "rewrite_gather",
+    "rewrite_matmul",
+    "with_block_sums",
+]
 
 #: A quantized weight's initializers: packed levels, scales, packed zero points (asymmetric).
 Inits = tuple[ir.Value, ir.Value, ir.Value | None]
@@ -30,7 +42,10 @@ def initializers(
 ) -> Inits:
     """The packed levels, scales and (asymmetric) packed zero points of ``qw`` as initializers:
     levels as MatMulNBits reads them, ``[N, k_blocks, blob]``, or with ``rows`` as
-    GatherBlockQuantized does, ``[N, k_blocks * blob]`` (the same bytes: a block is whole bytes)."""
+    GatherBlockQuantized does, ``[N, k_blocks * blob]`` (the same bytes: a block is whole bytes).
+    A weight with offsets is stored as :func:`.blocks.with_offset_columns` makes it."""
+    if qw.offsets is not None:
+        qw = with_offset_columns(qw)
     n, nb, _ = qw.q.shape
     packed = pack_blocks(qw.q, qw.bits)
     if rows:
@@ -43,6 +58,58 @@ def initializers(
     return b, s, z
 
 
+def with_block_sums(
+    graph: ir.Graph, x: ir.Value, block_size: int, taken: set[str], made: dict[int, ir.Value]
+) -> ir.Value:
+    """``Concat(x, block sums of x)`` along the last axis (``[..., K + K / block_size]``), built
+    once per ``x`` (``made``) right after its producer. ``x`` has a known rank and a last
+    dimension ``K`` that is a multiple of ``block_size``."""
+    if id(x) in made:
+        return made[id(x)]
+    assert x.shape is not None
+    rank, k = x.shape.rank(), x.shape[-1]
+    assert isinstance(k, int) and k % block_size == 0
+    base = x.name or "input"
+    shape = new_initializer(
+        graph,
+        f"{base}_blocks_shape",
+        np.array([0] * (rank - 1) + [k // block_size, block_size], np.int64),
+        taken,
+    )
+    reshape = ir.Node("", "Reshape", [x, shape], name=unique_name(graph, f"{base}/blocks", taken))
+    opset = int(graph.opset_imports.get("", 13) or 13)
+    if opset >= 13:
+        axes = new_initializer(graph, f"{base}_blocks_axis", np.array([-1], np.int64), taken)
+        total = ir.Node("", "ReduceSum", [reshape.outputs[0], axes], attributes=[ir.AttrInt64("keepdims", 0)])
+    else:
+        total = ir.Node(
+            "",
+            "ReduceSum",
+            [reshape.outputs[0]],
+            attributes=[ir.AttrInt64s("axes", [-1]), ir.AttrInt64("keepdims", 0)],
+        )
+    total.name = unique_name(graph, f"{base}/block_sums", taken)
+    concat = ir.Node("", "Concat", [x, total.outputs[0]], attributes=[ir.AttrInt64("axis", -1)])
+    concat.name = unique_name(graph, f"{base}/with_block_sums", taken)
+    dims = list(x.shape)
+    for node, suffix, out_shape in (
+        (reshape, "blocks", [*dims[:-1], k // block_size, block_size]),
+        (total, "block_sums", [*dims[:-1], k // block_size]),
+        (concat, "with_block_sums", [*dims[:-1], k + k // block_size]),
+    ):
+        node.outputs[0].name = unique_name(graph, f"{base}_{suffix}", taken)
+        node.outputs[0].type = x.type
+        node.outputs[0].shape = ir.Shape(out_shape)
+    producer = x.producer()
+    chain = [reshape, total, concat]
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, chain)
+    else:
+        graph.insert_before(next(iter(graph)), chain)
+    made[id(x)] = concat.outputs[0]
+    return concat.outputs[0]
+
+
 def rewrite_matmul(
     graph: ir.Graph,
     site: Site,
@@ -50,17 +117,25 @@ def rewrite_matmul(
     inits: Inits,
     taken: set[str],
     accuracy_level: int,
+    block_sums: dict[int, ir.Value] | None = None,
 ) -> None:
-    """Replace ``site.node`` by MatMulNBits on the weight's initializers ``inits``."""
+    """Replace ``site.node`` by MatMulNBits on the weight's initializers ``inits`` (with offsets:
+    those of :func:`.blocks.with_offset_columns`, read against the input with its block sums;
+    ``block_sums`` holds the inputs made so far)."""
     node = site.node
     b, s, z = inits
-    inputs: list[ir.Value | None] = [node.inputs[0], b, s, z]
+    x = node.inputs[0]
+    n, k = site.w.shape
+    if qw.offsets is not None:
+        assert x is not None
+        x = with_block_sums(graph, x, qw.block_size, taken, {} if block_sums is None else block_sums)
+        k += k // qw.block_size
+    inputs: list[ir.Value | None] = [x, b, s, z]
     if site.bias is not None:
         bias = new_initializer(graph, f"{site.weight.name or 'weight'}_bias", site.bias, taken)
         inputs += [None, bias]
     while inputs and inputs[-1] is None:
         inputs.pop()
-    n, k = site.w.shape
     new = ir.Node(
         MS_DOMAIN,
         "MatMulNBits",
