@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError, OutputError, VerificationError
+from graphopt.sensitivity_view import nothing_quantized, plot_sensitivity, pyplot, sensitivity_table
 
 __all__ = ["main", "inspect_model"]
 
@@ -268,7 +269,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.sensitivity_plot:
         _check_output_dir(args.sensitivity_plot, "sensitivity plot")
         _check_output_path(args.sensitivity_plot, "sensitivity plot")
-        _pyplot()  # missing matplotlib is an error now, before any work
+        pyplot()  # missing matplotlib is an error now, before any work
     vopts = _verify_options(args)
     if args.verify_min_cosine is not None:
         vopts["min_cosine"] = args.verify_min_cosine
@@ -311,9 +312,9 @@ def _optimize(args: argparse.Namespace) -> int:
         raise
     rows = next((p.details["sensitivity"] for p in result.report.passes if "sensitivity" in p.details), None)
     # Asked for sensitivity but no layer was measured (none quantized): say so, never stay silent.
-    none_measured = None if rows else _nothing_quantized(result.report)
+    none_measured = None if rows else nothing_quantized(result.report)
     # The plot is drawn before anything is written, so a failure leaves no files behind.
-    plot = _plot_sensitivity(rows or [], none_measured) if args.sensitivity_plot else None
+    plot = plot_sensitivity(rows or [], none_measured) if args.sensitivity_plot else None
     graphopt.save(result.model, args.output, external_data=True if args.external_data else None)
     if args.report:
         payload = result.report.to_json()
@@ -323,7 +324,7 @@ def _optimize(args: argparse.Namespace) -> int:
     print(result.report.table())
     if rows and (args.sensitivity or args.min_cosine is not None):
         print("\nper-layer sensitivity (each layer quantized alone; worst first):")
-        print(_sensitivity_table(rows[:30]))
+        print(sensitivity_table(rows[:30]))
         if len(rows) > 30:
             print(f"... and {len(rows) - 30} more layers (all in the JSON report)")
     elif not rows and (args.sensitivity or args.sensitivity_plot):
@@ -398,85 +399,6 @@ def _quantize_and_prune(args: argparse.Namespace) -> tuple[dict[str, Any] | None
             "give either --pipeline or --quantize/--prune: add quantize(...)/prune(...) to the pipeline"
         )
     return quantize, prune
-
-
-def _sensitivity_table(rows: list[dict[str, Any]]) -> str:
-    out = [("layer", "op", "min cosine", "SQNR dB")]
-    for r in rows:
-        cos, sq = r.get("min_cosine"), r.get("sqnr_db")
-        out.append(
-            (
-                str(r.get("node")),
-                str(r.get("op_type")),
-                f"{cos:.6f}" if isinstance(cos, float) else str(cos),
-                f"{sq:.1f}" if isinstance(sq, float) else str(sq),
-            )
-        )
-    widths = [max(len(row[i]) for row in out) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in out)
-
-
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise GraphoptError("--sensitivity-plot needs matplotlib: pip install matplotlib") from None
-    return plt
-
-
-def _nothing_quantized(report: Any) -> str:
-    """Why no layer was measured: the quantize pass's reasons for keeping layers in float."""
-    reasons: collections.Counter[str] = collections.Counter()
-    for p in report.passes:
-        for key, n in p.stats.items():
-            if key.startswith("float:"):
-                reasons[key[len("float:") :]] += n
-    if not reasons:
-        return "no layer was quantized"
-    listed = "; ".join(f"{why} ({n} layer{'s' if n > 1 else ''})" for why, n in reasons.most_common(3))
-    return f"no layer was quantized: {listed}"
-
-
-def _plot_sensitivity(rows: list[dict[str, Any]], none_measured: str | None = None) -> bytes:
-    """PNG bar chart of 1 - cosine per layer (log scale), worst first; with no rows, a figure
-    that says why there is nothing to show."""
-    import io
-
-    plt = _pyplot()
-    if not rows:
-        fig, ax = plt.subplots(figsize=(6, 2))
-        ax.axis("off")
-        ax.text(
-            0.5,
-            0.5,
-            "per-layer quantization sensitivity:\n" + (none_measured or "no layer was quantized"),
-            ha="center",
-            va="center",
-            wrap=True,
-            fontsize=9,
-        )
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        plt.close(fig)
-        return buf.getvalue()
-    names = [str(r["node"]) for r in rows]
-    loss = [
-        max(1.0 - float(r["min_cosine"]), 1e-9) if isinstance(r["min_cosine"], float) else 1.0 for r in rows
-    ]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 4))
-    ax.bar(range(len(rows)), loss, color="tab:red")
-    ax.set_yscale("log")
-    ax.set_ylabel("1 - min cosine (layer quantized alone)")
-    ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
-    ax.set_title("per-layer quantization sensitivity")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def inspect_model(model: ir.Model) -> dict[str, Any]:
