@@ -19,7 +19,6 @@ import os
 from collections.abc import Iterator
 from typing import IO
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -34,6 +33,7 @@ from graphopt.external import check_external_protos, check_external_tensor, dens
 from graphopt.external import expected_nbytes as _expected_nbytes
 from graphopt.external import safe_relative as _safe_relative
 from graphopt.files import _atomic_write, _fsync_dir, _write_temp, read_regular
+from graphopt.sparse_storage import SPARSE_STORAGE_KEY, to_sparse_proto
 from graphopt.validate import KNOWN_DOMAINS, check_supported, validate_model
 
 __all__ = [
@@ -133,53 +133,6 @@ def load(
     if source_path is not None:
         model.meta[SOURCE_KEY] = source_path
     return model
-
-
-#: Model metadata key: "1" = ``save`` stores mostly-zero weights as sparse initializers
-#: (set by ``prune(sparse_storage=true)``).
-SPARSE_STORAGE_KEY = "graphopt.sparse_storage"
-
-
-def to_sparse_proto(proto: onnx.ModelProto, *, min_sparsity: float | None = None) -> onnx.ModelProto:
-    """Move mostly-zero float initializers of the main graph to ``sparse_initializer`` (COO with
-    linearized int64 indices, as the ONNX checker requires), in place; returns ``proto``.
-
-    A tensor is stored sparse only when that is smaller: 8 index bytes plus the value per
-    non-zero, so float32 above ~67 % zeros; ``min_sparsity`` raises the bar. ONNX Runtime (and
-    graphopt's ``load``) densify sparse initializers when they load the model.
-    """
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    keep = []
-    moved = 0
-    for t in graph.initializer:
-        if (
-            t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-            or t.data_location == onnx.TensorProto.EXTERNAL
-        ):
-            keep.append(t)
-            continue
-        arr = numpy_helper.to_array(t)
-        nnz = int(np.count_nonzero(arr))
-        sparsity = 1 - nnz / arr.size if arr.size else 0.0
-        if (
-            arr.size < 16
-            or (min_sparsity is not None and sparsity < min_sparsity)
-            or nnz * (arr.itemsize + 8) >= arr.nbytes
-        ):
-            keep.append(t)
-            continue
-        flat = arr.ravel()
-        idx = np.flatnonzero(flat).astype(np.int64)
-        values = numpy_helper.from_array(flat[idx], t.name)
-        indices = numpy_helper.from_array(idx, t.name + "_indices")
-        graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, list(arr.shape)))
-        moved += 1
-    if moved:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return proto
 
 
 def _parse_bytes(data: bytes, where: str) -> onnx.ModelProto:

@@ -24,8 +24,8 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.errors import PipelineError
-from graphopt.ir import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores sparse weights
 from graphopt.pipeline import Pass
+from graphopt.sparse_storage import SPARSE_STORAGE_KEY  # metadata: graphopt.save stores sparse weights
 
 from .masks import nm_axis, satisfies_nm, sparsity_of
 from .options import MODES as MODES  # the module constants stay where they were

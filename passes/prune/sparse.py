@@ -17,8 +17,8 @@ __all__ = ["save_sparse", "to_sparse_proto"]
 
 
 def to_sparse_proto(model: ir.Model | Any, *, min_sparsity: float | None = None) -> Any:
-    """``onnx.ModelProto`` with mostly-zero weights as sparse initializers (graphopt.ir.to_sparse_proto)."""
-    from graphopt.ir import to_sparse_proto as _to_sparse
+    """``onnx.ModelProto`` with mostly-zero weights as sparse initializers (graphopt.sparse_storage.to_sparse_proto)."""
+    from graphopt.sparse_storage import to_sparse_proto as _to_sparse
 
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     return _to_sparse(proto, min_sparsity=min_sparsity)
