@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .blocks import QuantizedWeight, dequantize, quantize_rtn
+from .blocks import dequantize, quantize_offset, quantize_rtn
 from .options import WeightOnlyOptions
 from .sites import Site
 
@@ -41,15 +41,16 @@ def quantized_bytes(n: int, k: int, bits: int, block_size: int, symmetric: bool,
     return size
 
 
-def offset_extra_bytes(offsets: dict[Key, QuantizedWeight], o: WeightOnlyOptions) -> int:
-    """Bytes the weights with float block offsets take beyond their plain ``bits``-bit form
-    (zero points and the offset columns; see :func:`.blocks.with_offset_columns`)."""
+def offset_extra_bytes(weights: list[np.ndarray], o: WeightOnlyOptions) -> int:
+    """Bytes the weights (``[N, K]``) with float block offsets take beyond their plain
+    ``bits``-bit form (zero points and the offset columns; see
+    :func:`.blocks.with_offset_columns`)."""
     extra = 0
-    for qw in offsets.values():
-        n, k = qw.q.shape[0], qw.k
-        scale_bytes = qw.scales.dtype.itemsize
-        extra += quantized_bytes(n, k + k // qw.block_size, qw.bits, qw.block_size, False, scale_bytes)
-        extra -= quantized_bytes(n, k, qw.bits, qw.block_size, o.symmetric, scale_bytes)
+    for w in weights:
+        n, k = w.shape
+        scale_bytes = 2 if w.dtype == np.float16 else 4
+        extra += quantized_bytes(n, k + k // o.block_size, o.bits, o.block_size, False, scale_bytes)
+        extra -= quantized_bytes(n, k, o.bits, o.block_size, o.symmetric, scale_bytes)
     return extra
 
 
@@ -89,7 +90,7 @@ def choose_bits(
     data: Any,
     o: WeightOnlyOptions,
     details: dict[str, Any],
-    offsets: dict[Key, QuantizedWeight] | None = None,
+    offsets: set[Key] | None = None,
 ) -> dict[Key, int]:
     """``{key: 8}`` for the weights promoted to 8 bits (the others keep ``o.bits``).
 
@@ -98,7 +99,7 @@ def choose_bits(
     ``offsets``: the weights quantized with float block offsets. Their extra bytes come out of
     the budget first; with ``block_offsets=on-grid`` they are exact and not candidates, else
     their round trip is the one with offsets."""
-    offsets = offsets or {}
+    offsets = offsets or set()
     if o.int8_budget <= 0 or o.bits >= 8 or not by_key:
         return {}
     import onnxruntime as ort
@@ -114,7 +115,7 @@ def choose_bits(
         high = quantized_bytes(n, k, 8, o.block_size, o.symmetric, scale_bytes)
         base_bytes += low
         extra[key] = high - low
-    budget = o.int8_budget * base_bytes - offset_extra_bytes(offsets, o)
+    budget = o.int8_budget * base_bytes - offset_extra_bytes([by_key[k][0].w for k in offsets], o)
     if budget <= 0:
         details["mixed_precision"] = {"budget_bytes": 0, "spent_bytes": 0, "measured": 0, "promoted": 0}
         return {}
@@ -162,7 +163,10 @@ def choose_bits(
     scores: dict[Key, float] = {}
     for key, entries in feeds_of.items():
         site = by_key[key][0]
-        low = offsets.get(key) or quantize_rtn(site.w, o.bits, o.block_size, o.symmetric, site.w.dtype.type)
+        if key in offsets:
+            low = quantize_offset(site.w, o.bits, o.block_size, site.w.dtype.type)
+        else:
+            low = quantize_rtn(site.w, o.bits, o.block_size, o.symmetric, site.w.dtype.type)
         rounded = dequantize(low)
         rounded = rounded.astype(site.w.dtype)
         swapped = dict(floats)

@@ -143,7 +143,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         offsets = self._offsets(by_key, tied_keys)
         bits_of = choose_bits(model, by_key, tied, tables, data, o, self.details, offsets)
         groups = hessian_groups(
-            model, by_key, data if gptq else None, o, self.details, skip=rtn_keys | set(offsets)
+            model, by_key, data if gptq else None, o, self.details, skip=rtn_keys | offsets
         )
         block_sums: dict[int, ir.Value] = {}
         for group, hessians, tokens in groups:
@@ -152,7 +152,9 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 bits = bits_of.get(key, o.bits)
                 h = hessians.pop(key, None)
                 how = "rtn (tied to an embedding)" if key in rtn_keys else method
-                low = offsets.get(key) if bits == o.bits else None
+                low = None
+                if key in offsets and bits == o.bits:
+                    low = quantize_offset(first.w, bits, o.block_size, FLOAT_DTYPES[first.dtype])
                 qw, h, how = self._quantize(first, bits, h, tokens, how, low)
                 weights.append(error_row(first, qw, h))
                 made = initializers(graph, qw, first.weight.name or "weight", taken)
@@ -197,25 +199,24 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         )
         return qw, h, how
 
-    def _offsets(
-        self, by_key: dict[tuple[int, bool], list[Site]], tied_keys: set
-    ) -> dict[tuple[int, bool], QuantizedWeight]:
-        """The weights quantized with float block offsets (option ``block_offsets``): not a table
-        an embedding Gather also reads (it reads the levels alone), K a multiple of the block
-        size, and with ``on-grid`` only a weight its offsets reproduce exactly."""
+    def _offsets(self, by_key: dict[tuple[int, bool], list[Site]], tied_keys: set) -> set[tuple[int, bool]]:
+        """The weights to quantize with float block offsets (option ``block_offsets``): not a
+        table an embedding Gather also reads (it reads the levels alone), K a multiple of the
+        block size, and with ``on-grid`` only a weight its offsets reproduce exactly. Keys only:
+        the levels are made again when the weight is written, not held for the whole model."""
         o = self.options
-        chosen: dict[tuple[int, bool], QuantizedWeight] = {}
+        chosen: set[tuple[int, bool]] = set()
         if o.block_offsets == "off":
             return chosen
         for key, sites in by_key.items():
             w = sites[0].w
             if key in tied_keys or w.shape[1] % o.block_size:
                 continue
-            qw = quantize_offset(w, o.bits, o.block_size, FLOAT_DTYPES[sites[0].dtype])
-            if o.block_offsets == "on-grid" and not on_grid(w, qw):
-                continue
-            chosen[key] = qw
-        extra = offset_extra_bytes(chosen, o)
+            if o.block_offsets == "all" or on_grid(
+                w, quantize_offset(w, o.bits, o.block_size, FLOAT_DTYPES[sites[0].dtype])
+            ):
+                chosen.add(key)
+        extra = offset_extra_bytes([by_key[k][0].w for k in chosen], o)
         self.details["block_offsets"] = {
             "mode": o.block_offsets,
             "weights": len(chosen),

@@ -59,16 +59,15 @@ def initializers(
 
 
 def with_block_sums(
-    graph: ir.Graph, x: ir.Value, block_size: int, taken: set[str], made: dict[int, ir.Value]
+    graph: ir.Graph, x: ir.Value, k: int, block_size: int, taken: set[str], made: dict[int, ir.Value]
 ) -> ir.Value:
     """``Concat(x, block sums of x)`` along the last axis (``[..., K + K / block_size]``), built
     once per ``x`` (``made``) right after its producer. ``x`` has a known rank and a last
-    dimension ``K`` that is a multiple of ``block_size``."""
+    dimension ``k`` (the weight's K) that is a multiple of ``block_size``."""
     if id(x) in made:
         return made[id(x)]
-    assert x.shape is not None
-    rank, k = x.shape.rank(), x.shape[-1]
-    assert isinstance(k, int) and k % block_size == 0
+    assert x.shape is not None and k % block_size == 0
+    rank = x.shape.rank()
     base = x.name or "input"
     shape = new_initializer(
         graph,
@@ -128,7 +127,7 @@ def rewrite_matmul(
     n, k = site.w.shape
     if qw.offsets is not None:
         assert x is not None
-        x = with_block_sums(graph, x, qw.block_size, taken, {} if block_sums is None else block_sums)
+        x = with_block_sums(graph, x, k, qw.block_size, taken, {} if block_sums is None else block_sums)
         k += k // qw.block_size
     inputs: list[ir.Value | None] = [x, b, s, z]
     if site.bias is not None:

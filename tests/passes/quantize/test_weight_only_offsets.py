@@ -153,8 +153,7 @@ def test_siblings_share_the_block_sums_and_still_pack():
 def test_offset_bytes_come_out_of_the_int8_budget_and_exact_weights_stay_4_bit():
     rng = np.random.default_rng(4)
     model = _model([q4_1(N, K), rng.standard_normal((N, K)).astype(np.float32)], rank=2)
-    qw = quantize_offset(q4_1(N, K), 4, 32)
-    extra = offset_extra_bytes({(0, False): qw}, WeightOnlyOptions())
+    extra = offset_extra_bytes([q4_1(N, K)], WeightOnlyOptions())
     assert extra == quantized_bytes(N, K + K // 32, 4, 32, False, 4) - quantized_bytes(N, K, 4, 32, True, 4)
     one = quantized_bytes(N, K, 8, 32, True, 4) - quantized_bytes(N, K, 4, 32, True, 4)
     total = 2 * quantized_bytes(N, K, 4, 32, True, 4)
