@@ -120,11 +120,12 @@ def choose_bits(
         details["mixed_precision"] = {"budget_bytes": 0, "spent_bytes": 0, "measured": 0, "promoted": 0}
         return {}
 
-    # Every weight becomes a graph input of one private session; the caller's model is untouched.
+    # Every weight becomes a graph input of one private session (exact ones too: fed from the
+    # arrays already in memory rather than copied into the session); the caller's model is untouched.
     feeds_of: dict[Key, list[tuple[str, bool]]] = {}  # key -> [(input name, transposed layout)]
     for key, sites in by_key.items():
         name = sites[0].weight.name
-        if name is None or (key in offsets and o.block_offsets == "on-grid"):
+        if name is None:
             continue
         feeds_of[key] = [(name, bool(key[1]))]
     for gid, key in tied.items():
@@ -162,6 +163,8 @@ def choose_bits(
     refs = [session.run(out_names, {**b, **floats}) for b in batches]
     scores: dict[Key, float] = {}
     for key, entries in feeds_of.items():
+        if key in offsets and o.block_offsets == "on-grid":
+            continue  # exact at o.bits: nothing to gain
         site = by_key[key][0]
         if key in offsets:
             low = quantize_offset(site.w, o.bits, o.block_size, site.w.dtype.type)
