@@ -48,6 +48,11 @@ BUILDS = {
     # int4 everywhere (mixed precision off): the smallest, fastest-decoding graphopt build
     "graphopt-int4-uniform": ("graphopt", ["--precision", "int4", "--quantize-option", "int8_budget=0"]),
     "graphopt-int4-calib": ("graphopt", ["--precision", "int4", "--calibration", "{calib}"]),
+    # block offsets off: a Q4_1 source's grid is not kept (the default before they existed)
+    "graphopt-int4-no-offsets": (
+        "graphopt",
+        ["--precision", "int4", "--quantize-option", "block_offsets=off"],
+    ),
 }
 THREADS = 2
 
