@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from .blocks import dequantize, quantize_offset, quantize_rtn
+from .blocks import dequantize, quantize_rtn
 from .options import WeightOnlyOptions
 from .sites import Site
 
@@ -97,8 +97,7 @@ def choose_bits(
     ``tied``: the Gather nodes' ids whose table is a site's weight (``{id(gather): key}``) and
     ``tables`` their table values (``{id(gather): value}``): a tied table is fed to both uses.
     ``offsets``: the weights quantized with float block offsets. Their extra bytes come out of
-    the budget first; with ``block_offsets=on-grid`` they are exact and not candidates, else
-    their round trip is the one with offsets."""
+    the budget first, and they are exact at ``bits``, so not candidates."""
     offsets = offsets or set()
     if o.int8_budget <= 0 or o.bits >= 8 or not by_key:
         return {}
@@ -163,14 +162,10 @@ def choose_bits(
     refs = [session.run(out_names, {**b, **floats}) for b in batches]
     scores: dict[Key, float] = {}
     for key, entries in feeds_of.items():
-        if key in offsets and o.block_offsets == "on-grid":
+        if key in offsets:
             continue  # exact at o.bits: nothing to gain
         site = by_key[key][0]
-        if key in offsets:
-            low = quantize_offset(site.w, o.bits, o.block_size, site.w.dtype.type)
-        else:
-            low = quantize_rtn(site.w, o.bits, o.block_size, o.symmetric, site.w.dtype.type)
-        rounded = dequantize(low)
+        rounded = dequantize(quantize_rtn(site.w, o.bits, o.block_size, o.symmetric, site.w.dtype.type))
         rounded = rounded.astype(site.w.dtype)
         swapped = dict(floats)
         for name, transposed in entries:

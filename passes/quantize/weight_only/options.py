@@ -29,13 +29,12 @@ class WeightOnlyOptions(CommonOptions):
     symmetric: bool = dataclasses.field(
         default=True, metadata=_doc("True: no zero points; False: per-block zero points (asymmetric)")
     )
-    block_offsets: Literal["off", "on-grid", "all"] = dataclasses.field(
+    block_offsets: Literal["off", "on-grid"] = dataclasses.field(
         default="off",
         metadata=_doc(
-            "float offset per block (levels from the block's minimum, as GGUF Q4_1), run as extra "
-            "K columns read against the input's block sums: on-grid = only weights that already "
-            "lie on such a grid (a quantized source: kept exactly), all = every MatMul weight "
-            "whose K is a multiple of block_size; off = none. Not for a table an embedding reads"
+            "on-grid: a MatMul weight that already lies on a grid with a float minimum per block "
+            "(a GGUF Q4_1-style source) keeps it exactly, its offsets run as extra K columns read "
+            "against the input's block sums (not for a table an embedding reads); off: none"
         ),
     )
     accuracy_level: int = dataclasses.field(

@@ -200,10 +200,14 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         return qw, h, how
 
     def _offsets(self, by_key: dict[tuple[int, bool], list[Site]], tied_keys: set) -> set[tuple[int, bool]]:
-        """The weights to quantize with float block offsets (option ``block_offsets``): not a
-        table an embedding Gather also reads (it reads the levels alone), K a multiple of the
-        block size, and with ``on-grid`` only a weight its offsets reproduce exactly. Keys only:
-        the levels are made again when the weight is written, not held for the whole model."""
+        """The weights to quantize with float block offsets (option ``block_offsets=on-grid``):
+        the ones their offsets reproduce exactly, except a table an embedding Gather also reads
+        (it reads the levels alone) or a K that is not a multiple of the block size. Keys only:
+        the levels are made again when the weight is written, not held for the whole model.
+
+        Only exact weights: on a float model (all-MiniLM-L6-v2) least-squares offsets for every
+        weight measured worse than plain asymmetric int4, since an outlier channel makes a block's
+        sum a poor stand-in for its activations."""
         o = self.options
         chosen: set[tuple[int, bool]] = set()
         if o.block_offsets == "off":
@@ -212,9 +216,7 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
             w = sites[0].w
             if key in tied_keys or w.shape[1] % o.block_size:
                 continue
-            if o.block_offsets == "all" or on_grid(
-                w, quantize_offset(w, o.bits, o.block_size, FLOAT_DTYPES[sites[0].dtype])
-            ):
+            if on_grid(w, quantize_offset(w, o.bits, o.block_size, FLOAT_DTYPES[sites[0].dtype])):
                 chosen.add(key)
         extra = offset_extra_bytes([by_key[k][0].w for k in chosen], o)
         self.details["block_offsets"] = {
