@@ -50,6 +50,17 @@ def test_a_q4_1_weight_is_reproduced_and_recognised():
     assert err < 0.05 * np.square(dequantize(quantize_rtn(w, 4, 32, symmetric=False)) - w).sum()
 
 
+def test_a_q4_0_weight_needs_no_offsets():
+    """GGUF Q4_0 (``d * (q - 8)``, the largest magnitude at level 0) is symmetric int4 already:
+    plain RTN reproduces it, so only Q4_1-style blocks need offsets."""
+    rng = np.random.default_rng(5)
+    q = rng.integers(1, 16, (N, K // 32, 32))
+    q[..., 0] = 0
+    d = rng.uniform(0.002, 0.02, (N, K // 32, 1)) * rng.choice([-1, 1], (N, K // 32, 1))
+    w = (d.astype(np.float16).astype(np.float32) * (q - 8)).reshape(N, K).astype(np.float32)
+    assert np.abs(dequantize(quantize_rtn(w, 4, 32, symmetric=True)) - w).max() == 0
+
+
 def test_a_weight_off_the_grid_is_not_taken_for_one():
     w = np.random.default_rng(0).standard_normal((N, K)).astype(np.float32)
     qw = quantize_offset(w, 4, 32)
