@@ -152,8 +152,8 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
                 bits = bits_of.get(key, o.bits)
                 h = hessians.pop(key, None)
                 how = "rtn (tied to an embedding)" if key in rtn_keys else method
-                low = None
-                if key in offsets and bits == o.bits:
+                low = None  # an exact weight stays at o.bits (choose_bits never promotes one)
+                if key in offsets:
                     low = quantize_offset(first.w, bits, o.block_size, FLOAT_DTYPES[first.dtype])
                 qw, h, how = self._quantize(first, bits, h, tokens, how, low)
                 weights.append(error_row(first, qw, h))
@@ -199,7 +199,9 @@ class QuantizeWeightOnlyPass(QuantizePassBase):
         )
         return qw, h, how
 
-    def _offsets(self, by_key: dict[tuple[int, bool], list[Site]], tied_keys: set) -> set[tuple[int, bool]]:
+    def _offsets(
+        self, by_key: dict[tuple[int, bool], list[Site]], tied_keys: set[tuple[int, bool]]
+    ) -> set[tuple[int, bool]]:
         """The weights to quantize with float block offsets (option ``block_offsets=on-grid``):
         the ones their offsets reproduce exactly, except a table an embedding Gather also reads
         (it reads the levels alone) or a K that is not a multiple of the block size. Keys only:
