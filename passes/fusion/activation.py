@@ -9,7 +9,6 @@ onnxscript's rules (``rules.common``) with guards they lack; each guard's docstr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import ClassVar
 
@@ -21,216 +20,31 @@ from onnxscript.rewriter.rules.common import _fuse_hardswish, _fuse_relus_clips
 from ..ir_helpers import all_nodes, infer_shapes, is_standard, replace_value
 from ..ir_helpers import constant_array as _constant
 from ._base import STANDARD, FusionPass, FusionRule, from_onnxscript
-from .matching import only_consumer, single_use
+from .gelu_match import match_gelu
 
 __all__ = ["FuseActivationsPass"]
 
 _GELU_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
-_RTOL = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers over onnx_ir nodes
-
-
-def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
-    node = None if value is None else value.producer()
-    if node is None or not is_standard(node, op_type):
-        return None
-    if len(node.inputs) != (1 if op_type in ("Erf", "Tanh", "Sigmoid") else 2) or None in node.inputs:
-        return None
-    return node
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= _RTOL * abs(b)
-
-
-class _Site:
-    """The nodes of one match: x, the nodes to replace, checks on their constants."""
-
-    def __init__(self, x: ir.Value) -> None:
-        self.x = x
-        self.nodes: list[ir.Node] = []
-
-    def const(self, value: ir.Value | None, expected: float, exact: bool = False) -> bool:
-        """``value`` is a single-element constant ≈ expected that cannot broadcast x to a new shape."""
-        arr = _constant(value)
-        if arr is None or arr.size != 1 or arr.dtype.kind != "f":
-            return False
-        rank = None if self.x.shape is None else len(self.x.shape)
-        if arr.ndim > (0 if rank is None else rank):
-            return False
-        v = float(arr.astype(np.float64).reshape(-1)[0])
-        return v == expected if exact else _close(v, expected)
-
-    def other(self, node: ir.Node, value: ir.Value) -> ir.Value | None:
-        """The operand of binary ``node`` that is not ``value`` (None if value is not an operand)."""
-        a, b = node.inputs
-        return b if a is value else a if b is value else None
-
-
-# ---------------------------------------------------------------------------------------------
-# GELU
-
-
-def _erf_argument(site_input: ir.Value) -> tuple[ir.Value, ir.Node] | None:
-    """x and the node for x/√2 (Div by √2 or Mul by 1/√2, either order)."""
-    div = _producer(site_input, "Div")
-    if div is not None:
-        x, c = div.inputs
-        probe = _Site(x)  # type: ignore[arg-type]
-        if probe.const(c, math.sqrt(2.0)):
-            return x, div  # type: ignore[return-value]
-    mul = _producer(site_input, "Mul")
-    if mul is not None:
-        for x, c in (mul.inputs, mul.inputs[::-1]):
-            if _constant(x) is None and _Site(x).const(c, 1.0 / math.sqrt(2.0)):  # type: ignore[arg-type]
-                return x, mul  # type: ignore[return-value]
-    return None
-
-
-def _is_cube(value: ir.Value, x: ir.Value, nodes: list[ir.Node]) -> bool:
-    """value = Pow(x, 3) or x·x·x in either association (intermediates used once)."""
-    pw = _producer(value, "Pow")
-    if pw is not None:
-        if pw.inputs[0] is x and _Site(x).const(pw.inputs[1], 3.0, exact=True):
-            nodes.append(pw)
-            return True
-        return False
-    m = _producer(value, "Mul")
-    if m is None:
-        return False
-    a, b = m.inputs
-    for sq_value, lone in ((a, b), (b, a)):
-        if lone is not x or sq_value is None:
-            continue
-        sq = _producer(sq_value, "Mul")
-        if (
-            sq is not None
-            and sq.inputs[0] is x
-            and sq.inputs[1] is x
-            and len(sq_value.uses()) == 1
-            and not sq_value.is_graph_output()
-        ):
-            nodes.extend([m, sq])
-            return True
-    return False
-
-
-def _tanh_argument(site_input: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
-    """x and the nodes of √(2/π)·(x + 0.044715·x³) (constants on either side)."""
-    outer = _producer(site_input, "Mul")
-    if outer is None:
-        return None
-    for inner_value, c in (outer.inputs, outer.inputs[::-1]):
-        add = _producer(inner_value, "Add")
-        if add is None or not single_use(inner_value):
-            continue
-        for x, term in (add.inputs, add.inputs[::-1]):
-            scaled = _producer(term, "Mul")
-            if x is None or scaled is None or not single_use(term) or _constant(x) is not None:
-                continue
-            site = _Site(x)
-            if not site.const(c, math.sqrt(2.0 / math.pi)):
-                continue
-            for cube, c3 in (scaled.inputs, scaled.inputs[::-1]):
-                nodes: list[ir.Node] = []
-                if (
-                    site.const(c3, 0.044715)
-                    and cube is not None
-                    and single_use(cube)
-                    and _is_cube(cube, x, nodes)
-                ):
-                    return x, [outer, add, scaled, *nodes]
-    return None
-
-
-@dataclasses.dataclass
-class _GeluMatch:
-    x: ir.Value
-    nodes: list[ir.Node]  # every node that the Gelu replaces
-    final: ir.Node  # the node whose output the Gelu output replaces
-
-
-def _match_gelu(f_node: ir.Node, approximate: str) -> _GeluMatch | None:
-    """Match ``½ · x · (1 + f(arg(x)))`` around the Erf/Tanh node ``f_node``."""
-    f_in = f_node.inputs[0]
-    if f_in is None or not single_use(f_in):
-        return None
-    if approximate == "none":
-        found = _erf_argument(f_in)
-        if found is None:
-            return None
-        x, arg_node = found
-        arg_nodes = [arg_node]
-    else:
-        found_t = _tanh_argument(f_in)
-        if found_t is None:
-            return None
-        x, arg_nodes = found_t
-    if x.dtype not in _GELU_TYPES:
-        return None
-    site = _Site(x)
-    f_out = f_node.outputs[0]
-    add = only_consumer(f_out, "Add")
-    if add is None or not site.const(site.other(add, f_out), 1.0):
-        return None
-    one_plus = add.outputs[0]
-    nodes = [*arg_nodes, f_node, add]
-    m1 = only_consumer(one_plus, "Mul")
-    if m1 is None:
-        d = only_consumer(one_plus, "Div")  # (1 + f) / 2 · x
-        if d is None or d.inputs[0] is not one_plus or not site.const(d.inputs[1], 2.0):
-            return None
-        m2 = only_consumer(d.outputs[0], "Mul")
-        if m2 is None or site.other(m2, d.outputs[0]) is not x:
-            return None
-        return _GeluMatch(x, [*nodes, d, m2], m2)
-    o = site.other(m1, one_plus)
-    if o is x:  # (x · (1 + f)) · ½   or   (x · (1 + f)) / 2
-        m1_out = m1.outputs[0]
-        m2 = only_consumer(m1_out, "Mul")
-        if m2 is not None and site.const(site.other(m2, m1_out), 0.5):
-            return _GeluMatch(x, [*nodes, m1, m2], m2)
-        d2 = only_consumer(m1_out, "Div")
-        if d2 is not None and d2.inputs[0] is m1_out and site.const(d2.inputs[1], 2.0):
-            return _GeluMatch(x, [*nodes, m1, d2], d2)
-        return None
-    if site.const(o, 0.5):  # x · (½ · (1 + f))
-        m1_out = m1.outputs[0]
-        m2 = only_consumer(m1_out, "Mul")
-        if m2 is None or site.other(m2, m1_out) is not x:
-            return None
-        return _GeluMatch(x, [*nodes, m1, m2], m2)
-    half = _producer(o, "Mul")  # (½ · x) · (1 + f)
-    if (
-        half is not None
-        and single_use(o)
-        and site.other(half, x) is not None
-        and site.const(site.other(half, x), 0.5)
-    ):
-        return _GeluMatch(x, [*nodes, half, m1], m1)
-    return None
+# GELU (matched by :mod:`.gelu_match`, shared with FastGelu)
 
 
 def _fuse_gelu(model: ir.Model, op_type: str, approximate: str) -> int:
     """Decomposed GELU around each ``op_type`` (Erf/Tanh) node → ``Gelu(approximate)``.
 
-    GELU is own code: onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the
-    ``com.microsoft`` ops and match one association each, while exporters write the same formula in
-    several (GPT-2's ``NewGELUActivation`` gives ``(0.5·x) · (1 + tanh(√(2/π)·(x + 0.044715·x³)))``,
-    BERT-style code ``x · 0.5 · (1 + erf(x/√2))`` or ``x·(1+erf(x·0.7071))·0.5``). Matching starts at
-    the ``Erf``/``Tanh`` node and walks out to the product of x, ½ and (1 + f) in any of the
-    associations :func:`_match_gelu` handles; constants match within 1e-5 relative, ``x³`` is
-    ``Pow(x, 3)`` or ``x·x·x``.
+    onnxscript's GELU rules (``ort_fusions.gelu``/``erfgelu``) emit the ``com.microsoft`` ops and
+    match one association each; :func:`.gelu_match.match_gelu` takes the forms exporters write.
     """
     count = 0
     for node in all_nodes(model):
         if node.graph is None or not is_standard(node, op_type):
             continue
-        match = _match_gelu(node, approximate)
-        if match is None or any(n.graph is not node.graph for n in match.nodes):
+        match = match_gelu(node, approximate)
+        if match is None or match.x.dtype not in _GELU_TYPES:
+            continue
+        if any(n.graph is not node.graph for n in match.nodes):
             continue
         graph = node.graph
         final_out = match.final.outputs[0]

@@ -678,6 +678,45 @@ def test_gelu_tanh_forms_fuse(variant: dict[str, Any]) -> None:
     assert m.graph.node(0).attributes["approximate"].as_string() == "tanh"
 
 
+#: tanh arguments other exporters write (the body computes ``s``, the argument of Tanh)
+TANH_ARGUMENTS = {
+    # jax2tf / tf2onnx (magika): h + h·(h·(0.044715·h)), the constant innermost
+    "jax x·(x·(c·x))": "g0 = Mul (c3, x)\n g1 = Mul (x, g0)\n g2 = Mul (x, g1)\n i = Add (x, g2)\n s = Mul (k, i)",
+    # the factors spread over the sum, no outer scale: k·x + (k·c3)·x³
+    "spread k·x + kc·x³": "a1 = Mul (x, k)\n p = Pow (x, three)\n a3 = Mul (kc3, p)\n s = Add (a1, a3)",
+    # the scale on x³ split in two: (c3·x²)·x with x² = x·x
+    "c3·(x·x)·x": "xx = Mul (x, x)\n q0 = Mul (c3, xx)\n q = Mul (q0, x)\n i = Add (q, x)\n s = Mul (i, k)",
+}
+
+
+def tanh_argument_model(
+    arg: str, opset: int = 20, kc3: float = math.sqrt(2 / math.pi) * 0.044715
+) -> onnx.ModelProto:
+    return parse(f"""
+        <ir_version: 9, opset_import: ["" : {opset}]>
+        g (float[2, 3, 4] x) => (float[2, 3, 4] y)
+        <float three = {{3.0}}, float c3 = {{0.044715}}, float k = {{{math.sqrt(2 / math.pi)!r}}},
+         float kc3 = {{{kc3!r}}}, float one = {{1.0}}, float half = {{0.5}}> {{
+            {arg}
+            t = Tanh (s)
+            a = Add (one, t)
+            h = Mul (half, a)
+            y = Mul (x, h)
+        }}""")
+
+
+@pytest.mark.parametrize("form", list(TANH_ARGUMENTS))
+def test_gelu_tanh_arguments_of_other_exporters_fuse(form: str) -> None:
+    m, stats = fuse(tanh_argument_model(TANH_ARGUMENTS[form]), x_feed(), ACT)
+    assert ops(m) == ["Gelu"] and stats == {"gelu-tanh": 1}, form
+
+
+def test_gelu_tanh_spread_factors_must_multiply_to_the_constants() -> None:
+    model = tanh_argument_model(TANH_ARGUMENTS["spread k·x + kc·x³"], kc3=0.04)
+    m, stats = fuse(model, x_feed(), ACT)
+    assert stats == {} and "Gelu" not in ops(m)
+
+
 @pytest.mark.parametrize(
     ("why", "model"),
     [

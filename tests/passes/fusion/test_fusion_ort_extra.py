@@ -97,11 +97,11 @@ GELU_FORMS = {
 
 
 def gelu_model(
-    body: str, tanh_arg: str = TANH_ARG, dtype: str = "float", extra_out: str = ""
+    body: str, tanh_arg: str = TANH_ARG, dtype: str = "float", extra_out: str = "", opset: int = 18
 ) -> onnx.ModelProto:
     outs = f"{dtype}[2, 8, 16] y" + (f", {dtype}[2, 8, 16] {extra_out}" if extra_out else "")
     return parse(f"""
-        <ir_version: 10, opset_import: ["" : 18]>
+        <ir_version: 10, opset_import: ["" : {opset}]>
         g ({dtype}[2, 8, 16] x) => ({outs}) {{ {tanh_arg} {body} }}""")
 
 
@@ -116,6 +116,17 @@ def test_fast_gelu_fires_on_every_association(form: str) -> None:
 def test_fast_gelu_accepts_x_times_x_times_x() -> None:
     arg = TANH_ARG.replace("p = Pow (x, three)", "sq = Mul (x, x)\n p = Mul (sq, x)")
     m, _ = fuse(gelu_model(GELU_FORMS["gpt2 (0.5x)(1+t)"], arg), feed((2, 8, 16)), "fast-gelu-tanh")
+    assert ops(m) == Counter({"FastGelu": 1})
+
+
+def test_fast_gelu_accepts_the_jax_argument_at_opset_15() -> None:
+    """jax2tf/tf2onnx write x³ as x·(x·(0.044715·x)) (the pretrained magika classifier)."""
+    arg = TANH_ARG.replace(
+        "p = Pow (x, three)\n    t1 = Mul (p, c3)",
+        "g0 = Mul (c3, x)\n    g1 = Mul (x, g0)\n    t1 = Mul (x, g1)",
+    )
+    assert "g1 = Mul (x, g0)" in arg
+    m, _ = fuse(gelu_model(GELU_FORMS["x(0.5(1+t))"], arg, opset=15), feed((2, 8, 16)), "fast-gelu-tanh")
     assert ops(m) == Counter({"FastGelu": 1})
 
 
