@@ -28,22 +28,10 @@ FP32_MAX_ABS = 1e-4
 #: int8: the output cosine every model must reach
 INT8_MIN_COSINE = 0.98
 
-# Known failures, by defect of issue 18 (see /work/wt/briefs/TRIAGE.md for the commands).
-_ALLOWZERO = "issue 18 defect 1/2: Reshape gets allowzero at opset 12 from the wrong declared output shape"
-_GENERATED = "issue 18 defect 3: generated inputs too small / literal -1 dim / scalar sample rate"
-_OPSET = "issue 18 defect 4: static int8 refuses opset < 13"
+# Known failures, by defect of issue 18 (strict=False: a fix shows up as XPASS).
 XFAIL: dict[tuple[str, str], str] = {
-    ("ddddocr-crnn", "fp32"): _ALLOWZERO,
-    ("ddddocr-crnn", "dynamic"): _ALLOWZERO,
-    ("ppocr-det", "generated"): _GENERATED,
-    ("ddddocr-crnn", "generated"): _ALLOWZERO,
-    # after an opset upgrade these two still miss the floor: 0.969 and 0.81 (ORT's best: 0.986, 0.963)
-    ("ppocr-det", "static"): _OPSET + "; then issue 18 defect 5 (triage T9): cosine 0.969",
-    ("ppocr-rec", "static"): _OPSET + "; then issue 18 defect 5 (triage T9): cosine 0.81",
-    ("ddddocr-crnn", "static"): _OPSET,
-    ("ddddocr-det", "static"): _OPSET,
-    ("magika", "static"): "issue 18 (triage T8): tf2onnx LayerNorm/tanh-GELU left decomposed, their x^3 and "
-    "variance terms quantized: cosine 0.70",
+    # ORT's best quantize_static variant (per-channel after an opset-13 conversion) reaches 0.963
+    ("ppocr-rec", "static"): "issue 18 defect 5 (triage T9): cosine 0.951 on the SVTR recognizer",
 }
 
 

@@ -37,7 +37,10 @@ class Placement:
     * ``quantize_bias``: Conv/Gemm bias as int32 at ``input_scale * weight_scale`` (ORT's integer
       kernels take it so); TensorRT keeps float biases and folds them itself;
     * ``float_norm_residuals``: Adds whose output feeds a normalization (a transformer's residual
-      stream) or a Softmax (scores plus attention mask) stay float.
+      stream) or a Softmax (scores plus attention mask) stay float;
+    * ``float_islands``: ``qlinear`` ops that no quantized compute op reaches through other
+      quantized ops stay float (ORT would run each as Q → QLinear op → DQ between float
+      neighbours; TensorRT instead fuses Q/DQ on an Add's inputs into the producer's epilogue).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Placement:
     #: normalization (the residual stream carries a few channels hundreds of times larger than the
     #: rest) and those feeding Softmax (the attention mask's -1e4…-3e38 share the scores' tensor).
     float_norm_residuals: bool = False
+    float_islands: bool = False
 
     def kind(self, op_type: str) -> str | None:
         for kind in ("compute", "qlinear", "passthrough", "removable", "embedding"):
@@ -82,6 +86,7 @@ PLACEMENTS: dict[str, Placement] = {
         removable=frozenset({"Relu", "Clip"}),
         embedding=frozenset({"Gather"}),
         float_norm_residuals=True,
+        float_islands=True,
     ),
     # TensorRT: symmetric int8 (zero points 0) on the inputs of the ops it runs in int8, both
     # inputs of a residual Add; it propagates scales through pooling/reshapes and fuses ReLU.

@@ -9,22 +9,27 @@ and their decision says why."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from ...ir_helpers import constant_array
+from ...ir_helpers import constant_array, is_standard
 from .._common.norms import NORM_OPS
 from ..base import matches_any
 from .placement import Placement
 from .run import Run
 
-__all__ = ["QT", "Plan", "eligible", "plan_graph", "weight_axis"]
+__all__ = ["ISLAND", "POWER", "QT", "Plan", "eligible", "plan_graph", "weight_axis"]
 
 _FLOAT = ir.DataType.FLOAT
 
 #: Consumers that make an Add part of a residual stream: normalizations, fused or decomposed.
 _NORM_CONSUMERS = NORM_OPS | {"ReduceMean", "Pow"}
+#: The decision of an elementwise op that reads or writes a power of one tensor (:func:`_power_degree`).
+POWER = "reads or writes a power of one tensor (x², x³: one 8-bit grid cannot hold its range; stays float)"
+#: The decision of an elementwise op left float by :func:`_islands`.
+ISLAND = "no quantized Conv/MatMul/Gemm in reach (Q/DQ would only add rounding and work; stays float)"
 
 
 @dataclasses.dataclass
@@ -115,6 +120,8 @@ def eligible(node: ir.Node, kind: str, placement: Placement) -> str | None:
     if kind == "qlinear" and not placement.constant_operands:
         if any(constant_array(v) is not None for v in ins):
             return "constant operand (stays float)"
+    if kind == "qlinear" and any(_power_degree(v) >= 2 for v in [*ins, *node.outputs[:1]]):
+        return POWER
     if placement.float_norm_residuals and node.op_type == "Add":
         consumers = {c.op_type for o in node.outputs for c in o.consumers()}
         if consumers & _NORM_CONSUMERS:
@@ -143,7 +150,7 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
             return None
         return placement.kind(n.op_type)
 
-    def usable(n: ir.Node) -> tuple[str | None, str]:
+    def allowed(n: ir.Node) -> tuple[str | None, str]:
         kind = candidate(n)
         if kind is None:
             return None, ""
@@ -153,6 +160,12 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
                 return None, why
         why = eligible(n, kind, placement)
         return (kind, "") if why is None else (None, why)
+
+    anchors = ops & (placement.compute | placement.embedding)
+    islands = _islands(graph, allowed) if placement.float_islands and anchors else set()
+
+    def usable(n: ir.Node) -> tuple[str | None, str]:
+        return (None, ISLAND) if n in islands else allowed(n)
 
     def wants_input(consumer: ir.Node, depth: int = 0) -> bool:
         kind, _ = usable(consumer)
@@ -199,7 +212,7 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
             if not ok:
                 plan.nodes.append((node, False, why))
                 continue
-        why = eligible(node, kind, placement)
+        why = ISLAND if node in islands else eligible(node, kind, placement)
         if why is not None:
             plan.nodes.append((node, False, why))
             continue
@@ -265,6 +278,97 @@ def plan_graph(run: Run, use_selection: bool) -> Plan:
     if patterns16:
         _mark_wide(plan, patterns16)
     return plan
+
+
+def _power_degree(value: ir.Value | None) -> int:
+    """d when ``value`` is c·x^d for one non-constant tensor x (a tree of Mul, and Pow with a
+    constant integer exponent, over x and constants; e.g. x·x, x·(x·(0.044715·x))), else 0.
+
+    Why it matters: such a tensor's range is the d-th power of x's, so one linear 8-bit grid
+    spans orders of magnitude and rounds most values to zero (decomposed LayerNorm's x² and
+    mean², tanh-GELU's x³), and a qlinear op reading or writing it would need that grid."""
+
+    def factors(v: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+        node = v.producer()
+        if (
+            node is None
+            or not is_standard(node, "Mul", "Pow")
+            or len(node.inputs) != 2
+            or None in node.inputs
+        ):
+            return None
+        return node.inputs[0], node.inputs[1]  # type: ignore[return-value]
+
+    def degree(v: ir.Value, x: ir.Value, depth: int) -> int | None:
+        if v is x:
+            return 1
+        if constant_array(v) is not None:
+            return 0
+        pair = factors(v) if depth < 6 else None
+        if pair is None:
+            return None
+        a, b = pair
+        da = degree(a, x, depth + 1)
+        if da is None:
+            return None
+        if v.producer().op_type == "Mul":  # type: ignore[union-attr]
+            db = degree(b, x, depth + 1)
+            return None if db is None else da + db
+        exp = constant_array(b)
+        if exp is None or exp.size != 1 or exp.dtype.kind not in "fiu":
+            return None
+        e = float(np.asarray(exp, np.float64).reshape(-1)[0])
+        return da * int(e) if e.is_integer() and 1 <= e <= 8 else None
+
+    if value is None or factors(value) is None:
+        return 0
+    bases: list[ir.Value] = []
+    stack = [(value, 0)]
+    while stack:  # every non-constant value of the product tree is a candidate x
+        v, depth = stack.pop()
+        if constant_array(v) is not None:
+            continue
+        if v is not value:
+            bases.append(v)
+        pair = factors(v) if depth < 6 else None
+        if pair is not None:
+            stack.extend((p, depth + 1) for p in pair)
+    for x in bases:
+        d = degree(value, x, 0)
+        if d is not None and d >= 2:
+            return d
+    return 0
+
+
+def _islands(graph: ir.Graph, allowed: Callable[[ir.Node], tuple[str | None, str]]) -> set[ir.Node]:
+    """The quantizable elementwise ops (``qlinear`` kind) with no quantized Conv/MatMul/Gemm or
+    lookup table in reach: connected to none through other quantizable ops.
+
+    Why they stay float: a Q/DQ pair pays off where an integer kernel consumes or produces it.
+    Between float neighbours, a QLinearMul/QLinearAdd only adds a quantize and a dequantize and
+    rounds its values, and such islands are where rounding hurts most: the x·x and x³ terms of
+    decomposed LayerNorm/GELU (tf2onnx, jax2tf), whose ranges span several orders of magnitude.
+    """
+    kinds: dict[ir.Node, str] = {}
+    for n in graph:
+        kind, _ = allowed(n)
+        if kind is not None:
+            kinds[n] = kind
+    parent: dict[ir.Node, ir.Node] = {n: n for n in kinds}
+
+    def root(n: ir.Node) -> ir.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in kinds:
+        for out in n.outputs:
+            for c in out.consumers():
+                if c in kinds:
+                    parent[root(c)] = root(n)
+    anchored = {root(n) for n, kind in kinds.items() if kind in ("compute", "embedding")}
+    return {n for n, kind in kinds.items() if kind == "qlinear" and root(n) not in anchored}
 
 
 def _moved(node: ir.Node) -> list[ir.Value]:
