@@ -8,9 +8,9 @@ coarsely. Neither wins on every model. ``minmax`` is the baseline: it never lose
 Runtime's default by the calibrator, and it generalises best to inputs beyond the calibrated ones.
 A clipping calibrator replaces it only on clear evidence: each candidate's ranges are applied to a
 copy of the model and the copies' outputs compared with the float model's (the worst output's
-cosine over all rows) on calibration data the ranges were *not* fitted on (two folds of up to
-:data:`VALIDATION_BATCHES` batches, or of one batch's rows), and the candidate must cut the error
-to :data:`MARGIN` of minmax's in every fold. In-sample scores would favour the calibrator that fits
+cosine over all rows) on calibration data the ranges were *not* fitted on (two folds of
+:data:`VALIDATION_BATCHES` to :data:`MAX_VALIDATION_BATCHES` batches, or of one batch's rows), and
+the candidate must cut the error to :data:`MARGIN` of minmax's in every fold. In-sample scores would favour the calibrator that fits
 the very values it is scored on; with fewer than :data:`MIN_HELD_OUT_ROWS` held-out rows the
 scores are noise (measured: four single-image batches picked mse on a MobileNetV3 classifier,
 which lost on other images), so the baseline stays. The choice is cached with the statistics, so
@@ -35,12 +35,16 @@ from .rewrite import apply
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["AUTO_CANDIDATES", "VALIDATION_BATCHES", "choose_calibrator"]
+__all__ = ["AUTO_CANDIDATES", "MAX_VALIDATION_BATCHES", "VALIDATION_BATCHES", "choose_calibrator"]
 
 #: The baseline (ONNX Runtime's default, never clips) first, then the clipping calibrators.
 AUTO_CANDIDATES = ("minmax", "mse", "percentile")
-#: At most this many calibration batches run through each candidate.
+#: Calibration batches run through each candidate: at least this many, and more (up to
+#: :data:`MAX_VALIDATION_BATCHES`) while they hold fewer than two folds of
+#: :data:`MIN_HELD_OUT_ROWS` rows: with single-image batches (most detection and OCR models have a
+#: static batch of 1) eight batches could never be validated on.
 VALIDATION_BATCHES = 8
+MAX_VALIDATION_BATCHES = 32
 #: Fewer held-out rows per fold than this and the scores are noise: keep the baseline.
 MIN_HELD_OUT_ROWS = 16
 #: A clipping calibrator replaces the baseline only when it cuts the output error (1 - cosine)
@@ -88,8 +92,12 @@ def _choose(run: Run, plan: Plan, smooth_key: tuple[Any, ...]) -> tuple[str, dic
         # A one-shot iterator is spent by calibration: nothing is left to validate on.
         return base, {}, "nothing (one-shot calibration iterator)"
     o = run.options
-    limit = VALIDATION_BATCHES if o.max_batches is None else min(o.max_batches, VALIDATION_BATCHES)
-    batches = list(run.data.batches(limit))
+    cap = MAX_VALIDATION_BATCHES if o.max_batches is None else min(o.max_batches, MAX_VALIDATION_BATCHES)
+    batches = []
+    for batch in run.data.batches(cap):
+        batches.append(batch)
+        if len(batches) >= VALIDATION_BATCHES and sum(map(_rows, batches)) >= 2 * MIN_HELD_OUT_ROWS:
+            break
     if len(batches) >= 2:
         even, odd = batches[0::2], batches[1::2]
         how, folds = "held-out batches (2 folds)", [(even, odd), (odd, even)]

@@ -148,3 +148,14 @@ def test_too_few_rows_to_validate_keep_minmax() -> None:
     _, row = graphopt_static(proto, [spots(1, s) for s in range(4)])
     auto = row.details["auto_calibrator"]
     assert auto["chosen"] == "minmax" and "held-out rows per fold" in auto["validated_on"]
+
+
+def test_single_image_batches_are_validated_when_there_are_enough() -> None:
+    """A static batch of 1 (most detection and OCR models): 32 single-image batches make two folds
+    of 16 held-out rows, so auto validates instead of keeping minmax unseen (8 batches never could)."""
+    proto = spot_detector()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    _, row = graphopt_static(proto, [spots(1, s) for s in range(40)])
+    auto = row.details["auto_calibrator"]
+    assert auto["validated_on"] == "held-out batches (2 folds)", auto
+    assert set(auto["candidates"]) == {"mse", "minmax", "percentile"}
