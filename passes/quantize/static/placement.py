@@ -40,7 +40,9 @@ class Placement:
       stream) or a Softmax (scores plus attention mask) stay float;
     * ``float_islands``: ``qlinear`` ops that no quantized compute op reaches through other
       quantized ops stay float (ORT would run each as Q → QLinear op → DQ between float
-      neighbours; TensorRT instead fuses Q/DQ on an Add's inputs into the producer's epilogue).
+      neighbours; TensorRT instead fuses Q/DQ on an Add's inputs into the producer's epilogue);
+    * ``expand``: ops the backend runs as their ONNX function body, expanded before placement
+      (:mod:`.expand`) so the pairs sit where the backend's ops will be.
     """
 
     name: str
@@ -60,6 +62,7 @@ class Placement:
     #: rest) and those feeding Softmax (the attention mask's -1e4…-3e38 share the scores' tensor).
     float_norm_residuals: bool = False
     float_islands: bool = False
+    expand: frozenset[str] = frozenset()
 
     def kind(self, op_type: str) -> str | None:
         for kind in ("compute", "qlinear", "passthrough", "removable", "embedding"):
@@ -87,6 +90,7 @@ PLACEMENTS: dict[str, Placement] = {
         embedding=frozenset({"Gather"}),
         float_norm_residuals=True,
         float_islands=True,
+        expand=frozenset({"HardSwish"}),
     ),
     # TensorRT: symmetric int8 (zero points 0) on the inputs of the ops it runs in int8, both
     # inputs of a residual Add; it propagates scales through pooling/reshapes and fuses ReLU.

@@ -14,6 +14,7 @@ from ...ir_helpers import infer_shapes, model_opset
 from ...opset import UpgradeOpsetPass
 from ..base import QuantizePassBase
 from .calibrate import ranges
+from .expand import expand_functions
 from .options import StaticOptions, check_options
 from .plan import plan_graph
 from .rewrite import apply
@@ -42,7 +43,10 @@ class QuantizeStaticPass(QuantizePassBase):
                 "dicts> to optimize() (CLI: --calibration FILE), or the pass option calibration=PATH"
             )
         upgraded, per_axis = self._qdq_opset(model)
-        modified = infer_shapes(model) or upgraded
+        expanded = expand_functions(model.graph, placement.expand)
+        if expanded:
+            self.count("expanded_functions", expanded)
+        modified = infer_shapes(model) or upgraded or bool(expanded)
         run = Run(model, self.options, placement, data, self.context, self.details, self.count, self.selected)
         run.per_axis = per_axis
         smooth_key: tuple[Any, ...] = ()

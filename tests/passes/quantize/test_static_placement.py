@@ -145,3 +145,47 @@ def test_yolo_detector_placement_no_worse_than_quantize_static() -> None:
         return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
 
     assert cos(ref, got) >= cos(ref, alt) - 1e-4
+
+
+def hard_swish_block(seed: int = 0) -> onnx.ModelProto:
+    """Conv → HardSwish → Conv at opset 14 (MobileNetV3's activation, fused or native)."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((8, 8, 1, 1)) * 0.3).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["h"]),
+        helper.make_node("Conv", ["h", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 20, 20])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+
+
+def test_hard_swish_is_expanded_so_ort_runs_its_mul_on_int8() -> None:
+    """ONNX Runtime CPU inlines HardSwish as HardSigmoid·Mul after loading; with the pairs placed
+    around the HardSwish its Mul ran in float between unmatched Q/DQ (PP-OCR's classifier at opset
+    14: cosine 0.960 against 0.9996). Expanded first, the Mul is a QLinearMul."""
+    model, report = Pipeline.parse("quantize-static,cleanup").run(
+        graphopt.load(hard_swish_block()), context={"calibration": [feeds(s) for s in range(4)]}
+    )
+    assert report.passes[0].stats["expanded_functions"] == 1
+    assert "HardSwish" not in {n.op_type for n in model.graph}
+    ops = ort_optimized_ops(graphopt.to_bytes(model))
+    assert ops["QLinearMul"] == 1 and ops["QLinearConv"] == 2 and "Mul" not in ops, ops
+    # the float computation is unchanged: HardSigmoid(1/6, ½)·x is HardSwish's own definition
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = ort.InferenceSession(hard_swish_block().SerializeToString(), so, providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(graphopt.to_bytes(model), so, providers=["CPUExecutionProvider"])
+    f = feeds(9)
+    a, b = ref.run(None, f)[0].ravel(), got.run(None, f)[0].ravel()
+    assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.999
