@@ -107,10 +107,23 @@ class _HardSwishFromHardSigmoid(_fuse_hardswish.HardSwishFusionFromHardSigmoid):
         return _hard_guard(super().check(op, x, hardsigmoid_out), x)
 
 
+class _HardSwishAsHardSigmoidMul(_HardSwish):
+    """x·Clip(x+3, 0, 6)/6 → x·HardSigmoid(x) where HardSwish does not exist yet (opset < 14):
+    two ops instead of four, and the very ops ONNX Runtime's CPU provider runs for a HardSwish
+    (it inlines HardSwish's function body), so static int8 quantizes the same Mul either way."""
+
+    def rewrite(self, op, x, clip_min, clip_max, bias, divisor):  # type: ignore[override]
+        return op.Mul(x, op.HardSigmoid(x, alpha=1 / 6, beta=0.5))
+
+
 def _hard_swish_rules() -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet(
         [_HardSwish().rule(), _HardSigmoid().rule(), _HardSwishFromHardSigmoid().rule()], commute=True
     )
+
+
+def _hard_sigmoid_rules() -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet([_HardSwishAsHardSigmoidMul().rule(), _HardSigmoid().rule()], commute=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +243,8 @@ class _SiLU(pattern.RewriteRuleClassBase):
 
 
 class FuseActivationsPass(FusionPass):
-    """Fuse decomposed activations into standard ONNX ops: Gelu (opset 20), HardSwish (14),
+    """Fuse decomposed activations into standard ONNX ops: Gelu (opset 20), HardSwish (14; below
+    that x·HardSigmoid(x), from 11),
     merged Relu/Clip chains (Clip bounds as inputs: 11), Swish (24).
 
     Safe because each rule emits an op only at opsets that define it, matches constants within
@@ -260,6 +274,14 @@ class FuseActivationsPass(FusionPass):
             from_onnxscript(_hard_swish_rules()),
             STANDARD,
             min_opset=14,
+        ),
+        FusionRule(
+            "hard-sigmoid",
+            "x·Clip(x+3,0,6)/6 → x·HardSigmoid(x); Clip(x+3,0,6)/6 → HardSigmoid (below opset 14, and "
+            "what hard-swish leaves)",
+            from_onnxscript(_hard_sigmoid_rules()),
+            STANDARD,
+            min_opset=11,
         ),
         FusionRule(
             "relu-relu",

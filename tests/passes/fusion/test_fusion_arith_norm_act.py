@@ -767,6 +767,29 @@ def test_hard_swish_and_hard_sigmoid_fuse() -> None:
     assert sorted(ops(m)) == ["HardSigmoid", "HardSwish"] and stats == {"hard-swish": 2}
 
 
+def test_below_opset_14_hard_swish_becomes_x_times_hard_sigmoid() -> None:
+    """PP-OCR's classifier (paddle2onnx, opset 11, upgraded to 13 for static int8) writes
+    x·Clip(x+3, 0, 6)/6: four ops ONNX Runtime runs in float between Q/DQ pairs. HardSigmoid exists
+    from opset 6, and x·HardSigmoid(x) is what ORT's CPU provider runs for a HardSwish anyway."""
+    m, stats = fuse(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[2, 3, 4] z)
+        <float three = {3.0}, float zero = {0.0}, float six = {6.0}> {
+            a = Add (x, three)
+            c = Clip (a, zero, six)
+            m = Mul (x, c)
+            y = Div (m, six)
+            a2 = Add (three, x)
+            c2 = Clip (a2, zero, six)
+            z = Div (c2, six)
+        }"""),
+        x_feed(low=-5, high=5),
+        ACT,
+    )
+    assert sorted(ops(m)) == ["HardSigmoid", "HardSigmoid", "Mul"] and stats == {"hard-sigmoid": 2}
+
+
 @pytest.mark.parametrize(
     ("why", "x_type", "three"),
     [
