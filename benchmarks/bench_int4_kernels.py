@@ -51,6 +51,38 @@ def variants(m: int, k: int, n: int) -> dict[str, Any]:
         k,
         n,
     )
+    # int4 stored (ONNX INT4 + per-block scales, MatMulNBits' bytes), int8 at load: ONNX Runtime
+    # constant-folds Cast → Mul → Div → Round → Cast on initializers into the int8 B that
+    # DynamicQuantizeMatMul prepacks, so the file holds int4 and the GEMM runs on int8.
+    blocks = k // 32
+    q4 = rng.integers(-8, 8, (blocks, 32, n)).astype(np.int8)
+    scale4 = (rng.random((blocks, 1, n)) * 0.01 + 0.001).astype(np.float32)
+    w4 = (q4 * scale4).reshape(k, n)
+    scale8 = (np.abs(w4).max(0) / 127).astype(np.float32)
+    folded = [
+        helper.make_node("Cast", ["W4"], ["wf0"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["wf0", "d"], ["wf1"]),
+        helper.make_node("Reshape", ["wf1", "shape"], ["wf"]),
+        helper.make_node("Div", ["wf", "s"], ["wq0"]),
+        helper.make_node("Round", ["wq0"], ["wq1"]),
+        helper.make_node("Cast", ["wq1"], ["W"], to=TensorProto.INT8),
+        helper.make_node("DynamicQuantizeMatMul", ["A", "W", "s"], ["Y"], domain="com.microsoft"),
+    ]
+    w4_tensor = helper.make_tensor("W4", TensorProto.INT4, list(q4.shape), q4.flatten().tolist())
+    model = _model(
+        folded,
+        [
+            w4_tensor,
+            numpy_helper.from_array(scale4, "d"),
+            numpy_helper.from_array(scale8, "s"),
+            numpy_helper.from_array(np.array([k, n], np.int64), "shape"),
+        ],
+        m,
+        k,
+        n,
+    )
+    model.opset_import[0].version = 21  # INT4 from opset 21
+    out["int4 stored, int8 DynamicQuantizeMatMul (folded at load)"] = model
     for block in (32, 64, 128):
         if k % block:
             continue
