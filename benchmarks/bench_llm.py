@@ -53,6 +53,8 @@ BUILDS = {
         "graphopt",
         ["--precision", "int4", "--quantize-option", "block_offsets=off"],
     ),
+    # the prompt on int8 GEMMs (prefill.onnx over the int4 bytes, genai's decoder pipeline)
+    "graphopt-int4-prefill8": ("graphopt", ["--precision", "int4", "--prefill", "int8"]),
 }
 THREADS = 2
 

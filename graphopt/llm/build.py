@@ -22,6 +22,7 @@ from graphopt.errors import GraphoptError
 
 from .export import decoder_shape, export_decoder
 from .package import MARKER, check_destination, genai_config, write_folder, write_json
+from .prefill import pipeline_config, write_prefill_model
 from .source import ARCHITECTURES, load_source
 
 __all__ = ["PRECISIONS", "TARGETS", "BuildResult", "build", "calibration_feeds"]
@@ -194,6 +195,7 @@ def build(
     quantize_options: dict[str, Any] | None = None,
     tokenizer: Any = None,
     report_path: str | os.PathLike | None = None,
+    prefill: str = "same",
 ) -> BuildResult:
     """Build an onnxruntime-genai decoder folder from ``src`` (folder, .gguf path or model).
 
@@ -203,10 +205,19 @@ def build(
     ``calibration``: a text file or a folder of .txt files (tokenized into windows), or feed dicts;
     with it, int4 is data-aware. ``full_logits`` keeps logits for every position (perplexity
     evaluation needs them); by default only the last position's are computed, which is all that
-    generation reads. Nothing is written until the build succeeded.
+    generation reads. ``prefill="int8"`` (int4 on ort-cpu, experimental) adds a prompt model whose
+    projections run as int8 GEMMs on the int4 model's own bytes, in onnxruntime-genai's decoder
+    pipeline (:mod:`.prefill`); ``"same"`` runs the prompt on the int4 model. Nothing is written
+    until the build succeeded.
     """
     started = time.perf_counter()
     _check_request(precision, target)
+    if prefill not in ("same", "int8"):
+        raise GraphoptError(f"prefill must be 'same' or 'int8', not {prefill!r}")
+    if prefill == "int8" and (precision != "int4" or target != "ort-cpu"):
+        raise GraphoptError(
+            "prefill int8 is for int4 builds on ort-cpu; drop --prefill or use --precision int4"
+        )
     quantize = _quantize_request(precision, group_size, quantize_options)
     if calibration is not None and quantize is None:
         raise GraphoptError(
@@ -267,6 +278,7 @@ def build(
         "precision": precision,
         "target": target,
         "full_logits": full_logits,
+        "prefill": prefill,
         "calibration": None if calibration is None else (len(feeds) if isinstance(feeds, list) else "feeds"),
         "export_s": round(export_s, 3),
         "pipeline": result.report.to_dict(),
@@ -274,7 +286,12 @@ def build(
 
     def write(tmp: Path) -> None:
         graphopt.save(model, tmp / "model.onnx", external_data="model.onnx.data")
-        write_json(tmp / "genai_config.json", genai)
+        config_out = genai
+        if prefill == "int8":
+            report["prefill_int8_projections"] = write_prefill_model(tmp, shape.vocab_size)
+            if report["prefill_int8_projections"]:
+                config_out = pipeline_config(genai, tmp)
+        write_json(tmp / "genai_config.json", config_out)
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}

@@ -39,6 +39,12 @@ def add_parser(sub: Any) -> None:
     b.add_argument(
         "--full-logits", action="store_true", help="logits for every position (perplexity), not only the last"
     )
+    b.add_argument(
+        "--prefill",
+        choices=("same", "int8"),
+        default="same",
+        help="int8: run the prompt on int8 GEMMs (a second graph over the int4 bytes; experimental)",
+    )
     b.add_argument("--report", help="also write the build report (JSON) here")
 
     g = cmds.add_parser("generate", help="greedy generation from a built folder (onnxruntime-genai)")
@@ -77,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             group_size=args.group_size,
             quantize_options=_options(args.quantize_option),
             report_path=args.report,
+            prefill=args.prefill,
         )
         files = result.report.get("files", {})
         size = sum(files.values()) / 2**20

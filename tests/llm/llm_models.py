@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 ARCHS = ("llama", "qwen2", "mistral", "phi3", "gpt2")
 
 
@@ -71,3 +73,14 @@ def tiny_tokenizer() -> Any:
     )
     tok.train_from_iterator([TEXT] * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def as_q4_1(w: np.ndarray) -> np.ndarray:
+    """``w [out, in]`` rounded as llama.cpp's Q4_1 does (blocks of 32 along ``in``, levels from
+    the block's minimum, fp16 scale and minimum), then dequantized: a GGUF Q4_1 source."""
+    blocks = w.reshape(w.shape[0], -1, 32).astype(np.float32)
+    lo, hi = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
+    d = (hi - lo) / 15
+    q = np.clip(np.round((blocks - lo) / d), 0, 15)
+    d16, lo16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    return (d16 * q + lo16).reshape(w.shape)

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime_genai")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from llm_models import greedy, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from llm_models import as_q4_1, greedy, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 import graphopt.llm as gl  # noqa: E402
 from graphopt import GraphoptError  # noqa: E402
@@ -132,17 +132,6 @@ def test_int4_build_is_smaller_and_close(tmp_path, fp32_build, tied_llama, token
     assert 0 < bits.count(8) < len(bits)
 
 
-def _as_q4_1(w: np.ndarray) -> np.ndarray:
-    """``w [out, in]`` rounded as llama.cpp's Q4_1 does (blocks of 32 along ``in``, levels from
-    the block's minimum, fp16 scale and minimum), then dequantized: a GGUF Q4_1 source."""
-    blocks = w.reshape(w.shape[0], -1, 32).astype(np.float32)
-    lo, hi = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True)
-    d = (hi - lo) / 15
-    q = np.clip(np.round((blocks - lo) / d), 0, 15)
-    d16, lo16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
-    return (d16 * q + lo16).reshape(w.shape)
-
-
 def test_a_q4_1_source_keeps_its_grid_in_int4(tmp_path, tokenizer):
     """Every projection and the LM head of a model dequantized from Q4_1 blocks are quantized
     exactly (block offsets); without them (the option off) int4 moves the logits far more. (The
@@ -153,7 +142,7 @@ def test_a_q4_1_source_keeps_its_grid_in_int4(tmp_path, tokenizer):
     with torch.no_grad():
         for module in lm.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.from_numpy(_as_q4_1(module.weight.numpy())))
+                module.weight.copy_(torch.from_numpy(as_q4_1(module.weight.numpy())))
     ids = tokenizer(PROMPT)["input_ids"]
     fp32 = gl.build(lm, tmp_path / "fp32", precision="fp32", tokenizer=tokenizer)
     ref = _last_logits(fp32.out_dir, ids)
