@@ -84,3 +84,22 @@ def as_q4_1(w: np.ndarray) -> np.ndarray:
     q = np.clip(np.round((blocks - lo) / d), 0, 15)
     d16, lo16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
     return (d16 * q + lo16).reshape(w.shape)
+
+
+def last_logits(model_path: Any, ids: list[int]) -> np.ndarray:
+    """The last position's logits of a built decoder file run by ONNX Runtime on ``ids`` (empty
+    KV cache)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float32)
+    n = len(ids)
+    feeds |= {
+        "input_ids": np.array([ids], np.int64),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+    }
+    return session.run(["logits"], feeds)[0][0, -1]

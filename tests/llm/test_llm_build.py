@@ -10,8 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime_genai")
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from llm_models import as_q4_1, greedy, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from llm_models import as_q4_1, greedy, last_logits, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 import graphopt.llm as gl  # noqa: E402
 from graphopt import GraphoptError  # noqa: E402
@@ -43,18 +42,7 @@ def _ops(folder):
 
 
 def _last_logits(folder, ids):
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float32)
-    n = len(ids)
-    feeds |= {
-        "input_ids": np.array([ids], np.int64),
-        "attention_mask": np.ones((1, n), np.int64),
-        "position_ids": np.arange(n, dtype=np.int64)[None],
-    }
-    return session.run(["logits"], feeds)[0][0, -1]
+    return last_logits(folder / "model.onnx", ids)
 
 
 def test_fp32_build_generates_token_for_token_like_transformers(fp32_build, tied_llama, tokenizer):

@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime_genai")
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from llm_models import as_q4_1, tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from llm_models import as_q4_1, last_logits, tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 import graphopt.llm as gl  # noqa: E402
 from graphopt import GraphoptError  # noqa: E402
@@ -24,21 +23,6 @@ PROMPT = "the quick brown fox jumps over the lazy dog"
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny_tokenizer()
-
-
-def _last_logits(path, ids):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {}
-    for value in session.get_inputs():
-        if value.name.startswith("past_key_values."):
-            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float32)
-    n = len(ids)
-    feeds |= {
-        "input_ids": np.array([ids], np.int64),
-        "attention_mask": np.ones((1, n), np.int64),
-        "position_ids": np.arange(n, dtype=np.int64)[None],
-    }
-    return session.run(["logits"], feeds)[0][0, -1]
 
 
 def _cosine(a, b):
@@ -80,7 +64,7 @@ def test_prefill_int8_reads_the_int4_bytes_and_matches_the_int4_model(tmp_path, 
     assert ops.count("MatMulInteger") == 8 and ops.count("MatMulNBits") == 1  # the LM head stays int4
     # Prompt logits of the int8 graph agree with the int4 graph's (ORT folds the weights at load).
     ids = tokenizer(PROMPT)["input_ids"]
-    a, b = _last_logits(same.out_dir / "model.onnx", ids), _last_logits(folder / PREFILL_FILE, ids)
+    a, b = last_logits(same.out_dir / "model.onnx", ids), last_logits(folder / PREFILL_FILE, ids)
     assert _cosine(a, b) > 0.995
     out = gl.generate(folder, tokens=ids, max_new_tokens=6)
     assert len(out["tokens"]) == 6

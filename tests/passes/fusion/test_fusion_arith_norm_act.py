@@ -747,12 +747,22 @@ def test_gelu_refuses(why: str, model: onnx.ModelProto) -> None:
 # fuse-activations: HardSwish, Relu/Clip chains, SiLU
 
 
-def test_hard_swish_and_hard_sigmoid_fuse() -> None:
-    m, stats = fuse(
-        parse("""
-        <ir_version: 8, opset_import: ["" : 14]>
+@pytest.mark.parametrize(
+    ("opset", "fused", "stats"),
+    [
+        (14, ["HardSigmoid", "HardSwish"], {"hard-swish": 2}),
+        # Below 14 (PP-OCR's classifier: paddle2onnx opset 11, upgraded to 13 for static int8)
+        # x·Clip(x+3, 0, 6)/6 becomes x·HardSigmoid(x): HardSigmoid exists from opset 6, and it is
+        # what ORT's CPU provider runs for a HardSwish anyway.
+        (13, ["HardSigmoid", "HardSigmoid", "Mul"], {"hard-sigmoid": 2}),
+    ],
+)
+def test_hard_swish_and_hard_sigmoid_fuse(opset: int, fused: list[str], stats: dict[str, int]) -> None:
+    m, got = fuse(
+        parse(f"""
+        <ir_version: 8, opset_import: ["" : {opset}]>
         g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[2, 3, 4] z)
-        <float three = {3.0}, float zero = {0.0}, float six = {6.0}> {
+        <float three = {{3.0}}, float zero = {{0.0}}, float six = {{6.0}}> {{
             a = Add (x, three)
             c = Clip (a, zero, six)
             m = Mul (c, x)
@@ -760,34 +770,11 @@ def test_hard_swish_and_hard_sigmoid_fuse() -> None:
             a2 = Add (three, x)
             c2 = Clip (a2, zero, six)
             z = Div (c2, six)
-        }"""),
+        }}"""),
         x_feed(low=-5, high=5),
         ACT,
     )
-    assert sorted(ops(m)) == ["HardSigmoid", "HardSwish"] and stats == {"hard-swish": 2}
-
-
-def test_below_opset_14_hard_swish_becomes_x_times_hard_sigmoid() -> None:
-    """PP-OCR's classifier (paddle2onnx, opset 11, upgraded to 13 for static int8) writes
-    x·Clip(x+3, 0, 6)/6: four ops ONNX Runtime runs in float between Q/DQ pairs. HardSigmoid exists
-    from opset 6, and x·HardSigmoid(x) is what ORT's CPU provider runs for a HardSwish anyway."""
-    m, stats = fuse(
-        parse("""
-        <ir_version: 8, opset_import: ["" : 13]>
-        g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[2, 3, 4] z)
-        <float three = {3.0}, float zero = {0.0}, float six = {6.0}> {
-            a = Add (x, three)
-            c = Clip (a, zero, six)
-            m = Mul (x, c)
-            y = Div (m, six)
-            a2 = Add (three, x)
-            c2 = Clip (a2, zero, six)
-            z = Div (c2, six)
-        }"""),
-        x_feed(low=-5, high=5),
-        ACT,
-    )
-    assert sorted(ops(m)) == ["HardSigmoid", "HardSigmoid", "Mul"] and stats == {"hard-sigmoid": 2}
+    assert sorted(ops(m)) == fused and got == stats
 
 
 @pytest.mark.parametrize(
