@@ -167,7 +167,8 @@ def _static_info(folder: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    size = sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+    # every graph and data file (a --prefill int8 build adds prefill.onnx, which reads model.onnx.data)
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
