@@ -33,13 +33,15 @@ PREFILL_FILE = "prefill.onnx"
 
 
 class _Builder:
-    """New nodes and small initializers for one graph, with unique names."""
+    """New nodes and small initializers for one graph, with unique names; equal constants are
+    added once (every projection needs the same shifts, axes and bounds)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.names = {n for node in graph.node for n in (*node.input, *node.output)}
         self.names |= {i.name for i in graph.initializer}
         self.nodes: list[onnx.NodeProto] = []
+        self.consts: dict[tuple[str, tuple[int, ...], bytes], str] = {}
 
     def name(self, base: str) -> str:
         name, i = base, 0
@@ -50,9 +52,11 @@ class _Builder:
         return name
 
     def const(self, base: str, value: np.ndarray) -> str:
-        name = self.name(base)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in self.consts:
+            self.consts[key] = self.name(base)
+            self.graph.initializer.append(numpy_helper.from_array(value, self.consts[key]))
+        return self.consts[key]
 
     def op(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs: Any) -> str:
         out = self.name(base)
@@ -98,21 +102,8 @@ def _int8_weight(b: _Builder, node: onnx.NodeProto, k_in: int, base: str, opset:
         )
         one = b.const(f"{base}_one", np.array([1], np.int64))
         zp = b.op("Slice", [zp, starts, ends, one], f"{base}_zp_blocks")
-        zp = b.op(
-            "Unsqueeze",
-            [
-                b.op(
-                    "Cast",
-                    [
-                        zp,
-                    ],
-                    f"{base}_zpf",
-                    to=TensorProto.FLOAT,
-                ),
-                b.const(f"{base}_ax", np.array([-1], np.int64)),
-            ],
-            f"{base}_zp3",
-        )
+        zp = b.op("Cast", [zp], f"{base}_zpf", to=TensorProto.FLOAT)
+        zp = b.op("Unsqueeze", [zp, b.const(f"{base}_ax", np.array([-1], np.int64))], f"{base}_zp3")
     else:
         zp = b.const(f"{base}_zp8", np.array(8.0, np.float32))
     scales = b.op(
